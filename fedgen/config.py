@@ -25,6 +25,8 @@ __all__ = [
     "PrivacyConfig",
     "FederationConfig",
     "RunConfig",
+    "config_from_toml",
+    "config_to_toml",
     "load_config",
     "save_config",
 ]
@@ -147,6 +149,18 @@ def config_from_dict(values: dict) -> RunConfig:
         raise FedgenError(f"invalid configuration: {_first_error(err)}") from None
 
 
+def config_from_toml(text: str) -> RunConfig:
+    """The inverse of config_to_toml: how the server's resolved config reaches the sites."""
+    try:
+        return config_from_dict(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise FedgenError(f"run configuration is not valid TOML: {err}") from None
+
+
+def config_to_toml(config: RunConfig) -> str:
+    return tomli_w.dumps(_toml_safe(config.model_dump()))
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
     """Load a TOML config (or the defaults when path is None), then apply dotted overrides."""
     values: dict = {}
@@ -179,4 +193,4 @@ def _toml_safe(value):
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(tomli_w.dumps(_toml_safe(config.model_dump())), encoding="utf-8")
+    Path(path).write_text(config_to_toml(config), encoding="utf-8")

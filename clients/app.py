@@ -1,0 +1,98 @@
+"""The fedgen ClientApp: thin Flower glue around clients/local.py.
+
+Only weights and aggregate metrics leave the site. The site folder comes from the node config
+(`data-path`, set by `fedgen client`) or, in simulation, from the list of simulated sites
+indexed by Flower's `partition-id`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.local import train_site
+from fedgen.config import config_from_toml
+from fedgen.data.site import load_site
+from fedgen.modalities import get_modality
+
+__all__ = ["make_client_app", "app", "SITE_STATE_DIR"]
+
+SITE_STATE_DIR = ".fedgen"  # inside the site folder: locally made base models, site-side state
+# One thread per simulated site: the simulation runs as many sites as there are cores.
+TORCH_THREADS = 1
+
+
+def site_path(context: Context, site_dirs: Sequence[str] | None) -> Path:
+    if site_dirs is not None:
+        return Path(site_dirs[int(context.node_config["partition-id"])])
+    return Path(str(context.node_config["data-path"]))
+
+
+def round_seed(run_seed: int, server_round: int, site_name: str) -> int:
+    """Distinct, reproducible randomness per run, round and site."""
+    return run_seed * 1_000_003 + server_round * 10_007 + zlib.crc32(site_name.encode()) % 10_007
+
+
+def _history_key(modality: str) -> str:
+    return f"dp-history-{modality}"
+
+
+def load_history(context: Context, modality: str) -> list[tuple[float, float, int]]:
+    """The site's DP-SGD history of this run, kept in the node's state across rounds."""
+    record = context.state.get(_history_key(modality))
+    if record is None:
+        return []
+    return list(
+        zip(record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True)
+    )
+
+
+def save_history(context: Context, modality: str, history: list[tuple[float, float, int]]) -> None:
+    sigmas, rates, steps = zip(*history, strict=True) if history else ((), (), ())
+    context.state[_history_key(modality)] = ConfigRecord(
+        {"noise-multiplier": list(sigmas), "sample-rate": list(rates), "steps": list(steps)}
+    )
+
+
+def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
+    """A ClientApp serving one site per node: simulated (site_dirs) or real (node config)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(TORCH_THREADS)
+        settings = msg.content["config"]
+        config = config_from_toml(str(settings["run-config"]))
+        modality_name = str(settings["modality"])
+        root = site_path(context, site_dirs)
+        site = load_site(
+            root, config.data, modalities=(modality_name,), channels=config.image.channels
+        )
+        modality = get_modality(modality_name, config, work_dir=root / SITE_STATE_DIR)
+        history = load_history(context, modality_name)
+        update = train_site(
+            modality,
+            site,
+            msg.content["arrays"].to_torch_state_dict(),
+            history=history,
+            seed=round_seed(config.seed, int(settings["server-round"]), site.name),
+        )
+        save_history(context, modality_name, update.history)
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(torch_state_dict=update.state),
+                "metrics": MetricRecord(update.metrics),
+                "site": ConfigRecord({"name": site.name}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,135 @@
+"""The coordinator's run folder: where each artifact of a run lives, and atomic writes into it.
+
+runs/<run-id>/
+  config.toml            the resolved configuration
+  ledger.sqlite          privacy ledger
+  checkpoints/round-NNN/ <modality>/ weights (safetensors) + metrics.json
+  synthetic/images/<class>/*.png, synthetic/texts.jsonl
+  audit/report.json, audit/report.html
+  release/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from fedgen.config import RunConfig, load_config, save_config
+from fedgen.errors import FedgenError
+
+__all__ = ["RunDir", "atomic_dir", "write_json"]
+
+_ROUND_DIR = re.compile(r"^round-(\d{3,})$")
+
+
+def write_json(path: Path, payload) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a temporary sibling directory that replaces `target` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+class RunDir:
+    """Paths of one run folder. Creating one writes only the folder and its config."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def create(cls, runs_root: str | Path, config: RunConfig, run_id: str | None = None) -> "RunDir":
+        run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run = cls(Path(runs_root) / run_id)
+        if run.config_path.exists():
+            raise FedgenError(f"run folder {run.root} already holds a run; choose another --run-id")
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.config_path)
+        return run
+
+    @classmethod
+    def open(cls, root: str | Path) -> "RunDir":
+        run = cls(root)
+        if not run.config_path.is_file():
+            raise FedgenError(f"{run.root} is not a fedgen run folder (no config.toml)")
+        return run
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    def config(self) -> RunConfig:
+        return load_config(self.config_path)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.sqlite"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def round_dir(self, server_round: int) -> Path:
+        return self.checkpoints / f"round-{server_round:03d}"
+
+    def completed_rounds(self, modality: str) -> list[int]:
+        """Rounds whose checkpoint for `modality` was fully written (metrics.json is written last)."""
+        if not self.checkpoints.is_dir():
+            return []
+        rounds = []
+        for child in self.checkpoints.iterdir():
+            match = _ROUND_DIR.match(child.name)
+            if match and (child / modality / "metrics.json").is_file():
+                rounds.append(int(match.group(1)))
+        return sorted(rounds)
+
+    def checkpoint(self, modality: str, server_round: int | None = None) -> Path:
+        """The checkpoint folder of `modality` at a round (default: the last complete one)."""
+        rounds = self.completed_rounds(modality)
+        if not rounds:
+            raise FedgenError(f"{self.root} has no complete {modality} checkpoint")
+        if server_round is None:
+            server_round = rounds[-1]
+        elif server_round not in rounds:
+            raise FedgenError(
+                f"{self.root} has no complete {modality} checkpoint for round {server_round} "
+                f"(complete rounds: {', '.join(map(str, rounds))})"
+            )
+        return self.round_dir(server_round) / modality
+
+    @property
+    def synthetic(self) -> Path:
+        return self.root / "synthetic"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def release(self) -> Path:
+        return self.root / "release"
+
+    @property
+    def base_models(self) -> Path:
+        """Where the coordinator keeps locally made base models (the demo's tiny Llama)."""
+        return self.root / "base-models"

@@ -1,0 +1,114 @@
+"""Synthetic data from a run's checkpoint: images per class (+ a contact sheet) or texts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.progress import Progress
+
+from fedgen.artifacts import RunDir, atomic_dir
+from fedgen.errors import FedgenError
+from fedgen.modalities import ImageModality, TextModality
+
+__all__ = ["generate_images", "generate_texts", "choose_classes"]
+
+CONTACT_SHEET_ROWS = 8  # samples per class shown on the contact sheet
+
+
+def choose_classes(all_classes: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    if not wanted:
+        return list(all_classes)
+    unknown = [c for c in wanted if c not in all_classes]
+    if unknown:
+        raise FedgenError(f"unknown class {unknown[0]!r}; the run's classes are {', '.join(all_classes)}")
+    return list(dict.fromkeys(wanted))
+
+
+def generate_images(
+    run: RunDir,
+    *,
+    per_class: int,
+    classes: Sequence[str] | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    server_round: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write synthetic/images/<class>/NNNNN.png and synthetic/contact-sheet.png; return the folder."""
+    from fedgen.models.diffusion import contact_sheet, sample_images, to_uint8
+
+    config = run.config()
+    all_classes = config.data.image_classes
+    chosen = choose_classes(all_classes, classes)
+    unet = ImageModality(config, work_dir=run.base_models).load(run.checkpoint("image", server_round))
+    generator = torch.Generator().manual_seed(seed)
+    target = run.synthetic / "images"
+    samples: dict[str, torch.Tensor] = {}
+    with atomic_dir(target) as tmp, Progress(transient=True) as bar:
+        task = bar.add_task("sampling images", total=per_class * len(chosen))
+        for name in chosen:
+            labels = torch.full((per_class,), all_classes.index(name), dtype=torch.long)
+            images = sample_images(
+                unet,
+                labels,
+                config=config.image,
+                steps=steps,
+                guidance=guidance,
+                generator=generator,
+                progress=lambda n: bar.advance(task, n),
+            )
+            samples[name] = images[:CONTACT_SHEET_ROWS]
+            (tmp / name).mkdir()
+            for i, pixels in enumerate(to_uint8(images)):
+                Image.fromarray(pixels.squeeze()).save(tmp / name / f"{i:05d}.png")
+    sheet = run.synthetic / "contact-sheet.png"
+    partial = sheet.with_name(sheet.name + ".tmp.png")
+    contact_sheet(samples).save(partial)
+    os.replace(partial, sheet)
+    return target
+
+
+def generate_texts(
+    run: RunDir,
+    *,
+    per_class: int,
+    classes: Sequence[str] | None = None,
+    server_round: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write synthetic/texts.jsonl, one {"text", "label"} per line; return its path."""
+    from fedgen.models.text import generate_texts as sample_texts
+
+    config = run.config()
+    chosen = choose_classes(config.data.text_classes, classes)
+    modality = TextModality(config, work_dir=run.base_models)
+    model = modality.load(run.checkpoint("text", server_round))
+    tokenizer = modality.tokenizer()
+    lines = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("sampling texts", total=per_class * len(chosen))
+        for k, name in enumerate(chosen):
+            texts = sample_texts(
+                model,
+                tokenizer,
+                template=config.text.prompt_template,
+                label=name,
+                n=per_class,
+                temperature=config.text.temperature,
+                top_p=config.text.top_p,
+                max_new_tokens=config.text.max_new_tokens,
+                seed=seed + k,
+                progress=lambda n: bar.advance(task, n),
+            )
+            lines += [json.dumps({"text": t, "label": name}) for t in texts]
+    target = run.synthetic / "texts.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".tmp")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, target)
+    return target

@@ -1,0 +1,200 @@
+"""What a modality plugs into the shared federation: a model, its trainable state, a loss, data.
+
+Image and text share everything else (DP training, ledger, strategy, checkpoints, audits
+plumbing). A modality is built from the run configuration plus a working folder where
+locally made artifacts live (the demo's tiny Llama); nothing here talks to Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedgen.config import RunConfig
+from fedgen.data.site import SiteData, image_splits, text_splits
+
+__all__ = ["Modality", "ImageModality", "TextModality", "get_modality", "MODALITIES"]
+
+PerExampleLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+class Modality(ABC):
+    """The interface: subclasses fill in the model, its state, data and loss."""
+
+    name: str
+
+    def __init__(self, config: RunConfig, *, work_dir: Path):
+        self.config = config
+        self.work_dir = Path(work_dir)
+
+    @property
+    def section(self):
+        """The modality's own config section (ImageConfig or TextConfig)."""
+        return getattr(self.config, self.name)
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A fresh model with the run's initial weights (same seed at every party)."""
+
+    @abstractmethod
+    def get_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that are trained, sent and aggregated."""
+
+    @abstractmethod
+    def set_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors from get_state (strict: a key mismatch is an error)."""
+
+    @abstractmethod
+    def datasets(self, site: SiteData) -> tuple[Dataset, Dataset]:
+        """(train, held-out) splits of the site's records for this modality."""
+
+    @abstractmethod
+    def per_example_loss(self) -> PerExampleLoss:
+        """Loss per example (shape [B]): DP clips per example, attacks score per example."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write the model in its library's own format (diffusers / PEFT, safetensors)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> nn.Module:
+        """Read what save wrote; a missing or corrupt checkpoint is a FedgenError."""
+
+
+class ImageModality(Modality):
+    name = "image"
+
+    def build_model(self) -> nn.Module:
+        from fedgen.models.diffusion import build_unet
+
+        torch.manual_seed(self.config.seed)
+        return build_unet(self.config.image, len(self.config.data.image_classes))
+
+    def get_state(self, model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def set_state(self, model, state):
+        model.load_state_dict(state, strict=True)
+
+    def datasets(self, site):
+        return image_splits(
+            site,
+            resolution=self.config.image.resolution,
+            channels=self.config.image.channels,
+            seed=self.config.data.split_seed,
+        )
+
+    def per_example_loss(self):
+        from fedgen.models.diffusion import denoising_loss, make_noise_scheduler
+
+        scheduler = make_noise_scheduler(self.config.image)
+        drop = self.config.image.cond_drop_prob
+
+        def loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            images, labels = batch
+            return denoising_loss(module, scheduler, images, labels, cond_drop_prob=drop)
+
+        return loss
+
+    def save(self, model, directory):
+        from fedgen.models.diffusion import save_image_model
+
+        save_image_model(model, directory)
+
+    def load(self, directory):
+        from fedgen.models.diffusion import load_image_model
+
+        return load_image_model(directory)
+
+
+class TextModality(Modality):
+    name = "text"
+
+    def base_model_dir(self) -> Path:
+        """The configured local base model, or the demo's tiny Llama made here once."""
+        text = self.config.text
+        if text.base_model:
+            return Path(text.base_model)
+        from fedgen.models.text import make_tiny_llama
+
+        shape = json.dumps(
+            [text.tiny_hidden_size, text.tiny_layers, text.tiny_heads, self.config.seed]
+        )
+        directory = self.work_dir / f"tiny-llama-{hashlib.sha256(shape.encode()).hexdigest()[:10]}"
+        if not (directory / "config.json").is_file():
+            make_tiny_llama(directory, config=text, seed=self.config.seed)
+        return directory
+
+    def tokenizer(self):
+        from fedgen.models.text import load_tokenizer
+
+        return load_tokenizer(self.base_model_dir())
+
+    def build_model(self):
+        from fedgen.models.text import add_lora, load_base_model
+
+        base, _ = load_base_model(
+            self.base_model_dir(), load_in_bits=self.config.text.load_in_bits
+        )
+        return add_lora(base, self.config.text, seed=self.config.seed)
+
+    def get_state(self, model):
+        from fedgen.models.text import lora_state
+
+        return lora_state(model)
+
+    def set_state(self, model, state):
+        from fedgen.models.text import set_lora_state
+
+        set_lora_state(model, state)
+
+    def datasets(self, site):
+        from fedgen.models.text import encode_examples
+
+        names = self.config.data.text_classes
+        splits = text_splits(site, seed=self.config.data.split_seed)
+        return tuple(
+            encode_examples(
+                self.tokenizer(),
+                [(text, names[label]) for text, label in split],
+                template=self.config.text.prompt_template,
+                max_length=self.config.text.max_length,
+            )
+            for split in splits
+        )
+
+    def per_example_loss(self):
+        from fedgen.models.text import sequence_loss
+
+        def loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            input_ids, attention_mask, loss_mask = batch
+            return sequence_loss(module, input_ids, attention_mask, loss_mask)
+
+        return loss
+
+    def save(self, model, directory):
+        from fedgen.models.text import save_adapter
+
+        save_adapter(model, directory)
+
+    def load(self, directory):
+        from fedgen.models.text import load_adapter, load_base_model
+
+        base, _ = load_base_model(
+            self.base_model_dir(), load_in_bits=self.config.text.load_in_bits
+        )
+        return load_adapter(base, directory)
+
+
+MODALITIES: dict[str, type[Modality]] = {"image": ImageModality, "text": TextModality}
+
+
+def get_modality(name: str, config: RunConfig, *, work_dir: Path) -> Modality:
+    return MODALITIES[name](config, work_dir=work_dir)

@@ -1,0 +1,96 @@
+"""The fedgen ServerApp: one federation per modality, checkpointed every round.
+
+The run folder comes from the caller (simulation) or from the run config key `run-dir`
+(deployment, where the ServerApp does not inherit the caller's environment).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from fedgen.artifacts import RunDir, atomic_dir, write_json
+from fedgen.config import config_to_toml
+from fedgen.errors import FedgenError
+from fedgen.modalities import Modality, get_modality
+from fedgen.privacy.ledger import PrivacyLedger
+from server.strategy import make_strategy
+
+__all__ = ["make_server_app", "run_federation", "app"]
+
+console = Console(stderr=True)
+
+
+def _print_site(server_round: int, site: str, metrics: dict[str, float]) -> None:
+    eps = metrics["epsilon"]
+    eps_text = "inf (NO DP)" if math.isinf(eps) else f"{eps:.3f}"
+    console.print(
+        f"  round {server_round:>3}  {site:<12} loss {metrics['loss']:.4f}  "
+        f"ε {eps_text}  examples {int(metrics['num-examples'])}"
+    )
+
+
+def save_checkpoint(run: RunDir, modality: Modality, model, arrays: ArrayRecord, server_round: int, ledger: PrivacyLedger) -> None:
+    """Write round-NNN/<modality>/ atomically; metrics.json inside marks it complete."""
+    modality.set_state(model, arrays.to_torch_state_dict())
+    target = run.round_dir(server_round) / modality.name
+    with atomic_dir(target) as tmp:
+        modality.save(model, tmp)
+        rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round]
+        write_json(
+            tmp / "metrics.json",
+            {
+                "round": server_round,
+                "modality": modality.name,
+                "sites": {
+                    e.site: {"loss": e.loss, "epsilon": e.epsilon, "num_examples": e.num_examples}
+                    for e in rows
+                },
+            },
+        )
+
+
+def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
+    """Train one modality for the configured rounds, checkpointing after each round."""
+    config = run.config()
+    modality = get_modality(modality_name, config, work_dir=run.base_models)
+    model = modality.build_model()
+    ledger = PrivacyLedger(run.ledger_path)
+    strategy = make_strategy(config, ledger=ledger, modality=modality_name, report=_print_site)
+    console.rule(f"{modality_name} federation: {config.federation.rounds} rounds, {config.federation.strategy}")
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round > 0:
+            save_checkpoint(run, modality, model, arrays, server_round, ledger)
+        return None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(torch_state_dict=modality.get_state(model)),
+        num_rounds=config.federation.rounds,
+        timeout=config.federation.round_timeout,
+        train_config=ConfigRecord({"run-config": config_to_toml(config), "modality": modality_name}),
+        evaluate_fn=checkpoint,
+    )
+
+
+def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        root = run_dir or context.run_config.get("run-dir")
+        if not root:
+            raise FedgenError("no run folder: pass run-dir in the run config")
+        run = RunDir.open(root)
+        for modality_name in run.config().modalities:
+            run_federation(grid, run, modality_name)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,103 @@
+"""Flower's own strategies with fedgen's privacy ledger added: record ε, skip spent sites.
+
+The averaging itself is Flower's (FedAvg / FedAdam / FedProx); the mixin only (1) writes one
+ledger row per replying site per round, (2) stops asking a site whose next round would
+overspend its budget, and (3) aggregates ε as a maximum, never as a weighted mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from fedgen.config import RunConfig
+from fedgen.errors import FedgenError
+from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
+
+__all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport"]
+
+SiteReport = Callable[[int, str, dict[str, float]], None]
+
+
+def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted mean loss, but the worst (largest) ε: a budget is not an average."""
+    metrics = [next(iter(r.metric_records.values())) for r in records]
+    total = sum(float(m[weight_key]) for m in metrics)
+    return MetricRecord(
+        {
+            "loss": sum(float(m["loss"]) * float(m[weight_key]) for m in metrics) / total,
+            "epsilon-max": max(float(m["epsilon"]) for m in metrics),
+            "sites": len(metrics),
+        }
+    )
+
+
+class LedgerMixin:
+    """Mixed in front of a Flower strategy class (see make_strategy)."""
+
+    def __init__(self, *, ledger: PrivacyLedger, modality: str, report: SiteReport | None, **kwargs):
+        super().__init__(train_metrics_aggr_fn=aggregate_site_metrics, **kwargs)
+        self.ledger = ledger
+        self.modality = modality
+        self.report = report
+        self.round_offset = 0  # rounds already done before a resume
+        self.spent_nodes: set[int] = set()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        return [m for m in messages if m.metadata.dst_node_id not in self.spent_nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        if replies and not ok:
+            raise FedgenError(f"every site failed round {server_round}: {replies[0].error.reason}")
+        for msg in ok:
+            self._record(server_round + self.round_offset, msg)
+        return super().aggregate_train(server_round, ok)
+
+    def _record(self, server_round: int, msg: Message) -> None:
+        site = str(msg.content["site"]["name"])
+        m = {k: float(v) for k, v in msg.content["metrics"].items()}
+        self.ledger.record(
+            LedgerEntry(
+                site=site,
+                modality=self.modality,
+                round=server_round,
+                epsilon=m["epsilon"],
+                delta=m["delta"],
+                noise_multiplier=m["noise-multiplier"],
+                sample_rate=m["sample-rate"],
+                steps=int(m["steps"]),
+                num_examples=int(m["num-examples"]),
+                loss=m["loss"],
+            )
+        )
+        if m["epsilon-next"] > m["budget"]:
+            self.spent_nodes.add(msg.metadata.src_node_id)
+        if self.report is not None:
+            self.report(server_round, site, m)
+
+
+_STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
+
+
+def make_strategy(config: RunConfig, *, ledger: PrivacyLedger, modality: str, report: SiteReport | None = None):
+    """The configured Flower strategy with the ledger mixed in."""
+    fed = config.federation
+    base = _STRATEGIES[fed.strategy]
+    kwargs = dict(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=0.0,  # sites are evaluated by the audits, not every round
+        min_train_nodes=min(fed.min_sites, fed.sites),
+        min_available_nodes=fed.sites,
+    )
+    if fed.strategy == "fedadam":
+        kwargs.update(eta=fed.server_lr)
+    if fed.strategy == "fedprox":
+        kwargs.update(proximal_mu=fed.proximal_mu)
+    strategy_class = type(f"Ledger{base.__name__}", (LedgerMixin, base), {})
+    return strategy_class(ledger=ledger, modality=modality, report=report, **kwargs)
