@@ -110,11 +110,11 @@ def data_check(
 
     run_config = load_config(config)
     result = check_site(site_dir, run_config.data, channels=run_config.image.channels)
-    if result.problems:
-        for problem in result.problems:
-            err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_USER_ERROR)
     console.print(result.table())
+    for problem in result.problems:
+        err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+    if result.problems:
+        raise typer.Exit(EXIT_USER_ERROR)
 
 
 def _site_dirs(sites_dir: Path | None, site: list[Path] | None) -> list[Path]:

@@ -45,7 +45,7 @@ class DataConfig(_Section):
     image_classes: list[str] = Field(default_factory=lambda: list(DR_GRADES))
     text_classes: list[str] = Field(default_factory=lambda: list(MENTAL_HEALTH_CLASSES))
     heldout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
 
 
 class ImageConfig(_Section):
