@@ -1,0 +1,3 @@
+from fedgen.cli import app
+
+app(prog_name="fedgen")

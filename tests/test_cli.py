@@ -1,0 +1,48 @@
+"""The command line: every command registered, one-line errors, nothing faked."""
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from fedgen.cli import app
+
+runner = CliRunner()
+COMMANDS = ["simulate", "server", "client", "generate", "audit", "release", "data", "demo-data", "certs"]
+
+
+def test_help_lists_every_command_in_a_real_subprocess():
+    out = subprocess.run(
+        [sys.executable, "-m", "fedgen", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+def test_every_command_has_help():
+    for command in COMMANDS:
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+    assert "check" in runner.invoke(app, ["data", "--help"]).output
+
+
+def test_a_bad_config_file_is_one_line_and_exit_1(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[privacy]\nepsilon = -1\n")
+    result = runner.invoke(app, ["data", "check", str(tmp_path), "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "invalid configuration: privacy.epsilon" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    result = runner.invoke(app, ["data", "check", str(tmp_path), "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 1
+    assert "config file not found" in result.output
+
+
+def test_generate_refuses_a_folder_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "is not a fedgen run folder" in result.output
