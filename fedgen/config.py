@@ -78,7 +78,8 @@ class TextConfig(_Section):
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # lm_head too: a random tiny base cannot learn through q/v alone (a pretrained Llama can).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
     prompt_template: str = "<class: {label}>\n{text}"
     max_length: int = Field(192, ge=8)
     aggregation: Literal["fedavg", "ffa"] = "fedavg"  # ffa: A frozen at its shared init, B averaged

@@ -163,7 +163,7 @@ class TextModality(Modality):
         return tuple(
             encode_examples(
                 self.tokenizer(),
-                [(text, names[label]) for text, label in split],
+                [(names[label], text) for text, label in split],
                 template=self.config.text.prompt_template,
                 max_length=self.config.text.max_length,
             )

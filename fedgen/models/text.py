@@ -1,0 +1,493 @@
+"""The text model: a causal LM from a local directory with LoRA adapters, and what it needs.
+
+Only the LoRA adapter trains, is sent and is aggregated; the base model stays frozen at every
+site. Tests and the demo use a tiny randomly initialised Llama (`make_tiny_llama`) and a
+byte-level tokenizer with no merges (`make_byte_tokenizer`): a tokenizer trained on the sites'
+notes would itself carry their text.
+
+A training example is one sequence ``<s> prompt_prefix(label) text </s>``. The prompt prefix
+is the template up to its ``{text}`` slot; the loss covers only the note and its end token, so
+the model learns to write notes given a class, not to predict the prompt. Losses are per
+example because DP-SGD clips per example and membership attacks score per example.
+
+Nothing here reaches a model hub: every load is from a local directory and is checked first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors import SafetensorError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from fedgen.config import TextConfig
+from fedgen.errors import FedgenError
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "make_byte_tokenizer",
+    "make_tiny_llama",
+    "load_base_model",
+    "load_tokenizer",
+    "add_lora",
+    "lora_state",
+    "set_lora_state",
+    "validate_template",
+    "prompt_prefix",
+    "render_example",
+    "encode_examples",
+    "token_logprobs",
+    "sequence_loss",
+    "generate_texts",
+    "save_adapter",
+    "load_adapter",
+]
+
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+TEXT_SLOT = "{text}"
+LABEL_SLOT = "{label}"
+TINY_MLP_RATIO = 4  # intermediate size of the tiny Llama's MLP, as a multiple of the hidden size
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LORA_MARKER = "lora_"  # PEFT names every LoRA parameter ...lora_A... / ...lora_B...
+FFA_FROZEN_MARKER = "lora_A"  # FFA-LoRA keeps the A matrices at their shared seeded init
+
+ProgressFn = Callable[[int, int], None]  # (texts generated so far, texts asked for)
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_directory(directory: Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces `directory` only if the body succeeds."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(scratch, directory)
+
+
+def _one_line(err: BaseException) -> str:
+    """A library error as one line: its first two non-empty lines (the second often says what)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(err).__name__
+
+
+# --- tokenizer and base model ---------------------------------------------------------------------
+
+
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that knows only the 256 bytes (token id = byte value) plus <s>, </s>, <pad>.
+
+    It is built from nothing but the byte alphabet, so it cannot leak any site's text, and it
+    round-trips every UTF-8 string exactly. Invalid byte runs in generated text decode to U+FFFD.
+    """
+    vocab = {symbol: byte for byte, symbol in bytes_to_unicode().items()}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([BOS_TOKEN, EOS_TOKEN, PAD_TOKEN])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+
+
+def _tiny_llama_config(config: TextConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    hidden, heads = config.tiny_hidden_size, config.tiny_heads
+    if hidden % heads or (hidden // heads) % 2:
+        raise FedgenError(
+            f"text.tiny_hidden_size {hidden} must split into text.tiny_heads {heads} heads "
+            "of an even size (rotary embeddings rotate pairs)"
+        )
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=TINY_MLP_RATIO * hidden,
+        num_hidden_layers=config.tiny_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=config.max_length + config.max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_tiny_llama(directory: str | Path, *, config: TextConfig, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised LlamaForCausalLM and the byte tokenizer to `directory`.
+
+    The result loads with `load_base_model` (or AutoModelForCausalLM / AutoTokenizer). An
+    existing non-empty directory is refused rather than overwritten.
+    """
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        raise FedgenError(f"cannot create a tiny text model in {directory}: it is not empty")
+    tokenizer = make_byte_tokenizer()
+    llama_config = _tiny_llama_config(config, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(llama_config)
+    with _atomic_directory(directory) as scratch:
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+    return directory
+
+
+def _check_base_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FedgenError(f"text base model {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise FedgenError(f"text base model {path} has no config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FedgenError(f"text base model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def _quantization(load_in_bits: int) -> BitsAndBytesConfig | None:
+    """None for 16 (the checkpoint's own dtype); a bitsandbytes config for 8 / 4 bits."""
+    if load_in_bits == 16:
+        return None
+    if load_in_bits not in (8, 4):
+        raise FedgenError(f"text.load_in_bits {load_in_bits} is not one of 16, 8, 4")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FedgenError(
+            f"text.load_in_bits {load_in_bits} needs the bitsandbytes package, which is not installed"
+        )
+    if not torch.cuda.is_available():
+        raise FedgenError(f"text.load_in_bits {load_in_bits} needs a CUDA GPU and none is available")
+    return BitsAndBytesConfig(load_in_8bit=load_in_bits == 8, load_in_4bit=load_in_bits == 4)
+
+
+def _load_failed(path: Path, err: BaseException) -> FedgenError:
+    return FedgenError(f"cannot load text base model {path}: {_one_line(err)}")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """The base model's own tokenizer from its local directory (pad falls back to EOS)."""
+    path = Path(path)
+    _check_base_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_failed(path, err) from None
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise FedgenError(f"the tokenizer in {path} has no begin/end-of-sequence token")
+    if tokenizer.pad_token_id is None:  # e.g. Llama 3: padding is masked out, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    path: str | Path, *, load_in_bits: int = 16
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a local directory, with every parameter frozen.
+
+    16 bits keeps the checkpoint's own dtype (float32 for the tiny model, bfloat16 for a real
+    Llama copy); 8 and 4 quantize with bitsandbytes, which needs a CUDA GPU.
+    """
+    path = Path(path)
+    tokenizer = load_tokenizer(path)
+    quantization = _quantization(load_in_bits)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype="auto", quantization_config=quantization
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_failed(path, err) from None
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+# --- LoRA -----------------------------------------------------------------------------------------
+
+
+def _linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
+    """PEFT matches a target to a module whose dotted name equals it or ends with '.target'."""
+    names = _linear_module_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise FedgenError(
+            f"text.target_modules {missing} not found in the model; its linear layers are {available}"
+        )
+
+
+def add_lora(model: PreTrainedModel, config: TextConfig, *, seed: int = 0) -> PeftModel:
+    """Wrap `model` with LoRA adapters on `config.target_modules`; only the adapters train.
+
+    The seed fixes the adapters' initialisation (A random, B zero), so every site and the
+    server start from the same adapter. With `aggregation="ffa"` (FFA-LoRA) A stays frozen at
+    that shared init and only B trains: averaging the sites' B is then exactly averaging their
+    updates B·A, which FedAvg of both factors is not.
+    """
+    _check_target_modules(model, config.target_modules)
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora_config)
+    if config.aggregation == "ffa":
+        for name, param in peft_model.named_parameters():
+            if FFA_FROZEN_MARKER in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def _trained_adapter_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
+    params = {
+        name: param
+        for name, param in model.named_parameters()
+        if LORA_MARKER in name and param.requires_grad
+    }
+    assert params, "the model has no trainable LoRA parameters (was it built with add_lora?)"
+    return params
+
+
+def lora_state(model: PeftModel) -> dict[str, Tensor]:
+    """Copies of the adapter tensors that train, in module order; never a base weight.
+
+    This is the model update a site sends. With FFA-LoRA it holds only the B matrices: A is
+    the same seeded init everywhere and never changes. Keys are the PeftModel's parameter names
+    (".lora_B.default.weight"). Pass the PeftModel, not an Opacus wrapper; a model loaded with
+    `load_adapter` trains nothing and has no state here.
+    """
+    return {name: param.detach().cpu().clone() for name, param in _trained_adapter_parameters(model).items()}
+
+
+def set_lora_state(model: PeftModel, state: dict[str, Tensor]) -> None:
+    """Load `state` (from `lora_state` of a model with the same LoRA setup) into `model`, strictly."""
+    params = _trained_adapter_parameters(model)
+    missing = sorted(params.keys() - state.keys())
+    unexpected = sorted(state.keys() - params.keys())
+    if missing or unexpected:
+        raise FedgenError(
+            f"adapter state does not match the model's LoRA setup: {len(missing)} missing "
+            f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
+    for name, param in params.items():
+        if state[name].shape != param.shape:
+            raise FedgenError(
+                f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+# --- prompts and data -----------------------------------------------------------------------------
+
+
+def validate_template(template: str) -> None:
+    """A template holds {label} once, then ends with {text}: the note is everything generated."""
+    if template.count(LABEL_SLOT) != 1 or template.count(TEXT_SLOT) != 1:
+        raise FedgenError(
+            f"prompt template {template!r} needs exactly one {LABEL_SLOT} and one {TEXT_SLOT} slot"
+        )
+    if not template.endswith(TEXT_SLOT):
+        raise FedgenError(f"prompt template {template!r} must end with the {TEXT_SLOT} slot")
+
+
+def prompt_prefix(template: str, label: str) -> str:
+    """The template up to its {text} slot, with the label filled in: what generation starts from."""
+    validate_template(template)
+    return template.removesuffix(TEXT_SLOT).replace(LABEL_SLOT, label)
+
+
+def render_example(template: str, *, label: str, text: str) -> str:
+    return prompt_prefix(template, label) + text
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerFast,
+    records: Sequence[tuple[str, str]],
+    *,
+    template: str,
+    max_length: int,
+) -> TensorDataset:
+    """Encode (label, text) records as ``<s> prefix text </s>``, right-padded to the longest.
+
+    Returns TensorDataset(input_ids, attention_mask, loss_mask), all int64 [N, T]. loss_mask is
+    1 on the note's tokens and the end token only. An empty note or an example longer than
+    `max_length` tokens is an error: truncating would silently train on cut notes.
+    """
+    validate_template(template)
+    if not records:
+        raise FedgenError("no text records to encode")
+    sequences, note_lengths = [], []
+    for index, (label, text) in enumerate(records):
+        if not text.strip():
+            raise FedgenError(f"text record {index} (label {label!r}) is empty")
+        prefix = _token_ids(tokenizer, prompt_prefix(template, label))
+        note = _token_ids(tokenizer, text) + [tokenizer.eos_token_id]
+        sequence = [tokenizer.bos_token_id, *prefix, *note]
+        if len(sequence) > max_length:
+            raise FedgenError(
+                f"text record {index} is {len(sequence)} tokens with its prompt, "
+                f"longer than text.max_length {max_length}"
+            )
+        sequences.append(sequence)
+        note_lengths.append(len(note))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (sequence, note_length) in enumerate(zip(sequences, note_lengths)):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+        loss_mask[row, len(sequence) - note_length : len(sequence)] = 1
+    return TensorDataset(input_ids, attention_mask, loss_mask)
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """log p(token t | tokens before t) for every position, shape [B, T], aligned with input_ids.
+
+    Position 0 (the begin token, never predicted) holds 0, so `loss_mask` from
+    `encode_examples` selects the note's log-probs directly (min-k% attacks, per-example loss).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    predicted = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.cat([predicted.new_zeros(predicted.shape[0], 1), predicted], dim=1)
+
+
+def sequence_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """Per-example mean negative log-likelihood of the tokens under `loss_mask`, shape [B]."""
+    mask = loss_mask.to(torch.float32)
+    logprobs = token_logprobs(model, input_ids, attention_mask)
+    return -(logprobs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
+
+
+@torch.no_grad()
+def generate_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    template: str,
+    label: str,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 16,
+    progress: ProgressFn | None = None,
+) -> list[str]:
+    """Sample `n` notes for `label` by continuing its prompt prefix; the same seed gives the same notes.
+
+    Each note is what the model writes after the prefix, up to its end token (or
+    `max_new_tokens`). Every prompt in a batch is the same prefix, so no padding is needed.
+    """
+    prefix = [tokenizer.bos_token_id, *_token_ids(tokenizer, prompt_prefix(template, label))]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while len(texts) < n:
+            rows = min(batch_size, n - len(texts))
+            input_ids = torch.tensor([prefix] * rows, device=device)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,  # off (transformers' default is 50): sampling is temperature + top-p only
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in output[:, len(prefix) :].tolist():
+                note = _until_eos(row, tokenizer.eos_token_id)
+                texts.append(tokenizer.decode(note, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(texts), n)
+    model.train(was_training)
+    return texts
+
+
+# --- adapter files --------------------------------------------------------------------------------
+
+
+def save_adapter(model: PeftModel, directory: str | Path) -> Path:
+    """Write the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).
+
+    Loadable with `load_adapter` or `PeftModel.from_pretrained(base, directory)`. An existing
+    directory is replaced only once the new files are complete.
+    """
+    assert isinstance(model, PeftModel), f"expected a PeftModel (unwrap Opacus), got {type(model).__name__}"
+    directory = Path(directory)
+    with _atomic_directory(directory) as scratch:
+        # False: the embeddings are never adapted, and "auto" would look the base up on the hub.
+        model.save_pretrained(scratch, save_embedding_layers=False)
+    return directory
+
+
+def load_adapter(base_model: PreTrainedModel, directory: str | Path) -> PeftModel:
+    """Attach a saved adapter to `base_model` for inference (all parameters frozen).
+
+    PEFT wraps `base_model` in place: after an error, load a fresh base before trying again.
+    """
+    directory = Path(directory)
+    missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FedgenError(f"text adapter {directory} is missing {', '.join(missing)}")
+    try:
+        return PeftModel.from_pretrained(base_model, directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+        raise FedgenError(f"text adapter {directory} cannot be loaded: {_one_line(err)}") from None
