@@ -95,7 +95,11 @@ def train_site(
     seed: int,
     progress=None,
 ) -> SiteUpdate:
-    """One local round: refuse if the budget would be overspent, else train under DP."""
+    """One local round: refuse if the budget would be overspent, else train under DP.
+
+    `seed` only seeds non-private training (reproducible comparisons); DP noise and Poisson
+    sampling always draw from the operating system.
+    """
     train_set, _ = modality.datasets(site)
     plan = plan_privacy(modality.config, site, modality=modality.name, n_train=len(train_set))
     spent = epsilon_from_history(history, delta=plan.delta) if history else 0.0
@@ -120,13 +124,16 @@ def train_site(
         delta=plan.delta,
         history=history,
         noise_multiplicity=getattr(section, "noise_multiplicity", 1),
-        seed=seed,
+        # A seed the coordinator knows would let it regenerate the DP noise: DP draws from the OS.
+        seed=None if plan.noise_multiplier else seed,
         progress=progress,
     )
     next_round = epsilon_from_history([*result.history, plan.round_entry()], delta=plan.delta)
     metrics = {
         "num-examples": len(train_set),
-        "loss": result.mean_loss,
+        # The training loss is a statistic of private records outside the DP guarantee:
+        # under DP it stays at the site (NaN on the wire).
+        "loss": math.nan if plan.noise_multiplier else result.mean_loss,
         "epsilon": result.epsilon,
         "epsilon-next": next_round,
         "budget": plan.budget,

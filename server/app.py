@@ -26,11 +26,12 @@ console = Console(stderr=True)
 
 
 def _print_site(server_round: int, site: str, metrics: dict[str, float]) -> None:
-    eps = metrics["epsilon"]
+    eps, loss = metrics["epsilon"], metrics["loss"]
     eps_text = "inf (NO DP)" if math.isinf(eps) else f"{eps:.3f}"
+    loss_text = "kept at site (DP)" if math.isnan(loss) else f"{loss:.4f}"
     console.print(
-        f"  round {server_round:>3}  {site:<12} loss {metrics['loss']:.4f}  "
-        f"ε {eps_text}  examples {int(metrics['num-examples'])}"
+        f"  round {server_round:>3}  {site:<12} ε {eps_text:<12} loss {loss_text}  "
+        f"examples {int(metrics['num-examples'])}"
     )
 
 

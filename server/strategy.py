@@ -23,7 +23,10 @@ SiteReport = Callable[[int, str, dict[str, float]], None]
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean loss, but the worst (largest) ε: a budget is not an average."""
+    """Example-weighted mean loss, but the worst (largest) ε: a budget is not an average.
+
+    Under DP sites send NaN for the loss, so the mean is NaN too: nothing is inferred from it.
+    """
     metrics = [next(iter(r.metric_records.values())) for r in records]
     total = sum(float(m[weight_key]) for m in metrics)
     return MetricRecord(

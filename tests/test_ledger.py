@@ -41,3 +41,9 @@ def test_modalities_are_kept_apart_and_inf_is_stored(tmp_path):
     ledger.record(entry("site-1", 1, 2.0, modality="image"))
     assert math.isinf(ledger.spent("site-1", "text"))
     assert ledger.spent("site-1", "image") == 2.0
+
+
+def test_a_loss_the_site_kept_private_is_stored_as_missing(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
+    ledger.record(LedgerEntry("site-1", "image", 1, 1.0, 1e-5, 1.1, 0.05, 20, 300, math.nan))
+    assert ledger.entries()[0].loss is None

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     sample_rate REAL NOT NULL,
     steps INTEGER NOT NULL,
     num_examples INTEGER NOT NULL,
-    loss REAL NOT NULL,
+    loss REAL,
     PRIMARY KEY (site, modality, round)
 )
 """
@@ -47,12 +47,12 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     num_examples: int
-    loss: float
+    loss: float | None  # None under DP: the training loss stays at the site
 
 
 def _to_sql(value):
-    # SQLite stores inf as a REAL fine, but NaN becomes NULL: keep losses finite-or-inf.
-    return value if not (isinstance(value, float) and math.isnan(value)) else math.inf
+    """SQLite stores inf as a REAL; NaN (a value a site did not send) becomes NULL."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 class PrivacyLedger:
