@@ -1,0 +1,231 @@
+"""Image feature extractors for the fidelity and utility audits, with nothing to download.
+
+Two extractors share one interface (``features(images) -> [N, D]``, ``num_features``,
+``description``), so every fidelity figure can name the extractor it was computed with —
+scores from different extractors are not comparable:
+
+- ``FeatureNet``: a small CNN classifier trained by fedgen itself (at a site, on synthetic
+  data, or anywhere else: ``train_feature_net`` takes plain tensors). Its penultimate
+  activations are the features; its head is the classifier of the image utility audit.
+- ``InceptionFeatures``: torchmetrics' Inception-v3 (torch-fidelity weights), loaded from a
+  LOCAL weights file only.
+
+Images everywhere in the audits are float tensors ``[N, C, H, W]`` in ``[-1, 1]`` (the
+diffusion model's range); labels are class indices ``[N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fedgen.errors import FedgenError
+
+__all__ = [
+    "FeatureExtractor",
+    "FeatureNet",
+    "InceptionFeatures",
+    "classify",
+    "extract_features",
+    "load_inception",
+    "train_feature_net",
+]
+
+DEFAULT_WIDTHS = (32, 64, 128)  # channels of the three conv blocks; the last is the feature size
+GROUPS_PER_NORM = 8  # GroupNorm, not BatchNorm: Opacus cannot train BatchNorm under DP
+EVAL_BATCH_SIZE = 256
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+INCEPTION_FEATURE_LAYER = "2048"  # the pool layer FID is defined on
+
+
+class FeatureExtractor(Protocol):
+    """What the fidelity audit needs from an extractor."""
+
+    num_features: int
+    description: str
+
+    def features(self, images: Tensor) -> Tensor: ...
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.GroupNorm(min(GROUPS_PER_NORM, out_channels), out_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+    )
+
+
+class FeatureNet(nn.Module):
+    """Three conv blocks, global average pooling (the features) and a linear head.
+
+    Global pooling makes the net independent of the image resolution. The constructor's
+    arguments are the whole configuration, saved next to the weights by ``save_pretrained``.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        widths: tuple[int, ...] = DEFAULT_WIDTHS,
+        trained_on: str = "nothing (untrained)",
+    ) -> None:
+        super().__init__()
+        self.config = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "widths": list(widths),
+            "trained_on": trained_on,
+        }
+        channels = [in_channels, *widths]
+        self.blocks = nn.Sequential(*(_conv_block(a, b) for a, b in zip(channels, channels[1:])))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.num_features = widths[-1]
+
+    @property
+    def description(self) -> str:
+        return f"fedgen FeatureNet (trained on {self.config['trained_on']})"
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.pool(self.blocks(images)).flatten(1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` and ``config.json``; each file appears whole or not at all."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        _write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))
+        config_text = json.dumps(self.config, indent=2)
+        _write_atomically(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FeatureNet:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FedgenError(f"feature net folder {directory} has no {name}")
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        net = cls(**{**config, "widths": tuple(config["widths"])})
+        net.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        return net.eval()
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def train_feature_net(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    num_classes: int,
+    trained_on: str,
+    epochs: int = 10,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    widths: tuple[int, ...] = DEFAULT_WIDTHS,
+) -> FeatureNet:
+    """Plain supervised training (Adam, cross-entropy); returns the net in eval mode.
+
+    ``trained_on`` says what the images were (e.g. "site-1 real train split") and ends up in
+    every report that uses the net. The global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FeatureNet(
+            in_channels=images.shape[1], num_classes=num_classes, widths=widths, trained_on=trained_on
+        )
+    optimiser = torch.optim.Adam(net.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    shuffle = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=shuffle)
+        for start in range(0, len(images), batch_size):
+            batch = order[start : start + batch_size]
+            optimiser.zero_grad()
+            loss_fn(net(images[batch]), labels[batch]).backward()
+            optimiser.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def _in_batches(fn, images: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def extract_features(
+    extractor: FeatureExtractor, images: Tensor, *, batch_size: int = EVAL_BATCH_SIZE
+) -> Tensor:
+    """Features ``[N, D]`` of ``[-1, 1]`` images, in batches, without gradients."""
+    if len(images) == 0:
+        return torch.empty(0, extractor.num_features)
+    return _in_batches(extractor.features, images, batch_size)
+
+
+def classify(net: FeatureNet, images: Tensor, *, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+    """Predicted class index for each image."""
+    net.eval()
+    return _in_batches(lambda batch: net(batch).argmax(dim=1), images, batch_size)
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' Inception-v3 (2048-d pool features) taking fedgen's ``[-1, 1]`` images.
+
+    Gray images are repeated to three channels and quantised to uint8, which is what the
+    torch-fidelity network expects (it resizes to 299 x 299 itself).
+    """
+
+    num_features = int(INCEPTION_FEATURE_LAYER)
+
+    def __init__(self, inception: nn.Module, *, weights_path: Path) -> None:
+        super().__init__()
+        self.inception = inception
+        self.description = f"Inception-v3 (torch-fidelity weights from local path {weights_path})"
+
+    def features(self, images: Tensor) -> Tensor:
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.inception(uint8)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+
+def load_inception(path: str | Path) -> InceptionFeatures:
+    """Inception-v3 from a local torch-fidelity weights file (``pt_inception-2015-12-05-*.pth``).
+
+    Never downloads: a missing file is a FedgenError. Needs the torch-fidelity package.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FedgenError(f"Inception weights file not found: {path} (fedgen never downloads weights)")
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[INCEPTION_FEATURE_LAYER],
+            feature_extractor_weights_path=str(path),
+        )
+    except ModuleNotFoundError:
+        raise FedgenError(
+            "the Inception feature extractor needs the torch-fidelity package, which is not installed"
+        ) from None
+    return InceptionFeatures(inception, weights_path=path)

@@ -1,0 +1,307 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from audits.features import FeatureNet, classify, extract_features, load_inception, train_feature_net
+from audits.fidelity import (
+    MIN_AGGREGATE_COUNT,
+    PSNR_CAP_DB,
+    embed_texts,
+    real_feature_stats,
+    fid_from_features,
+    fid_from_stats,
+    kid_at_site,
+    near_copy_count,
+    nearest_distances,
+    nearest_real_similarity,
+    pool_near_copies,
+    pool_sums,
+    pool_text_class_stats,
+    pool_weighted_mean,
+    prdc,
+    summarise_text_class_stats,
+    synthetic_feature_stats,
+    text_class_stats,
+    text_embedding_stats,
+    text_fidelity,
+)
+from fedgen.errors import FedgenError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: a second thread only adds synchronisation (measured 25x more CPU on a
+    loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def bright_dark(n: int, *, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0 dark, class 1 bright, with pixel noise: separable by a tiny CNN in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    level = torch.where(labels == 1, 0.6, -0.6).view(-1, 1, 1, 1)
+    return (level + 0.3 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), labels
+
+
+def gaussian(n: int, d: int, *, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_feature_net_learns_and_round_trips(tmp_path):
+    images, labels = bright_dark(64, seed=0)
+    net = train_feature_net(images, labels, num_classes=2, trained_on="toy bright/dark", epochs=4, seed=0)
+    test_images, test_labels = bright_dark(40, seed=1)
+    assert (classify(net, test_images) == test_labels).float().mean() == 1.0
+    features = extract_features(net, test_images, batch_size=16)
+    assert features.shape == (40, net.num_features) == (40, 128)
+
+    net.save_pretrained(tmp_path / "fnet")
+    loaded = FeatureNet.from_pretrained(tmp_path / "fnet")
+    assert torch.allclose(extract_features(loaded, test_images), features)
+    assert loaded.description == "fedgen FeatureNet (trained on toy bright/dark)"
+    assert sorted(p.name for p in (tmp_path / "fnet").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_training_is_seeded_and_leaves_global_rng_alone():
+    images, labels = bright_dark(32, seed=0)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = train_feature_net(images, labels, num_classes=2, trained_on="x", epochs=1, seed=5)
+    after = torch.rand(1)
+    b = train_feature_net(images, labels, num_classes=2, trained_on="x", epochs=1, seed=5)
+    assert torch.equal(before, after)
+    assert torch.equal(a.head.weight, b.head.weight)
+
+
+def test_load_inception_refuses_a_missing_file(tmp_path):
+    with pytest.raises(FedgenError, match="not found"):
+        load_inception(tmp_path / "pt_inception.pth")
+
+
+def test_from_pretrained_names_the_missing_file(tmp_path):
+    with pytest.raises(FedgenError, match="config.json"):
+        FeatureNet.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- FID / KID
+
+
+class GivenFeatures(nn.Module):
+    """Hands torchmetrics the features it is given."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x
+
+
+def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    reference = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1])).set_dtype(torch.float64)
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    return float(reference.compute())
+
+
+def test_fid_matches_torchmetrics_and_pools_exactly_over_sites():
+    real, fake = gaussian(300, 8, seed=0), 1.5 * gaussian(200, 8, seed=1, shift=0.5)
+    expected = torchmetrics_fid(real, fake)
+    assert fid_from_features(real, fake) == pytest.approx(expected, rel=1e-6)
+    sites = [real_feature_stats(part) for part in (real[:100], real[100:250], real[250:])]
+    pooled = fid_from_stats(pool_sums(sites), synthetic_feature_stats(fake))
+    assert pooled == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_of_a_shift_is_the_squared_shift():
+    x = gaussian(500, 4, seed=2)
+    assert fid_from_features(x, x) == pytest.approx(0.0, abs=1e-6)
+    assert fid_from_features(x, x + 2.0) == pytest.approx(4 * 2.0**2, rel=1e-6)
+
+
+def test_fid_survives_fewer_samples_than_dimensions():
+    real, fake = gaussian(30, 64, seed=3), gaussian(30, 64, seed=4)  # singular covariances
+    assert fid_from_features(real, fake) == pytest.approx(torchmetrics_fid(real, fake), rel=1e-6)
+
+
+def test_site_aggregates_refuse_too_few_records():
+    with pytest.raises(FedgenError, match=f"at least {MIN_AGGREGATE_COUNT}"):
+        real_feature_stats(gaussian(MIN_AGGREGATE_COUNT - 1, 4, seed=0))
+
+
+def test_kid_is_near_zero_for_one_distribution_and_large_for_a_shift():
+    real = gaussian(200, 8, seed=5)
+    same = kid_at_site(real, gaussian(200, 8, seed=6), subsets=10, subset_size=100)
+    shifted = kid_at_site(real, gaussian(200, 8, seed=6, shift=1.0), subsets=10, subset_size=100)
+    assert abs(same["kid_mean"]) < 0.05
+    assert shifted["kid_mean"] > 1.0
+    assert kid_at_site(real, real + 1, subsets=5, subset_size=50, seed=1) == kid_at_site(
+        real, real + 1, subsets=5, subset_size=50, seed=1
+    )
+    assert (same["n_real"], same["n_fake"]) == (200, 200)
+
+
+# --------------------------------------------------------------------------- PRDC
+
+
+def test_prdc_of_identical_sets_is_one():
+    x = gaussian(120, 6, seed=7)
+    result = prdc(x, x.clone(), k=5, chunk=32)
+    assert (result["precision"], result["recall"], result["coverage"]) == (1.0, 1.0, 1.0)
+    assert result["density"] == pytest.approx(1.0)  # no ties: each real ball holds itself + k−1 others
+
+
+def test_prdc_of_far_apart_sets_is_zero():
+    result = prdc(gaussian(100, 6, seed=8), gaussian(80, 6, seed=9, shift=100.0), k=5)
+    assert {k: result[k] for k in ("precision", "recall", "density", "coverage")} == dict.fromkeys(
+        ("precision", "recall", "density", "coverage"), 0.0
+    )
+    assert (result["n_real"], result["n_fake"]) == (100, 80)
+
+
+def test_prdc_tells_off_manifold_samples_from_missed_modes():
+    near, far = gaussian(100, 6, seed=12), gaussian(100, 6, seed=13, shift=100.0)
+    off_manifold = prdc(near, torch.cat([near, far]))  # half the synthetic set is nowhere near real
+    assert (off_manifold["precision"], off_manifold["recall"], off_manifold["coverage"]) == (0.5, 1.0, 1.0)
+    assert off_manifold["density"] == pytest.approx(0.5)
+    missed_mode = prdc(torch.cat([near, far]), near)  # the synthetic set misses half the real one
+    assert (missed_mode["precision"], missed_mode["recall"], missed_mode["coverage"]) == (1.0, 0.5, 0.5)
+    assert missed_mode["density"] == pytest.approx(1.0)
+
+
+def test_prdc_does_not_depend_on_the_chunk_size():
+    real, fake = gaussian(90, 5, seed=10), gaussian(70, 5, seed=11, shift=0.3)
+    assert prdc(real, fake, chunk=7) == prdc(real, fake, chunk=4096)
+
+
+def test_pool_weighted_mean_weights_by_count():
+    pooled = pool_weighted_mean(
+        [{"recall": 1.0, "n_real": 30}, {"recall": 0.0, "n_real": 10}], keys=["recall"], weight_key="n_real"
+    )
+    assert pooled == {"recall": 0.75, "n_real": 40}
+
+
+# --------------------------------------------------------------------------- SSIM / PSNR
+
+
+def test_ssim_psnr_are_perfect_for_copies_and_fall_with_noise():
+    real, labels = bright_dark(40, seed=12)
+    exact = nearest_real_similarity(real[:10], labels[:10], real, labels)
+    assert exact["ssim_mean"] == pytest.approx(1.0)
+    assert exact["psnr_mean"] == PSNR_CAP_DB
+    assert exact["n"] == 10
+
+    g = torch.Generator().manual_seed(0)
+    noisy = [(real[:10] + s * torch.randn(10, 1, 16, 16, generator=g)).clamp(-1, 1) for s in (0.05, 0.2, 0.5)]
+    scores = [nearest_real_similarity(images, labels[:10], real, labels) for images in noisy]
+    ssims, psnrs = [s["ssim_mean"] for s in scores], [s["psnr_mean"] for s in scores]
+    assert 1.0 > ssims[0] > ssims[1] > ssims[2]
+    assert PSNR_CAP_DB > psnrs[0] > psnrs[1] > psnrs[2]
+
+
+def test_ssim_compares_only_with_real_images_of_the_same_class():
+    real, labels = bright_dark(40, seed=13)
+    copy_of_dark = real[:1]  # a class-0 image
+    as_dark = nearest_real_similarity(copy_of_dark, torch.tensor([0]), real, labels)
+    as_bright = nearest_real_similarity(copy_of_dark, torch.tensor([1]), real, labels)
+    assert as_dark["ssim_mean"] == pytest.approx(1.0)
+    assert as_bright["psnr_mean"] < 15  # ~1.2 apart on a range of 2
+    unknown = nearest_real_similarity(copy_of_dark, torch.tensor([4]), real, labels)
+    assert unknown["n"] == 0 and math.isnan(unknown["ssim_mean"])
+
+
+# --------------------------------------------------------------------------- memorisation
+
+
+def test_nearest_distances_match_brute_force_in_any_chunking():
+    query, reference = torch.randn(13, 2, 3, 3), torch.randn(29, 2, 3, 3)
+    brute = torch.stack([(reference - q).flatten(1).norm(dim=1).min() for q in query]).double()
+    assert torch.allclose(nearest_distances(query, reference, chunk=4), brute, atol=1e-5)
+
+
+def test_near_copies_of_training_images_are_counted():
+    train, train_labels = bright_dark(60, seed=14)
+    heldout, _ = bright_dark(40, seed=15)
+    g = torch.Generator().manual_seed(1)
+    synthetic = torch.cat([train[[3, 17, 42]], torch.rand(20, 1, 16, 16, generator=g) * 2 - 1])
+    extractor = FeatureNet(in_channels=1, num_classes=2)  # untrained: copies are still at distance 0
+    result = near_copy_count(synthetic, train, heldout, extractor=extractor)
+    assert result["pixel"]["count"] == 3  # the uniform-noise images are far from every training image
+    assert result["feature"]["count"] >= 3
+    assert result["pixel"]["threshold"] > 0
+    assert result["feature_extractor"] == "fedgen FeatureNet (trained on nothing (untrained))"
+    assert pool_near_copies([result, result])["pixel_count"] == 6
+
+
+# --------------------------------------------------------------------------- text
+
+CALM = [
+    "the patient feels calm and rested today",
+    "sleep is good and mood is stable",
+    "no worries reported at all",
+]
+ANXIOUS = [
+    "the patient reports racing thoughts",
+    "constant worry and a tight chest",
+    "panic attacks at night again",
+]
+
+
+def corpus(sentences: list[str], n: int, *, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(sentences, size=2)) for _ in range(n)]
+
+
+def test_text_embedding_does_not_depend_on_the_other_texts():
+    alone = embed_texts(["a short note"])
+    with_others = embed_texts(["something else entirely", "a short note"])
+    assert np.array_equal(alone[0], with_others[1])
+    assert np.linalg.norm(alone[0]) == pytest.approx(1.0)
+
+
+def test_text_fidelity_separates_similar_from_different_and_pools_exactly():
+    real = corpus(CALM, 60, seed=0)
+    similar, different = corpus(CALM, 40, seed=1), corpus(ANXIOUS, 40, seed=2)
+    sites = pool_sums([text_embedding_stats(real[:25]), text_embedding_stats(real[25:])])
+    whole = text_embedding_stats(real)
+    assert sites["n"] == 60 and np.allclose(sites["embedding_sum"], whole["embedding_sum"])
+
+    close = text_fidelity(sites, text_embedding_stats(similar, real=False))
+    far = text_fidelity(sites, text_embedding_stats(different, real=False))
+    same = text_fidelity(whole, text_embedding_stats(real, real=False))
+    assert same["mean_embedding_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert same["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert close["mean_embedding_distance"] < far["mean_embedding_distance"] / 3
+    assert close["frechet_distance"] < far["frechet_distance"] / 3
+
+
+def test_text_class_stats_give_lengths_and_vocabulary_and_suppress_small_classes():
+    texts = ["a b a b"] * 10 + ["c d e"] * 10 + ["x"] * 3
+    labels = [0] * 20 + [1] * 3
+    site_a = text_class_stats(texts, labels, class_names=["Normal", "Stress"])
+    site_b = text_class_stats(["f g h i"] * 20, [0] * 20, class_names=["Normal", "Stress"])
+    assert site_a["Stress"] == {"n": 3}
+
+    summary = summarise_text_class_stats(pool_text_class_stats([site_a, site_b]))
+    normal = summary["Normal"]
+    assert normal["n"] == 40
+    assert normal["words_mean"] == pytest.approx((10 * 4 + 10 * 3 + 20 * 4) / 40)
+    assert normal["chars_mean"] == pytest.approx((10 * 7 + 10 * 5 + 20 * 7) / 40)
+    assert normal["type_token_ratio"] == pytest.approx((10 * 0.5 + 10 * 1.0 + 20 * 1.0) / 40)
+    assert normal["distinct_words"] == 5  # max over sites (site a: a b c d e), a lower bound of the union
+    assert summary["Stress"] == {"n": 3}
+
+    one_text = text_class_stats(["x y"], [1], class_names=["Normal", "Stress"], real=False)
+    synthetic = summarise_text_class_stats(one_text)
+    assert synthetic["Stress"]["words_std"] == 0.0 and synthetic["Normal"] == {"n": 0}

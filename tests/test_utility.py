@@ -1,0 +1,109 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from audits.utility import CONFIGURATIONS, image_utility, pool_utility, smote_balance, text_utility
+from fedgen.errors import FedgenError
+from tests.test_fidelity import ANXIOUS, CALM, bright_dark, corpus, one_torch_thread  # noqa: F401 (fixture)
+
+CLASSES = ["dark", "bright"]
+# Labels drawn at random carry nothing about bright vs dark: a classifier whose predictions were
+# independent of the true labels would score Binomial(40, 1/2)/40 on the 40 balanced held-out
+# examples, above 0.7 with probability < 1%. Measured for images over 6 seeds: 0.475-0.5.
+CHANCE_BOUND = 0.7
+
+
+def noise_images(n: int, *, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 2, (n,), generator=g)
+
+
+def test_image_synthetic_copy_of_real_train_scores_like_real():
+    train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
+    result = image_utility(train, test, train, class_names=CLASSES, seed=0, epochs=5)
+    scores = result["configurations"]
+    assert set(scores) == set(CONFIGURATIONS)
+    assert scores["real"]["accuracy"] >= 0.95
+    assert abs(scores["synthetic"]["accuracy"] - scores["real"]["accuracy"]) <= 0.05
+    assert scores["composite"]["n_train"] == 120 and scores["real"]["n_test"] == 40
+    assert scores["real"]["per_class_support"] == {"dark": 20, "bright": 20}
+
+
+def test_image_noise_with_random_labels_is_at_chance_while_real_is_high():
+    train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
+    result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, epochs=5)
+    scores = result["configurations"]
+    assert scores["real"]["accuracy"] >= 0.95
+    assert scores["smote"]["accuracy"] >= 0.95
+    assert scores["synthetic"]["accuracy"] <= CHANCE_BOUND
+
+
+def test_image_utility_refuses_mismatched_synthetic_images():
+    train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
+    wrong = (torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(FedgenError, match=r"\(3, 16, 16\)"):
+        image_utility(train, test, wrong, class_names=CLASSES, epochs=1)
+
+
+def test_utility_refuses_a_held_out_split_below_the_aggregate_minimum():
+    train, test = bright_dark(60, seed=1), bright_dark(8, seed=2)
+    with pytest.raises(FedgenError, match="held-out split"):
+        image_utility(train, test, train, class_names=CLASSES, epochs=1)
+
+
+def test_smote_balances_to_the_largest_class_and_leaves_singletons():
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 4 + [2] * 1)
+    x = rng.normal(size=(len(labels), 3))
+    balanced_x, balanced_labels = smote_balance(x, labels, seed=0)
+    assert Counter(balanced_labels.tolist()) == {0: 30, 1: 30, 2: 1}  # 4 examples: k shrinks to 3
+    assert np.array_equal(balanced_x[: len(x)], x)
+
+
+def text_split(n: int, *, seed: int):
+    calm, anxious = corpus(CALM, n // 2, seed=seed), corpus(ANXIOUS, n // 2, seed=seed + 100)
+    return calm + anxious, [0] * (n // 2) + [1] * (n // 2)
+
+
+def test_text_utility_copy_matches_real_and_noise_is_at_chance():
+    train, test = text_split(60, seed=1), text_split(40, seed=2)
+    copy = text_utility(train, test, train, class_names=["Normal", "Anxiety"], seed=0)["configurations"]
+    assert copy["real"]["accuracy"] == 1.0
+    assert copy["synthetic"]["accuracy"] == copy["real"]["accuracy"]
+
+    rng = np.random.default_rng(3)
+    gibberish = ["".join(rng.choice(list("qzxjkv "), size=40)) for _ in range(60)]
+    noise = (gibberish, rng.integers(0, 2, size=60).tolist())
+    scores = text_utility(train, test, noise, class_names=["Normal", "Anxiety"], seed=0)["configurations"]
+    assert scores["real"]["accuracy"] == 1.0
+    assert scores["synthetic"]["accuracy"] <= CHANCE_BOUND
+
+
+def test_text_synthetic_with_one_class_predicts_that_class():
+    train, test = text_split(60, seed=1), text_split(40, seed=2)
+    one_class = (corpus(CALM, 10, seed=5), [0] * 10)
+    scores = text_utility(train, test, one_class, class_names=["Normal", "Anxiety"])["configurations"]
+    assert scores["synthetic"]["accuracy"] == 0.5
+    assert scores["synthetic"]["per_class_f1"]["Anxiety"] == 0.0
+
+
+def site_result(accuracy: float, n_test: int, f1_normal: float, support: int) -> dict:
+    scores = {
+        "accuracy": accuracy,
+        "macro_f1": accuracy,
+        "per_class_f1": {"Normal": f1_normal},
+        "per_class_support": {"Normal": support},
+        "n_test": n_test,
+    }
+    return {"classifier": "c", "configurations": dict.fromkeys(CONFIGURATIONS, scores)}
+
+
+def test_pool_utility_weights_sites_by_held_out_size():
+    pooled = pool_utility([site_result(0.9, 100, 1.0, 10), site_result(0.5, 25, 0.0, 30)])
+    real = pooled["configurations"]["real"]
+    assert real["accuracy"] == pytest.approx((0.9 * 100 + 0.5 * 25) / 125)
+    assert real["n_test"] == 125
+    assert real["per_class_f1"]["Normal"] == pytest.approx(10 / 40)
+    assert pooled["sites"] == 2
