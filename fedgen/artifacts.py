@@ -130,6 +130,19 @@ class RunDir:
         return self.root / "release"
 
     @property
+    def sites_path(self) -> Path:
+        """Simulation only: the site folders of the simulated hospitals (audits reach them again)."""
+        return self.root / "simulated-sites.json"
+
+    def record_simulated_sites(self, site_dirs) -> None:
+        write_json(self.sites_path, [str(Path(p).resolve()) for p in site_dirs])
+
+    def simulated_sites(self) -> list[Path]:
+        if not self.sites_path.is_file():
+            raise FedgenError(f"{self.root} was not simulated on this machine (no {self.sites_path.name})")
+        return [Path(p) for p in json.loads(self.sites_path.read_text(encoding="utf-8"))]
+
+    @property
     def base_models(self) -> Path:
         """Where the coordinator keeps locally made base models (the demo's tiny Llama)."""
         return self.root / "base-models"

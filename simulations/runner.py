@@ -8,6 +8,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from flwr.serverapp import ServerApp
+
 from clients.app import make_client_app
 from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
@@ -15,7 +17,7 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from server.app import make_server_app
 
-__all__ = ["simulate", "check_sites"]
+__all__ = ["simulate", "check_sites", "run_on_simulated_sites"]
 
 # Each simulated site gets one core: on a 2-core machine two sites train at once.
 CPUS_PER_SITE = 1
@@ -29,25 +31,33 @@ def check_sites(config: RunConfig, site_dirs: Sequence[Path]) -> None:
         load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
 
 
-def simulate(run: RunDir, site_dirs: Sequence[Path], *, verbose: bool = False) -> None:
-    """Train every configured modality on the simulated sites; results land in the run folder.
-
-    The sites must have passed check_sites with the run's configuration.
-    """
+def run_on_simulated_sites(server_app: ServerApp, site_dirs: Sequence[Path], *, verbose: bool = False) -> None:
+    """Run a ServerApp against the fedgen ClientApp on simulated sites (one core each)."""
     from flwr.simulation import run_simulation
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore")
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    cpus = os.cpu_count() or 1
     run_simulation(
-        server_app=make_server_app(run.root),
+        server_app=server_app,
         client_app=make_client_app([str(Path(p).resolve()) for p in site_dirs]),
         num_supernodes=len(site_dirs),
         backend_config={
             "client_resources": {"num_cpus": CPUS_PER_SITE, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "log_to_driver": verbose,
+            },
         },
         verbose_logging=verbose,
     )
+
+
+def simulate(run: RunDir, site_dirs: Sequence[Path], *, verbose: bool = False) -> None:
+    """Train every configured modality on the simulated sites; results land in the run folder.
+
+    The sites must have passed check_sites with the run's configuration.
+    """
+    run.record_simulated_sites(site_dirs)
+    run_on_simulated_sites(make_server_app(run.root), site_dirs, verbose=verbose)

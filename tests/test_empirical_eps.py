@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from audits.empirical_eps import (
+    clopper_pearson_upper,
+    empirical_epsilon,
+    empirical_epsilon_from_histograms,
+    max_certifiable_epsilon,
+)
+from audits.mia import score_histogram
+from fedgen.errors import FedgenError
+
+DELTA = 1e-5
+ALPHA = 0.05
+
+
+def test_clopper_pearson_upper_matches_closed_forms():
+    n = 40
+    # 0 of n: solves (1 - p)^n = alpha / 2;  n of n: 1.
+    upper = float(clopper_pearson_upper(0, n, alpha=ALPHA))
+    assert upper == pytest.approx(1 - (ALPHA / 2) ** (1 / n))
+    assert float(clopper_pearson_upper(n, n, alpha=ALPHA)) == 1.0
+    # k of n: the binomial tail P[X <= k | p_ub] equals alpha / 2.
+    p_ub = float(clopper_pearson_upper(7, n, alpha=ALPHA))
+    tail = sum(math.comb(n, i) * p_ub**i * (1 - p_ub) ** (n - i) for i in range(8))
+    assert tail == pytest.approx(ALPHA / 2)
+
+
+def test_bound_is_zero_when_members_and_nonmembers_look_the_same():
+    scores = np.arange(50.0)
+    bound = empirical_epsilon(scores, scores.copy(), delta=DELTA)
+    assert bound.eps_lb == 0.0
+    assert bound.threshold is None
+
+
+def _perfect_attack_bound(n: int) -> float:
+    """ln((1 - CP_ub(0 of n) - δ) / CP_ub(0 of n)), CP from scipy's beta quantile."""
+    upper = beta.ppf(1 - ALPHA / 2, 1, n)
+    return math.log((1 - upper - DELTA) / upper)
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+def test_perfect_attack_reaches_the_closed_form(n):
+    bound = empirical_epsilon(1000.0 + np.arange(n), np.arange(float(n)), delta=DELTA)
+    assert bound.eps_lb == pytest.approx(_perfect_attack_bound(n), rel=1e-9)
+    assert bound.eps_lb == pytest.approx(bound.max_certifiable, rel=1e-12)
+    assert bound.threshold == 1000.0
+    assert (bound.n_members, bound.n_nonmembers) == (n, n)
+
+
+def test_certifiable_epsilon_grows_with_the_number_of_examples():
+    caps = [max_certifiable_epsilon(n, n, delta=DELTA) for n in (10, 100, 1000, 10000)]
+    print("max certifiable eps at n = 10, 100, 1000, 10000:", [round(c, 2) for c in caps])
+    assert caps == sorted(caps) and caps[0] < caps[-1]
+    assert caps[0] == pytest.approx(_perfect_attack_bound(10))
+
+
+def _cp_upper(k: int, n: int) -> float:
+    return 1.0 if k == n else beta.ppf(1 - ALPHA / 2, k + 1, n - k)
+
+
+def _brute_force_bound(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """Every threshold, both forms, counted with plain comparisons."""
+    best = 0.0
+    for threshold in np.r_[members, nonmembers]:
+        fp = int(np.sum(nonmembers >= threshold))
+        fn = int(np.sum(members < threshold))
+        fpr_ub = _cp_upper(fp, len(nonmembers))
+        fnr_ub = _cp_upper(fn, len(members))
+        for numerator, denominator in [(1 - fnr_ub - DELTA, fpr_ub), (1 - fpr_ub - DELTA, fnr_ub)]:
+            if numerator > 0:
+                best = max(best, math.log(numerator / denominator))
+    return best
+
+
+def test_bound_matches_a_brute_force_search_including_the_symmetric_form():
+    rng = np.random.default_rng(0)
+    # Every member scores high; half the non-members do too. FN = 0 makes the symmetric form
+    # ln((1 - FPR_ub - δ) / FNR_ub) the larger one.
+    members = rng.uniform(1.0, 2.0, 150)
+    nonmembers = np.r_[rng.uniform(1.0, 2.0, 75), rng.uniform(-1.0, 0.0, 75)]
+    bound = empirical_epsilon(members, nonmembers, delta=DELTA)
+    assert bound.eps_lb == pytest.approx(_brute_force_bound(members, nonmembers), rel=1e-9)
+    fnr_ub = 1 - bound.tpr_lb
+    assert bound.eps_lb == pytest.approx(math.log((1 - bound.fpr_ub - DELTA) / fnr_ub), rel=1e-9)
+    assert bound.eps_lb > math.log((bound.tpr_lb - DELTA) / bound.fpr_ub)
+
+
+def test_histogram_bound_equals_exact_bound_when_each_bin_holds_one_score_value():
+    rng = np.random.default_rng(1)
+    members = rng.integers(3, 20, 300).astype(float)
+    nonmembers = rng.integers(0, 15, 300).astype(float)
+    edges = np.arange(-0.5, 20.5)  # one integer per bin
+    pooled = empirical_epsilon_from_histograms(
+        score_histogram(members, edges), score_histogram(nonmembers, edges), edges, delta=DELTA
+    )
+    exact = empirical_epsilon(members, nonmembers, delta=DELTA)
+    assert exact.eps_lb > 0
+    assert pooled.eps_lb == pytest.approx(exact.eps_lb, rel=1e-12)
+    assert pooled.threshold == exact.threshold - 0.5
+    assert pooled.to_dict()["n_members"] == 300
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"delta": 1.5}, "delta 1.5"), ({"delta": DELTA, "alpha": 0.0}, "alpha 0.0")],
+)
+def test_bad_parameters_are_user_errors(kwargs, message):
+    with pytest.raises(FedgenError, match=message):
+        empirical_epsilon(np.ones(3), np.zeros(3), **kwargs)
+
+
+def test_no_members_is_a_user_error():
+    with pytest.raises(FedgenError, match="0 members"):
+        empirical_epsilon(np.array([]), np.zeros(3), delta=DELTA)
