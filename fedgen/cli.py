@@ -184,10 +184,12 @@ def generate(
     """Write synthetic images (and a contact sheet) or texts from a run's checkpoint."""
     from fedgen.artifacts import RunDir
     from fedgen.generate import generate_images, generate_texts
+    from fedgen.logs import quiet_libraries
 
     if per_class < 1:
         raise FedgenError(f"--per-class must be at least 1, got {per_class}")
     run = RunDir.open(run_dir)
+    quiet_libraries()
     if modality == "image":
         out = generate_images(run, per_class=per_class, classes=class_name, steps=steps, guidance=guidance, server_round=round_, seed=seed)
     elif modality == "text":
@@ -197,31 +199,211 @@ def generate(
     console.print(f"wrote {out}")
 
 
+def _echo(line: str) -> None:
+    """Pass a Flower process's output line through, unwrapped and unstyled."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+INSECURE_WARNING = (
+    "[bold red]WARNING: --insecure: no TLS and no node authentication. Model updates travel in "
+    "clear text and ANY machine that reaches the port can join as a site. Use it only for a "
+    "local test.[/]"
+)
+
+
 @app.command()
-def server() -> None:
+def server(
+    config: ConfigOption = None,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs` (ca.crt, server.crt, server.key, authorized-keys).")] = None,
+    port: Annotated[int, typer.Option(help="Port of the SuperLink (sites connect to HOST:PORT).")] = 9092,
+    host: Annotated[str, typer.Option(help="Interface to listen on; only the Fleet API is served to other hosts.")] = "0.0.0.0",
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
+    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last complete round.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+) -> None:
     """Coordinator: start a Flower SuperLink and submit the fedgen run (TLS, node auth)."""
-    _not_yet("server", "deployment issue (#6)")
+    from fedgen.artifacts import RunDir
+    from fedgen.certs import load_certs
+    from fedgen.config import load_config
+    from server.deploy import serve
+
+    if insecure == (certs_dir is not None):
+        raise FedgenError("give --certs DIR (from `fedgen certs`), or --insecure for a local test")
+    if resume is not None and (config is not None or run_id is not None):
+        raise FedgenError("--resume continues a run with its own config.toml; drop --config and --run-id")
+    consortium = load_certs(certs_dir) if certs_dir is not None else None
+    if resume is not None:
+        run = RunDir.open(resume)
+    else:
+        run = RunDir.create(runs_dir, load_config(config), run_id)
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    if not run.config().privacy.enabled:
+        err_console.print("[bold yellow]WARNING: ε = inf — training WITHOUT differential privacy.[/]")
+    console.print(f"run folder: {run.root}")
+    serve(run, certs=consortium, port=port, host=host, echo=_echo)
+    console.print(f"run finished: {run.root}")
 
 
 @app.command()
-def client() -> None:
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="This site's folder (images/<class>/*, texts.jsonl, site.toml).")],
+    key: Annotated[Path | None, typer.Option(help="This site's node private key (site-K.key from `fedgen certs`).")] = None,
+    ca: Annotated[Path | None, typer.Option(help="The consortium CA certificate (ca.crt) that signed the coordinator's.")] = None,
+    config: ConfigOption = None,
+    runtime_port: Annotated[int | None, typer.Option(help="Local port of the SuperNode's runtime API (default: a free one).")] = None,
+    max_wait: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds (default: keep trying).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+) -> None:
     """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR."""
-    _not_yet("client", "deployment issue (#6)")
+    from clients.deploy import serve_site
+    from fedgen.config import load_config
+    from fedgen.data.site import check_site
+
+    if not insecure and (key is None or ca is None):
+        raise FedgenError("give --key site-K.key and --ca ca.crt (from `fedgen certs`), or --insecure for a local test")
+    if insecure and (key is not None or ca is not None):
+        raise FedgenError("--insecure runs without TLS and node keys; drop --key and --ca")
+    run_config = load_config(config)
+    result = check_site(data, run_config.data, channels=run_config.image.channels)
+    for problem in result.problems:
+        err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+    if result.problems:
+        raise typer.Exit(EXIT_USER_ERROR)
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    serve_site(
+        data, server=server_address, key=key, ca=ca, runtime_port=runtime_port, max_wait=max_wait,
+        echo=_echo,
+    )
 
 
 @app.command()
-def certs() -> None:
+def certs(
+    out: Annotated[Path, typer.Argument(help="Folder to create (must be absent or empty).")],
+    sites: Annotated[int, typer.Option(help="Number of sites: one node key pair each.")] = 3,
+    host: Annotated[list[str] | None, typer.Option(help="Name or IP the sites use for the coordinator (repeatable); localhost and 127.0.0.1 are always in.")] = None,
+    valid_days: Annotated[int, typer.Option(help="Validity of the CA and server certificates.")] = 365,
+) -> None:
     """Make a consortium CA, a server certificate and per-site node keys."""
-    _not_yet("certs", "deployment issue (#6)")
+    from fedgen.certs import make_certs
+
+    if valid_days < 1:
+        raise FedgenError(f"--valid-days must be at least 1, got {valid_days}")
+    made = make_certs(out, sites=sites, hosts=host or [], valid_days=valid_days)
+    console.print(f"wrote the consortium credentials to {made.root}")
+    console.print("  coordinator: ca.crt, server.crt, server.key, authorized-keys (move ca.key offline)")
+    console.print("  site K:      ca.crt and site-K.key (keep it at the site only)")
+
+
+EXIT_REFUSED = 3  # `fedgen release` of a run the gate refused (or whose files changed since the audit)
+AUDIT_RUN_COMMAND = "run"
+
+
+class _AuditGroup(_Group):
+    """`fedgen audit RUN ...` is short for `fedgen audit run RUN ...`; `fedgen audit phi ...`
+    is the standalone scanner. (A run folder named like a subcommand: `fedgen audit run phi`.)"""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [AUDIT_RUN_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+audit_app = typer.Typer(
+    cls=_AuditGroup,
+    help="Audit a run before release (`fedgen audit RUN`), or scan texts for PHI (`fedgen audit phi`).",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+
+
+def _print_decision(gate: dict, json_path: Path, html_path: Path) -> None:
+    failed = [check for check in gate["checks"] if not check["passed"]]
+    if gate["passed"]:
+        console.print(f"[bold green]PASS[/]: every check of the policy ({gate['policy']}) passed; `fedgen release` may copy the data out.")
+    else:
+        console.print(f"[bold red]REFUSED[/]: {len(failed)} check(s) of the policy ({gate['policy']}) failed:")
+    for check in failed:
+        console.print(f"  FAIL {check['name']}: {check['detail']}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {html_path}\nfigures: {json_path}", highlight=False, soft_wrap=True)
+
+
+@audit_app.command(AUDIT_RUN_COMMAND)
+def audit_run(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>) with its synthetic data.")],
+    policy: Annotated[Path | None, typer.Option(help="Release policy (TOML). Default: the shipped audits/policy.toml.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the gate's decision as one JSON object.")] = False,
+    site: Annotated[list[Path] | None, typer.Option(help="A site folder to audit against (repeatable). Default: the run's simulated sites.")] = None,
+) -> None:
+    """Run the pre-release audits, apply the release gate, write audit/report.{json,html}.
+
+    Exits 0 whenever the report was written, whatever the decision: `fedgen release` enforces it.
+    """
+    import json
+
+    from audits.gate import evaluate_gate, load_policy
+    from audits.report import synthetic_manifest, write_report
+    from audits.runner import run_audit
+    from fedgen.artifacts import RunDir
+
+    run = RunDir.open(run_dir)
+    release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
+    audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
+    report = run_audit(run, sites=site or None)
+    report.setdefault("synthetic", {})["sha256"] = audited_files
+    report["gate"] = evaluate_gate(report, release_policy)
+    json_path, html_path = write_report(run.audit, report)
+    if json_output:
+        print(json.dumps(report["gate"] | {"report_json": str(json_path), "report_html": str(html_path)}))
+    else:
+        _print_decision(report["gate"], json_path, html_path)
+
+
+@audit_app.command("phi")
+def audit_phi(
+    texts: Annotated[Path, typer.Option(help='A JSONL file of {"text": ...} lines, e.g. synthetic/texts.jsonl.')],
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per finding per line.")] = False,
+    spacy_model: Annotated[str | None, typer.Option(help="spaCy pipeline (directory or installed package). Default: the offline blank pipeline with name lists.")] = None,
+) -> None:
+    """Scan texts for PHI offline (Presidio) and list the findings, values redacted."""
+    import json
+
+    from rich.table import Table
+
+    from audits.phi import build_analyzer, read_texts_jsonl, redact, scan
+
+    lines = read_texts_jsonl(texts)
+    analyzer = build_analyzer(spacy_model=spacy_model)
+    findings = scan(analyzer, lines)
+    if json_output:
+        for finding in findings:
+            print(json.dumps(finding.to_dict()))
+        return
+    table = Table("text #", "type", "start", "end", "score", "value (redacted)", title=f"PHI in {texts}")
+    for f in findings:
+        table.add_row(str(f.index), f.entity_type, str(f.start), str(f.end), f"{f.score:.2f}", redact(lines[f.index][f.start : f.end]))
+    console.print(table)
+    console.print(f"{len(findings)} finding(s) in {len(lines)} text(s); scanner: {analyzer.engine}", highlight=False, soft_wrap=True)
 
 
 @app.command()
-def audit() -> None:
-    """Run the pre-release audits on a run and write audit/report.{json,html}."""
-    _not_yet("audit", "audits issue (#5)")
-
-
-@app.command()
-def release() -> None:
+def release(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder whose audit passed the release gate.")],
+    to: Annotated[Path | None, typer.Option(help="Folder to create (absent or empty). Default: RUN/release.")] = None,
+) -> None:
     """Copy synthetic data, report and a SHA-256 manifest out, only if the gate passed."""
-    _not_yet("release", "audits issue (#5)")
+    from fedgen.artifacts import RunDir
+    from fedgen.release import MANIFEST_NAME, ReleaseRefused
+    from fedgen.release import release as release_run
+
+    try:
+        out = release_run(RunDir.open(run_dir), to)
+    except ReleaseRefused as refused:
+        err_console.print(f"[bold red]{refused}[/]", highlight=False, soft_wrap=True)
+        for reason in refused.reasons:
+            err_console.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    console.print(f"released to {out} (check it with `sha256sum -c {MANIFEST_NAME}` inside it)", highlight=False, soft_wrap=True)

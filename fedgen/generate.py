@@ -103,7 +103,7 @@ def generate_texts(
                 top_p=config.text.top_p,
                 max_new_tokens=config.text.max_new_tokens,
                 seed=seed + k,
-                progress=lambda n: bar.advance(task, n),
+                progress=lambda done, _total, k=k: bar.update(task, completed=k * per_class + done),
             )
             lines += [json.dumps({"text": t, "label": name}) for t in texts]
     target = run.synthetic / "texts.jsonl"

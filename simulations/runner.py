@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
+from fedgen.logs import quiet_libraries
 from server.app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites"]
@@ -36,8 +35,7 @@ def run_on_simulated_sites(server_app: ServerApp, site_dirs: Sequence[Path], *, 
     from flwr.simulation import run_simulation
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore")
+        quiet_libraries()
     run_simulation(
         server_app=server_app,
         client_app=make_client_app([str(Path(p).resolve()) for p in site_dirs]),

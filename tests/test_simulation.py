@@ -1,0 +1,111 @@
+"""End to end on Flower's simulation engine: 2 simulated sites, 2 rounds, both modalities."""
+
+import json
+import math
+
+import pytest
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from PIL import Image
+from typer.testing import CliRunner
+
+from fedgen.artifacts import RunDir
+from fedgen.cli import app
+from fedgen.config import load_config
+from fedgen.data.demo import make_demo_consortium
+from fedgen.privacy.ledger import PrivacyLedger
+from simulations.runner import check_sites, simulate
+
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+TINY = {
+    "modality": "both",
+    "federation.rounds": 2,
+    "federation.sites": 2,
+    "privacy.epsilon": 8.0,
+    "image.resolution": 16,
+    "image.block_out_channels": [16, 32],
+    "image.norm_num_groups": 4,
+    "image.batch_size": 16,
+    "image.sample_steps": 4,
+    "text.tiny_hidden_size": 32,
+    "text.tiny_layers": 1,
+    "text.batch_size": 8,
+    "text.max_new_tokens": 24,
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simulation")
+    sites = make_demo_consortium(
+        root / "sites", sites=2, seed=1, images_per_site=40, texts_per_site=30, resolution=16
+    )
+    config = load_config(None, TINY)
+    check_sites(config, sites)
+    run = RunDir.create(root / "runs", config, "tiny")
+    simulate(run, sites)
+    return run
+
+
+def independent_epsilon(history, delta):
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=ORDERS) for s, q, n in history)
+    return get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0]
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_every_round_is_checkpointed_and_ledgered_once_per_site(run, modality):
+    assert run.completed_rounds(modality) == [1, 2]
+    rows = PrivacyLedger(run.ledger_path).entries(modality=modality)
+    assert sorted((r.site, r.round) for r in rows) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2)]
+    metrics = json.loads((run.checkpoint(modality) / "metrics.json").read_text())
+    assert set(metrics["sites"]) == {"site-1", "site-2"}
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_ledger_epsilon_matches_an_independent_accountant_and_the_target(run, modality):
+    ledger = PrivacyLedger(run.ledger_path)
+    for site in ("site-1", "site-2"):
+        rows = ledger.entries(site=site, modality=modality)
+        history = ledger.history(site, modality)
+        assert all(s > 0 for s, _, _ in history)
+        expected = independent_epsilon(history, rows[-1].delta)
+        assert rows[-1].epsilon == pytest.approx(expected, rel=0.01)
+        # σ was calibrated so that the planned rounds spend the target, not more.
+        assert 0.95 * 8.0 <= rows[-1].epsilon <= 8.0 * (1 + 1e-6)
+        assert rows[0].epsilon < rows[-1].epsilon
+        assert all(r.loss is None for r in rows)  # under DP the loss stays at the site
+
+
+def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
+    result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "image", "--per-class", "2", "--steps", "3"])
+    assert result.exit_code == 0, result.output
+    classes = run.config().data.image_classes
+    folders = sorted(p.name for p in (run.synthetic / "images").iterdir())
+    assert folders == sorted(classes)
+    for name in classes:
+        files = sorted((run.synthetic / "images" / name).glob("*.png"))
+        assert len(files) == 2
+        assert Image.open(files[0]).size == (16, 16)
+    sheet = Image.open(run.synthetic / "contact-sheet.png")
+    assert sheet.width > sheet.height / 2  # one column per class
+
+
+def test_generate_writes_labelled_texts(run):
+    result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "text", "--per-class", "2", "--class", "Anxiety", "--class", "Stress"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(l) for l in (run.synthetic / "texts.jsonl").read_text().splitlines()]
+    assert [l["label"] for l in lines] == ["Anxiety", "Anxiety", "Stress", "Stress"]
+    assert all(isinstance(l["text"], str) for l in lines)
+
+
+def test_an_unknown_class_is_refused_and_nothing_is_written(run, tmp_path):
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    result = CliRunner().invoke(app, ["generate", str(run.root), "--class", "Glaucoma"])
+    assert result.exit_code == 1
+    assert "unknown class 'Glaucoma'" in result.output
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
+
+
+def test_a_missing_checkpoint_round_is_one_line(run):
+    result = CliRunner().invoke(app, ["generate", str(run.root), "--round", "7"])
+    assert result.exit_code == 1
+    assert "no complete image checkpoint for round 7" in result.output
