@@ -1,7 +1,7 @@
 """The `fedgen` command line. Commands validate their input, then call plain functions.
 
-A user mistake (FedgenError) is shown as one line on stderr with exit code 1; a command whose
-capability has not landed yet says so and exits 2; anything else is a bug and stays loud.
+A user mistake (FedgenError) is shown as one line on stderr with exit code 1; anything else is
+a bug and stays loud.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ err_console = Console(stderr=True)
 console = Console()
 
 EXIT_USER_ERROR = 1
-EXIT_NOT_AVAILABLE = 2
 
 
 class _Group(TyperGroup):
@@ -45,11 +44,6 @@ app = typer.Typer(
 )
 data_app = typer.Typer(cls=_Group, help="Inspect and validate site data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-
-def _not_yet(command: str, issue: str) -> None:
-    err_console.print(f"fedgen {command}: not available yet (lands with the {issue}).")
-    raise typer.Exit(EXIT_NOT_AVAILABLE)
 
 
 def _parse_epsilon(value: str | None) -> float | None:

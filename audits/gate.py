@@ -1,0 +1,353 @@
+"""The release gate: the consortium's policy applied to an audit report.
+
+A policy is a TOML file (the default ships as ``audits/policy.toml``, which documents every
+threshold). ``evaluate_gate`` turns the report's figures into named checks; the release passes
+only when every check passes, and a figure the audit did not measure (null or absent) FAILS its
+check with a detail saying so — nothing passes by being missing.
+
+The accountant's ε is a guarantee, the attacks are measurements; both are checked, and one more
+check ties them together: an attack's empirical ε lower bound above the accountant's ε would
+mean the DP training is broken, so it refuses the release too.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from fedgen.errors import FedgenError
+
+__all__ = ["Policy", "load_policy", "evaluate_gate", "DEFAULT_POLICY"]
+
+DEFAULT_POLICY = "default"  # what the report records as the policy's source when none is given
+_DEFAULT_POLICY_FILE = "policy.toml"
+FPR_1PCT = 0.01
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrivacyPolicy(_Section):
+    allow_no_dp: bool
+    max_epsilon: float | None = Field(None, gt=0)
+
+
+class MembershipPolicy(_Section):
+    auc_max: float = Field(ge=0, le=1)
+    tpr_at_1pct_fpr_max: float = Field(ge=0, le=1)
+
+
+class PhiPolicy(_Section):
+    max_findings: int = Field(ge=0)
+    forbidden_entities: list[str]
+
+    @field_validator("forbidden_entities")
+    @classmethod
+    def _known_entities(cls, value: list[str]) -> list[str]:
+        from audits.phi import PHI_ENTITIES  # heavy (Presidio): only when a policy is loaded
+
+        unknown = [name for name in value if name not in PHI_ENTITIES]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a scanner entity type ({', '.join(PHI_ENTITIES)})")
+        return value
+
+
+class MemorisationPolicy(_Section):
+    canary_reproductions_max: int = Field(ge=0)
+    planted_phi_reproductions_max: int = Field(ge=0)
+    near_copies_max: int = Field(ge=0)
+    near_copy_measures: list[Literal["pixel", "feature"]] = Field(min_length=1)
+    ngram_copies_max: int | None = Field(None, ge=0)
+
+
+class FidelityPolicy(_Section):
+    image_precision_min: float = Field(ge=0, le=1)
+    image_fid_max: float | None = Field(None, ge=0)
+    text_frechet_distance_max: float | None = Field(None, ge=0)
+
+
+class UtilityPolicy(_Section):
+    synthetic_to_real_ratio_min: float = Field(ge=0)
+
+
+class Policy(_Section):
+    """Release thresholds. ``source`` is the file it came from, or "default"."""
+
+    privacy: PrivacyPolicy
+    membership: MembershipPolicy
+    phi: PhiPolicy
+    memorisation: MemorisationPolicy
+    fidelity: FidelityPolicy
+    utility: UtilityPolicy
+    _source: str = PrivateAttr(DEFAULT_POLICY)
+
+    @model_validator(mode="after")
+    def _no_dp_needs_no_cap(self) -> "Policy":
+        if self.privacy.allow_no_dp and self.privacy.max_epsilon is not None:
+            raise ValueError(
+                f"privacy.allow_no_dp = true but privacy.max_epsilon = {self.privacy.max_epsilon} "
+                "refuses every run without DP; remove max_epsilon"
+            )
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+
+def _first_error(err: ValidationError) -> str:
+    """One line for the first problem; an unknown key first, since a misspelt key is also missing."""
+    errors = err.errors()
+    e = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    where = ".".join(str(p) for p in e["loc"])
+    message = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if e["type"] == "missing":
+        return f"{where}: missing (every key of the default policy is required)"
+    return f"{where} = {e['input']!r}: {message}" if where and "input" in e else f"{where}: {message}"
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """The policy in ``path``, or the shipped default policy when ``path`` is None."""
+    if path is None:
+        text = resources.files("audits").joinpath(_DEFAULT_POLICY_FILE).read_text(encoding="utf-8")
+        where, source = "default policy", DEFAULT_POLICY
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FedgenError(f"policy file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        where, source = f"policy file {path}", str(path)
+    try:
+        policy = Policy.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as err:
+        raise FedgenError(f"{where} is not valid TOML: {err}") from None
+    except ValidationError as err:
+        raise FedgenError(f"{where}: {_first_error(err)}") from None
+    policy._source = source
+    return policy
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _lookup(report: dict, *path: str) -> tuple[object, str | None]:
+    """The value at ``path`` (None when any part is absent) and the "note" of its parent."""
+    node: object = report
+    parent: object = None
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None, None
+        parent, node = node, node[key]
+    note = parent.get("note") if isinstance(parent, dict) else None
+    return node, note
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def _check(name: str, passed: bool, value: object, detail: str, threshold: float | None = None) -> dict:
+    return {"name": name, "passed": passed, "value": value, "threshold": threshold, "detail": detail}
+
+
+def _unmeasured(name: str, what: str, note: str | None = None, threshold: float | None = None) -> dict:
+    """A figure the audit did not produce: the check FAILS, saying why when the report says."""
+    reason = f": {note}" if note else ""
+    return _check(name, False, None, f"{what} was not measured{reason}", threshold)
+
+
+def _bound(name: str, what: str, value: object, threshold: float, *, at_most: bool, note: str | None = None) -> dict:
+    """A figure held to a threshold: ``value <= threshold`` (at_most) or ``>=``."""
+    if not _is_number(value):
+        return _unmeasured(name, what, note, threshold)
+    passed = value <= threshold if at_most else value >= threshold
+    sign = "≤" if at_most else "≥"
+    return _check(name, bool(passed), value, f"{what} = {_fmt(value)} (must be {sign} {_fmt(threshold)})", threshold)
+
+
+def _dp_check(report: dict, policy: PrivacyPolicy) -> dict:
+    dp, _ = _lookup(report, "run", "dp")
+    epsilon_max, note = _lookup(report, "privacy", "epsilon_max")
+    if not isinstance(dp, bool):
+        return _unmeasured("privacy.dp", "whether the run was trained with DP")
+    if not dp and policy.allow_no_dp:
+        return _check("privacy.dp", True, epsilon_max, "trained WITHOUT DP, which this policy allows")
+    if not dp:
+        return _check("privacy.dp", False, epsilon_max, "trained WITHOUT DP (ε = inf): refused unless the policy sets allow_no_dp")
+    if not _is_number(epsilon_max):
+        return _unmeasured("privacy.dp", "the largest accountant ε", note)
+    if not math.isfinite(epsilon_max):
+        return _check("privacy.dp", False, epsilon_max, "the run says DP but the accountant ε is inf")
+    return _check("privacy.dp", True, epsilon_max, f"trained with DP, largest accountant ε = {_fmt(epsilon_max)}")
+
+
+def _budget_checks(report: dict) -> list[dict]:
+    sites, _ = _lookup(report, "privacy", "sites")
+    if not sites:
+        return [_unmeasured("privacy.sites", "the accountant ε of any site")]
+    checks = []
+    for site, modalities in sorted(sites.items()):
+        for modality, spent in sorted(modalities.items()):
+            name = f"privacy.{site}.{modality}.budget"
+            budget = spent.get("budget")
+            if not _is_number(budget):
+                checks.append(_unmeasured(name, f"the privacy budget of {site} {modality}"))
+                continue
+            what = f"{site} {modality} accountant ε (its budget is {_fmt(budget)})"
+            checks.append(_bound(name, what, spent.get("epsilon"), budget, at_most=True, note=spent.get("note")))
+    return checks
+
+
+def _privacy_checks(report: dict, policy: PrivacyPolicy) -> list[dict]:
+    checks = [_dp_check(report, policy), *_budget_checks(report)]
+    if policy.max_epsilon is not None:
+        epsilon_max, note = _lookup(report, "privacy", "epsilon_max")
+        what = "largest accountant ε of any site"
+        checks.append(_bound("privacy.max_epsilon", what, epsilon_max, policy.max_epsilon, at_most=True, note=note))
+    return checks
+
+
+def _accountant_epsilon(report: dict, modality: str) -> float | None:
+    sites, _ = _lookup(report, "privacy", "sites")
+    spent = [m[modality].get("epsilon") for m in (sites or {}).values() if modality in m]
+    spent = [e for e in spent if _is_number(e)]
+    return max(spent) if spent else None
+
+
+def _too_few_for_1pct(summary: dict) -> str | None:
+    """Why a TPR at 1% FPR can be missing: under 100 held-out records, 1% is not one record."""
+    n = summary.get("n_nonmembers")
+    if _is_number(n) and n * FPR_1PCT < 1:
+        return f"{n} held-out records are too few for a 1% false-positive rate (at least {math.ceil(1 / FPR_1PCT)} needed)"
+    return None
+
+
+def _membership_checks(report: dict, modality: str, policy: MembershipPolicy) -> list[dict]:
+    attacks, note = _lookup(report, "membership", modality, "attacks")
+    if not attacks:
+        return [_unmeasured(f"membership.{modality}", f"any {modality} membership attack", note)]
+    accountant = _accountant_epsilon(report, modality)
+    checks = []
+    for attack, result in sorted(attacks.items()):
+        prefix = f"membership.{modality}.{attack}"
+        pooled = result.get("pooled") or {}
+        checks.append(_bound(f"{prefix}.auc", f"{attack} attack AUC", pooled.get("auc"), policy.auc_max, at_most=True, note=pooled.get("note")))
+        checks.append(
+            _bound(f"{prefix}.tpr_at_1pct_fpr", f"{attack} attack TPR at 1% FPR", pooled.get("tpr_at_1pct_fpr"),
+                   policy.tpr_at_1pct_fpr_max, at_most=True, note=pooled.get("note") or _too_few_for_1pct(pooled))
+        )  # fmt: skip
+        bound, bound_note = _lookup(report, "membership", modality, "empirical_epsilon", attack, "eps_lb")
+        name = f"{prefix}.empirical_epsilon"
+        what = f"{attack} attack's empirical ε lower bound"
+        if accountant is None:
+            checks.append(_unmeasured(name, f"the accountant ε of {modality} (to compare the {attack} lower bound with)"))
+        else:
+            checks.append(_bound(name, what + " (must not exceed the accountant ε)", bound, accountant, at_most=True, note=bound_note))
+    return checks
+
+
+def _phi_checks(report: dict, policy: PhiPolicy) -> list[dict]:
+    n_texts, note = _lookup(report, "phi", "n_texts")
+    counts, _ = _lookup(report, "phi", "counts")
+    if not _is_number(n_texts) or n_texts < 1 or not isinstance(counts, dict):
+        return [_unmeasured("phi.scan", "PHI in the synthetic texts (no texts were scanned)", note)]
+    return [
+        _bound(f"phi.{entity}", f"{entity} findings in {n_texts} synthetic texts", counts.get(entity, 0),
+               policy.max_findings, at_most=True)
+        for entity in policy.forbidden_entities
+    ]  # fmt: skip
+
+
+MEMORISATION_WHAT = {
+    "canary_reproductions": "canary records reproduced in synthetic texts",
+    "planted_phi_reproductions": "identifiers of training notes reproduced in synthetic texts",
+    "ngram_copies": "n-grams of training notes copied into synthetic texts",
+    "near_copies_pixel": "synthetic images that are near copies of training images (raw pixels)",
+    "near_copies_feature": "synthetic images that are near copies of training images (audit features)",
+}
+
+
+def _counts_checks(report: dict, section: tuple[str, ...], limits: dict[str, int | None], prefix: str) -> list[dict]:
+    checks = []
+    for key, limit in limits.items():
+        if limit is None:
+            continue
+        value, note = _lookup(report, *section, key)
+        checks.append(_bound(f"{prefix}.{key}", MEMORISATION_WHAT[key], value, limit, at_most=True, note=note))
+    return checks
+
+
+def _memorisation_checks(report: dict, modality: str, policy: MemorisationPolicy) -> list[dict]:
+    if modality == "text":
+        limits = {
+            "canary_reproductions": policy.canary_reproductions_max,
+            "planted_phi_reproductions": policy.planted_phi_reproductions_max,
+            "ngram_copies": policy.ngram_copies_max,
+        }
+        return _counts_checks(report, ("phi", "memorisation"), limits, "memorisation.text")
+    limits = {f"near_copies_{measure}": policy.near_copies_max for measure in policy.near_copy_measures}
+    return _counts_checks(report, ("image_memorisation",), limits, "memorisation.image")
+
+
+def _fidelity_checks(report: dict, modality: str, policy: FidelityPolicy) -> list[dict]:
+    if modality == "image":
+        bounds = [("precision", "image precision", policy.image_precision_min, False), ("fid", "FID", policy.image_fid_max, True)]
+    else:
+        bounds = [("frechet_distance", "text embedding Fréchet distance", policy.text_frechet_distance_max, True)]
+    checks = []
+    for key, what, threshold, at_most in bounds:
+        if threshold is None:
+            continue
+        value, note = _lookup(report, "fidelity", modality, key)
+        checks.append(_bound(f"fidelity.{modality}.{key}", what, value, threshold, at_most=at_most, note=note))
+    return checks
+
+
+def _utility_checks(report: dict, modality: str, policy: UtilityPolicy) -> list[dict]:
+    value, note = _lookup(report, "utility", modality, "synthetic_to_real_ratio")
+    what = f"{modality} synthetic-to-real macro-F1 ratio"
+    name = f"utility.{modality}.synthetic_to_real_ratio"
+    return [_bound(name, what, value, policy.synthetic_to_real_ratio_min, at_most=False, note=note)]
+
+
+def _modality_checks(report: dict, modality: str, policy: Policy) -> list[dict]:
+    checks = _membership_checks(report, modality, policy.membership)
+    if modality == "text":
+        checks += _phi_checks(report, policy.phi)
+    checks += _memorisation_checks(report, modality, policy.memorisation)
+    checks += _fidelity_checks(report, modality, policy.fidelity)
+    checks += _utility_checks(report, modality, policy.utility)
+    return checks
+
+
+def evaluate_gate(report: dict, policy: Policy) -> dict:
+    """The gate's decision on an audit report: {"passed", "policy", "checks": [...]}.
+
+    Each check is {"name", "passed", "value", "threshold", "detail"}. The modalities checked are
+    the run's (``report["run"]["modalities"]``); a modality whose figures are absent fails.
+    """
+    checks = _privacy_checks(report, policy.privacy)
+    modalities, _ = _lookup(report, "run", "modalities")
+    if not modalities:
+        checks.append(_unmeasured("run.modalities", "which modalities the run trained"))
+    for modality in modalities or []:
+        checks += _modality_checks(report, modality, policy)
+    return {
+        "passed": all(check["passed"] for check in checks),
+        "policy": policy.source,
+        "checks": checks,
+    }

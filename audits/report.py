@@ -1,0 +1,528 @@
+"""The audit report a compliance officer reads: ``audit/report.json`` and ``audit/report.html``.
+
+The HTML page is self-contained — styles inline, plots and the synthetic contact sheet as
+``data:`` PNGs, no script, no font or link to fetch — so it opens from a USB stick or an e-mail
+on a machine with no network. It puts the decision first, says loudly when a run was trained
+without DP, keeps what the accountant GUARANTEES apart from what the attacks MEASURED, and shows
+PHI findings only in redacted form (every shown string is redacted again here, as a second line
+of defence). It never shows a real image: only the contact sheet inside the run's synthetic
+folder is embedded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jinja2
+import tomli_w
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedgen.artifacts import write_json
+
+__all__ = [
+    "REPORT_JSON",
+    "REPORT_HTML",
+    "MAX_FINDINGS_SHOWN",
+    "render_html",
+    "write_report",
+    "synthetic_manifest",
+    "file_sha256",
+]
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+MAX_FINDINGS_SHOWN = 200  # rows of the PHI findings table; the counts table covers them all
+PLOT_DPI = 100
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HASH_CHUNK = 1 << 20
+
+# --- hashes of the audited synthetic files ------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def synthetic_manifest(synthetic_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``synthetic_dir``, keyed by its POSIX path relative to it.
+
+    The audit records it in ``report["synthetic"]["sha256"]`` so that ``fedgen release`` can
+    refuse files that changed after they were audited.
+    """
+    synthetic_dir = Path(synthetic_dir)
+    if not synthetic_dir.is_dir():
+        return {}
+    files = sorted(p for p in synthetic_dir.rglob("*") if p.is_file())
+    return {p.relative_to(synthetic_dir).as_posix(): file_sha256(p) for p in files}
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def _number(value: object, digits: int = 3) -> str:
+    """A figure for a person: 3 significant digits, "not measured" for null, ∞ for inf."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not measured"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "∞" if value > 0 else "-∞"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+FINDING_KEYS = ("index", "entity_type", "start", "end", "score", "redacted")
+
+
+def _redacted_findings(report: dict) -> dict:
+    """The report with each PHI finding cut to its schema keys and its string redacted again, so
+    a raw value that slipped into a finding reaches neither report.json nor the page."""
+    findings = (report.get("phi") or {}).get("findings")
+    if not findings:
+        return report
+    from audits.phi import redact  # Presidio is heavy: imported only when there are findings
+
+    cleaned = [
+        {key: f[key] for key in FINDING_KEYS if key in f} | {"redacted": redact(str(f.get("redacted", "")))}
+        for f in findings
+    ]
+    return report | {"phi": report["phi"] | {"findings": cleaned}}
+
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure_uri(draw: Callable[[Figure], None], *, size: tuple[float, float]) -> str:
+    """Draw on a fresh Agg figure (no pyplot state) and return it as a PNG data URI."""
+    figure = Figure(figsize=size, layout="constrained")
+    draw(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=PLOT_DPI)
+    return _png_data_uri(buffer.getvalue())
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _decision(gate: dict | None) -> dict:
+    if not gate or "passed" not in gate:
+        return {"state": "none", "failed": [], "policy": None}
+    failed = [c for c in gate.get("checks", []) if not c.get("passed")]
+    return {"state": "pass" if gate["passed"] else "refused", "failed": failed, "policy": gate.get("policy")}
+
+
+def _epsilon_plot(sites: dict, modality: str) -> str | None:
+    series = {site: m[modality].get("rounds") or [] for site, m in sorted(sites.items()) if modality in m}
+    if not any(series.values()):
+        return None
+
+    def draw(figure: Figure) -> None:
+        ax = figure.subplots()
+        budgets = set()
+        for site, rounds in series.items():
+            points = [(r["round"], r["epsilon"]) for r in rounds if r.get("epsilon") is not None]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
+            budget = sites[site][modality].get("budget")
+            if budget is not None and math.isfinite(budget):
+                budgets.add(budget)
+        for budget in sorted(budgets):
+            ax.axhline(budget, color="crimson", linestyle="--", linewidth=1)
+            ax.annotate(f"budget ε = {budget:g}", (0.01, budget), xycoords=("axes fraction", "data"),
+                        color="crimson", va="bottom", fontsize=8)  # fmt: skip
+        last_round = max(r["round"] for rounds in series.values() for r in rounds)
+        ax.set_xlim(0.5, last_round + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("federated round")
+        ax.set_ylabel("ε spent (accountant)")
+        ax.set_title(f"{modality}: ε per site over rounds — guaranteed by the accountant", fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _figure_uri(draw, size=(7, 3.5))
+
+
+def _privacy_section(report: dict) -> dict:
+    privacy = report.get("privacy") or {}
+    sites = privacy.get("sites") or {}
+    modalities = sorted({m for per_site in sites.values() for m in per_site})
+    blocks = []
+    for modality in modalities:
+        rows = []
+        for site, per_site in sorted(sites.items()):
+            spent = per_site.get(modality)
+            if spent is None:
+                continue
+            epsilon, budget = spent.get("epsilon"), spent.get("budget")
+            within = None if epsilon is None or budget is None else epsilon <= budget
+            rows.append({
+                "site": site,
+                "epsilon": _number(epsilon),
+                "delta": _number(spent.get("delta")),
+                "budget": _number(budget),
+                "noise_multiplier": _number(spent.get("noise_multiplier")),
+                "rounds": len(spent.get("rounds") or []),
+                "within": within,
+            })  # fmt: skip
+        blocks.append({"modality": modality, "plot": _epsilon_plot(sites, modality), "rows": rows})
+    return {"epsilon_max": _number(privacy.get("epsilon_max")), "modalities": blocks}
+
+
+def _roc_plot(attacks: dict, modality: str) -> str | None:
+    curves = {
+        name: result["pooled"]["roc"]
+        for name, result in sorted(attacks.items())
+        if (result.get("pooled") or {}).get("roc")
+    }
+    if not curves:
+        return None
+
+    def draw(figure: Figure) -> None:
+        linear, log = figure.subplots(1, 2)
+        for name, roc in curves.items():
+            auc = attacks[name]["pooled"].get("auc")
+            label = f"{name} (AUC {_number(auc)})"
+            linear.plot(roc["fpr"], roc["tpr"], label=label)
+            log.plot(roc["fpr"], roc["tpr"], label=label)
+        linear.plot([0, 1], [0, 1], color="grey", linestyle=":", label="guessing")
+        log.plot([1e-4, 1], [1e-4, 1], color="grey", linestyle=":")
+        log.set_xscale("log")
+        log.set_yscale("log")
+        log.set_xlim(1e-3, 1)
+        log.set_ylim(1e-3, 1)
+        for ax, scale in ((linear, "linear"), (log, "log-log: the low false-positive region")):
+            ax.set_xlabel("false positive rate (held-out records accused)")
+            ax.set_ylabel("true positive rate (training records found)")
+            ax.set_title(scale, fontsize=9)
+            ax.grid(alpha=0.3)
+        linear.legend(fontsize=8)
+        figure.suptitle(f"{modality}: membership attacks — measured, a lower bound, not a guarantee", fontsize=10)
+
+    return _figure_uri(draw, size=(9, 4))
+
+
+def _attack_row(name: str, summary: dict, site: str | None = None) -> dict:
+    return {
+        "attack": name,
+        "site": site,
+        "auc": _number(summary.get("auc")),
+        "tpr_1pct": _number(summary.get("tpr_at_1pct_fpr")),
+        "tpr_01pct": _number(summary.get("tpr_at_01pct_fpr")),
+        "n_members": _number(summary.get("n_members")),
+        "n_nonmembers": _number(summary.get("n_nonmembers")),
+        "note": summary.get("note"),
+    }
+
+
+def _accountant_epsilon(report: dict, modality: str) -> float | None:
+    sites = (report.get("privacy") or {}).get("sites") or {}
+    spent = [m[modality].get("epsilon") for m in sites.values() if modality in m]
+    spent = [e for e in spent if e is not None]
+    return max(spent) if spent else None
+
+
+def _at_least(value: float | None, reference: float | None) -> bool | None:
+    return None if value is None or reference is None else value >= reference
+
+
+def _confidence(alpha: float | None) -> str:
+    return "not recorded" if alpha is None else f"{100 * (1 - alpha):g}%"
+
+
+def _membership_section(report: dict) -> list[dict]:
+    blocks = []
+    for modality, measured in sorted((report.get("membership") or {}).items()):
+        attacks = measured.get("attacks") or {}
+        accountant = _accountant_epsilon(report, modality)
+        empirical = [
+            {
+                "attack": name,
+                "eps_lb": _number(bound.get("eps_lb")),
+                "accountant": _number(accountant),
+                "max_certifiable": _number(bound.get("max_certifiable")),
+                "can_test": _at_least(bound.get("max_certifiable"), accountant),
+                "confidence": _confidence(bound.get("alpha")),
+                "n_members": _number(bound.get("n_members")),
+                "n_nonmembers": _number(bound.get("n_nonmembers")),
+                "delta": _number(bound.get("delta")),
+            }
+            for name, bound in sorted((measured.get("empirical_epsilon") or {}).items())
+        ]
+        blocks.append({
+            "modality": modality,
+            "plot": _roc_plot(attacks, modality),
+            "pooled": [_attack_row(name, r.get("pooled") or {}) for name, r in sorted(attacks.items())],
+            "sites": [
+                _attack_row(name, summary, site)
+                for name, r in sorted(attacks.items())
+                for site, summary in sorted((r.get("sites") or {}).items())
+            ],
+            "empirical": empirical,
+            "canary_exposure": [(site, _number(v)) for site, v in sorted((measured.get("canary_exposure") or {}).items())],
+            "note": measured.get("note"),
+        })  # fmt: skip
+    return blocks
+
+
+def _count_table(totals: dict, labels: dict[str, str]) -> dict:
+    """Counts as a table: one row per key, a column for the total and one per site."""
+    sites = sorted((totals.get("sites") or {}).items())
+    return {
+        "headers": ["total", *(site for site, _ in sites)],
+        "rows": [
+            (label, [_number(totals.get(key)), *(_number(c.get(key)) for _, c in sites)])
+            for key, label in labels.items()
+        ],
+    }
+
+
+TEXT_MEMORISATION_LABELS = {
+    "canary_reproductions": "canary records reproduced",
+    "planted_phi_reproductions": "training-note identifiers reproduced",
+    "ngram_copies": "n-gram copies of training notes",
+}
+IMAGE_MEMORISATION_LABELS = {
+    "near_copies_pixel": "near copies (raw pixels)",
+    "near_copies_feature": "near copies (audit network features)",
+}
+
+
+def _phi_section(report: dict, forbidden: set[str]) -> dict | None:
+    phi = report.get("phi")
+    if phi is None:
+        return None
+    findings = phi.get("findings") or []
+    memorisation = phi.get("memorisation") or {}
+    return {
+        "engine": phi.get("engine") or "not recorded",
+        "n_texts": _number(phi.get("n_texts")),
+        "counts": [
+            (entity, _number(count), entity in forbidden)
+            for entity, count in sorted((phi.get("counts") or {}).items())
+        ],
+        "findings": [
+            {
+                "index": _number(f.get("index")),
+                "entity_type": f.get("entity_type"),
+                "redacted": f.get("redacted", ""),
+                "score": _number(f.get("score"), 2),
+            }
+            for f in findings[:MAX_FINDINGS_SHOWN]
+        ],
+        "n_more": max(len(findings) - MAX_FINDINGS_SHOWN, 0),
+        "memorisation": _count_table(memorisation, TEXT_MEMORISATION_LABELS),
+        "ngram_n": _number(memorisation.get("ngram_n")),
+        "note": phi.get("note"),
+    }
+
+
+def _image_memorisation_section(report: dict) -> dict | None:
+    section = report.get("image_memorisation")
+    if section is None:
+        return None
+    return {
+        "n_synthetic": _number(section.get("n_synthetic")),
+        "counts": _count_table(section, IMAGE_MEMORISATION_LABELS),
+        "note": section.get("note"),
+    }
+
+
+IMAGE_FIDELITY_ROWS = [
+    ("fid", "FID (lower is closer; comparable only with the same extractor)"),
+    ("kid", "KID (lower is closer)"),
+    ("precision", "precision: synthetic images inside the real images' manifold (0–1, higher is better)"),
+    ("recall", "recall: real images covered by the synthetic ones (0–1, higher is better)"),
+    ("density", "density (around 1 when synthetic images sit where real ones are dense)"),
+    ("coverage", "coverage (0–1, higher is better)"),
+    ("ssim", "SSIM to the nearest real image (1 = identical)"),
+    ("psnr", "PSNR to the nearest real image, dB (higher = more similar)"),
+    ("n_real", "real images measured (at the sites)"),
+    ("n_synthetic", "synthetic images measured"),
+]
+TEXT_FIDELITY_ROWS = [
+    ("mean_embedding_distance", "distance between mean embeddings (lower is closer)"),
+    ("frechet_distance", "Fréchet distance of embeddings (lower is closer)"),
+]
+
+
+TEXT_CLASS_STATS = ["n", "chars_mean", "chars_std", "words_mean", "words_std", "type_token_ratio", "distinct_words"]
+
+
+def _fidelity_section(report: dict) -> dict:
+    fidelity = report.get("fidelity") or {}
+    image, text = fidelity.get("image"), fidelity.get("text")
+    section: dict = {"image": None, "text": None}
+    if image is not None:
+        section["image"] = {
+            "extractor": image.get("extractor") or "not recorded",
+            "rows": [(label, _number(image.get(key))) for key, label in IMAGE_FIDELITY_ROWS],
+            "note": image.get("note"),
+        }
+    if text is not None:
+        per_class = text.get("per_class") or {}
+        sides = [side for c in per_class.values() for side in c.values() if side]
+        stats = [k for k in TEXT_CLASS_STATS if any(k in side for side in sides)]
+        section["text"] = {
+            "embedding": text.get("embedding") or "not recorded",
+            "rows": [(label, _number(text.get(key))) for key, label in TEXT_FIDELITY_ROWS],
+            "stats": [stat.replace("_", " ") for stat in stats],
+            "per_class": [
+                (name, source, [_number((c.get(source) or {}).get(k)) for k in stats])
+                for name, c in sorted(per_class.items())
+                for source in ("real", "synthetic")
+            ],
+            "note": text.get("note"),
+        }
+    return section
+
+
+UTILITY_CONFIGS = [
+    ("real", "trained on real data"),
+    ("synthetic", "trained on synthetic data only"),
+    ("composite", "real + synthetic"),
+    ("smote", "real + SMOTE oversampling (baseline)"),
+]
+
+
+def _utility_section(report: dict) -> list[dict]:
+    blocks = []
+    for modality, utility in sorted((report.get("utility") or {}).items()):
+        configs = utility.get("configs") or {}
+        shown = [(key, label) for key, label in UTILITY_CONFIGS if key in configs]
+        classes = sorted({c for key, _ in shown for c in (configs[key].get("per_class_f1") or {})})
+        blocks.append({
+            "modality": modality,
+            "classifier": utility.get("classifier") or "not recorded",
+            "ratio": _number(utility.get("synthetic_to_real_ratio")),
+            "configs": [
+                (label, _number(configs[key].get("accuracy")), _number(configs[key].get("macro_f1")),
+                 _number(configs[key].get("n_test")))
+                for key, label in shown
+            ],
+            "class_headers": [label for _, label in shown],
+            "per_class": [
+                (name, [_number((configs[key].get("per_class_f1") or {}).get(name)) for key, _ in shown])
+                for name in classes
+            ],
+            "note": utility.get("note"),
+        })  # fmt: skip
+    return blocks
+
+
+def _contact_sheet(report: dict, run_root: Path) -> tuple[str | None, str]:
+    """The synthetic contact sheet as a data URI — only a PNG inside the run's synthetic folder."""
+    recorded = (report.get("synthetic") or {}).get("contact_sheet")
+    if not recorded:
+        return None, "No contact sheet was recorded for this run."
+    path = Path(recorded)
+    path = (path if path.is_absolute() else run_root / path).resolve()
+    if not path.is_relative_to((run_root / "synthetic").resolve()):
+        return None, f"Not shown: {recorded} is outside the run's synthetic folder (only synthetic images are shown)."
+    if not path.is_file():
+        return None, f"Not shown: {recorded} no longer exists."
+    png = path.read_bytes()
+    if not png.startswith(PNG_MAGIC):
+        return None, f"Not shown: {recorded} is not a PNG file."
+    return _png_data_uri(png), "SYNTHETIC images made by the trained model (one column per class). No real image appears in this report."
+
+
+def _forbidden_entities(gate: dict | None) -> set[str]:
+    """Entity types the gate checked (check names "phi.<ENTITY>")."""
+    names = [c.get("name", "") for c in (gate or {}).get("checks", [])]
+    return {n.split(".", 1)[1] for n in names if n.startswith("phi.") and n != "phi.scan"}
+
+
+def _run_section(report: dict) -> dict:
+    run = report.get("run") or {}
+    config = run.get("config")
+    return {
+        "id": run.get("id") or "unknown",
+        "root": run.get("root") or "",
+        "modalities": ", ".join(run.get("modalities") or []) or "not recorded",
+        "dp": run.get("dp"),
+        "generated_at": run.get("generated_at") or "not recorded",
+        "versions": [(name, version or "not installed") for name, version in sorted((run.get("versions") or {}).items())],
+        "config": tomli_w.dumps(_toml_safe(config)) if isinstance(config, dict) else "not recorded",
+    }
+
+
+def _toml_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _toml_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_toml_safe(v) for v in value if v is not None]
+    return value
+
+
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("audits", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    environment.filters["number"] = _number
+    return environment.get_template(REPORT_HTML)
+
+
+def render_html(report: dict, *, run_root: Path) -> str:
+    """The report page as one self-contained HTML string."""
+    report = _redacted_findings(report)
+    gate = report.get("gate")
+    synthetic = report.get("synthetic") or {}
+    contact_sheet, contact_sheet_caption = _contact_sheet(report, Path(run_root))
+    return _template().render(
+        run=_run_section(report),
+        decision=_decision(gate),
+        checks=(gate or {}).get("checks", []),
+        privacy=_privacy_section(report),
+        membership=_membership_section(report),
+        phi=_phi_section(report, _forbidden_entities(gate)),
+        image_memorisation=_image_memorisation_section(report),
+        fidelity=_fidelity_section(report),
+        utility=_utility_section(report),
+        contact_sheet=contact_sheet,
+        contact_sheet_caption=contact_sheet_caption,
+        n_images=_number(synthetic.get("n_images")),
+        n_texts=_number(synthetic.get("n_texts")),
+        n_hashed=len(synthetic.get("sha256") or {}),
+    )
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(audit_dir: str | Path, report: dict) -> tuple[Path, Path]:
+    """Write ``audit_dir/report.json`` and ``audit_dir/report.html`` (each atomically).
+
+    ``audit_dir`` is a run's ``audit/`` folder; its parent is the run root, against which the
+    recorded contact sheet path is resolved. The page is rendered before anything is written, so
+    a failure leaves the previous report in place.
+    """
+    audit_dir = Path(audit_dir)
+    report = _redacted_findings(report)
+    html = render_html(report, run_root=audit_dir.parent)
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = audit_dir / REPORT_JSON, audit_dir / REPORT_HTML
+    write_json(json_path, report)
+    _write_text_atomically(html_path, html)
+    return json_path, html_path

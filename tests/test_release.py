@@ -1,0 +1,159 @@
+"""`fedgen release`: only a passed, unchanged audit leaves, with a manifest that checks out."""
+
+import hashlib
+import json
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from audits.gate import evaluate_gate, load_policy
+from audits.report import synthetic_manifest, write_report
+from fedgen.artifacts import RunDir
+from fedgen.cli import EXIT_REFUSED, app
+from fedgen.config import RunConfig
+from fedgen.errors import FedgenError
+from fedgen.release import MANIFEST_NAME, ReleaseRefused, release
+from tests.test_gate import example_report
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy()
+
+
+def _audited_run(tmp_path, policy, *, edit_report=lambda report: None) -> RunDir:
+    """A run with synthetic files, audited (report + gate + fingerprints) as `fedgen audit` does."""
+    run = RunDir.create(tmp_path / "runs", RunConfig(modality="text"), "r1")
+    images = run.synthetic / "images" / "Mild Case"
+    images.mkdir(parents=True)
+    (images / "00000.png").write_bytes(b"\x89PNG fake image 0")
+    (images / "00001.png").write_bytes(b"\x89PNG fake image 1")
+    (run.synthetic / "texts.jsonl").write_text('{"text": "Feels calmer.", "label": "Normal"}\n')
+    report = example_report(modalities=("text",))  # one modality: fewer plots to draw
+    edit_report(report)
+    report["synthetic"]["sha256"] = synthetic_manifest(run.synthetic)
+    report["gate"] = evaluate_gate(report, policy)
+    write_report(run.audit, report)
+    return run
+
+
+def _canary_copied(report: dict) -> None:
+    report["phi"]["memorisation"]["canary_reproductions"] = 1
+    report["utility"]["text"]["synthetic_to_real_ratio"] = 0.2
+
+
+def _siblings(path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir()) if path.parent.exists() else []
+
+
+def test_a_passed_release_copies_files_whose_hashes_match_the_manifest(tmp_path, policy):
+    run = _audited_run(tmp_path, policy)
+    out = release(run, tmp_path / "out")
+
+    lines = (out / MANIFEST_NAME).read_text().splitlines()
+    listed = {}
+    for line in lines:
+        digest, name = line.split("  ", 1)
+        listed[name] = digest
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(listed) == sorted(set(on_disk) - {MANIFEST_NAME})
+    assert set(listed) == {
+        "audit/report.json", "audit/report.html", "synthetic/texts.jsonl",
+        "synthetic/images/Mild Case/00000.png", "synthetic/images/Mild Case/00001.png",
+    }  # fmt: skip
+    for name, digest in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert (out / "synthetic/texts.jsonl").read_bytes() == (run.synthetic / "texts.jsonl").read_bytes()
+    assert (out / "audit/report.json").read_bytes() == (run.audit / "report.json").read_bytes()
+    # the manifest is in sha256sum's own format
+    check = subprocess.run(["sha256sum", "--check", "--strict", MANIFEST_NAME], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert _siblings(out) == ["out", "runs"]  # no staging folder left
+
+
+def test_the_default_destination_is_the_run_release_folder(tmp_path, policy):
+    run = _audited_run(tmp_path, policy)
+    assert release(run) == run.release
+    assert (run.release / MANIFEST_NAME).is_file()
+
+
+def test_a_refused_release_lists_the_failed_checks_and_writes_nothing(tmp_path, policy):
+    run = _audited_run(tmp_path, policy, edit_report=_canary_copied)
+    out = tmp_path / "out"
+    with pytest.raises(ReleaseRefused) as refused:
+        release(run, out)
+    assert "the gate failed 2 check(s)" in str(refused.value)
+    assert [r.split(":")[0] for r in refused.value.reasons] == [
+        "memorisation.text.canary_reproductions", "utility.text.synthetic_to_real_ratio"
+    ]  # fmt: skip
+    assert not out.exists()
+    assert _siblings(out) == ["runs"]
+
+
+def test_a_synthetic_file_changed_after_the_audit_refuses(tmp_path, policy):
+    run = _audited_run(tmp_path, policy)
+    (run.synthetic / "texts.jsonl").write_text('{"text": "Call 617-555-0143.", "label": "Normal"}\n')
+    (run.synthetic / "images" / "Mild Case" / "00001.png").unlink()
+    (run.synthetic / "late.png").write_bytes(b"added later")
+    out = tmp_path / "out"
+    with pytest.raises(ReleaseRefused) as refused:
+        release(run, out)
+    assert refused.value.reasons == [
+        "synthetic/images/Mild Case/00001.png: removed since the audit",
+        "synthetic/late.png: added since the audit",
+        "synthetic/texts.jsonl: changed since the audit",
+    ]
+    assert _siblings(out) == ["runs"]  # the staging copy is gone too
+
+
+def test_a_report_without_fingerprints_refuses(tmp_path, policy):
+    run = _audited_run(tmp_path, policy)
+    report = json.loads((run.audit / "report.json").read_text())
+    del report["synthetic"]["sha256"]
+    (run.audit / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ReleaseRefused, match="no fingerprint"):
+        release(run, tmp_path / "out")
+
+
+def test_an_unaudited_run_or_a_used_destination_is_a_one_line_error(tmp_path, policy):
+    bare = RunDir.create(tmp_path / "runs", RunConfig(), "bare")
+    with pytest.raises(FedgenError, match="no audit report .* run `fedgen audit"):
+        release(bare, tmp_path / "out")
+
+    run = _audited_run(tmp_path, policy)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    with pytest.raises(FedgenError, match="already exists and is not empty"):
+        release(run, used)
+    assert [p.name for p in used.iterdir()] == ["keep.txt"]
+    with pytest.raises(FedgenError, match="inside the run's synthetic or audit folder"):
+        release(run, run.synthetic / "out")
+
+
+def test_cli_release_refused_exits_3_with_one_line_per_failed_check(tmp_path, policy):
+    run = _audited_run(tmp_path, policy, edit_report=_canary_copied)
+    result = runner.invoke(app, ["release", str(run.root), "--to", str(tmp_path / "out")])
+    assert result.exit_code == EXIT_REFUSED == 3
+    lines = result.output.splitlines()
+    assert "release refused: the gate failed 2 check(s)" in lines[0]
+    assert lines[1].startswith("  memorisation.text.canary_reproductions: canary records reproduced in synthetic texts = 1")
+    assert lines[2].startswith("  utility.text.synthetic_to_real_ratio: text synthetic-to-real macro-F1 ratio = 0.2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_release_of_a_passed_audit_exits_0(tmp_path, policy):
+    run = _audited_run(tmp_path, policy)
+    result = runner.invoke(app, ["release", str(run.root), "--to", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"released to {tmp_path / 'out'}" in result.output
+    assert (tmp_path / "out" / MANIFEST_NAME).is_file()
+
+
+def test_cli_release_of_a_folder_that_is_not_a_run_exits_1(tmp_path):
+    result = runner.invoke(app, ["release", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "is not a fedgen run folder" in result.output
