@@ -6,6 +6,7 @@ No Flower here, so tests can call it directly; clients/app.py only translates me
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,7 @@ def train_site(
     model = modality.build_model()
     modality.set_state(model, global_state)
     section = modality.section
+    started = time.perf_counter()
     result = train_local(
         model,
         train_set,
@@ -141,5 +143,6 @@ def train_site(
         "noise-multiplier": result.noise_multiplier,
         "sample-rate": result.sample_rate,
         "steps": result.steps,
+        "train-seconds": time.perf_counter() - started,  # for the federation-overhead figure
     }
     return SiteUpdate(modality.get_state(model), metrics, list(result.history))

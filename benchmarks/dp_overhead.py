@@ -1,0 +1,110 @@
+"""DP overhead of one site's local training: examples/s and peak memory, DP vs non-DP.
+
+Each configuration runs in a fresh subprocess so its peak resident memory is its own.
+    python benchmarks/dp_overhead.py [--steps 6] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CASES = {
+    # name: (modality, noise multiplier or None, grad_sample_mode)
+    "image non-DP": ("image", None, "hooks"),
+    "image DP (hooks)": ("image", 1.0, "hooks"),
+    "text non-DP": ("text", None, "hooks"),
+    "text DP (hooks)": ("text", 1.0, "hooks"),
+    "text DP (ghost)": ("text", 1.0, "ghost"),
+}
+TEXT_LENGTH = 300  # bytes, about a demo note
+
+
+def _dataset(modality, batch_size: int, steps: int):
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from fedgen.config import RunConfig
+    from fedgen.modalities import get_modality
+
+    config = RunConfig()
+    work = Path(tempfile.mkdtemp())
+    task = get_modality(modality, config, work_dir=work)
+    n = batch_size * steps
+    if modality == "image":
+        c, r = config.image.channels, config.image.resolution
+        data = TensorDataset(torch.rand(n, c, r, r) * 2 - 1, torch.randint(0, 5, (n,)))
+    else:
+        from fedgen.models.text import encode_examples
+
+        gen = torch.Generator().manual_seed(0)
+        texts = ["".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)]
+        data = encode_examples(
+            task.tokenizer(), [("Anxiety", t) for t in texts], template=config.text.prompt_template, max_length=config.text.max_length
+        )
+    return task, data, getattr(config, modality)
+
+
+def measure(name: str, steps: int, threads: int) -> dict:
+    import torch
+
+    from fedgen.privacy.dp import train_local
+
+    torch.set_num_threads(threads)
+    modality, sigma, mode = CASES[name]
+    task, data, section = _dataset(modality, 64 if modality == "image" else 16, steps + 1)
+    batch = section.batch_size if modality == "text" else 64
+    model = task.build_model()
+    loss = task.per_example_loss()
+    common = dict(epochs=1, batch_size=batch, lr=1e-3, noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-5, seed=0)
+    if sigma is not None:
+        common["grad_sample_mode"] = mode
+    start = time.perf_counter()
+    result = train_local(model, data, loss, **common)
+    seconds = time.perf_counter() - start
+    return {
+        "case": name,
+        "examples_per_s": result.num_examples / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batch": batch,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(measure(args.case, args.steps, args.threads)))
+        return
+    rows = {}
+    for name in CASES:
+        out = subprocess.run(
+            [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads)],
+            capture_output=True, text=True, check=True,
+        )
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{'case':<20} {'batch':>5} {'ex/s':>8} {'peak RSS MB':>12}")
+    for row in rows.values():
+        print(f"{row['case']:<20} {row['batch']:>5} {row['examples_per_s']:>8.1f} {row['peak_rss_mb']:>12.0f}")
+    for modality in ("image", "text"):
+        base = rows[f"{modality} non-DP"]
+        for name, row in rows.items():
+            if name.startswith(modality) and "non-DP" not in name:
+                print(
+                    f"{name}: time x{base['examples_per_s'] / row['examples_per_s']:.2f}, "
+                    f"memory x{row['peak_rss_mb'] / base['peak_rss_mb']:.2f} vs non-DP"
+                )
+
+
+if __name__ == "__main__":
+    main()
