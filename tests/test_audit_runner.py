@@ -1,0 +1,313 @@
+"""The federated audit: sites answer on their own records, the coordinator pools report.json.
+
+One tiny run (2 sites, both modalities, 1 round of real DP training per site through
+clients.local, checkpoints through server.app, synthetic data through fedgen.generate) and one
+Flower simulation of the audit, shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from PIL import Image
+
+from audits.mia import attack_metrics, metrics_from_histograms
+from audits.runner import HISTOGRAM_BINS, _error_line, prepare_inputs, run_audit, shared_edges
+from clients.app import SITE_STATE_DIR
+from clients.audit import (
+    QUERY_AUDIT,
+    QUERY_HISTOGRAMS,
+    REPLY_ARRAYS,
+    REPLY_SUMMARY,
+    _candidate_secrets,
+    answer_query,
+    make_query,
+    pack_reply,
+    text_memorisation,
+    unpack_reply,
+)
+from clients.local import train_site
+from fedgen.artifacts import RunDir
+from fedgen.config import RunConfig
+from fedgen.data.site import load_site, split_indices
+from fedgen.errors import FedgenError
+from fedgen.generate import generate_images
+from fedgen.modalities import get_modality
+from fedgen.models.text import generate_texts as sample_texts
+from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
+from server.app import save_checkpoint
+
+PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
+SYNTHETIC_PER_CLASS = 4
+SITES = ("site-a", "site-b")
+CANARY_SECRET = "482913765"
+CANARY_TEMPLATE = "Chart {secret}: patient seems calm today."
+PLANTED_NAME = "Maria Lopez"
+WORDS = "calm tired restless hopeful worried sleepless anxious steady low tense".split()
+
+
+def tiny_config() -> RunConfig:
+    return RunConfig.model_validate(
+        {
+            "modality": "both",
+            "data": {"heldout_fraction": 0.5},
+            "image": {
+                "resolution": 16,
+                "block_out_channels": [16, 32],
+                "norm_num_groups": 4,
+                "train_timesteps": 100,
+                "sample_steps": 4,
+                "batch_size": 16,
+            },
+            "text": {
+                "tiny_hidden_size": 16,
+                "tiny_layers": 1,
+                "tiny_heads": 2,
+                "lora_rank": 4,
+                "max_length": 160,
+                "max_new_tokens": 40,
+                "batch_size": 8,
+            },
+            "privacy": {"epsilon": 10.0},
+            "federation": {"rounds": 1, "sites": len(SITES)},
+        }
+    )
+
+
+def note(rng: np.random.Generator, label: str) -> str:
+    words = " ".join(rng.choice(WORDS, size=6))
+    return f"Patient seems {label.lower()} today, {words}, follow up in {rng.integers(2, 9)} weeks."
+
+
+def train_indices(config: RunConfig) -> list[int]:
+    """The train split of every test site's notes (the split depends only on the labels)."""
+    labels = [label for label in range(len(config.data.text_classes)) for _ in range(PER_CLASS)]
+    train, _ = split_indices(labels, heldout_fraction=0.5, seed=config.data.split_seed)
+    return train.tolist()
+
+
+def write_site(root, name: str, config: RunConfig, seed: int) -> None:
+    """PER_CLASS gray images and notes per class; a canary and a planted name in train records."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    (root / "site.toml").write_text(f'name = "{name}"\nheldout_fraction = 0.5\n')
+    for label, grade in enumerate(config.data.image_classes):
+        folder = root / "images" / grade
+        folder.mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = 40 * label + rng.integers(0, 60, size=(16, 16))
+            Image.fromarray(pixels.astype(np.uint8), mode="L").save(folder / f"{i:03d}.png")
+    records = [
+        {"text": note(rng, label), "label": label}
+        for label in config.data.text_classes
+        for _ in range(PER_CLASS)
+    ]
+    canary_index, phi_index = train_indices(config)[:2]
+    records[canary_index]["text"] = CANARY_TEMPLATE.format(secret=CANARY_SECRET)
+    records[phi_index]["text"] = f"{PLANTED_NAME} " + records[phi_index]["text"]
+    (root / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    canary = {"index": canary_index, **records[canary_index], "template": CANARY_TEMPLATE, "secret": CANARY_SECRET}
+    (root / "canaries.jsonl").write_text(json.dumps(canary) + "\n")
+    truth = {"index": phi_index, "entity_type": "PERSON", "start": 0, "end": len(PLANTED_NAME), "value": PLANTED_NAME}
+    (root / "phi_truth.jsonl").write_text(json.dumps(truth) + "\n")
+
+
+def train_one_round(run: RunDir, site_dirs, config: RunConfig) -> None:
+    """Round 1 of every modality: DP training at each site, FedAvg, ledger rows, checkpoint."""
+    ledger = PrivacyLedger(run.ledger_path)
+    for name in config.modalities:
+        server_side = get_modality(name, config, work_dir=run.base_models)
+        model = server_side.build_model()
+        start = server_side.get_state(model)
+        updates = []
+        for root in site_dirs:
+            site = load_site(root, config.data, modalities=(name,), channels=config.image.channels)
+            modality = get_modality(name, config, work_dir=root / SITE_STATE_DIR)
+            update = train_site(modality, site, start, history=[], seed=0)
+            m = update.metrics
+            ledger.record(
+                LedgerEntry(site.name, name, 1, m["epsilon"], m["delta"], m["noise-multiplier"],
+                            m["sample-rate"], int(m["steps"]), int(m["num-examples"]), None)
+            )
+            updates.append(update.state)
+        average = {k: torch.stack([u[k] for u in updates]).float().mean(0).to(start[k].dtype) for k in start}
+        save_checkpoint(run, server_side, model, ArrayRecord(torch_state_dict=average), 1, ledger)
+
+
+def write_synthetic_texts(run: RunDir, config: RunConfig) -> None:
+    """What fedgen.generate.generate_texts writes (its progress callback takes the wrong
+    number of arguments for fedgen.models.text.generate_texts at the time of writing)."""
+    modality = get_modality("text", config, work_dir=run.base_models)
+    model = modality.load(run.checkpoint("text"))
+    lines = []
+    for k, label in enumerate(config.data.text_classes):
+        texts = sample_texts(
+            model, modality.tokenizer(), template=config.text.prompt_template, label=label,
+            n=SYNTHETIC_PER_CLASS, temperature=config.text.temperature, top_p=config.text.top_p,
+            max_new_tokens=config.text.max_new_tokens, seed=k,
+        )
+        lines += [json.dumps({"text": t, "label": label}) + "\n" for t in texts]
+    (run.synthetic / "texts.jsonl").write_text("".join(lines))
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """(run, site folders, report) of the tiny run."""
+    base = tmp_path_factory.mktemp("audit")
+    config = tiny_config()
+    site_dirs = [base / "sites" / name for name in SITES]
+    for k, (root, name) in enumerate(zip(site_dirs, SITES)):
+        write_site(root, name, config, seed=k)
+    run = RunDir.create(base / "runs", config, "tiny")
+    run.record_simulated_sites(site_dirs)
+    train_one_round(run, site_dirs, config)
+    generate_images(run, per_class=SYNTHETIC_PER_CLASS, steps=config.image.sample_steps)
+    write_synthetic_texts(run, config)
+    report = run_audit(run, progress=False)
+    return run, site_dirs, report
+
+
+def test_report_has_every_section_for_both_modalities(audited):
+    _, _, report = audited
+    assert set(report) == {
+        "run", "privacy", "membership", "phi", "image_memorisation", "fidelity", "utility", "synthetic"
+    }
+    assert report["run"]["modalities"] == ["image", "text"] and report["run"]["dp"] is True
+    assert set(report["membership"]["image"]["attacks"]) == {"loss", "pia"}
+    assert set(report["membership"]["text"]["attacks"]) == {"loss", "zlib", "min_k"}
+    assert set(report["utility"]["image"]["configs"]) == {"real", "composite", "synthetic", "smote"}
+    assert report["synthetic"]["n_images"] == SYNTHETIC_PER_CLASS * 5
+    assert report["fidelity"]["image"]["n_real"] == 2 * 5 * PER_CLASS
+    assert "synthetic images only" in report["fidelity"]["image"]["extractor"]
+    assert math.isfinite(report["fidelity"]["image"]["fid"])
+    json.loads(json.dumps(report))  # JSON all the way down
+
+
+def test_pooled_histograms_count_every_member_and_non_member(audited):
+    _, _, report = audited
+    for modality in ("image", "text"):
+        for attack in report["membership"][modality]["attacks"].values():
+            pooled = attack["pooled"]
+            assert pooled["n_members"] == sum(s["n_members"] for s in attack["sites"].values()) == 50
+            assert pooled["n_nonmembers"] == 50
+            assert len(pooled["roc"]["fpr"]) <= 200 and pooled["roc"]["tpr"][-1] == 1.0
+
+
+def test_guaranteed_epsilon_is_the_ledgers(audited):
+    run, _, report = audited
+    ledger = PrivacyLedger(run.ledger_path)
+    for site in SITES:
+        for modality in ("image", "text"):
+            entry = report["privacy"]["sites"][site][modality]
+            (row,) = ledger.entries(site=site, modality=modality)
+            assert entry["epsilon"] == row.epsilon and entry["rounds"] == [{"round": 1, "epsilon": row.epsilon}]
+            assert entry["budget"] == 10.0
+    assert report["privacy"]["epsilon_max"] == max(e.epsilon for e in ledger.entries())
+
+
+def test_canary_exposure_and_memorisation_are_reported_per_site(audited):
+    _, _, report = audited
+    exposure = report["membership"]["text"]["canary_exposure"]
+    # The canary is record 0, in the train split of both sites; at most log2(101) bits.
+    assert set(exposure) == set(SITES)
+    assert all(e is not None and 0.0 <= e <= math.log2(101) for e in exposure.values())
+    memorisation = report["phi"]["memorisation"]
+    assert memorisation["ngram_n"] == 8 and set(memorisation["sites"]) == set(SITES)
+
+
+def site_answer(run: RunDir, root, modality: str, query: str, **extra):
+    """A site's reply to a query, called directly (no Flower, no node state)."""
+    inputs = prepare_inputs(run)
+    synthetic = {
+        "image": {"synthetic_images": inputs.synthetic_images, "feature_net": inputs.feature_net},
+        "text": {"synthetic_texts": inputs.synthetic_texts},
+    }
+    content = make_query(
+        inputs.config, modality, query, model_state=inputs.model_states[modality],
+        **(synthetic[modality] if query == QUERY_AUDIT else {}), **extra,
+    )
+    return answer_query(content, root, work_dir=root / SITE_STATE_DIR)
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_site_reply_holds_no_record(audited, modality):
+    run, site_dirs, _ = audited
+    root = site_dirs[0]
+    reply = site_answer(run, root, modality, QUERY_AUDIT)
+    texts = [json.loads(line)["text"] for line in (root / "texts.jsonl").read_text().splitlines()]
+    summary = str(reply[REPLY_SUMMARY]["json"])
+    assert not any(text in summary for text in texts)
+    n_records, n_train = len(texts), len(texts) // 2  # the same for images
+    for name in reply[REPLY_ARRAYS].keys():
+        shape = reply[REPLY_ARRAYS][name].shape
+        assert not {n_records, n_train} & set(shape), (name, shape)
+    answer = unpack_reply(reply)
+    assert answer["site"] == "site-a" and answer["n_train"] == answer["n_heldout"] == n_train
+    assert set(answer["attacks"]) == ({"loss", "pia"} if modality == "image" else {"loss", "zlib", "min_k"})
+
+
+def test_histogram_query_recomputes_scores_without_node_state(audited):
+    run, site_dirs, _ = audited
+    edges = {a: shared_edges([[-3.0, -1.0]]) for a in ("loss", "zlib", "min_k")}
+    answer = unpack_reply(site_answer(run, site_dirs[1], "text", QUERY_HISTOGRAMS, edges=edges))
+    counts = answer["histograms"]["loss"]
+    assert len(counts["members"]) == HISTOGRAM_BINS
+    assert counts["members"].sum() == counts["nonmembers"].sum() == 25
+
+
+def test_missing_synthetic_data_names_the_generate_command(tmp_path):
+    config = tiny_config().model_copy(update={"modality": "text"})
+    run = RunDir.create(tmp_path, config, "empty")
+    with pytest.raises(FedgenError, match="--modality text` first"):
+        prepare_inputs(run)
+
+
+def test_reply_arrays_round_trip():
+    result = {"a": {"sum": np.arange(3.0), "n": np.int64(4)}, "b": [1.5, None, float("inf")]}
+    back = unpack_reply(pack_reply(result))
+    assert back["a"]["n"] == 4 and back["b"] == [1.5, None, float("inf")]
+    np.testing.assert_array_equal(back["a"]["sum"], np.arange(3.0))
+
+
+def test_shared_edges_keep_pooled_auc_close_to_exact():
+    rng = np.random.default_rng(0)
+    members, nonmembers = rng.normal(0.3, 1, 400), rng.normal(0, 1, 400)
+    exact = attack_metrics(members, nonmembers).auc
+    edges = shared_edges([np.quantile(np.r_[members, nonmembers], [0.05, 0.95])])
+    counts = [np.histogram(np.clip(s, edges[0], edges[-1]), edges)[0] for s in (members, nonmembers)]
+    assert abs(metrics_from_histograms(*counts, edges).auc - exact) < 0.005
+
+
+def test_canary_candidates_keep_the_secret_format():
+    candidates = _candidate_secrets("AB-123x", n=50, seed=0)
+    assert len(set(candidates)) == 50 and "AB-123x" not in candidates
+    assert all(c[:2].isupper() and c[2] == "-" and c[3:6].isdigit() and c[6].islower() for c in candidates)
+
+
+def test_memorisation_counts_only_train_split_copies(audited):
+    run, site_dirs, _ = audited
+    config = run.config()
+    site = load_site(site_dirs[0], config.data, modalities=("text",))
+    train = train_indices(config)
+    heldout = sorted(set(range(len(site.texts))) - set(train))
+    synthetic = [
+        f"notes: Chart {CANARY_SECRET}",  # the trained canary's secret
+        f"{PLANTED_NAME} came in",  # a planted name of a train record
+        site.texts[train[5]],  # a whole training note: its 8-grams are copied
+        site.texts[heldout[0]],  # a held-out note: never trained on, not a copy
+        "nothing to see here",
+    ]
+    counts = text_memorisation(synthetic, site, config)
+    assert counts["canary_reproductions"] == 1 and counts["planted_phi_reproductions"] == 1
+    assert counts["ngram_copies"] == 1 and counts["n_synthetic"] == 5
+
+
+def test_a_site_error_becomes_one_line():
+    reason = "<class 'RayTaskError'>:<'ray::ClientAppActor.run()\n  File x\nException ClientAppException occurred. Message: site-b: KID: 3 records, but ...'>"
+    assert _error_line(reason) == "site-b: KID: 3 records, but ..."
+    assert _error_line("site-b: plain reason") == "site-b: plain reason"
