@@ -55,13 +55,12 @@ from audits.mia import (
     text_attack_scores,
 )
 from audits.utility import image_utility, text_utility
-from clients.local import site_budget
+from clients.local import site_budget, site_delta
 from fedgen.config import RunConfig, config_from_toml, config_to_toml
 from fedgen.data.site import SiteData, load_site, split_indices, text_splits
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.models.text import encode_examples, token_logprobs
-from fedgen.privacy.accounting import default_delta
 
 __all__ = [
     "QUERY_AUDIT",
@@ -260,11 +259,6 @@ def _cached_scores(state: RecordDict | None, modality: str) -> Scores | None:
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _site_delta(config: RunConfig, n_train: int) -> float:
-    """The δ the site trained with (the same rule as clients.local.plan_privacy)."""
-    return config.privacy.delta if config.privacy.delta is not None else default_delta(n_train)
-
-
 def _score_range(members: np.ndarray, nonmembers: np.ndarray) -> list[float]:
     scores = np.r_[members, nonmembers]
     require_min_count(len(scores), what="attack score range")
@@ -307,7 +301,7 @@ def score_histograms(scores: Scores, edges: dict[str, np.ndarray]) -> dict:
 def _common(modality: Modality, site: SiteData, n_train: int, n_heldout: int) -> dict:
     return {
         "budget": site_budget(modality.config, site),
-        "delta": _site_delta(modality.config, n_train),
+        "delta": site_delta(modality.config, n_train),
         "n_train": n_train,
         "n_heldout": n_heldout,
     }

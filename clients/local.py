@@ -24,7 +24,7 @@ from fedgen.privacy.accounting import (
 )
 from fedgen.privacy.dp import train_local
 
-__all__ = ["PrivacyPlan", "plan_privacy", "SiteUpdate", "train_site", "BudgetExhausted"]
+__all__ = ["PrivacyPlan", "plan_privacy", "site_delta", "SiteUpdate", "train_site", "BudgetExhausted"]
 
 # How far past its budget a site may land from calibration tolerance alone.
 BUDGET_SLACK = 1e-6
@@ -55,6 +55,11 @@ def site_budget(config: RunConfig, site: SiteData) -> float:
     return min(site.epsilon_budget, config.privacy.epsilon)
 
 
+def site_delta(config: RunConfig, n_train: int) -> float:
+    """The δ a site trains with: the configured one, else 1/(10 x its training records)."""
+    return config.privacy.delta if config.privacy.delta is not None else default_delta(n_train)
+
+
 def plan_privacy(config: RunConfig, site: SiteData, *, modality: str, n_train: int) -> PrivacyPlan:
     """Choose σ so that all planned rounds x local epochs together spend at most the budget."""
     if n_train == 0:
@@ -68,7 +73,7 @@ def plan_privacy(config: RunConfig, site: SiteData, *, modality: str, n_train: i
     )
     steps_per_round = steps // config.federation.rounds
     budget = site_budget(config, site)
-    delta = config.privacy.delta if config.privacy.delta is not None else default_delta(n_train)
+    delta = site_delta(config, n_train)
     check_delta(delta, n_train, site=site.name)
     if not math.isfinite(budget):
         return PrivacyPlan(None, delta, sample_rate, steps_per_round, budget)
