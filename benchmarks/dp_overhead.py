@@ -1,7 +1,7 @@
 """DP overhead of one site's local training: examples/s and peak memory, DP vs non-DP.
 
 Each configuration runs in a fresh subprocess so its peak resident memory is its own.
-    python benchmarks/dp_overhead.py [--steps 6] [--threads 2]
+    python -m benchmarks.dp_overhead [--steps 6] [--threads 2]
 """
 
 from __future__ import annotations
