@@ -11,4 +11,5 @@ $FEDGEN data check "runs/$RUN_ID-sites/site-1"
 $FEDGEN simulate --sites-dir "runs/$RUN_ID-sites" --modality both --run-id "$RUN_ID"
 $FEDGEN generate "runs/$RUN_ID" --modality image --per-class 32
 $FEDGEN generate "runs/$RUN_ID" --modality text --per-class 20
-echo "done: runs/$RUN_ID"
+$FEDGEN audit "runs/$RUN_ID"
+echo "audit report: runs/$RUN_ID/audit/report.html  (release with: $FEDGEN release runs/$RUN_ID)"

@@ -1,0 +1,220 @@
+"""The demo consortium: simulated hospital site folders, made from nothing, offline.
+
+Each site gets fundus phantoms (``phantoms.py``) and assessment notes with planted PHI and
+canaries (``notes.py``) in the site folder layout every fedgen command reads, plus the two demo
+side files (``phi_truth.jsonl``, ``canaries.jsonl``) that only the audits' ground truth uses.
+Sites differ the way hospitals do: class mix drawn from Dirichlet(alpha) per site (non-IID), and
+a scanner style (brightness, contrast, vignetting, noise) per site.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+from PIL import Image
+from rich.progress import Progress
+
+from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES
+from fedgen.data.notes import CanaryNote, Note, make_site_notes
+from fedgen.data.phantoms import draw_scanner_style, render_phantom
+from fedgen.errors import FedgenError
+
+__all__ = ["make_demo_consortium"]
+
+MIN_PER_CLASS = 4  # every class at every site (when the size allows), so held-out splits see it
+MIN_RESOLUTION = 8  # the smallest image the model config accepts
+
+
+def make_demo_consortium(
+    out: str | Path,
+    *,
+    sites: int = 3,
+    seed: int = 0,
+    images_per_site: int = 300,
+    texts_per_site: int = 200,
+    alpha: float = 1.0,
+    phi_fraction: float = 0.3,
+    canaries_per_site: int = 1,
+    resolution: int = 32,
+    progress: bool = False,
+) -> list[Path]:
+    """Write ``out/site-1 .. out/site-N`` and return their paths; same seed, same bytes.
+
+    ``texts_per_site`` counts ordinary notes; the canaries are inserted on top of them.
+    The folder appears only when complete: it is built in a hidden sibling and renamed.
+    """
+    out = Path(out)
+    _validate(
+        out,
+        sites=sites,
+        images=images_per_site,
+        texts=texts_per_site,
+        alpha=alpha,
+        phi_fraction=phi_fraction,
+        canaries=canaries_per_site,
+        resolution=resolution,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
+    staging.mkdir()
+    try:
+        site_seeds = np.random.SeedSequence(seed).spawn(sites)
+        with _progress_bar(progress, total=sites * (images_per_site + 1)) as advance:
+            for number, site_seed in enumerate(site_seeds, start=1):
+                _write_site(
+                    staging / f"site-{number}",
+                    site_seed,
+                    images=images_per_site,
+                    texts=texts_per_site,
+                    alpha=alpha,
+                    phi_fraction=phi_fraction,
+                    canaries=canaries_per_site,
+                    resolution=resolution,
+                    advance=advance,
+                )
+        if out.exists():
+            out.rmdir()  # validated empty
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [out / f"site-{number}" for number in range(1, sites + 1)]
+
+
+def _validate(
+    out: Path,
+    *,
+    sites: int,
+    images: int,
+    texts: int,
+    alpha: float,
+    phi_fraction: float,
+    canaries: int,
+    resolution: int,
+) -> None:
+    if sites < 1:
+        raise FedgenError(f"sites={sites}: a consortium needs at least 1 site")
+    if images < len(DR_GRADES):
+        raise FedgenError(
+            f"images_per_site={images}: need at least one image of each of the"
+            f" {len(DR_GRADES)} grades"
+        )
+    if texts < len(MENTAL_HEALTH_CLASSES):
+        raise FedgenError(
+            f"texts_per_site={texts}: need at least one note of each of the"
+            f" {len(MENTAL_HEALTH_CLASSES)} classes"
+        )
+    if not alpha > 0:
+        raise FedgenError(f"alpha={alpha}: the Dirichlet concentration must be > 0")
+    if not 0.0 <= phi_fraction <= 1.0:
+        raise FedgenError(f"phi_fraction={phi_fraction}: must be between 0 and 1")
+    if canaries < 0:
+        raise FedgenError(f"canaries_per_site={canaries}: must be 0 or more")
+    if resolution < MIN_RESOLUTION:
+        raise FedgenError(f"resolution={resolution}: must be at least {MIN_RESOLUTION}")
+    if out.exists() and not out.is_dir():
+        raise FedgenError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise FedgenError(f"{out} exists and is not empty; choose a new folder")
+
+
+def _class_counts(total: int, classes: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """A floor for every class, the rest spread by Dirichlet(alpha) class proportions."""
+    floor = min(MIN_PER_CLASS, total // classes)
+    proportions = rng.dirichlet(np.full(classes, alpha))
+    return floor + rng.multinomial(total - floor * classes, proportions)
+
+
+def _write_site(
+    site: Path,
+    seed: np.random.SeedSequence,
+    *,
+    images: int,
+    texts: int,
+    alpha: float,
+    phi_fraction: float,
+    canaries: int,
+    resolution: int,
+    advance: Callable[[int], None],
+) -> None:
+    # Separate streams: changing the number of notes leaves the images as they were.
+    image_rng, text_rng = (np.random.default_rng(s) for s in seed.spawn(2))
+    site.mkdir()
+    (site / "site.toml").write_text(tomli_w.dumps({"name": site.name}), encoding="utf-8")
+    _write_images(
+        site / "images",
+        image_rng,
+        total=images,
+        alpha=alpha,
+        resolution=resolution,
+        advance=advance,
+    )
+
+    counts = _class_counts(texts, len(MENTAL_HEALTH_CLASSES), alpha, text_rng)
+    labels = text_rng.permutation(np.repeat(MENTAL_HEALTH_CLASSES, counts)).tolist()
+    notes = make_site_notes(labels, text_rng, phi_fraction=phi_fraction, canaries=canaries)
+    _write_notes(site, notes)
+    advance(1)
+
+
+def _write_images(
+    folder: Path,
+    rng: np.random.Generator,
+    *,
+    total: int,
+    alpha: float,
+    resolution: int,
+    advance: Callable[[int], None],
+) -> None:
+    style = draw_scanner_style(rng)
+    counts = _class_counts(total, len(DR_GRADES), alpha, rng)
+    for grade, (name, count) in enumerate(zip(DR_GRADES, counts)):
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = render_phantom(grade, rng, size=resolution, style=style)
+            Image.fromarray(pixels).save(folder / name / f"{i:05d}.png")
+            advance(1)
+
+
+def _write_notes(site: Path, notes: Sequence[Note]) -> None:
+    texts, phi, canaries = [], [], []
+    for index, note in enumerate(notes):
+        texts.append({"text": note.text, "label": note.label})
+        phi.extend({"index": index, **asdict(span)} for span in note.phi)
+        if isinstance(note, CanaryNote):
+            canaries.append(
+                {
+                    "index": index,
+                    "text": note.text,
+                    "label": note.label,
+                    "template": note.template,
+                    "secret": note.secret,
+                }
+            )
+    _write_jsonl(site / "texts.jsonl", texts)
+    _write_jsonl(site / "phi_truth.jsonl", phi)
+    _write_jsonl(site / "canaries.jsonl", canaries)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path.write_text(lines, encoding="utf-8")
+
+
+@contextmanager
+def _progress_bar(enabled: bool, *, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar when enabled; otherwise a no-op ``advance``."""
+    if not enabled:
+        yield lambda steps: None
+        return
+    with Progress(transient=True) as bar:
+        task = bar.add_task("writing the demo consortium", total=total)
+        yield lambda steps: bar.advance(task, steps)
