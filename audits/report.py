@@ -15,7 +15,6 @@ import base64
 import hashlib
 import io
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import tomli_w
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedgen.artifacts import write_json
+from fedgen.files import write_json, write_text
 
 __all__ = [
     "REPORT_JSON",
@@ -505,12 +504,6 @@ def render_html(report: dict, *, run_root: Path) -> str:
     )
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_report(audit_dir: str | Path, report: dict) -> tuple[Path, Path]:
     """Write ``audit_dir/report.json`` and ``audit_dir/report.html`` (each atomically).
 
@@ -524,5 +517,5 @@ def write_report(audit_dir: str | Path, report: dict) -> tuple[Path, Path]:
     audit_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = audit_dir / REPORT_JSON, audit_dir / REPORT_HTML
     write_json(json_path, report)
-    _write_text_atomically(html_path, html)
+    write_text(html_path, html)
     return json_path, html_path

@@ -12,43 +12,17 @@ runs/<run-id>/
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from fedgen.config import RunConfig, load_config, save_config
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir, write_json  # noqa: F401  (re-exported until deploy code moves)
 
-__all__ = ["RunDir", "atomic_dir", "write_json"]
+__all__ = ["RunDir"]
 
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
-
-
-def write_json(path: Path, payload) -> None:
-    """Write JSON through a temporary file so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_dir(target: Path):
-    """Yield a temporary sibling directory that replaces `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 class RunDir:

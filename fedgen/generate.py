@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from fedgen.artifacts import RunDir, atomic_dir
+from fedgen.artifacts import RunDir
+from fedgen.files import atomic_dir, atomic_file, write_text
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality, TextModality
 
@@ -66,10 +66,8 @@ def generate_images(
             (tmp / name).mkdir()
             for i, pixels in enumerate(to_uint8(images)):
                 Image.fromarray(pixels.squeeze()).save(tmp / name / f"{i:05d}.png")
-    sheet = run.synthetic / "contact-sheet.png"
-    partial = sheet.with_name(sheet.name + ".tmp.png")
-    contact_sheet(samples).save(partial)
-    os.replace(partial, sheet)
+    with atomic_file(run.synthetic / "contact-sheet.png") as sheet:
+        contact_sheet(samples).save(sheet)
     return target
 
 
@@ -107,8 +105,5 @@ def generate_texts(
             )
             lines += [json.dumps({"text": t, "label": name}) for t in texts]
     target = run.synthetic / "texts.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".tmp")
-    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(partial, target)
+    write_text(target, "\n".join(lines) + "\n")
     return target

@@ -21,7 +21,8 @@ import shutil
 from pathlib import Path
 
 from audits.report import REPORT_HTML, REPORT_JSON, synthetic_manifest
-from fedgen.artifacts import RunDir, atomic_dir
+from fedgen.artifacts import RunDir
+from fedgen.files import atomic_dir
 from fedgen.errors import FedgenError
 
 __all__ = ["MANIFEST_NAME", "ReleaseRefused", "release", "write_manifest"]

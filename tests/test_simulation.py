@@ -1,7 +1,6 @@
 """End to end on Flower's simulation engine: 2 simulated sites, 2 rounds, both modalities."""
 
 import json
-import math
 
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent

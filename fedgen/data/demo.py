@@ -10,8 +10,6 @@ a scanner style (brightness, contrast, vignetting, noise) per site.
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -26,6 +24,7 @@ from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES
 from fedgen.data.notes import CanaryNote, Note, make_site_notes
 from fedgen.data.phantoms import draw_scanner_style, render_phantom
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir
 
 __all__ = ["make_demo_consortium"]
 
@@ -62,10 +61,7 @@ def make_demo_consortium(
         canaries=canaries_per_site,
         resolution=resolution,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.{secrets.token_hex(4)}.partial"
-    staging.mkdir()
-    try:
+    with atomic_dir(out) as staging:  # `out` was validated absent or empty
         site_seeds = np.random.SeedSequence(seed).spawn(sites)
         with _progress_bar(progress, total=sites * (images_per_site + 1)) as advance:
             for number, site_seed in enumerate(site_seeds, start=1):
@@ -80,12 +76,6 @@ def make_demo_consortium(
                     resolution=resolution,
                     advance=advance,
                 )
-        if out.exists():
-            out.rmdir()  # validated empty
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return [out / f"site-{number}" for number in range(1, sites + 1)]
 
 

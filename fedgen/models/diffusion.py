@@ -15,9 +15,6 @@ Plain PyTorch + diffusers, so clients (DP training), the server (generation) and
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from fedgen.config import ImageConfig
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir
 
 __all__ = [
     "SAMPLERS",
@@ -284,16 +282,8 @@ def save_image_model(unet: UNet2DModel, directory: str | Path) -> None:
     Written into a temporary sibling folder and renamed, so an interrupted save never leaves a
     half-written model where a loader would look for one.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as staging:
         unet.save_pretrained(staging, safe_serialization=True)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_files(directory: Path) -> None:

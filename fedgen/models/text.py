@@ -16,11 +16,7 @@ Nothing here reaches a model hub: every load is from a local directory and is ch
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +38,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from fedgen.config import TextConfig
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir
 
 __all__ = [
     "BOS_TOKEN",
@@ -80,21 +77,6 @@ ProgressFn = Callable[[int, int], None]  # (texts generated so far, texts asked 
 
 
 # --- files ----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _atomic_directory(directory: Path) -> Iterator[Path]:
-    """Yield a scratch directory that replaces `directory` only if the body succeeds."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield scratch
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(scratch, directory)
 
 
 def _one_line(err: BaseException) -> str:
@@ -157,7 +139,7 @@ def make_tiny_llama(directory: str | Path, *, config: TextConfig, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config)
-    with _atomic_directory(directory) as scratch:
+    with atomic_dir(directory) as scratch:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
     return directory
@@ -472,7 +454,7 @@ def save_adapter(model: PeftModel, directory: str | Path) -> Path:
     """
     assert isinstance(model, PeftModel), f"expected a PeftModel (unwrap Opacus), got {type(model).__name__}"
     directory = Path(directory)
-    with _atomic_directory(directory) as scratch:
+    with atomic_dir(directory) as scratch:
         # False: the embeddings are never adapted, and "auto" would look the base up on the hub.
         model.save_pretrained(scratch, save_embedding_layers=False)
     return directory
