@@ -1,0 +1,253 @@
+"""Offline PHI scanner: exact spans, no network, engine reporting, precision, scoring, I/O."""
+
+import json
+import socket
+
+import pytest
+import spacy
+
+from audits.phi import (
+    MIN_SCORE,
+    PHI_ENTITIES,
+    PhiFinding,
+    build_analyzer,
+    read_texts_jsonl,
+    redact,
+    resolve_overlaps,
+    scan,
+    score_against_truth,
+)
+from fedgen.data.demo import make_demo_consortium
+from fedgen.errors import FedgenError
+
+DEMO_MIN_RECALL = 0.95
+DEMO_MIN_PRECISION = 0.9
+
+
+@pytest.fixture(scope="module")
+def analyzer(tmp_path_factory):
+    return build_analyzer(cache_dir=tmp_path_factory.mktemp("spacy"))
+
+
+def found(analyzer, text):
+    return [(f.entity_type, text[f.start : f.end]) for f in scan(analyzer, [text])]
+
+
+def test_hand_written_note_spans_are_exact(analyzer):
+    text = (
+        "Patient Maria Lopez, MRN 482917365, seen 03/14/2024, call (617) 555-0143 or "
+        "maria.lopez@example.org, lives at 1234 Oak Street, Springfield."
+    )
+    assert found(analyzer, text) == [
+        ("PERSON", "Maria Lopez"),
+        ("MEDICAL_RECORD_NUMBER", "482917365"),
+        ("DATE_TIME", "03/14/2024"),
+        ("PHONE_NUMBER", "(617) 555-0143"),
+        ("EMAIL_ADDRESS", "maria.lopez@example.org"),
+        ("STREET_ADDRESS", "1234 Oak Street, Springfield"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "entity_type", "span"),
+    [
+        ("MRN: 00482917 on admission.", "MEDICAL_RECORD_NUMBER", "00482917"),
+        ("Her medical record number 48291734 was checked.", "MEDICAL_RECORD_NUMBER", "48291734"),
+        ("See chart #12345678 for details.", "MEDICAL_RECORD_NUMBER", "12345678"),
+        ("Seen by Dr. Whitaker today.", "PERSON", "Dr. Whitaker"),
+        ("Maria J. Lopez attended.", "PERSON", "Maria J. Lopez"),
+        ("Referred by Mrs. Tina Diaz MD today.", "PERSON", "Mrs. Tina Diaz MD"),
+        ("Admitted on March 14, 2024 after a fall.", "DATE_TIME", "March 14, 2024"),
+        ("Admitted on 14 March 2024 after a fall.", "DATE_TIME", "14 March 2024"),
+        ("Mobile 617.555.0143x12 after six.", "PHONE_NUMBER", "617.555.0143x12"),
+        ("Phone +1-617-555-0143 (home).", "PHONE_NUMBER", "+1-617-555-0143"),
+        ("Lives at 6277 Highland Boulevard; no pets.", "STREET_ADDRESS", "6277 Highland Boulevard"),
+        ("Moved to 85 Elm Ave., Apt. 4B, Boston, MA 02118 last year.", "STREET_ADDRESS",
+         "85 Elm Ave., Apt. 4B, Boston, MA 02118"),
+        ("Address: 91634 Strong Mountains Apt. 302\nWest Alyssa, DE 78723\nNext line.",
+         "STREET_ADDRESS", "91634 Strong Mountains Apt. 302\nWest Alyssa, DE 78723"),
+        ("Mail to PSC 2076, Box 9845\nAPO AA 86696 please.", "STREET_ADDRESS",
+         "PSC 2076, Box 9845\nAPO AA 86696"),
+        ("Phone number: 2757157125 (cell).", "PHONE_NUMBER", "2757157125"),
+        ("SSN 536-22-1234 on file.", "US_SSN", "536-22-1234"),
+        ("Portal https://portal.example.org/patients/123, then home.", "URL",
+         "https://portal.example.org/patients/123"),
+        ("Logged in from 10.20.30.40 at night.", "IP_ADDRESS", "10.20.30.40"),
+    ],
+)  # fmt: skip
+def test_each_entity_type_span(analyzer, text, entity_type, span):
+    assert found(analyzer, text) == [(entity_type, span)]
+
+
+def test_recall_and_precision_on_a_demo_site(analyzer, tmp_path):
+    (site,) = make_demo_consortium(
+        tmp_path / "demo", sites=1, seed=3, images_per_site=5, texts_per_site=200,
+        phi_fraction=0.5, resolution=8,
+    )  # fmt: skip
+    texts = read_texts_jsonl(site / "texts.jsonl")
+    truth = [json.loads(line) for line in (site / "phi_truth.jsonl").read_text().splitlines()]
+    scores = score_against_truth(scan(analyzer, texts), truth)
+
+    planted = {span["entity_type"] for span in truth}
+    assert planted == {"PERSON", "DATE_TIME", "PHONE_NUMBER", "EMAIL_ADDRESS", "STREET_ADDRESS",
+                       "MEDICAL_RECORD_NUMBER"}  # fmt: skip
+    for entity_type in planted:
+        assert scores[entity_type]["n_truth"] >= 10, scores
+        assert scores[entity_type]["recall"] >= DEMO_MIN_RECALL, (entity_type, scores)
+    # Every type found, planted or not (SSN, URL, IP would be false positives here).
+    for entity_type, score in scores.items():
+        assert score["precision"] is None or score["precision"] >= DEMO_MIN_PRECISION, (entity_type, scores)
+
+
+def test_context_words_raise_scores_in_the_blank_pipeline(analyzer):
+    # Bare digit runs are PHI only after a context word ("mrn", "phone"): that needs the lemmas
+    # the blank pipeline sets, since Presidio matches context words against lemmas.
+    assert found(analyzer, "The MRN on file is 48291734.") == [("MEDICAL_RECORD_NUMBER", "48291734")]
+    assert found(analyzer, "Invoice total was 48291734.") == []
+    assert found(analyzer, "Order 2757157125 shipped.") == []
+
+
+def test_clean_clinical_notes_have_no_phi(analyzer):
+    notes = [
+        "Patient reports 3 episodes of panic per week; sertraline 50 mg daily. BP 120/80, HR 72.",
+        "Follow up in 2 weeks. PHQ-9 score 12/27, GAD-7 score 9. Sleep 5 hours per night.",
+        "Will continue CBT. Hope is expressed about returning to work in May.",
+        "Denies suicidal ideation. Mood is low, affect congruent. Lab record reviewed, TSH 2.1.",
+        "Chart reviewed with the team; medical record complete. Takes 1 tablet at bedtime.",
+        "She was seen in clinic.Mood improved. Next visit.Discuss coping options.",
+    ]
+    assert scan(analyzer, notes) == []
+
+
+def test_scan_reports_indices_and_progress(analyzer):
+    texts = ["No identifiers here.", "Call 617-555-0143 today."]
+    calls = []
+    findings = scan(analyzer, texts, progress=lambda done, total: calls.append((done, total)))
+    assert [(f.index, f.entity_type, f.start, f.end) for f in findings] == [(1, "PHONE_NUMBER", 5, 17)]
+    assert findings[0].score >= MIN_SCORE
+    assert set(findings[0].to_dict()) == {"index", "entity_type", "start", "end", "score"}
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_scan_restricted_to_requested_entities(analyzer):
+    text = "Maria Lopez, call 617-555-0143."
+    assert found(analyzer, text) == [("PERSON", "Maria Lopez"), ("PHONE_NUMBER", "617-555-0143")]
+    only_phone = scan(analyzer, [text], entities=["PHONE_NUMBER"])
+    assert [f.entity_type for f in only_phone] == ["PHONE_NUMBER"]
+
+
+def test_no_network_while_building_and_scanning(tmp_path, monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+    offline = build_analyzer(cache_dir=tmp_path)  # new pipeline and a new tldextract extractor
+    texts = [
+        "Write to maria.lopez@example.org or j.doe@clinic.co.uk.",
+        "Not an address: someone@host.invalidtld.",  # no public suffix: e-mail rejected
+        "Results at https://portal.example.org/r/1 and www.example.com today.",
+    ]
+    assert [(f.index, f.entity_type, texts[f.index][f.start : f.end]) for f in scan(offline, texts)] == [
+        (0, "EMAIL_ADDRESS", "maria.lopez@example.org"),
+        (0, "EMAIL_ADDRESS", "j.doe@clinic.co.uk"),
+        (2, "URL", "https://portal.example.org/r/1"),
+        (2, "URL", "www.example.com"),
+    ]
+    assert attempts == []
+
+
+def test_engine_says_which_pipeline_ran(tmp_path, analyzer):
+    assert analyzer.engine == "blank English pipeline + gazetteer rules (no statistical NER)"
+
+    # A pipeline given by path is used as is: its own ruler knows a name Faker does not.
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": "PERSON", "pattern": "Zorblax Quux"}])
+    nlp.to_disk(tmp_path / "site-model")
+    custom = build_analyzer(spacy_model=str(tmp_path / "site-model"))
+    assert custom.engine == f"spaCy {tmp_path / 'site-model'} (directory)"
+    text = "Zorblax Quux and Maria Lopez met."
+    assert found(custom, text) == [("PERSON", "Zorblax Quux")]
+    assert found(analyzer, text) == [("PERSON", "Maria Lopez")]
+
+
+def test_unknown_spacy_model_is_a_user_error():
+    with pytest.raises(FedgenError, match="'en_core_web_nonexistent' is neither a directory"):
+        build_analyzer(spacy_model="en_core_web_nonexistent")
+
+
+def test_overlaps_keep_the_container_then_the_higher_score():
+    email = PhiFinding(0, "EMAIL_ADDRESS", 10, 33, 1.0)
+    domain = PhiFinding(0, "URL", 22, 33, 0.5)
+    address = PhiFinding(0, "STREET_ADDRESS", 40, 60, 0.7)
+    name_in_street = PhiFinding(0, "PERSON", 43, 52, 0.85)
+    low = PhiFinding(0, "DATE_TIME", 70, 80, 0.6)
+    high = PhiFinding(0, "PHONE_NUMBER", 75, 90, 0.75)
+    assert resolve_overlaps([domain, email, name_in_street, address, low, high]) == [email, address, high]
+
+
+def test_street_address_wins_over_a_name_inside_it(analyzer):
+    text = "Lives at 12 Gary Hill Road, Dover, DE 19901."
+    assert found(analyzer, text) == [("STREET_ADDRESS", "12 Gary Hill Road, Dover, DE 19901")]
+
+
+def test_score_against_truth_counts_overlaps_of_the_same_type():
+    truth = [
+        {"index": 0, "entity_type": "PERSON", "start": 8, "end": 19, "value": "Maria Lopez"},
+        {"index": 0, "entity_type": "DATE_TIME", "start": 30, "end": 40, "value": "03/14/2024"},
+        {"index": 1, "entity_type": "PERSON", "start": 0, "end": 9, "value": "Ann Smith"},
+    ]
+    findings = [
+        PhiFinding(0, "PERSON", 8, 14, 0.85),  # partial overlap counts
+        PhiFinding(0, "PHONE_NUMBER", 30, 40, 0.5),  # right place, wrong type
+        PhiFinding(2, "PERSON", 0, 9, 0.85),  # no truth there
+    ]
+    assert score_against_truth(findings, truth) == {
+        "DATE_TIME": {"recall": 0.0, "precision": None, "n_truth": 1},
+        "PERSON": {"recall": 0.5, "precision": 0.5, "n_truth": 2},
+        "PHONE_NUMBER": {"recall": None, "precision": 0.0, "n_truth": 0},
+    }
+
+
+def test_read_texts_jsonl(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    # A raw U+2028 inside a note (json.dumps(ensure_ascii=False) writes it) ends no line.
+    path.write_text('{"text": "one", "label": "Normal"}\n{"text": "two\u2028lines"}\n', encoding="utf-8")
+    assert read_texts_jsonl(path) == ["one", "two\u2028lines"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"text": "ok"}\n{"text": "broken"\n', "line 2: not valid JSON"),
+        ('{"text": "ok"}\n{"text": "ok"}\n{"label": "Normal"}\n', 'line 3: no "text" string'),
+        ('{"text": "ok"}\n\n{"text": "ok"}\n', "line 2: blank line"),
+    ],
+)
+def test_read_texts_jsonl_names_the_bad_line(tmp_path, content, message):
+    path = tmp_path / "texts.jsonl"
+    path.write_text(content)
+    with pytest.raises(FedgenError, match=message):
+        read_texts_jsonl(path)
+
+
+def test_read_texts_jsonl_missing_file(tmp_path):
+    with pytest.raises(FedgenError, match="no such file"):
+        read_texts_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_redact_keeps_shape_not_content():
+    assert redact("Maria Lopez") == "M**** L****"
+    assert redact("(617) 555-0143") == "(6**) 5**-0***"
+    assert redact("maria.lopez@example.org") == "m****.l****@e******.o**"
+
+
+def test_default_entities_cover_the_demo_truth_types():
+    demo_types = {"PERSON", "DATE_TIME", "PHONE_NUMBER", "EMAIL_ADDRESS", "STREET_ADDRESS",
+                  "MEDICAL_RECORD_NUMBER"}  # fmt: skip
+    assert demo_types <= set(PHI_ENTITIES)
