@@ -81,7 +81,7 @@ class TextConfig(_Section):
     # lm_head too: a random tiny base cannot learn through q/v alone (a pretrained Llama can).
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
     prompt_template: str = "<class: {label}>\n{text}"
-    max_length: int = Field(512, ge=8)  # tokens; the byte tokenizer makes one per byte
+    max_length: int = Field(640, ge=8)  # tokens; the byte tokenizer makes one per byte
     aggregation: Literal["fedavg", "ffa"] = "fedavg"  # ffa: A frozen at its shared init, B averaged
     load_in_bits: Literal[16, 8, 4] = 16  # 8/4-bit need bitsandbytes and a GPU
     local_epochs: int = Field(1, ge=1)

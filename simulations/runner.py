@@ -8,12 +8,13 @@ from pathlib import Path
 
 from flwr.serverapp import ServerApp
 
-from clients.app import make_client_app
+from clients.app import SITE_STATE_DIR, make_client_app
 from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.logs import quiet_libraries
+from fedgen.modalities import TextModality
 from server.app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites"]
@@ -23,11 +24,20 @@ CPUS_PER_SITE = 1
 
 
 def check_sites(config: RunConfig, site_dirs: Sequence[Path]) -> None:
-    """Validate every site before anything is written: a bad site is an error now, not mid-round."""
+    """Validate every site before anything is written: a bad site is an error now, not mid-round.
+
+    Beyond the folder checks, texts are tokenised with the run's template, so a note longer
+    than text.max_length is found here rather than by a site failing every round.
+    """
     if not site_dirs:
         raise FedgenError("no sites to simulate")
     for root in site_dirs:
-        load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
+        site = load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
+        if "text" in config.modalities:
+            try:
+                TextModality(config, work_dir=Path(root) / SITE_STATE_DIR).datasets(site)
+            except FedgenError as err:
+                raise FedgenError(f"{site.name}: {err}") from None
 
 
 def run_on_simulated_sites(server_app: ServerApp, site_dirs: Sequence[Path], *, verbose: bool = False) -> None:

@@ -11,6 +11,7 @@ from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
+from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import PrivacyLedger
 from simulations.runner import check_sites, simulate
 
@@ -108,3 +109,10 @@ def test_a_missing_checkpoint_round_is_one_line(run):
     result = CliRunner().invoke(app, ["generate", str(run.root), "--round", "7"])
     assert result.exit_code == 1
     assert "no complete image checkpoint for round 7" in result.output
+
+
+def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
+    sites = make_demo_consortium(tmp_path / "sites", sites=1, seed=2, images_per_site=10, texts_per_site=10)
+    config = load_config(None, {"modality": "text", "text.max_length": 64, "text.tiny_hidden_size": 32, "text.tiny_layers": 1})
+    with pytest.raises(FedgenError, match=r"site-1: text record \d+ is \d+ tokens with its prompt, longer than text.max_length 64"):
+        check_sites(config, sites)
