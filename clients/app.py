@@ -7,6 +7,7 @@ indexed by Flower's `partition-id`.
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,14 +16,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.local import train_site
+from clients.local import SiteUpdate, train_site
+from fedgen.artifacts import SITE_STATE_DIR
 from fedgen.config import config_from_toml
 from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
+from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 
-__all__ = ["make_client_app", "app", "SITE_STATE_DIR"]
+__all__ = ["make_client_app", "app", "site_ledger"]
 
-SITE_STATE_DIR = ".fedgen"  # inside the site folder: locally made base models, site-side state
 # One thread per simulated site: the simulation runs as many sites as there are cores.
 TORCH_THREADS = 1
 
@@ -59,6 +61,41 @@ def save_history(context: Context, modality: str, history: list[tuple[float, flo
     )
 
 
+def site_ledger(root: Path, context: Context) -> PrivacyLedger | None:
+    """The site's own durable ledger of what it released in this run (deployment only).
+
+    context.state forgets everything when a SuperNode restarts or a run is resumed (a resume
+    is a new Flower run), so in deployment the site also keeps its DP history on its own disk:
+    SITE_DIR/.fedgen/runs/<coordinator run>/ledger.sqlite. One row per update the site
+    released, numbered 1, 2, ... in the order they were released (after a coordinator crash
+    these can differ from the server's round numbers; each release is counted exactly once).
+    In simulation (no run-dir in the run config) context.state lives as long as the run.
+    """
+    run_dir = str(context.run_config.get("run-dir", ""))
+    if not run_dir:
+        return None
+    run_key = f"{Path(run_dir).name}-{hashlib.sha256(run_dir.encode()).hexdigest()[:8]}"
+    return PrivacyLedger(root / SITE_STATE_DIR / "runs" / run_key / "ledger.sqlite")
+
+
+def record_release(ledger: PrivacyLedger, site: str, modality: str, update: SiteUpdate) -> None:
+    m = update.metrics
+    ledger.record(
+        LedgerEntry(
+            site=site,
+            modality=modality,
+            round=len(ledger.entries(site=site, modality=modality)) + 1,
+            epsilon=float(m["epsilon"]),
+            delta=float(m["delta"]),
+            noise_multiplier=float(m["noise-multiplier"]),
+            sample_rate=float(m["sample-rate"]),
+            steps=int(m["steps"]),
+            num_examples=int(m["num-examples"]),
+            loss=float(m["loss"]),
+        )
+    )
+
+
 def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
     """A ClientApp serving one site per node: simulated (site_dirs) or real (node config)."""
     app = ClientApp()
@@ -74,7 +111,11 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
             root, config.data, modalities=(modality_name,), channels=config.image.channels
         )
         modality = get_modality(modality_name, config, work_dir=root / SITE_STATE_DIR)
-        history = load_history(context, modality_name)
+        ledger = site_ledger(root, context)
+        if ledger is not None:
+            history = ledger.history(site.name, modality_name)
+        else:
+            history = load_history(context, modality_name)
         update = train_site(
             modality,
             site,
@@ -83,6 +124,8 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
             seed=round_seed(config.seed, int(settings["server-round"]), site.name),
         )
         save_history(context, modality_name, update.history)
+        if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted
+            record_release(ledger, site.name, modality_name, update)
         content = RecordDict(
             {
                 "arrays": ArrayRecord(torch_state_dict=update.state),
@@ -90,6 +133,16 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
                 "site": ConfigRecord({"name": site.name}),
             }
         )
+        return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Site-side audit (clients/audit.py): aggregates of the site's own records only."""
+        from clients.audit import answer_query  # the audit libraries load only when audited
+
+        torch.set_num_threads(TORCH_THREADS)
+        root = site_path(context, site_dirs)
+        content = answer_query(msg.content, root, work_dir=root / SITE_STATE_DIR, state=context.state)
         return Message(content=content, reply_to=msg)
 
     return app

@@ -18,9 +18,12 @@ from pathlib import Path
 
 from fedgen.config import RunConfig, load_config, save_config
 from fedgen.errors import FedgenError
-from fedgen.files import atomic_dir, write_json  # noqa: F401  (re-exported until deploy code moves)
+from fedgen.files import write_json
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "SITE_STATE_DIR"]
+
+# Inside a site folder: the site's own state (locally made base models, its durable ledger).
+SITE_STATE_DIR = ".fedgen"
 
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
 

@@ -210,7 +210,7 @@ def server(
     config: ConfigOption = None,
     certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs` (ca.crt, server.crt, server.key, authorized-keys).")] = None,
     port: Annotated[int, typer.Option(help="Port of the SuperLink (sites connect to HOST:PORT).")] = 9092,
-    host: Annotated[str, typer.Option(help="Interface to listen on; only the Fleet API is served to other hosts.")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="0.0.0.0 serves the sites (only the Fleet API is served to other hosts); 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
     run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last complete round.")] = None,
@@ -220,13 +220,14 @@ def server(
     from fedgen.artifacts import RunDir
     from fedgen.certs import load_certs
     from fedgen.config import load_config
-    from server.deploy import serve
+    from server.deploy import check_listen_address, serve
 
     if insecure == (certs_dir is not None):
         raise FedgenError("give --certs DIR (from `fedgen certs`), or --insecure for a local test")
     if resume is not None and (config is not None or run_id is not None):
         raise FedgenError("--resume continues a run with its own config.toml; drop --config and --run-id")
     consortium = load_certs(certs_dir) if certs_dir is not None else None
+    check_listen_address(host, port)
     if resume is not None:
         run = RunDir.open(resume)
     else:
@@ -342,8 +343,10 @@ def audit_run(
     from audits.report import synthetic_manifest, write_report
     from audits.runner import run_audit
     from fedgen.artifacts import RunDir
+    from fedgen.logs import quiet_libraries
 
     run = RunDir.open(run_dir)
+    quiet_libraries()
     release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
     audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
     report = run_audit(run, sites=site or None)

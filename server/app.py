@@ -13,14 +13,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedgen.artifacts import RunDir, atomic_dir, write_json
+from fedgen.artifacts import RunDir
+from fedgen.files import atomic_dir, write_json
 from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.privacy.ledger import PrivacyLedger
-from server.strategy import make_strategy
+from server.strategy import BudgetSpent, make_strategy
 
-__all__ = ["make_server_app", "run_federation", "app"]
+__all__ = ["make_server_app", "run_federation", "rounds_done", "app"]
 
 console = Console(stderr=True)
 
@@ -55,28 +56,59 @@ def save_checkpoint(run: RunDir, modality: Modality, model, arrays: ArrayRecord,
         )
 
 
+def rounds_done(run: RunDir) -> dict[str, int]:
+    """Rounds each modality has already spent: its last round in the ledger or checkpoints.
+
+    A round in the ledger without a checkpoint (the coordinator died between recording the
+    replies and writing the checkpoint) counts as done: the sites spent its ε, so a resumed run
+    continues after it (from the last checkpoint) and never records that round number twice.
+    """
+    ledger = PrivacyLedger(run.ledger_path)
+    return {
+        name: max(ledger.last_round(name), *run.completed_rounds(name), 0)
+        for name in run.config().modalities
+    }
+
+
 def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
-    """Train one modality for the configured rounds, checkpointing after each round."""
+    """Train one modality up to its planned rounds, checkpointing after each round.
+
+    A run folder with progress is resumed: start from the last complete checkpoint and run only
+    the rounds not yet spent (see rounds_done); round numbers continue where they stopped.
+    """
     config = run.config()
+    planned = config.federation.rounds
+    done = rounds_done(run)[modality_name]
+    if done >= planned:
+        console.print(f"{modality_name}: all {planned} rounds already done")
+        return
     modality = get_modality(modality_name, config, work_dir=run.base_models)
-    model = modality.build_model()
+    if run.completed_rounds(modality_name):
+        model = modality.load(run.checkpoint(modality_name))
+    else:
+        model = modality.build_model()
     ledger = PrivacyLedger(run.ledger_path)
     strategy = make_strategy(config, ledger=ledger, modality=modality_name, report=_print_site)
-    console.rule(f"{modality_name} federation: {config.federation.rounds} rounds, {config.federation.strategy}")
+    strategy.round_offset = done
+    resumed = f", resuming after round {done}" if done else ""
+    console.rule(f"{modality_name} federation: {planned} rounds, {config.federation.strategy}{resumed}")
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            save_checkpoint(run, modality, model, arrays, server_round, ledger)
+            save_checkpoint(run, modality, model, arrays, server_round + done, ledger)
         return None
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(torch_state_dict=modality.get_state(model)),
-        num_rounds=config.federation.rounds,
-        timeout=config.federation.round_timeout,
-        train_config=ConfigRecord({"run-config": config_to_toml(config), "modality": modality_name}),
-        evaluate_fn=checkpoint,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(torch_state_dict=modality.get_state(model)),
+            num_rounds=planned - done,
+            timeout=config.federation.round_timeout,
+            train_config=ConfigRecord({"run-config": config_to_toml(config), "modality": modality_name}),
+            evaluate_fn=checkpoint,
+        )
+    except BudgetSpent as stop:
+        console.print(f"[bold yellow]{stop}[/]")
 
 
 def make_server_app(run_dir: str | Path | None = None) -> ServerApp:

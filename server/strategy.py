@@ -2,11 +2,14 @@
 
 The averaging itself is Flower's (FedAvg / FedAdam / FedProx); the mixin only (1) writes one
 ledger row per replying site per round, (2) stops asking a site whose next round would
-overspend its budget, and (3) aggregates ε as a maximum, never as a weighted mean.
+overspend its budget, (3) aggregates ε as a maximum, never as a weighted mean, and (4) fails a
+round that fewer than min_sites answered (after recording those that did: their ε is spent).
+After the first round, a site that went offline no longer blocks the next one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,7 +20,9 @@ from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 
-__all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport"]
+__all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport", "BudgetSpent"]
+
+NODE_POLL_SECONDS = 1.0  # how often to check whether the consortium's sites are online
 
 SiteReport = Callable[[int, str, dict[str, float]], None]
 
@@ -38,6 +43,10 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     )
 
 
+class BudgetSpent(Exception):
+    """Too few sites can train another round within their budgets: the federation ends early."""
+
+
 class LedgerMixin:
     """Mixed in front of a Flower strategy class (see make_strategy)."""
 
@@ -50,16 +59,39 @@ class LedgerMixin:
         self.spent_nodes: set[int] = set()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = super().configure_train(server_round + self.round_offset, arrays, config, grid)
-        return [m for m in messages if m.metadata.dst_node_id not in self.spent_nodes]
+        server_round += self.round_offset
+        # Flower's FedAvg sizes its sample from the nodes online BEFORE it waits for
+        # min_available_nodes, so a site that connects during the wait would be left out.
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            time.sleep(NODE_POLL_SECONDS)
+        messages = super().configure_train(server_round, arrays, config, grid)
+        # The first round waits for the whole consortium; later rounds go on with the sites
+        # still online, so a site that crashed does not block the run (min_sites still applies).
+        self.min_available_nodes = self.min_train_nodes
+        asked = [m for m in messages if m.metadata.dst_node_id not in self.spent_nodes]
+        if len(asked) < min(len(messages), self.min_train_nodes):
+            raise BudgetSpent(
+                f"{len(asked)} site(s) have privacy budget left for round {server_round}, fewer than "
+                f"min_sites = {self.min_train_nodes}: the {self.modality} federation ends after round "
+                f"{server_round - 1}"
+            )
+        return asked
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """Record every site that replied (its ε is spent), then average if enough replied."""
+        server_round += self.round_offset
         replies = list(replies)
         ok = [m for m in replies if not m.has_error()]
-        if replies and not ok:
-            raise FedgenError(f"every site failed round {server_round}: {replies[0].error.reason}")
         for msg in ok:
-            self._record(server_round + self.round_offset, msg)
+            self._record(server_round, msg)
+        reasons = "; ".join(sorted({m.error.reason for m in replies if m.has_error()})) or "no reply"
+        if replies and not ok:
+            raise FedgenError(f"every site failed round {server_round}: {reasons}")
+        if len(ok) < self.min_train_nodes:
+            raise FedgenError(
+                f"round {server_round}: {len(ok)} site(s) replied, fewer than min_sites = "
+                f"{self.min_train_nodes} ({reasons})"
+            )
         return super().aggregate_train(server_round, ok)
 
     def _record(self, server_round: int, msg: Message) -> None:

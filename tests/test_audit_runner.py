@@ -18,7 +18,7 @@ from PIL import Image
 
 from audits.mia import attack_metrics, metrics_from_histograms
 from audits.runner import HISTOGRAM_BINS, _error_line, prepare_inputs, run_audit, shared_edges
-from clients.app import SITE_STATE_DIR
+from fedgen.artifacts import SITE_STATE_DIR
 from clients.audit import (
     QUERY_AUDIT,
     QUERY_HISTOGRAMS,
