@@ -122,6 +122,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
             msg.content["arrays"].to_torch_state_dict(),
             history=history,
             seed=round_seed(config.seed, int(settings["server-round"]), site.name),
+            proximal_mu=float(settings.get("proximal-mu", 0.0)),  # sent by FedProx only
         )
         save_history(context, modality_name, update.history)
         if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted

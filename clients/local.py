@@ -99,6 +99,7 @@ def train_site(
     *,
     history: list[tuple[float, float, int]],
     seed: int,
+    proximal_mu: float = 0.0,
     progress=None,
 ) -> SiteUpdate:
     """One local round: refuse if the budget would be overspent, else train under DP.
@@ -133,6 +134,7 @@ def train_site(
         noise_multiplicity=getattr(section, "noise_multiplicity", 1),
         # A seed the coordinator knows would let it regenerate the DP noise: DP draws from the OS.
         seed=None if plan.noise_multiplier else seed,
+        proximal_mu=proximal_mu,
         progress=progress,
     )
     next_round = epsilon_from_history([*result.history, plan.round_entry()], delta=plan.delta)

@@ -20,10 +20,12 @@ from fedgen.config import RunConfig, load_config, save_config
 from fedgen.errors import FedgenError
 from fedgen.files import write_json
 
-__all__ = ["RunDir", "SITE_STATE_DIR"]
+__all__ = ["RunDir", "SITE_STATE_DIR", "EMA_DIR"]
 
 # Inside a site folder: the site's own state (locally made base models, its durable ledger).
 SITE_STATE_DIR = ".fedgen"
+# Inside a checkpoint folder: the EMA of the global model, which generation samples from.
+EMA_DIR = "ema"
 
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
 

@@ -60,10 +60,12 @@ class ImageConfig(_Section):
     train_timesteps: int = Field(1000, ge=10)
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     noise_multiplicity: int = Field(1, ge=1)  # K noise/timestep draws per example (DPDM)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
     lr: float = Field(2e-3, gt=0)
-    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    # Server-side EMA of the global model over rounds, used for sampling; 0 = off (sample the
+    # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away.
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0.0)
 

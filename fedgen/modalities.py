@@ -34,6 +34,12 @@ class Modality(ABC):
         self.config = config
         self.work_dir = Path(work_dir)
 
+    def load_trainable(self, directory: Path) -> nn.Module:
+        """A model that trains on from a checkpoint (load() gives a frozen, inference model)."""
+        model = self.build_model()
+        model.load_state_dict(self.load(directory).state_dict())
+        return model
+
     @property
     def section(self):
         """The modality's own config section (ImageConfig or TextConfig)."""

@@ -9,7 +9,7 @@ RUN_ID=${RUN_ID:-demo-$(date +%Y%m%d-%H%M%S)}
 $FEDGEN demo-data "runs/$RUN_ID-sites" --sites 3 --seed 0
 $FEDGEN data check "runs/$RUN_ID-sites/site-1"
 $FEDGEN simulate --sites-dir "runs/$RUN_ID-sites" --modality both --run-id "$RUN_ID"
-$FEDGEN generate "runs/$RUN_ID" --modality image --per-class 32
+$FEDGEN generate "runs/$RUN_ID" --modality image --per-class 20
 $FEDGEN generate "runs/$RUN_ID" --modality text --per-class 20
 $FEDGEN audit "runs/$RUN_ID"
 echo "audit report: runs/$RUN_ID/audit/report.html  (release with: $FEDGEN release runs/$RUN_ID)"

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedgen.artifacts import RunDir
+from fedgen.artifacts import EMA_DIR, RunDir
 from fedgen.files import atomic_dir, write_json
 from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
@@ -36,11 +36,23 @@ def _print_site(server_round: int, site: str, metrics: dict[str, float]) -> None
     )
 
 
-def save_checkpoint(run: RunDir, modality: Modality, model, arrays: ArrayRecord, server_round: int, ledger: PrivacyLedger) -> None:
-    """Write round-NNN/<modality>/ atomically; metrics.json inside marks it complete."""
-    modality.set_state(model, arrays.to_torch_state_dict())
+def save_checkpoint(
+    run: RunDir,
+    modality: Modality,
+    model,
+    arrays: ArrayRecord,
+    server_round: int,
+    ledger: PrivacyLedger,
+    ema: dict | None = None,
+) -> None:
+    """Write round-NNN/<modality>/ atomically (the EMA weights, if kept, in its EMA_DIR);
+    metrics.json, written inside, marks the checkpoint complete."""
     target = run.round_dir(server_round) / modality.name
     with atomic_dir(target) as tmp:
+        if ema is not None:
+            modality.set_state(model, ema)
+            modality.save(model, tmp / EMA_DIR)
+        modality.set_state(model, arrays.to_torch_state_dict())
         modality.save(model, tmp)
         rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round]
         write_json(
@@ -54,6 +66,13 @@ def save_checkpoint(run: RunDir, modality: Modality, model, arrays: ArrayRecord,
                 },
             },
         )
+
+
+def update_ema(ema: dict | None, state: dict, decay: float) -> dict:
+    """ema <- decay * ema + (1 - decay) * state, tensor by tensor (the first round starts it)."""
+    if ema is None:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: decay * ema[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in state.items()}
 
 
 def rounds_done(run: RunDir) -> dict[str, int]:
@@ -83,8 +102,13 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         console.print(f"{modality_name}: all {planned} rounds already done")
         return
     modality = get_modality(modality_name, config, work_dir=run.base_models)
+    ema_decay = getattr(modality.section, "ema_decay", 0.0)
+    ema = None
     if run.completed_rounds(modality_name):
-        model = modality.load(run.checkpoint(modality_name))
+        last = run.checkpoint(modality_name)
+        if ema_decay > 0 and (last / EMA_DIR).is_dir():
+            ema = modality.get_state(modality.load_trainable(last / EMA_DIR))
+        model = modality.load_trainable(last)
     else:
         model = modality.build_model()
     ledger = PrivacyLedger(run.ledger_path)
@@ -94,8 +118,11 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
     console.rule(f"{modality_name} federation: {planned} rounds, {config.federation.strategy}{resumed}")
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal ema
         if server_round > 0:
-            save_checkpoint(run, modality, model, arrays, server_round + done, ledger)
+            if ema_decay > 0:
+                ema = update_ema(ema, arrays.to_torch_state_dict(), ema_decay)
+            save_checkpoint(run, modality, model, arrays, server_round + done, ledger, ema)
         return None
 
     try:

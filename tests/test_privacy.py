@@ -357,3 +357,25 @@ def test_a_seed_makes_sampling_and_noise_reproducible():
         runs[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.equal(runs["a"], runs["b"])
     assert not torch.allclose(runs["a"], runs["c"])
+
+
+def test_fedprox_pull_keeps_weights_nearer_the_round_start():
+    """The proximal term shrinks the drift from the round's starting weights, DP or not."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+
+    def loss(model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean(dim=1)
+
+    drifts = {}
+    for mu in (0.0, 5.0):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(4, 1)
+        start = [p.detach().clone() for p in model.parameters()]
+        result = train_local(model, data, loss, epochs=3, batch_size=16, lr=0.05, noise_multiplier=1.0,
+                             max_grad_norm=1.0, delta=1e-5, seed=0, proximal_mu=mu)
+        drifts[mu] = sum(float((p - p0).norm()) for p, p0 in zip(model.parameters(), start))
+        eps = result.epsilon
+    assert drifts[5.0] < 0.8 * drifts[0.0]
+    assert eps == pytest.approx(epsilon_from_history([(1.0, result.sample_rate, result.steps)], delta=1e-5))

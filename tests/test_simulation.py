@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from PIL import Image
 from typer.testing import CliRunner
@@ -26,6 +27,7 @@ TINY = {
     "image.norm_num_groups": 4,
     "image.batch_size": 16,
     "image.sample_steps": 4,
+    "image.ema_decay": 0.5,
     "text.tiny_hidden_size": 32,
     "text.tiny_layers": 1,
     "text.batch_size": 8,
@@ -116,3 +118,16 @@ def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
     config = load_config(None, {"modality": "text", "text.max_length": 64, "text.tiny_hidden_size": 32, "text.tiny_layers": 1})
     with pytest.raises(FedgenError, match=r"site-1: text record \d+ is \d+ tokens with its prompt, longer than text.max_length 64"):
         check_sites(config, sites)
+
+
+def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
+    from safetensors.torch import load_file
+
+    from server.app import update_ema
+
+    rounds = [load_file(str(run.round_dir(r) / "image" / "diffusion_pytorch_model.safetensors")) for r in (1, 2)]
+    ema = load_file(str(run.round_dir(2) / "image" / "ema" / "diffusion_pytorch_model.safetensors"))
+    expected = update_ema(update_ema(None, rounds[0], 0.5), rounds[1], 0.5)
+    for key in ("conv_in.weight", "class_embedding.weight"):
+        assert torch.allclose(ema[key], expected[key], atol=1e-6)
+    assert not torch.allclose(ema["conv_in.weight"], rounds[1]["conv_in.weight"])

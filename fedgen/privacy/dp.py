@@ -94,6 +94,7 @@ def train_local(
     grad_sample_mode: str = "hooks",
     seed: int | None = None,
     max_physical_batch_size: int | None = None,
+    proximal_mu: float = 0.0,
     progress: ProgressCallback | None = None,
 ) -> LocalTrainResult:
     """Train ``model``'s trainable parameters in place with Adam for ``epochs`` epochs.
@@ -105,6 +106,10 @@ def train_local(
     ``max_physical_batch_size`` splits DP's logical (Poisson) batches to bound memory.
     ``progress(step, loss)`` is called after each optimizer step, before gradients are
     cleared, with the step's mean per-row loss (nan for an empty Poisson batch).
+    ``proximal_mu`` > 0 is FedProx's client term: after every step each trainable weight is
+    pulled towards where the round started, w -= lr * mu * (w - w_start). It is decoupled from
+    the gradient (as AdamW decouples weight decay) and uses no data, so the DP guarantee of the
+    clipped, noised gradients is untouched.
     """
     n_records = len(dataset)
     private = noise_multiplier is not None
@@ -126,6 +131,7 @@ def train_local(
         dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator
     )
     optimizer = torch.optim.Adam(params, lr=lr)
+    after_step = _proximal_pull(params, lr * proximal_mu) if proximal_mu > 0 else None
     was_training = model.training
     model.train()
     try:
@@ -143,12 +149,14 @@ def train_local(
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=noise_generator,
                 max_physical_batch_size=max_physical_batch_size,
+                after_step=after_step,
                 progress=progress,
             )
         else:
             backward = _BatchBackward(model, per_example_loss, multiplicity=noise_multiplicity)
             loss_sum, rows, steps = _run_epochs(
-                loader, optimizer, backward, params=params, epochs=epochs, progress=progress
+                loader, optimizer, backward, params=params, epochs=epochs,
+                after_step=after_step, progress=progress,
             )
             round_entry = (0.0, sample_rate, steps)
     finally:
@@ -205,6 +213,7 @@ def _train_private(
     grad_sample_mode: str,
     noise_generator: torch.Generator,
     max_physical_batch_size: int | None,
+    after_step: Callable[[], None] | None,
     progress: ProgressCallback | None,
 ) -> tuple[float, int, HistoryEntry]:
     """DP-SGD epochs; returns (loss sum, rows, this round's accountant entry)."""
@@ -240,13 +249,25 @@ def _train_private(
             )
             with _physical_batches(dp_loader, dp_optimizer, max_physical_batch_size) as batches:
                 loss_sum, rows, steps = _run_epochs(
-                    batches, dp_optimizer, backward, params=params, epochs=epochs, progress=progress
+                    batches, dp_optimizer, backward, params=params, epochs=epochs,
+                    after_step=after_step, progress=progress,
                 )
         finally:
             _detach_opacus(hooks, model, keep_modules=modules_before)
     (round_entry,) = engine.accountant.history
     assert round_entry[2] == steps, (round_entry, steps)
     return loss_sum, rows, round_entry
+
+
+def _proximal_pull(params: list[Tensor], strength: float) -> Callable[[], None]:
+    start = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, p0 in zip(params, start, strict=True):
+            p.sub_(strength * (p - p0))
+
+    return pull
 
 
 def _run_epochs(
@@ -256,6 +277,7 @@ def _run_epochs(
     *,
     params: list[Tensor],
     epochs: int,
+    after_step: Callable[[], None] | None,
     progress: ProgressCallback | None,
 ) -> tuple[float, int, int]:
     """The training loop shared by DP and non-DP; returns (loss sum, rows, optimizer steps)."""
@@ -275,6 +297,8 @@ def _run_epochs(
             optimizer.step()
             if not _was_accumulation_only(optimizer):
                 steps += 1
+                if after_step is not None:
+                    after_step()
                 if progress is not None:
                     progress(steps, step_loss_sum / step_rows if step_rows else math.nan)
                 loss_sum, rows = loss_sum + step_loss_sum, rows + step_rows

@@ -1,0 +1,50 @@
+"""A site's round in plain PyTorch (clients/local.py): budget refusal, DP plan, checkpoints."""
+
+import pytest
+import torch
+
+from clients.local import BudgetExhausted, plan_privacy, train_site
+from fedgen.config import load_config
+from fedgen.data.demo import make_demo_consortium
+from fedgen.data.site import load_site
+from fedgen.modalities import ImageModality, TextModality
+from fedgen.privacy.accounting import epsilon_from_history
+
+TINY = {
+    "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,
+    "image.batch_size": 8, "image.local_epochs": 1, "federation.rounds": 2, "privacy.epsilon": 4.0,
+    "text.tiny_hidden_size": 32, "text.tiny_layers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def site_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("local")
+    return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[0]
+
+
+def test_a_site_refuses_the_round_that_would_overspend_its_budget(site_dir, tmp_path):
+    config = load_config(None, TINY)
+    site = load_site(site_dir, config.data, modalities=("image",), channels=1)
+    task = ImageModality(config, work_dir=tmp_path)
+    plan = plan_privacy(config, site, modality="image", n_train=len(task.datasets(site)[0]))
+    spent = [plan.round_entry(), plan.round_entry()]  # both planned rounds already trained
+    assert epsilon_from_history(spent, delta=plan.delta) <= 4.0
+    state = task.get_state(task.build_model())
+    with pytest.raises(BudgetExhausted, match=r"site-1 refuses to train image: ε would reach .* past its budget 4"):
+        train_site(task, site, state, history=spent, seed=0)
+    update = train_site(task, site, state, history=spent[:1], seed=0)
+    assert update.metrics["epsilon"] == pytest.approx(epsilon_from_history(spent, delta=plan.delta), rel=1e-6)
+    assert update.metrics["epsilon-next"] > 4.0  # the server learns it cannot ask again
+
+
+def test_a_text_checkpoint_trains_on_from_where_it_stopped(site_dir, tmp_path):
+    config = load_config(None, {**TINY, "modality": "text"})
+    task = TextModality(config, work_dir=tmp_path)
+    model = task.build_model()
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in task.get_state(model).items()}
+    task.set_state(model, state)
+    task.save(model, tmp_path / "ckpt")
+    again = task.get_state(task.load_trainable(tmp_path / "ckpt"))
+    assert again.keys() == state.keys()
+    assert all(torch.equal(again[k], state[k]) for k in state)
