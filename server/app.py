@@ -49,11 +49,11 @@ def save_checkpoint(
     metrics.json, written inside, marks the checkpoint complete."""
     target = run.round_dir(server_round) / modality.name
     with atomic_dir(target) as tmp:
+        modality.set_state(model, arrays.to_torch_state_dict())
+        modality.save(model, tmp)  # replaces tmp whole: write it before the EMA subfolder
         if ema is not None:
             modality.set_state(model, ema)
             modality.save(model, tmp / EMA_DIR)
-        modality.set_state(model, arrays.to_torch_state_dict())
-        modality.save(model, tmp)
         rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round]
         write_json(
             tmp / "metrics.json",
