@@ -10,6 +10,15 @@ is the template up to its ``{text}`` slot; the loss covers only the note and its
 the model learns to write notes given a class, not to predict the prompt. Losses are per
 example because DP-SGD clips per example and membership attacks score per example.
 
+Aggregating LoRA. A site's update is W = W0 + (alpha/r) B A. FedAvg of A and of B separately
+(`aggregation="fedavg"`, the baseline) gives mean(B) mean(A), which is not the mean of the
+sites' products mean(B A): the cross terms B_i A_j of different sites enter, so the global
+model is not the average of what the sites learned, and the gap grows with how far the sites
+drift apart (non-IID data, several local epochs). FFA-LoRA (`aggregation="ffa"`, Sun et al.
+2024) freezes A at its shared seeded initialisation, so B A is linear in B and averaging B
+averages the products exactly; it also halves the bytes sent, and under DP the noise is added
+to half as many parameters.
+
 Nothing here reaches a model hub: every load is from a local directory and is checked first.
 """
 
