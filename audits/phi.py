@@ -50,6 +50,7 @@ from spacy.language import Language
 from spacy.tokens import Doc
 
 from fedgen.errors import FedgenError
+from fedgen.files import read_text_records
 
 __all__ = [
     "PHI_ENTITIES",
@@ -408,34 +409,8 @@ def scan(
 
 
 def read_texts_jsonl(path: Path | str) -> list[str]:
-    """The "text" of every line of a texts.jsonl; line i is text i (truth indices rely on it).
-
-    Lines end at "\\n" only, as in ``fedgen.data.site``: a note may hold other line breaks
-    (U+2028, form feeds) that ``str.splitlines`` would split on.
-    """
-    path = Path(path)
-    try:
-        content = path.read_bytes()
-    except FileNotFoundError:
-        raise FedgenError(f"{path}: no such file") from None
-    try:
-        lines = content.decode("utf-8-sig").split("\n")
-    except UnicodeDecodeError as error:
-        raise FedgenError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
-    if lines[-1] == "":  # the newline that ends the last line
-        lines.pop()
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise FedgenError(f"{path} line {number}: blank line (one JSON object per line)")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise FedgenError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise FedgenError(f'{path} line {number}: no "text" string in {line[:60]!r}')
-        texts.append(record["text"])
-    return texts
+    """The "text" of every line of a texts.jsonl; line i is text i (truth indices rely on it)."""
+    return [record["text"] for record in read_text_records(path)]
 
 
 # --- evaluation and reporting -----------------------------------------------------------------

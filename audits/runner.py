@@ -22,7 +22,6 @@ as ``Infinity``); a figure that could not be computed is ``None`` with a sibling
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
 from fedgen.data.site import IMAGE_SUFFIXES, load_images
 from fedgen.errors import FedgenError
+from fedgen.files import read_text_records
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import PrivacyLedger
 
@@ -146,13 +146,7 @@ def load_synthetic_texts(run: RunDir, config: RunConfig) -> tuple[list[str], lis
         raise _generate_first(run, "text")
     classes = config.data.text_classes
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FedgenError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise FedgenError(f'{path} line {number}: no "text" string')
+    for number, record in enumerate(read_text_records(path), start=1):
         if record.get("label") not in classes:
             raise FedgenError(f"{path} line {number}: label {record.get('label')!r} is not in the class list {classes}")
         texts.append(record["text"])

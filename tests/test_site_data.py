@@ -15,7 +15,7 @@ from PIL import Image
 from rich.console import Console
 
 from fedgen.config import DataConfig
-from fedgen.data import check_site, image_splits, load_images, load_site, split_indices, text_splits
+from fedgen.data.site import check_site, image_splits, load_images, load_site, split_indices, text_splits
 from fedgen.errors import FedgenError
 
 DATA = DataConfig()  # image classes: DR grades; text classes: mental-health classes
