@@ -86,6 +86,10 @@ class TextConfig(_Section):
     max_length: int = Field(640, ge=8)  # tokens; the byte tokenizer makes one per byte
     aggregation: Literal["fedavg", "ffa"] = "fedavg"  # ffa: A frozen at its shared init, B averaged
     load_in_bits: Literal[16, 8, 4] = 16  # 8/4-bit need bitsandbytes and a GPU
+    # Opacus per-sample gradients: "hooks" stores them for the LoRA layers only; "ghost" (fast
+    # gradient clipping) never forms them but runs two backward passes. Measured on the tiny
+    # model (BENCHMARKS.md) hooks is faster at the same memory; ghost pays off for wide layers.
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-3, gt=0)

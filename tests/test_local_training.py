@@ -48,3 +48,13 @@ def test_a_text_checkpoint_trains_on_from_where_it_stopped(site_dir, tmp_path):
     again = task.get_state(task.load_trainable(tmp_path / "ckpt"))
     assert again.keys() == state.keys()
     assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_path):
+    config = load_config(None, {**TINY, "modality": "text", "text.grad_sample_mode": "ghost", "text.max_new_tokens": 8})
+    site = load_site(site_dir, config.data, modalities=("text",))
+    task = TextModality(config, work_dir=tmp_path)
+    before = task.get_state(task.build_model())
+    update = train_site(task, site, before, history=[], seed=0)
+    assert update.metrics["epsilon"] == pytest.approx(epsilon_from_history(update.history, delta=update.metrics["delta"]))
+    assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved
