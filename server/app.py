@@ -44,6 +44,7 @@ def save_checkpoint(
     server_round: int,
     ledger: PrivacyLedger,
     ema: dict | None = None,
+    round_info: dict | None = None,
 ) -> None:
     """Write round-NNN/<modality>/ atomically (the EMA weights, if kept, in its EMA_DIR);
     metrics.json, written inside, marks the checkpoint complete."""
@@ -64,6 +65,7 @@ def save_checkpoint(
                     e.site: {"loss": e.loss, "epsilon": e.epsilon, "num_examples": e.num_examples}
                     for e in rows
                 },
+                **(round_info or {}),  # wall time, sites' training seconds, failures
             },
         )
 
@@ -122,7 +124,14 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         if server_round > 0:
             if ema_decay > 0:
                 ema = update_ema(ema, arrays.to_torch_state_dict(), ema_decay)
-            save_checkpoint(run, modality, model, arrays, server_round + done, ledger, ema)
+            for reason in strategy.failures:
+                console.print(f"[bold yellow]  a site failed round {server_round + done}:[/] {reason}")
+            round_info = {
+                "round_seconds": strategy.round_seconds,
+                "site_train_seconds": strategy.site_train_seconds,
+                "failures": strategy.failures,
+            }
+            save_checkpoint(run, modality, model, arrays, server_round + done, ledger, ema, round_info)
         return None
 
     try:

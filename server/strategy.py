@@ -9,12 +9,19 @@ After the first round, a site that went offline no longer blocks the next one.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+)
 
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
@@ -23,6 +30,9 @@ from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 __all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport", "BudgetSpent"]
 
 NODE_POLL_SECONDS = 1.0  # how often to check whether the consortium's sites are online
+# Under client-level DP every reply weighs the same (see ClientDPMixin).
+UNIFORM_WEIGHT_KEY = "client-dp-weight"
+UNIFORM_WEIGHT = 1.0
 
 SiteReport = Callable[[int, str, dict[str, float]], None]
 
@@ -57,8 +67,15 @@ class LedgerMixin:
         self.report = report
         self.round_offset = 0  # rounds already done before a resume
         self.spent_nodes: set[int] = set()
+        # Timing of the last round, for the federation-overhead figure in metrics.json.
+        self.round_seconds = math.nan
+        self.site_train_seconds: dict[str, float] = {}
+        self._round_started = time.perf_counter()
+        self.failures: list[str] = []  # why sites failed the last round (the round went on)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        self.site_train_seconds = {}
         server_round += self.round_offset
         # Flower's FedAvg sizes its sample from the nodes online BEFORE it waits for
         # min_available_nodes, so a site that connects during the wait would be left out.
@@ -84,7 +101,8 @@ class LedgerMixin:
         ok = [m for m in replies if not m.has_error()]
         for msg in ok:
             self._record(server_round, msg)
-        reasons = "; ".join(sorted({m.error.reason for m in replies if m.has_error()})) or "no reply"
+        self.failures = sorted({m.error.reason for m in replies if m.has_error()})
+        reasons = "; ".join(self.failures) or "no reply"
         if replies and not ok:
             raise FedgenError(f"every site failed round {server_round}: {reasons}")
         if len(ok) < self.min_train_nodes:
@@ -92,7 +110,9 @@ class LedgerMixin:
                 f"round {server_round}: {len(ok)} site(s) replied, fewer than min_sites = "
                 f"{self.min_train_nodes} ({reasons})"
             )
-        return super().aggregate_train(server_round, ok)
+        aggregated = super().aggregate_train(server_round, ok)
+        self.round_seconds = time.perf_counter() - self._round_started
+        return aggregated
 
     def _record(self, server_round: int, msg: Message) -> None:
         site = str(msg.content["site"]["name"])
@@ -113,15 +133,56 @@ class LedgerMixin:
         )
         if m["epsilon-next"] > m["budget"]:
             self.spent_nodes.add(msg.metadata.src_node_id)
+        self.site_train_seconds[site] = m.get("train-seconds", math.nan)
         if self.report is not None:
             self.report(server_round, site, m)
 
+
+class ClientDPMixin:
+    """Mixed in front of one of Flower's server-side client-DP wrappers (see make_strategy).
+
+    Flower's wrapper clips each update, lets the wrapped ledger strategy average, then adds
+    Gaussian noise of std σ·C/n. This mixin makes that sound and keeps the ledger whole:
+    - the average is unweighted (every reply weighs UNIFORM_WEIGHT): σ·C/n is calibrated for
+      a plain mean, while an example-weighted mean lets a big site move it by more than C/n;
+    - n is the number of replies actually averaged, so a round a site missed gets more noise;
+    - failed replies are left out before Flower's wrapper sees them: it would otherwise skip
+      the round whole, and the ledger would not record the sites that did spend their ε.
+    The ledger strategy's state (round_offset, failures, timings) is read and set through it.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        ok = [m for m in replies if not m.has_error()]
+        if len(ok) < self.strategy.min_train_nodes:  # the ledger strategy records them and fails
+            return self.strategy.aggregate_train(server_round, replies)
+        for msg in ok:
+            msg.content["metrics"][UNIFORM_WEIGHT_KEY] = UNIFORM_WEIGHT
+        self.num_sampled_clients = len(ok)
+        aggregated = super().aggregate_train(server_round, ok)
+        self.strategy.failures = sorted({m.error.reason for m in replies if m.has_error()})
+        return aggregated
+
+    def __getattr__(self, name: str):
+        strategy = self.__dict__.get("strategy")
+        if strategy is None:
+            raise AttributeError(name)
+        return getattr(strategy, name)
+
+    @property
+    def round_offset(self) -> int:
+        return self.strategy.round_offset
+
+    @round_offset.setter
+    def round_offset(self, value: int) -> None:
+        self.strategy.round_offset = value
 
 _STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
 
 
 def make_strategy(config: RunConfig, *, ledger: PrivacyLedger, modality: str, report: SiteReport | None = None):
-    """The configured Flower strategy with the ledger mixed in."""
+    """The configured Flower strategy with the ledger mixed in, wrapped for client-level DP
+    when federation.client_dp is on."""
     fed = config.federation
     base = _STRATEGIES[fed.strategy]
     kwargs = dict(
@@ -134,5 +195,23 @@ def make_strategy(config: RunConfig, *, ledger: PrivacyLedger, modality: str, re
         kwargs.update(eta=fed.server_lr)
     if fed.strategy == "fedprox":
         kwargs.update(proximal_mu=fed.proximal_mu)
+    if fed.client_dp != "off":
+        kwargs.update(weighted_by_key=UNIFORM_WEIGHT_KEY)
     strategy_class = type(f"Ledger{base.__name__}", (LedgerMixin, base), {})
-    return strategy_class(ledger=ledger, modality=modality, report=report, **kwargs)
+    strategy = strategy_class(ledger=ledger, modality=modality, report=report, **kwargs)
+    if fed.client_dp == "off":
+        return strategy
+    sampled = max(int(fed.sites * fed.fraction_train), kwargs["min_train_nodes"])
+    try:
+        if fed.client_dp == "fixed":
+            wrapper = type("ClientDPFixedClipping", (ClientDPMixin, DifferentialPrivacyServerSideFixedClipping), {})
+            return wrapper(strategy, fed.client_dp_noise_multiplier, fed.client_dp_clipping_norm, sampled)
+        wrapper = type("ClientDPAdaptiveClipping", (ClientDPMixin, DifferentialPrivacyServerSideAdaptiveClipping), {})
+        return wrapper(
+            strategy,
+            fed.client_dp_noise_multiplier,
+            sampled,
+            initial_clipping_norm=fed.client_dp_clipping_norm,
+        )
+    except ValueError as err:  # Flower's own parameter checks, e.g. adaptive σ vs sites
+        raise FedgenError(f"federation.client_dp = {fed.client_dp!r}: {err}") from None

@@ -131,3 +131,10 @@ def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
     for key in ("conv_in.weight", "class_embedding.weight"):
         assert torch.allclose(ema[key], expected[key], atol=1e-6)
     assert not torch.allclose(ema["conv_in.weight"], rounds[1]["conv_in.weight"])
+
+
+def test_each_checkpoint_records_round_time_and_the_sites_training_time(run):
+    info = json.loads((run.checkpoint("image") / "metrics.json").read_text())
+    assert set(info["site_train_seconds"]) == {"site-1", "site-2"}
+    assert 0 < max(info["site_train_seconds"].values()) < info["round_seconds"]
+    assert info["failures"] == []

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Error, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedgen.config import RunConfig
+from fedgen.config import RunConfig, load_config
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import PrivacyLedger
 from server.strategy import make_strategy
@@ -68,3 +68,67 @@ def test_a_round_where_every_site_failed_stops_the_run(ledger):
     failed = Message(Error(code=0, reason="site-1 refuses to train"), reply_to=sent)
     with pytest.raises(FedgenError, match="every site failed round 1: site-1 refuses"):
         strategy.aggregate_train(1, [failed])
+
+
+def _client_dp(ledger, *, noise, clip, mode="fixed", sites=2, global_arrays=None):
+    config = load_config(None, {
+        "federation.sites": sites, "federation.client_dp": mode,
+        "federation.client_dp_noise_multiplier": noise, "federation.client_dp_clipping_norm": clip,
+    })
+    strategy = make_strategy(config, ledger=ledger, modality="image")
+    if global_arrays is not None:  # what configure_train remembers as the round's start
+        strategy.current_arrays = ArrayRecord(numpy_ndarrays=[np.asarray(g, dtype=np.float32) for g in global_arrays])
+    return strategy
+
+
+def test_client_dp_without_noise_or_clipping_is_fedavg_and_still_ledgered(ledger, tmp_path):
+    g = [np.zeros(2), np.zeros((1, 1))]
+    a = [np.array([1.0, 2.0]), np.array([[0.5]])]
+    b = [np.array([4.0, -1.0]), np.array([[2.0]])]
+    wrapped = _client_dp(ledger, noise=0.0, clip=1e6, global_arrays=g)
+    plain = make_strategy(RunConfig(), ledger=PrivacyLedger(tmp_path / "plain.sqlite"), modality="image")
+    wrapped.round_offset = 4  # set by run_federation on a resume: must reach the ledger strategy
+    got, _ = wrapped.aggregate_train(1, [_reply(1, "site-1", a, 100, 2.0), _reply(2, "site-2", b, 100, 3.0)])
+    expected, _ = plain.aggregate_train(1, [_reply(1, "site-1", a, 100, 2.0), _reply(2, "site-2", b, 100, 3.0)])
+    for x, y in zip(got.to_numpy_ndarrays(), expected.to_numpy_ndarrays()):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    assert [(r.site, r.round) for r in ledger.entries()] == [("site-1", 5), ("site-2", 5)]
+    # Unequal sites are still averaged uniformly: the noise σ·C/n is calibrated for a plain mean.
+    got, _ = wrapped.aggregate_train(2, [_reply(1, "site-1", a, 100, 2.0), _reply(2, "site-2", b, 300, 3.0)])
+    for x, y, z in zip(got.to_numpy_ndarrays(), a, b):
+        np.testing.assert_allclose(x, (y + z) / 2, rtol=0, atol=1e-6)
+
+
+def test_client_dp_clips_each_update_to_the_clipping_norm(ledger):
+    g = [np.array([1.0, 1.0]), np.array([[1.0]])]
+    far = [np.array([4.0, 5.0]), np.array([[1.0]])]  # update (3, 4, 0): norm 5, clipped to 1
+    near = [np.array([1.0, 1.5]), np.array([[1.0]])]  # update (0, 0.5, 0): inside the norm
+    strategy = _client_dp(ledger, noise=0.0, clip=1.0, global_arrays=g)
+    got, _ = strategy.aggregate_train(1, [_reply(1, "site-1", far, 10, 1.0), _reply(2, "site-2", near, 10, 1.0)])
+    got = got.to_numpy_ndarrays()
+    np.testing.assert_allclose(got[0], [1.0 + 0.6 / 2, 1.0 + (0.8 + 0.5) / 2], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[1], [[1.0]], rtol=0, atol=1e-6)
+    alone, _ = strategy.aggregate_train(2, [_reply(1, "site-1", far, 10, 1.0)])
+    delta = np.concatenate([(x - y).ravel() for x, y in zip(alone.to_numpy_ndarrays(), g)])
+    assert np.linalg.norm(delta) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_client_dp_noise_is_scaled_to_the_sites_that_replied_and_failures_are_kept(ledger):
+    np.random.seed(0)  # Flower's wrapper draws from numpy's global generator
+    g = [np.zeros(20_000)]
+    strategy = _client_dp(ledger, noise=1.0, clip=0.5, sites=3, global_arrays=g)
+    sent = Message(content=RecordDict(), dst_node_id=3, message_type="train")
+    failed = Message(Error(code=0, reason="site-3 lost power"), reply_to=sent)
+    tiny = [np.full(20_000, 1e-4)]
+    got, _ = strategy.aggregate_train(1, [_reply(1, "site-1", tiny, 10, 1.0), _reply(2, "site-2", tiny, 10, 1.0), failed])
+    noise = got.to_numpy_ndarrays()[0] - 1e-4
+    assert np.std(noise) == pytest.approx(1.0 * 0.5 / 2, rel=0.03)  # σ·C/n with n = 2 replies, not 3
+    assert [r.site for r in ledger.entries()] == ["site-1", "site-2"]
+    assert strategy.failures == ["site-3 lost power"]
+
+
+def test_client_dp_settings_flower_refuses_are_one_line(ledger):
+    with pytest.raises(FedgenError, match=r"federation.client_dp = 'adaptive': .*too low"):
+        _client_dp(ledger, noise=1.0, clip=1.0, mode="adaptive", sites=3)
+    with pytest.raises(FedgenError, match="client_dp needs strategy 'fedavg' or 'fedprox'"):
+        load_config(None, {"federation.strategy": "fedadam", "federation.client_dp": "fixed"})
