@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.local import SiteUpdate, train_site
@@ -22,6 +22,7 @@ from fedgen.config import config_from_toml
 from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
+from server.secagg import secagg_mod, train_inputs, train_reply
 
 __all__ = ["make_client_app", "app", "site_ledger"]
 
@@ -100,10 +101,10 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
     """A ClientApp serving one site per node: simulated (site_dirs) or real (node config)."""
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secagg_mod])  # SecAgg+ rounds (federation.secagg) mask the reply
     def train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(TORCH_THREADS)
-        settings = msg.content["config"]
+        global_state, settings = train_inputs(msg.content)
         config = config_from_toml(str(settings["run-config"]))
         modality_name = str(settings["modality"])
         root = site_path(context, site_dirs)
@@ -119,7 +120,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         update = train_site(
             modality,
             site,
-            msg.content["arrays"].to_torch_state_dict(),
+            global_state,
             history=history,
             seed=round_seed(config.seed, int(settings["server-round"]), site.name),
             proximal_mu=float(settings.get("proximal-mu", 0.0)),  # sent by FedProx only
@@ -127,13 +128,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         save_history(context, modality_name, update.history)
         if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted
             record_release(ledger, site.name, modality_name, update)
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord(torch_state_dict=update.state),
-                "metrics": MetricRecord(update.metrics),
-                "site": ConfigRecord({"name": site.name}),
-            }
-        )
+        content = train_reply(msg.content, update.state, update.metrics, site.name)
         return Message(content=content, reply_to=msg)
 
     @app.query()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedgen.errors import FedgenError
 
@@ -127,6 +127,25 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.1, gt=0)  # FedAdam's eta
     round_timeout: float = Field(3600.0, gt=0)  # seconds
+    # Client-level DP on top of each site's sample-level DP: the server clips every site's
+    # update (its change to the global arrays) and adds Gaussian noise to the average.
+    client_dp: Literal["off", "fixed", "adaptive"] = "off"
+    client_dp_noise_multiplier: float = Field(1.0, ge=0)
+    client_dp_clipping_norm: float = Field(1.0, gt=0)  # "adaptive": the initial norm
+    # SecAgg+: the coordinator sees only the sum of the sites' updates (server/secagg.py).
+    secagg: bool = False
+    secagg_max_weight: float = Field(1000.0, gt=0)  # >= the largest site's training examples
+
+    @model_validator(mode="after")
+    def _client_dp_needs_plain_averaging(self) -> FederationConfig:
+        if self.client_dp != "off" and self.strategy == "fedadam":
+            raise ValueError(
+                "client_dp needs strategy 'fedavg' or 'fedprox': FedAdam's server step would sit "
+                "between the clipping and the noise"
+            )
+        if self.client_dp != "off" and self.secagg:
+            raise ValueError("client_dp clips each site's update, which secagg hides from the server")
+        return self
 
 
 class RunConfig(_Section):

@@ -7,6 +7,7 @@ The run folder comes from the caller (simulation) or from the run config key `ru
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,6 +20,7 @@ from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.privacy.ledger import PrivacyLedger
+from server.secagg import start_secagg
 from server.strategy import BudgetSpent, make_strategy
 
 __all__ = ["make_server_app", "run_federation", "rounds_done", "app"]
@@ -134,8 +136,11 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
             save_checkpoint(run, modality, model, arrays, server_round + done, ledger, ema, round_info)
         return None
 
+    start = strategy.start
+    if config.federation.secagg:  # the same rounds, the sites' updates summed under SecAgg+
+        start = partial(start_secagg, strategy, max_weight=config.federation.secagg_max_weight)
     try:
-        strategy.start(
+        start(
             grid=grid,
             initial_arrays=ArrayRecord(torch_state_dict=modality.get_state(model)),
             num_rounds=planned - done,
