@@ -137,9 +137,12 @@ def simulate(
     """Run the consortium on one machine with simulated hospitals (Flower simulation engine)."""
     from fedgen.artifacts import RunDir
     from fedgen.config import load_config
+    from fedgen.logs import quiet_libraries
     from simulations.runner import check_sites
     from simulations.runner import simulate as run_simulated
 
+    if not verbose:
+        quiet_libraries()  # before the sites are checked: that loads the text base model
     sites = _site_dirs(sites_dir, site)
     overrides = {
         "modality": modality,
