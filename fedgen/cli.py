@@ -104,7 +104,8 @@ def data_check(
 
     run_config = load_config(config)
     result = check_site(site_dir, run_config.data, channels=run_config.image.channels)
-    console.print(result.table())
+    if site_dir.is_dir():  # a missing folder has nothing to summarise
+        console.print(result.table())
     for problem in result.problems:
         err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
     if result.problems:
