@@ -1,7 +1,10 @@
 """DP overhead of one site's local training: examples/s and peak memory, DP vs non-DP.
 
 Each configuration runs in a fresh subprocess so its peak resident memory is its own.
-    python -m benchmarks.dp_overhead [--steps 6] [--threads 2]
+    python -m benchmarks.dp_overhead [--steps 6] [--threads 2] [--image-batch 64] [--modality image]
+
+"image DP (ghost)" is Opacus' ghost clipping with fedgen's Conv2d norm sampler
+(fedgen.privacy.ghost_conv): per-example gradient norms only, never the per-example gradients.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ CASES = {
     # name: (modality, noise multiplier or None, grad_sample_mode)
     "image non-DP": ("image", None, "hooks"),
     "image DP (hooks)": ("image", 1.0, "hooks"),
+    "image DP (ghost)": ("image", 1.0, "ghost"),
     "text non-DP": ("text", None, "hooks"),
     "text DP (hooks)": ("text", 1.0, "hooks"),
     "text DP (ghost)": ("text", 1.0, "ghost"),
 }
 TEXT_LENGTH = 300  # bytes, about a demo note
+MODALITIES = ("image", "text")
 
 
 def _dataset(modality, batch_size: int, steps: int):
@@ -52,15 +57,15 @@ def _dataset(modality, batch_size: int, steps: int):
     return task, data, getattr(config, modality)
 
 
-def measure(name: str, steps: int, threads: int) -> dict:
+def measure(name: str, steps: int, threads: int, image_batch: int) -> dict:
     import torch
 
     from fedgen.privacy.dp import train_local
 
     torch.set_num_threads(threads)
     modality, sigma, mode = CASES[name]
-    task, data, section = _dataset(modality, 64 if modality == "image" else 16, steps + 1)
-    batch = section.batch_size if modality == "text" else 64
+    task, data, section = _dataset(modality, image_batch if modality == "image" else 16, steps + 1)
+    batch = section.batch_size if modality == "text" else image_batch
     model = task.build_model()
     loss = task.per_example_loss()
     common = dict(epochs=1, batch_size=batch, lr=1e-3, noise_multiplier=sigma, max_grad_norm=1.0, delta=1e-5, seed=0)
@@ -81,22 +86,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-batch", type=int, default=64)
+    parser.add_argument("--modality", choices=MODALITIES, help="only this modality's cases")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(measure(args.case, args.steps, args.threads)))
+        print(json.dumps(measure(args.case, args.steps, args.threads, args.image_batch)))
         return
+    modalities = (args.modality,) if args.modality else MODALITIES
     rows = {}
-    for name in CASES:
+    for name in (name for name, case in CASES.items() if case[0] in modalities):
         out = subprocess.run(
-            [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads)],
+            [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads),
+             "--image-batch", str(args.image_batch)],
             capture_output=True, text=True, check=True,
         )
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{'case':<20} {'batch':>5} {'ex/s':>8} {'peak RSS MB':>12}")
     for row in rows.values():
         print(f"{row['case']:<20} {row['batch']:>5} {row['examples_per_s']:>8.1f} {row['peak_rss_mb']:>12.0f}")
-    for modality in ("image", "text"):
+    for modality in modalities:
         base = rows[f"{modality} non-DP"]
         for name, row in rows.items():
             if name.startswith(modality) and "non-DP" not in name:

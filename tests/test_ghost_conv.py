@@ -1,0 +1,183 @@
+"""Ghost clipping for convolutions (fedgen.privacy.ghost_conv) and the UNet in ghost mode.
+
+References never go through the code under test: per-example gradients come from one
+autograd backward per example, clipped sums from Opacus' hooks mode, ε from Opacus' RDP
+analysis called directly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.grad_sample import GradSampleHooksFastGradientClipping
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedgen.config import ImageConfig
+from fedgen.models.diffusion import build_unet, denoising_loss, make_noise_scheduler
+from fedgen.privacy import ghost_conv
+from fedgen.privacy.dp import train_local
+from fedgen.privacy.ghost_conv import (
+    compute_conv2d_norm_sample,
+    conv2d_weight_norms,
+    prefers_ghost_norm,
+)
+
+BATCH = 5
+CONV_SHAPES = {
+    "3x3 padded": {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1},
+    "strided, grouped, no bias": {
+        "in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 2, "padding": 1,
+        "groups": 2, "bias": False,
+    },
+    "dilated, 'same', reflect": {
+        "in_channels": 6, "out_channels": 6, "kernel_size": (3, 2), "dilation": 2,
+        "padding": "same", "groups": 3, "padding_mode": "reflect",
+    },
+    "1x1 shortcut, unpadded": {"in_channels": 5, "out_channels": 3, "kernel_size": 1},
+}
+# Tiny UNet at 8x8: its convs run at 64 positions (direct) and 16 (ghost norm).
+TINY_UNET = ImageConfig(resolution=8, block_out_channels=[8, 16], norm_num_groups=4)
+NUM_CLASSES = 3
+
+
+def _conv_case(options: dict, *, channels_last: bool = False):
+    """A conv layer, a batch, the gradient of summed per-example losses wrt the output, and
+    the reference per-example gradient norms from one backward per example."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**options)
+    inputs = torch.randn(BATCH, layer.in_channels, 9, 8)
+    if channels_last:
+        inputs = inputs.to(memory_format=torch.channels_last)
+    targets = torch.randn_like(layer(inputs))
+    outputs = layer(inputs)
+    losses = ((outputs - targets) ** 2).sum(dim=(1, 2, 3))
+    (output_grads,) = torch.autograd.grad(losses.sum(), outputs)
+    params = [p for p in (layer.weight, layer.bias) if p is not None]
+    reference = {p: [] for p in params}
+    for i in range(BATCH):
+        example_loss = ((layer(inputs[i : i + 1]) - targets[i : i + 1]) ** 2).sum()
+        for p, grad in zip(params, torch.autograd.grad(example_loss, params), strict=True):
+            reference[p].append(grad.norm())
+    return layer, inputs, output_grads, {p: torch.stack(n) for p, n in reference.items()}
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost norm", "direct"])
+def test_both_weight_norm_methods_equal_per_example_gradient_norms(shape, ghost, monkeypatch):
+    layer, inputs, output_grads, reference = _conv_case(CONV_SHAPES[shape])
+    norms = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
+    torch.testing.assert_close(norms, reference[layer.weight], rtol=1e-4, atol=0)
+    monkeypatch.setattr(ghost_conv, "CHUNK_ELEMENTS", 1)  # one example per chunk
+    chunked = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
+    torch.testing.assert_close(chunked, reference[layer.weight], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_the_registered_norm_sampler_gives_weight_and_bias_norms(shape):
+    registered = GradSampleHooksFastGradientClipping.NORM_SAMPLERS[nn.Conv2d]
+    assert registered is compute_conv2d_norm_sample
+    layer, inputs, output_grads, reference = _conv_case(CONV_SHAPES[shape])
+    norms = compute_conv2d_norm_sample(layer, [inputs], output_grads)
+    assert norms.keys() == reference.keys()  # no bias entry for bias=False
+    for param, expected in reference.items():
+        torch.testing.assert_close(norms[param], expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("ghost", [True, False], ids=["ghost norm", "direct"])
+def test_channels_last_inputs_give_the_same_norms(ghost):
+    """Opacus' own conv grad sampler returns zeros for channels-last inputs (see build_unet)."""
+    case = _conv_case(CONV_SHAPES["3x3 padded"], channels_last=True)
+    layer, inputs, output_grads, reference = case
+    assert not inputs.is_contiguous()
+    norms = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
+    torch.testing.assert_close(norms, reference[layer.weight], rtol=1e-4, atol=0)
+
+
+def test_an_empty_batch_has_no_norms():
+    layer, inputs, output_grads, _ = _conv_case(CONV_SHAPES["3x3 padded"])
+    norms = compute_conv2d_norm_sample(layer, [inputs[:0]], output_grads[:0])
+    assert [n.shape for n in norms.values()] == [(0,), (0,)]
+
+
+def test_the_cheaper_method_is_ghost_norm_only_when_positions_are_few():
+    layer = nn.Conv2d(64, 64, kernel_size=3)  # p * D = 64 * 576 = 36864
+    assert prefers_ghost_norm(layer, 8 * 8)  # 2 * 64² = 8192
+    assert not prefers_ghost_norm(layer, 16 * 16)  # 2 * 256² = 131072
+    assert not prefers_ghost_norm(nn.Conv2d(1, 32, kernel_size=3), 8 * 8)  # 32 * 9 = 288
+
+
+def _unet_data(n: int) -> TensorDataset:
+    """Images with their own fixed noise and timesteps, so every mode sees the same loss."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (n, TINY_UNET.channels, TINY_UNET.resolution, TINY_UNET.resolution)
+    return TensorDataset(
+        torch.rand(shape, generator=generator) * 2 - 1,
+        torch.randint(0, NUM_CLASSES, (n,), generator=generator),
+        torch.randn(shape, generator=generator),
+        torch.randint(0, TINY_UNET.train_timesteps, (n,), generator=generator),
+    )
+
+
+def _fixed_draw_loss():
+    scheduler = make_noise_scheduler(TINY_UNET)
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        images, labels, noise, timesteps = batch
+        return denoising_loss(model, scheduler, images, labels, noise=noise, timesteps=timesteps)
+
+    return loss
+
+
+def _first_step_gradient(mode: str, data: TensorDataset, *, max_grad_norm: float) -> torch.Tensor:
+    """The clipped, averaged gradient the optimizer consumed at step 1 (σ = 0), flattened."""
+    torch.manual_seed(0)
+    unet = build_unet(TINY_UNET, NUM_CLASSES)
+    captured = []
+
+    def keep_first(step: int, _loss: float) -> None:
+        if step == 1:
+            captured.extend(p.grad.detach().flatten().clone() for p in unet.parameters())
+
+    train_local(
+        unet, data, _fixed_draw_loss(), epochs=1, batch_size=len(data), lr=1e-3,
+        noise_multiplier=0.0, max_grad_norm=max_grad_norm, delta=1e-3,
+        grad_sample_mode=mode, seed=0, progress=keep_first,
+    )
+    return torch.cat(captured)
+
+
+def test_a_ghost_step_on_the_unet_equals_the_hooks_step(monkeypatch):
+    decisions = []
+
+    def recording_sampler(layer, activations, backprops):
+        decisions.append(prefers_ghost_norm(layer, backprops.shape[2] * backprops.shape[3]))
+        return compute_conv2d_norm_sample(layer, activations, backprops)
+
+    samplers = GradSampleHooksFastGradientClipping.NORM_SAMPLERS
+    monkeypatch.setitem(samplers, nn.Conv2d, recording_sampler)
+    data = _unet_data(6)  # batch_size = n: q = 1, every example in the one step
+    # A small bound clips every example: the step is Σ C g_i / ||g_i||, so any wrong norm shows.
+    hooks = _first_step_gradient("hooks", data, max_grad_norm=1e-3)
+    ghost = _first_step_gradient("ghost", data, max_grad_norm=1e-3)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in build_unet(TINY_UNET, NUM_CLASSES).modules())
+    assert len(decisions) == n_convs and set(decisions) == {True, False}  # both methods ran
+    assert hooks.norm() > 0
+    torch.testing.assert_close(ghost, hooks, rtol=1e-4, atol=1e-4 * hooks.abs().max().item())
+
+
+def test_ghost_training_spends_the_epsilon_of_the_rdp_analysis():
+    sigma, delta = 1.0, 1e-3
+    result = train_local(
+        build_unet(TINY_UNET, NUM_CLASSES), _unet_data(12), _fixed_draw_loss(), epochs=2,
+        batch_size=4, lr=1e-3, noise_multiplier=sigma, max_grad_norm=1.0, delta=delta,
+        grad_sample_mode="ghost", seed=0,
+    )
+    assert result.sample_rate == pytest.approx(1 / 3)  # q = 1 / ceil(12 / 4)
+    assert result.steps == 6  # 3 Poisson batches per epoch
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=1 / 3, noise_multiplier=sigma, steps=6, orders=orders)
+    expected, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    assert result.epsilon == pytest.approx(expected, rel=0.01)
