@@ -20,8 +20,16 @@ data for a strict guarantee.
 The number of examples caps the bound: even a perfect attack (no errors) certifies only
 ``max_certifiable_epsilon(N_in, N_out)``. A small bound with few examples says little.
 
-Not implemented: one-run auditing (Steinke, Nasr & Jagielski 2023), whose δ > 0 bound needs a
-numerical procedure we could not test against exact values here.
+One-run auditing (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1) Training
+Run", NeurIPS 2023) is the option ``one_run_epsilon``: m canaries are each put in the training
+data with probability 1/2, independently; after the one training run the auditor guesses in or
+out for r of them (abstaining on the rest) and v guesses are right. Under (ε, δ)-DP,
+
+    P[v or more right] <= P[Binomial(r, q) >= v] + 2 m δ · max_{1<=i<=v} P[v - i <= Binomial(r, q) < v] / i,
+
+with q = e^ε / (1 + e^ε) (their Theorem 3.1 and the p-value in their appendix code). The bound
+is the ε at which that p-value reaches beta: smaller ε would have made v right guesses less
+likely than beta.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.optimize import brentq
+from scipy.special import expit
+from scipy.stats import beta, binom
 
 from fedgen.errors import FedgenError
 
@@ -39,6 +49,8 @@ __all__ = [
     "empirical_epsilon",
     "empirical_epsilon_from_histograms",
     "max_certifiable_epsilon",
+    "one_run_p_value",
+    "one_run_epsilon",
 ]
 
 DEFAULT_ALPHA = 0.05
@@ -195,3 +207,46 @@ def empirical_epsilon_from_histograms(
         n_members - members_at_or_above, false_positives, np.asarray(edges[:-1], dtype=np.float64),
         n_members, n_nonmembers, delta=delta, alpha=alpha,
     )
+
+
+# --- one-run auditing (Steinke, Nasr & Jagielski 2023) ----------------------------------------
+
+MAX_ONE_RUN_EPSILON = 100.0  # beyond this the guesses' p-value is 1 for any count of canaries
+
+
+def _check_guesses(m: int, r: int, v: int, delta: float) -> None:
+    if not 0 <= v <= r <= m:
+        raise FedgenError(f"one-run audit needs 0 <= right guesses <= guesses <= canaries, got {v}, {r}, {m}")
+    if not 0.0 <= delta < 1.0:
+        raise FedgenError(f"delta {delta} is not in [0, 1)")
+
+
+def one_run_p_value(m: int, r: int, v: int, *, epsilon: float, delta: float) -> float:
+    """The largest probability (ε, δ)-DP training allows of v or more right guesses out of r."""
+    _check_guesses(m, r, v, delta)
+    if v == 0:
+        return 1.0
+    q = float(expit(epsilon))
+    tail = float(binom.sf(v - 1, r, q))
+    widths = np.arange(1, v + 1)
+    window = np.cumsum(binom.pmf(v - widths, r, q))  # P[v - i <= Binomial(r, q) < v], i = 1..v
+    return min(tail + 2 * m * delta * float(np.max(window / widths)), 1.0)
+
+
+def one_run_epsilon(m: int, r: int, v: int, *, delta: float, alpha: float = DEFAULT_ALPHA) -> float:
+    """ε lower bound at confidence 1 - alpha from one run: m canaries, r guesses, v right.
+
+    0 when the guesses are no better than (0, δ)-DP allows at that confidence.
+    """
+    _check_guesses(m, r, v, delta)
+    if not 0.0 < alpha < 1.0:
+        raise FedgenError(f"confidence alpha {alpha} is not in (0, 1)")
+
+    def excess(epsilon: float) -> float:
+        return one_run_p_value(m, r, v, epsilon=epsilon, delta=delta) - alpha
+
+    if excess(0.0) >= 0:
+        return 0.0
+    if excess(MAX_ONE_RUN_EPSILON) < 0:
+        return MAX_ONE_RUN_EPSILON
+    return float(brentq(excess, 0.0, MAX_ONE_RUN_EPSILON, xtol=1e-12))

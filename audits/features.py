@@ -7,8 +7,10 @@ scores from different extractors are not comparable:
 - ``FeatureNet``: a small CNN classifier trained by fedgen itself (at a site, on synthetic
   data, or anywhere else: ``train_feature_net`` takes plain tensors). Its penultimate
   activations are the features; its head is the classifier of the image utility audit.
-- ``InceptionFeatures``: torchmetrics' Inception-v3 (torch-fidelity weights), loaded from a
-  LOCAL weights file only.
+- ``InceptionFeatures``: Inception-v3 as a TorchScript file from a LOCAL path only (the format
+  of NVlabs' ``inception-2015-12-05.pt``, used by the StyleGAN2-ADA/3 metrics and clean-fid).
+  torchmetrics' own Inception needs torch-fidelity, which needs torchvision, which cannot be
+  installed beside fedgen's CPU torch; a TorchScript file needs neither.
 
 Images everywhere in the audits are float tensors ``[N, C, H, W]`` in ``[-1, 1]`` (the
 diffusion model's range); labels are class indices ``[N]``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -42,7 +45,8 @@ GROUPS_PER_NORM = 8  # GroupNorm, not BatchNorm: Opacus cannot train BatchNorm u
 EVAL_BATCH_SIZE = 256
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-INCEPTION_FEATURE_LAYER = "2048"  # the pool layer FID is defined on
+INCEPTION_FEATURES = 2048  # the pool features FID is defined on
+INCEPTION_PROBE_SIZE = 32  # side of the blank image a loaded detector is tried on (it resizes itself)
 
 
 class FeatureExtractor(Protocol):
@@ -185,47 +189,56 @@ def classify(net: FeatureNet, images: Tensor, *, batch_size: int = EVAL_BATCH_SI
 
 
 class InceptionFeatures(nn.Module):
-    """torchmetrics' Inception-v3 (2048-d pool features) taking fedgen's ``[-1, 1]`` images.
+    """A TorchScript Inception-v3 detector taking fedgen's ``[-1, 1]`` images.
 
-    Gray images are repeated to three channels and quantised to uint8, which is what the
-    torch-fidelity network expects (it resizes to 299 x 299 itself).
+    The detector is called as ``detector(images, return_features=True)`` on uint8
+    ``[N, 3, H, W]`` images (it resizes to 299 x 299 itself) and returns the 2048-d pool features,
+    like NVlabs' ``inception-2015-12-05.pt``. Gray images are repeated to three channels.
     """
 
-    num_features = int(INCEPTION_FEATURE_LAYER)
+    num_features = INCEPTION_FEATURES
 
-    def __init__(self, inception: nn.Module, *, weights_path: Path) -> None:
+    def __init__(self, detector: nn.Module, *, path: Path) -> None:
         super().__init__()
-        self.inception = inception
-        self.description = f"Inception-v3 (torch-fidelity weights from local path {weights_path})"
+        self.detector = detector
+        self.path = path
+        self.description = f"Inception-v3 (TorchScript detector from local path {path})"
 
     def features(self, images: Tensor) -> Tensor:
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
         uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return self.inception(uint8)
+        features = self.detector(uint8, return_features=True)
+        expected = (len(images), self.num_features)
+        if not isinstance(features, Tensor) or tuple(features.shape) != expected:
+            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise FedgenError(f"{self.path}: the detector returned {shape} for {len(images)} images, not features of shape {expected}")
+        return features.float()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.features(images)
 
 
 def load_inception(path: str | Path) -> InceptionFeatures:
-    """Inception-v3 from a local torch-fidelity weights file (``pt_inception-2015-12-05-*.pth``).
+    """The TorchScript Inception detector in ``path`` (e.g. ``inception-2015-12-05.pt``), on the CPU.
 
-    Never downloads: a missing file is a FedgenError. Needs the torch-fidelity package.
+    Never downloads: a missing file is a FedgenError, and so is a file that is not TorchScript or
+    a detector that cannot be called as above (it is tried once on a blank image).
     """
     path = Path(path)
     if not path.is_file():
-        raise FedgenError(f"Inception weights file not found: {path} (fedgen never downloads weights)")
+        raise FedgenError(f"Inception file not found: {path} (fedgen never downloads weights)")
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        inception = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[INCEPTION_FEATURE_LAYER],
-            feature_extractor_weights_path=str(path),
-        )
-    except ModuleNotFoundError:
-        raise FedgenError(
-            "the Inception feature extractor needs the torch-fidelity package, which is not installed"
-        ) from None
-    return InceptionFeatures(inception, weights_path=path)
+        with warnings.catch_warnings():  # torch deprecates TorchScript; the published detector is one
+            warnings.simplefilter("ignore", DeprecationWarning)
+            detector = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError:
+        raise FedgenError(f"{path} is not a TorchScript file (expected a detector like inception-2015-12-05.pt)") from None
+    inception = InceptionFeatures(detector.eval(), path=path)
+    try:
+        with torch.no_grad():
+            inception.features(torch.zeros(1, 3, INCEPTION_PROBE_SIZE, INCEPTION_PROBE_SIZE))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise FedgenError(f"{path} cannot be called as detector(images, return_features=True): {reason}") from None
+    return inception

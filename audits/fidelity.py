@@ -28,7 +28,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.linalg
 import torch
 from sklearn.feature_extraction.text import HashingVectorizer
 from torch import Tensor, nn
@@ -70,6 +69,9 @@ __all__ = [
 MIN_AGGREGATE_COUNT = 20
 
 IMAGE_RANGE = (-1.0, 1.0)
+# Eigenvalues of a covariance below this fraction of its largest are round-off of zero (the
+# covariance of fewer records than feature dimensions is singular).
+EIGENVALUE_FLOOR = 1e-12
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; the cap keeps means finite
 DISTANCE_CHUNK = 1024  # rows of a distance matrix held at once: memory O(chunk x N)
 PRDC_K = 5  # Naeem et al. 2020 use k = 5
@@ -132,24 +134,27 @@ def gaussian_from_stats(stats: dict) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *, eps: float = 1e-6
-) -> float:
-    """||μ1 − μ2||² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), as in the FID reference implementation.
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ1 Σ2)^½), the sum of √λ over the eigenvalues λ of Σ1^½ Σ2 Σ1^½ (the same spectrum).
 
-    If the square root of Σ1 Σ2 comes out non-finite (singular product) it is retaken after
-    adding ``eps`` to both diagonals; the imaginary part round-off leaves on it is dropped.
+    With Σ1 = U Λ Uᵀ and B = U Λ^½ restricted to Λ's non-zero eigenvalues, Σ1^½ Σ2 Σ1^½ has the
+    non-zero eigenvalues of the small symmetric matrix Bᵀ Σ2 B: one eigendecomposition of Σ1
+    and one of rank(Σ1) ≤ its record count, stable for singular covariances and much faster
+    than ``scipy.linalg.sqrtm`` of Σ1 Σ2 on 2048-d Inception features. Round-off below zero
+    is clipped.
     """
+    values, vectors = np.linalg.eigh(sigma1)
+    kept = values > EIGENVALUE_FLOOR * max(values[-1], 0.0)
+    b = vectors[:, kept] * np.sqrt(values[kept])
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(b.T @ sigma2 @ b), 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||μ1 − μ2||² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the FID formula (Heusel et al. 2017)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product(sigma1, sigma2))
 
 
 def fid_from_stats(real_stats: dict, fake_stats: dict) -> float:

@@ -8,6 +8,15 @@ check with a detail saying so — nothing passes by being missing.
 The accountant's ε is a guarantee, the attacks are measurements; both are checked, and one more
 check ties them together: an attack's empirical ε lower bound above the accountant's ε would
 mean the DP training is broken, so it refuses the release too.
+
+Attack figures are measured on a few hundred examples, where guessing alone can exceed a
+policy's limit (at 123 held-out records a 1% FPR is one record). So an attack's AUC or TPR at 1%
+FPR fails its check only above the larger of the policy's limit and what a guessing attack
+reaches at the run's counts (``audits.mia.chance_*_bound``) with the policy's
+``chance_confidence``, shared by all those checks together (Bonferroni: a run is audited by
+several attacks, and each extra check would otherwise add its own chance of refusing a model
+that leaks nothing). A check decided by the chance bound says so: the sample was too small to
+show the attack stays within the policy's limit.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ __all__ = ["Policy", "load_policy", "evaluate_gate", "DEFAULT_POLICY"]
 DEFAULT_POLICY = "default"  # what the report records as the policy's source when none is given
 _DEFAULT_POLICY_FILE = "policy.toml"
 FPR_1PCT = 0.01
+DEFAULT_CHANCE_CONFIDENCE = 0.95
+MEMBERSHIP_FIGURES = ("auc", "tpr_at_1pct_fpr")  # the attack figures held to a limit
 
 
 class _Section(BaseModel):
@@ -41,6 +52,7 @@ class PrivacyPolicy(_Section):
 class MembershipPolicy(_Section):
     auc_max: float = Field(ge=0, le=1)
     tpr_at_1pct_fpr_max: float = Field(ge=0, le=1)
+    chance_confidence: float = Field(DEFAULT_CHANCE_CONFIDENCE, gt=0, lt=1)
 
 
 class PhiPolicy(_Section):
@@ -236,20 +248,67 @@ def _too_few_for_1pct(summary: dict) -> str | None:
     return None
 
 
-def _membership_checks(report: dict, modality: str, policy: MembershipPolicy) -> list[dict]:
+def _attack_figures(report: dict, modalities: list[str]) -> int:
+    """How many attack figures the gate holds to a limit: the Bonferroni family."""
+    attacks = [_lookup(report, "membership", m, "attacks")[0] or {} for m in modalities]
+    return max(len(MEMBERSHIP_FIGURES) * sum(len(a) for a in attacks), 1)
+
+
+def _chance_bound(figure: str, summary: dict, confidence: float) -> float | None:
+    """What a guessing attack stays at or below at the summary's counts (None: counts unknown)."""
+    from audits.mia import chance_auc_bound, chance_tpr_bound  # scipy: only when attacks are checked
+
+    n_members, n_nonmembers = summary.get("n_members"), summary.get("n_nonmembers")
+    if not (_is_number(n_members) and _is_number(n_nonmembers) and n_members > 0 and n_nonmembers > 0):
+        return None
+    if figure == "auc":
+        return chance_auc_bound(int(n_members), int(n_nonmembers), confidence=confidence)
+    return chance_tpr_bound(int(n_members), int(n_nonmembers), level=FPR_1PCT, confidence=confidence)
+
+
+def _attack_check(name: str, what: str, summary: dict, figure: str, threshold: float, *, confidence: float, note: str | None) -> dict:
+    """An attack figure held to max(policy limit, chance bound), saying which bound applied.
+
+    Extra keys: ``bound`` (the limit applied), ``bound_source`` ("policy" or "chance"),
+    ``chance_bound`` and ``chance_confidence`` (this check's share of the family's confidence).
+    """
+    value = summary.get(figure)
+    chance = _chance_bound(figure, summary, confidence)
+    if not _is_number(value) or chance is None:
+        return _bound(name, what, value, threshold, at_most=True, note=note)
+    small = chance > threshold
+    bound = chance if small else threshold
+    counts = f"{summary['n_members']} training and {summary['n_nonmembers']} held-out records"
+    if small:
+        detail = (
+            f"{what} = {_fmt(value)}; the policy's limit is {_fmt(threshold)}, but with {counts} an attack "
+            f"that only guesses reaches up to {_fmt(chance)} ({100 * confidence:.3g}% confidence), so only a value "
+            f"above {_fmt(chance)} is refused: the sample is too small to show the attack stays within {_fmt(threshold)}"
+        )
+    else:
+        detail = f"{what} = {_fmt(value)} (must be ≤ {_fmt(threshold)}; guessing reaches up to {_fmt(chance)} with {counts})"
+    check = _check(name, bool(value <= bound), value, detail, threshold)
+    return check | {"bound": bound, "bound_source": "chance" if small else "policy", "chance_bound": chance, "chance_confidence": confidence}
+
+
+def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *, figures: int) -> list[dict]:
     attacks, note = _lookup(report, "membership", modality, "attacks")
     if not attacks:
         return [_unmeasured(f"membership.{modality}", f"any {modality} membership attack", note)]
     accountant = _accountant_epsilon(report, modality)
+    confidence = 1 - (1 - policy.chance_confidence) / figures
+    limits = {"auc": (policy.auc_max, "AUC"), "tpr_at_1pct_fpr": (policy.tpr_at_1pct_fpr_max, "TPR at 1% FPR")}
     checks = []
     for attack, result in sorted(attacks.items()):
         prefix = f"membership.{modality}.{attack}"
         pooled = result.get("pooled") or {}
-        checks.append(_bound(f"{prefix}.auc", f"{attack} attack AUC", pooled.get("auc"), policy.auc_max, at_most=True, note=pooled.get("note")))
-        checks.append(
-            _bound(f"{prefix}.tpr_at_1pct_fpr", f"{attack} attack TPR at 1% FPR", pooled.get("tpr_at_1pct_fpr"),
-                   policy.tpr_at_1pct_fpr_max, at_most=True, note=pooled.get("note") or _too_few_for_1pct(pooled))
-        )  # fmt: skip
+        for figure in MEMBERSHIP_FIGURES:
+            threshold, label = limits[figure]
+            why_missing = pooled.get("note") or (_too_few_for_1pct(pooled) if figure == "tpr_at_1pct_fpr" else None)
+            checks.append(
+                _attack_check(f"{prefix}.{figure}", f"{attack} attack {label}", pooled, figure, threshold,
+                              confidence=confidence, note=why_missing)
+            )  # fmt: skip
         bound, bound_note = _lookup(report, "membership", modality, "empirical_epsilon", attack, "eps_lb")
         name = f"{prefix}.empirical_epsilon"
         what = f"{attack} attack's empirical ε lower bound"
@@ -324,8 +383,8 @@ def _utility_checks(report: dict, modality: str, policy: UtilityPolicy) -> list[
     return [_bound(name, what, value, policy.synthetic_to_real_ratio_min, at_most=False, note=note)]
 
 
-def _modality_checks(report: dict, modality: str, policy: Policy) -> list[dict]:
-    checks = _membership_checks(report, modality, policy.membership)
+def _modality_checks(report: dict, modality: str, policy: Policy, *, figures: int) -> list[dict]:
+    checks = _membership_checks(report, modality, policy.membership, figures=figures)
     if modality == "text":
         checks += _phi_checks(report, policy.phi)
     checks += _memorisation_checks(report, modality, policy.memorisation)
@@ -344,8 +403,9 @@ def evaluate_gate(report: dict, policy: Policy) -> dict:
     modalities, _ = _lookup(report, "run", "modalities")
     if not modalities:
         checks.append(_unmeasured("run.modalities", "which modalities the run trained"))
+    figures = _attack_figures(report, modalities or [])
     for modality in modalities or []:
-        checks += _modality_checks(report, modality, policy)
+        checks += _modality_checks(report, modality, policy, figures=figures)
     return {
         "passed": all(check["passed"] for check in checks),
         "policy": policy.source,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.stats import nhypergeom, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedgen.errors import FedgenError
@@ -35,6 +36,9 @@ __all__ = [
     "attack_metrics",
     "score_histogram",
     "metrics_from_histograms",
+    "allowed_false_positives",
+    "chance_tpr_bound",
+    "chance_auc_bound",
     "image_loss_scores",
     "image_pia_scores",
     "loss_score",
@@ -105,6 +109,11 @@ def _check_counts(n_members: int, n_nonmembers: int) -> None:
         )
 
 
+def allowed_false_positives(n_nonmembers: int, level: float) -> int:
+    """How many non-members a threshold may accuse while its FPR stays at most ``level``."""
+    return int(np.count_nonzero(np.arange(1, n_nonmembers + 1) / n_nonmembers <= level))
+
+
 def _tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float, n_nonmembers: int) -> float | None:
     if n_nonmembers * level < 1.0:
         return None
@@ -135,6 +144,47 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> A
     fpr, tpr, _ = roc_curve(labels, scores)
     auc = roc_auc_score(labels, scores)
     return _result_from_curve(fpr, tpr, auc, len(member_scores), len(nonmember_scores))
+
+
+# --- what guessing achieves ------------------------------------------------------------------
+#
+# An attack without any membership signal scores members and non-members alike: ranking all
+# scores is then a uniformly random order. These bounds are what such an attack stays at or
+# below with probability ``confidence`` at given counts — with few examples, guessing alone
+# reaches figures that look like leakage.
+
+
+def chance_tpr_bound(n_members: int, n_nonmembers: int, *, level: float, confidence: float) -> float:
+    """The TPR at FPR ≤ ``level`` that a guessing attack stays at or below with probability
+    at least ``confidence`` (exact).
+
+    The TPR at FPR ≤ level counts the members ranked above the (k+1)-th highest non-member, where
+    k = ``allowed_false_positives``. In a random order that count is negative hypergeometric: the
+    members drawn before the (k+1)-th non-member, drawing without replacement from all scores.
+    Histogram thresholds (``metrics_from_histograms``) can only find fewer, so the bound holds
+    for pooled figures too.
+    """
+    _check_counts(n_members, n_nonmembers)
+    assert 0.0 < confidence < 1.0, f"confidence {confidence} is not in (0, 1)"
+    k = allowed_false_positives(n_nonmembers, level)
+    if k >= n_nonmembers:  # every non-member may be accused: every member is found
+        return 1.0
+    found = nhypergeom(n_members + n_nonmembers, n_members, k + 1).ppf(confidence)
+    return float(found) / n_members
+
+
+def chance_auc_bound(n_members: int, n_nonmembers: int, *, confidence: float) -> float:
+    """The AUC a guessing attack stays at or below with probability ``confidence``.
+
+    The AUC is the Mann–Whitney U statistic over n_members · n_nonmembers; for a random order
+    it has mean 1/2 and variance (n_members + n_nonmembers + 1) / (12 n_members n_nonmembers)
+    (no ties; ties only shrink it). Normal approximation, as in ``scipy.stats.mannwhitneyu``
+    for more than a few examples per side.
+    """
+    _check_counts(n_members, n_nonmembers)
+    assert 0.0 < confidence < 1.0, f"confidence {confidence} is not in (0, 1)"
+    variance = (n_members + n_nonmembers + 1) / (12 * n_members * n_nonmembers)
+    return float(0.5 + norm.ppf(confidence) * math.sqrt(variance))
 
 
 def score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:

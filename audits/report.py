@@ -23,6 +23,7 @@ import tomli_w
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from audits.gate import Policy, evaluate_gate
 from fedgen.files import write_json, write_text
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "REPORT_HTML",
     "MAX_FINDINGS_SHOWN",
     "render_html",
+    "record_decision",
     "write_report",
     "synthetic_manifest",
     "file_sha256",
@@ -215,6 +217,15 @@ def _roc_plot(attacks: dict, modality: str) -> str | None:
     return _figure_uri(draw, size=(9, 4))
 
 
+def _limit(check: dict | None) -> str:
+    """The limit the gate held an attack figure to, and where it came from."""
+    if not check or check.get("bound") is None:
+        return "not gated" if check is None else _number(check.get("threshold"))
+    if check.get("bound_source") == "chance":
+        return f"{_number(check['bound'])} (guessing reaches this; too few examples for the policy's {_number(check['threshold'])})"
+    return f"{_number(check['bound'])} (policy)"
+
+
 def _attack_row(name: str, summary: dict, site: str | None = None) -> dict:
     return {
         "attack": name,
@@ -245,6 +256,7 @@ def _confidence(alpha: float | None) -> str:
 
 def _membership_section(report: dict) -> list[dict]:
     blocks = []
+    checks = {c.get("name"): c for c in (report.get("gate") or {}).get("checks", [])}
     for modality, measured in sorted((report.get("membership") or {}).items()):
         attacks = measured.get("attacks") or {}
         accountant = _accountant_epsilon(report, modality)
@@ -265,7 +277,14 @@ def _membership_section(report: dict) -> list[dict]:
         blocks.append({
             "modality": modality,
             "plot": _roc_plot(attacks, modality),
-            "pooled": [_attack_row(name, r.get("pooled") or {}) for name, r in sorted(attacks.items())],
+            "pooled": [
+                _attack_row(name, r.get("pooled") or {})
+                | {
+                    "auc_limit": _limit(checks.get(f"membership.{modality}.{name}.auc")),
+                    "tpr_limit": _limit(checks.get(f"membership.{modality}.{name}.tpr_at_1pct_fpr")),
+                }
+                for name, r in sorted(attacks.items())
+            ],
             "sites": [
                 _attack_row(name, summary, site)
                 for name, r in sorted(attacks.items())
@@ -454,10 +473,23 @@ def _run_section(report: dict) -> dict:
         "root": run.get("root") or "",
         "modalities": ", ".join(run.get("modalities") or []) or "not recorded",
         "dp": run.get("dp"),
+        "pretraining": _pretraining_rows(run.get("pretraining")),
         "generated_at": run.get("generated_at") or "not recorded",
         "versions": [(name, version or "not installed") for name, version in sorted((run.get("versions") or {}).items())],
         "config": tomli_w.dumps(_toml_safe(config)) if isinstance(config, dict) else "not recorded",
     }
+
+
+def _pretraining_rows(record: dict | None) -> list[tuple[str, str]] | None:
+    """The public data and checkpoint the image model started from, as (label, value) rows."""
+    if not record:
+        return None
+    labels = [
+        ("public_dir", "public data folder"), ("images", "public images"), ("labelled", "labels used"),
+        ("content_sha256", "public data SHA-256"), ("epochs", "epochs"), ("checkpoint", "checkpoint"),
+        ("weights_sha256", "checkpoint weights SHA-256"), ("created", "pretrained at"), ("note", "note"),
+    ]
+    return [(label, str(record[key])) for key, label in labels if key in record]
 
 
 def _toml_safe(value):
@@ -502,6 +534,13 @@ def render_html(report: dict, *, run_root: Path) -> str:
         n_texts=_number(synthetic.get("n_texts")),
         n_hashed=len(synthetic.get("sha256") or {}),
     )
+
+
+def record_decision(report: dict, policy: Policy, *, audited_files: dict[str, str]) -> dict:
+    """The report with the fingerprints of the audited synthetic files (``synthetic_manifest``,
+    taken before the audit read them) and the gate's decision on it."""
+    report = report | {"synthetic": (report.get("synthetic") or {}) | {"sha256": audited_files}}
+    return report | {"gate": evaluate_gate(report, policy)}
 
 
 def write_report(audit_dir: str | Path, report: dict) -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 """The coordinator's side of the audit: ask every site, pool the answers, assemble report.json.
 
 The coordinator holds the final model, the synthetic data and the privacy ledger, never a real
-record. ``run_audit`` sends each site a Flower query (clients/audit.py answers it where the
+record. ``audit_report`` sends each site a Flower query (clients/audit.py answers it where the
 data lives) and pools the aggregates that come back:
 
 - membership: per attack, the sites' score histograms on shared edges are summed into the
@@ -16,12 +16,18 @@ The image feature extractor is a FeatureNet the coordinator trains on the synthe
 only (their labels are known): no real record, no download, and the same weights at every
 site, so the sites' feature statistics pool into one FID.
 
+Everything the audit needs is read from the run folder, so it runs on either engine:
+``run_audit`` on the simulation engine (the run's simulated sites), ``audit_and_write`` inside
+the ServerApp a SuperLink starts with the run config ``task = "audit"`` (server/app.py; the
+coordinator submits it with ``fedgen audit RUN --deployment``).
+
 JSON conventions of the report: ε without DP is the float ``inf`` (written by ``json.dumps``
 as ``Infinity``); a figure that could not be computed is ``None`` with a sibling ``"note"``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -52,7 +58,9 @@ from audits.fidelity import (
     text_embedding_stats,
     text_fidelity,
 )
+from audits.gate import Policy
 from audits.mia import FPR_LEVEL_01PCT, FPR_LEVEL_1PCT, metrics_from_histograms
+from audits.report import record_decision, synthetic_manifest, write_report
 from audits.utility import pool_utility
 from clients.audit import (
     NGRAM_N,
@@ -67,6 +75,7 @@ from fedgen.data.site import IMAGE_SUFFIXES, load_images
 from fedgen.errors import FedgenError
 from fedgen.files import read_text_records
 from fedgen.modalities import get_modality
+from fedgen.pretrain import PROVENANCE_NAME
 from fedgen.privacy.ledger import PrivacyLedger
 
 __all__ = [
@@ -78,6 +87,9 @@ __all__ = [
     "shared_edges",
     "audit_sites",
     "assemble_report",
+    "trained_sites",
+    "audit_report",
+    "audit_and_write",
     "make_audit_app",
     "run_audit",
 ]
@@ -465,6 +477,12 @@ def _check_coverage(run: RunDir, answers: dict[str, list[dict]]) -> None:
             raise FedgenError(f"{', '.join(sorted(answered - trained))} answered the {name} audit but never trained (not in the ledger)")
 
 
+def _pretraining(run: RunDir) -> dict | None:
+    """What the image model was pretrained on (written by fedgen.pretrain.create_run), if anything."""
+    record = run.root / PROVENANCE_NAME
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, progress: bool = False) -> dict:
     """report.json (without "gate") from the sites' answers, the ledger and the synthetic data."""
     run, config = inputs.run, inputs.config
@@ -478,6 +496,7 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
             "config": config.model_dump(),
             "versions": _versions(),
             "dp": config.privacy.enabled,
+            "pretraining": _pretraining(run),
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "privacy": _privacy(run, config, budgets),
@@ -498,14 +517,39 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
 # --------------------------------------------------------------------------- entry points
 
 
-def make_audit_app(inputs: AuditInputs, *, expected_sites: int, sink: dict, progress: bool = False) -> ServerApp:
+def trained_sites(run: RunDir) -> list[str]:
+    """The sites the ledger says trained: the ones the audit must hear from."""
+    return PrivacyLedger(run.ledger_path).sites()
+
+
+def audit_report(grid: Grid, run: RunDir, *, expected_sites: int, progress: bool = False) -> dict:
+    """report.json (without "gate") from the sites reachable through ``grid``.
+
+    Everything comes from the run folder, so the same function serves a ServerApp started by
+    the simulation and one started by a SuperLink from its run config.
+    """
+    inputs = prepare_inputs(run, progress=progress)
+    answers = audit_sites(grid, inputs, expected_sites=expected_sites, progress=progress)
+    return assemble_report(inputs, answers, progress=progress)
+
+
+def audit_and_write(grid: Grid, run: RunDir, *, policy: Policy, progress: bool = True) -> tuple[Path, Path]:
+    """The whole audit of a run whose sites connect through ``grid`` (deployment): ask every
+    site that trained, apply the gate, write audit/report.json and report.html (each atomically)."""
+    audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
+    report = audit_report(grid, run, expected_sites=len(trained_sites(run)), progress=progress)
+    json_path, html_path = write_report(run.audit, record_decision(report, policy, audited_files=audited_files))
+    _say(progress, f"report written: {html_path}")
+    return json_path, html_path
+
+
+def make_audit_app(run: RunDir, *, expected_sites: int, sink: dict, progress: bool = False) -> ServerApp:
     """A ServerApp that audits the run on every site and leaves the report in ``sink["report"]``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        answers = audit_sites(grid, inputs, expected_sites=expected_sites, progress=progress)
-        sink["report"] = assemble_report(inputs, answers, progress=progress)
+        sink["report"] = audit_report(grid, run, expected_sites=expected_sites, progress=progress)
 
     return app
 
@@ -515,7 +559,6 @@ def run_audit(run: RunDir, *, sites: list[Path] | None = None, progress: bool = 
     from simulations.runner import run_on_simulated_sites
 
     site_dirs = run.simulated_sites() if sites is None else list(sites)
-    inputs = prepare_inputs(run, progress=progress)
     sink: dict = {}
-    run_on_simulated_sites(make_audit_app(inputs, expected_sites=len(site_dirs), sink=sink, progress=progress), site_dirs)
+    run_on_simulated_sites(make_audit_app(run, expected_sites=len(site_dirs), sink=sink, progress=progress), site_dirs)
     return sink["report"]

@@ -1,14 +1,17 @@
 """The coordinator on Flower's deployment engine: SuperLink, site registration, the fedgen run.
 
-`serve` does what `fedgen server` promises, with Flower 1.41's own commands as subprocesses:
+`serve` does what `fedgen server` promises (and `serve_audit` what `fedgen audit RUN
+--deployment` does), with Flower 1.41's own commands as subprocesses:
 
 1. start `flower-superlink` (TLS with the consortium certificates, SuperNode authentication,
    no runtime dependency installation: offline it fails, online it would pull other wheels);
 2. register every authorised site key (`flwr supernode register`) through a connection defined
    in RUN/flwr/config.toml (FLWR_HOME is the run folder's, never the user's ~/.flwr);
-3. submit the run (`flwr run APP fedgen --stream --run-config run-dir=RUN`) and stream its log;
-4. stop the SuperLink, also on errors and Ctrl-C, and check the run folder: the run succeeded
-   when every modality trained its planned rounds (see server.app.rounds_done).
+3. submit the run (`flwr run APP fedgen --stream --run-config run-dir=RUN --run-config
+   task=train|audit ...`) and stream its log;
+4. stop the SuperLink, also on errors and Ctrl-C, and check the run folder: training succeeded
+   when every modality trained its planned rounds (see server.app.rounds_done), the audit when
+   it wrote a new RUN/audit/report.json.
 
 The Flower App submitted is code-less: a pyproject.toml naming `server.app:app` and
 `clients.app:app`. Every party imports those from the fedgen it installed, so fedgen ships no
@@ -53,6 +56,7 @@ from fedgen.processes import (
 
 __all__ = [
     "serve",
+    "serve_audit",
     "check_listen_address",
     "check_outcome",
     "write_flower_app",
@@ -62,6 +66,11 @@ __all__ = [
     "SuperLinkGuard",
     "DEFAULT_PORT",
     "CONNECTION",
+    "RUN_DIR_KEY",
+    "TASK_KEY",
+    "POLICY_KEY",
+    "TASK_TRAIN",
+    "TASK_AUDIT",
 ]
 
 DEFAULT_PORT = 9092
@@ -81,6 +90,13 @@ RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 SERVER_APP = "server.app:app"
 CLIENT_APP = "clients.app:app"
 PUBLISHER = "fedgen"
+# The run config server/app.py reads (the app's defaults; Flower accepts only declared keys).
+RUN_DIR_KEY = "run-dir"  # the run folder, absolute: the ServerApp has its own working directory
+TASK_KEY = "task"
+TASK_TRAIN = "train"
+TASK_AUDIT = "audit"
+POLICY_KEY = "policy"  # the audit's policy file, absolute; empty = the shipped default policy
+RUN_CONFIG_DEFAULTS = {RUN_DIR_KEY: "", TASK_KEY: TASK_TRAIN, POLICY_KEY: ""}
 
 Echo = Callable[[str], None]
 
@@ -105,7 +121,7 @@ def write_flower_app(directory: Path) -> Path:
                 "app": {
                     "publisher": PUBLISHER,
                     "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
-                    "config": {"run-dir": ""},
+                    "config": dict(RUN_CONFIG_DEFAULTS),
                 }
             }
         },
@@ -219,11 +235,18 @@ def _flower_error(output: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def submit_run(app_dir: Path, run: RunDir, *, env: dict[str, str], echo: Echo, group: ProcessGroup) -> int:
-    """Submit the fedgen run, echo its log until it ends; returns Flower's run id."""
-    run_dir = toml_literal(str(run.root.resolve()), what="run folder")
+def run_config_args(run_config: dict[str, str]) -> list[str]:
+    """`--run-config key='value'` for each entry (values are paths or words: TOML literals)."""
+    args = []
+    for key, value in run_config.items():
+        args += ["--run-config", f"{key}={toml_literal(value, what=key)}"]
+    return args
+
+
+def submit_run(app_dir: Path, run_config: dict[str, str], *, env: dict[str, str], echo: Echo, group: ProcessGroup) -> int:
+    """Submit a run of the fedgen app, echo its log until it ends; returns Flower's run id."""
     process = group.start(
-        _flwr(["run", str(app_dir), CONNECTION, "--stream", "--run-config", f"run-dir={run_dir}"]),
+        _flwr(["run", str(app_dir), CONNECTION, "--stream", *run_config_args(run_config)]),
         env=env,
         log=subprocess.PIPE,
         cwd=app_dir,
@@ -256,27 +279,23 @@ def run_status(flower_run_id: int, *, env: dict[str, str], cwd: Path) -> str:
 # --- the whole coordinator ----------------------------------------------------------------
 
 
-def serve(
+def _run_on_superlink(
     run: RunDir,
+    task_config: dict[str, str],
     *,
     certs: ConsortiumCerts | None,
-    port: int = DEFAULT_PORT,
-    host: str = DEFAULT_HOST,
-    echo: Echo = print,
-) -> None:
-    """Run the fedgen run in `run` on a fresh SuperLink; return when it ended, raise if unfinished.
+    port: int,
+    host: str,
+    echo: Echo,
+    interrupted: str,
+) -> str:
+    """Start a fresh SuperLink, register the sites, submit one run of the fedgen app with
+    run-dir=RUN and ``task_config``, stop the SuperLink; returns Flower's status of the run.
 
     The SuperLink keeps no state between starts (its SQLite file database fails with 'database
-    is locked' under load in 1.41); what must survive lives in the run folder, and a resumed
-    run registers the keys again.
+    is locked' under load in 1.41); what must survive lives in the run folder, and every start
+    registers the keys again. ``interrupted`` is the error shown on Ctrl-C.
     """
-    # server.app imports torch: import it here, never in the SuperLink's own process
-    from server.app import rounds_done
-
-    planned = run.config().federation.rounds
-    if all(done >= planned for done in rounds_done(run).values()):
-        echo(f"{run.root} has trained all its {planned} rounds: nothing to do")
-        return
     check_listen_address(host, port)
     root = run.root.resolve()  # the flwr commands run with their own working directory
     flwr_home = root / FLOWER_HOME_FOLDER
@@ -286,6 +305,7 @@ def serve(
     gate.unlink(missing_ok=True)
     env = flower_env(flwr_home, **{FLEET_GATE_ENV: str(gate.resolve())})
     log_path = flwr_home / SUPERLINK_LOG
+    run_config = {RUN_DIR_KEY: str(root), **task_config}
     try:
         with process_group() as group, log_path.open("ab") as log:
             superlink = group.start(superlink_command(certs=certs, host=host, port=port), env=env, log=log)
@@ -295,11 +315,65 @@ def serve(
                 register_sites(certs.public_keys(), key_dir=flwr_home / "keys", env=env, group=group)
                 echo(f"registered {len(certs.public_keys())} site key(s)")
             gate.touch()
-            flower_run_id = submit_run(app_dir, run, env=env, echo=echo, group=group)
-            status = run_status(flower_run_id, env=env, cwd=flwr_home)
+            flower_run_id = submit_run(app_dir, run_config, env=env, echo=echo, group=group)
+            return run_status(flower_run_id, env=env, cwd=flwr_home)
     except KeyboardInterrupt:
-        raise FedgenError(f"interrupted; continue with `fedgen server --resume {run.root}`") from None
+        raise FedgenError(interrupted) from None
+
+
+def serve(
+    run: RunDir,
+    *,
+    certs: ConsortiumCerts | None,
+    port: int = DEFAULT_PORT,
+    host: str = DEFAULT_HOST,
+    echo: Echo = print,
+) -> None:
+    """Run the fedgen run in `run` on a fresh SuperLink; return when it ended, raise if unfinished."""
+    # server.app imports torch: import it here, never in the SuperLink's own process
+    from server.app import rounds_done
+
+    planned = run.config().federation.rounds
+    if all(done >= planned for done in rounds_done(run).values()):
+        echo(f"{run.root} has trained all its {planned} rounds: nothing to do")
+        return
+    status = _run_on_superlink(
+        run, {TASK_KEY: TASK_TRAIN}, certs=certs, port=port, host=host, echo=echo,
+        interrupted=f"interrupted; continue with `fedgen server --resume {run.root}`",
+    )
     check_outcome(run, status=status, echo=echo)
+
+
+def _modified_ns(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def serve_audit(
+    run: RunDir,
+    *,
+    certs: ConsortiumCerts | None,
+    policy: Path | None = None,
+    port: int = DEFAULT_PORT,
+    host: str = DEFAULT_HOST,
+    echo: Echo = print,
+) -> Path:
+    """Audit the run on the sites that connect to a fresh SuperLink (the ServerApp with
+    task=audit writes RUN/audit/report.{json,html}); returns report.json, raises if none was written.
+
+    ``policy`` None is the shipped default policy.
+    """
+    from audits.report import REPORT_JSON
+
+    report = run.audit / REPORT_JSON
+    before = _modified_ns(report)
+    status = _run_on_superlink(
+        run, {TASK_KEY: TASK_AUDIT, POLICY_KEY: str(policy.resolve()) if policy else ""},
+        certs=certs, port=port, host=host, echo=echo,
+        interrupted=f"interrupted: the audit of {run.root} did not finish; run it again",
+    )  # fmt: skip
+    if status != FLOWER_COMPLETED or _modified_ns(report) == before:
+        raise FedgenError(f"the audit of {run.root} did not finish (Flower status {status}); its reason is in the log above")
+    return report
 
 
 def check_outcome(run: RunDir, *, status: str, echo: Echo) -> None:

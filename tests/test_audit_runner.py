@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
 from PIL import Image
 
 from audits.mia import attack_metrics, metrics_from_histograms
+from audits.report import synthetic_manifest
 from audits.runner import HISTOGRAM_BINS, _error_line, prepare_inputs, run_audit, shared_edges
 from fedgen.artifacts import SITE_STATE_DIR
 from clients.audit import (
@@ -40,7 +43,9 @@ from fedgen.generate import generate_images
 from fedgen.modalities import get_modality
 from fedgen.models.text import generate_texts as sample_texts
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
+from server.app import app as deployed_server_app
 from server.app import save_checkpoint
+from simulations.runner import run_on_simulated_sites
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
 SYNTHETIC_PER_CLASS = 4
@@ -311,3 +316,47 @@ def test_a_site_error_becomes_one_line():
     reason = "<class 'RayTaskError'>:<'ray::ClientAppActor.run()\n  File x\nException ClientAppException occurred. Message: site-b: KID: 3 records, but ...'>"
     assert _error_line(reason) == "site-b: KID: 3 records, but ..."
     assert _error_line("site-b: plain reason") == "site-b: plain reason"
+
+
+# --- the same audit from the run config alone (what a SuperLink starts) -------------------------
+
+
+def with_run_config(app: ServerApp, run_config: dict[str, str]) -> ServerApp:
+    """Start ``app`` with a run config, as a SuperLink does (run_simulation leaves it empty)."""
+    outer = ServerApp()
+
+    @outer.main()
+    def main(grid: Grid, context: Context) -> None:
+        context.run_config.update(run_config)
+        app(grid, context)
+
+    return outer
+
+
+def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_path):
+    run, site_dirs, simulated = audited
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        (Path(__file__).parents[1] / "audits" / "policy.toml").read_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 1000.0")
+    )
+    run_config = {"run-dir": str(run.root), "task": "audit", "policy": str(strict)}
+    run_on_simulated_sites(with_run_config(deployed_server_app, run_config), site_dirs)
+
+    report = json.loads((run.audit / "report.json").read_text())
+    assert set(report) == set(simulated) | {"gate"}
+    assert report["membership"] == json.loads(json.dumps(simulated["membership"]))
+    assert report["privacy"] == json.loads(json.dumps(simulated["privacy"]))
+    assert report["phi"]["memorisation"] == simulated["phi"]["memorisation"]
+    assert report["synthetic"]["sha256"] == synthetic_manifest(run.synthetic)
+    # The policy came through the run config: no synthetic data is 1000 times as useful as real.
+    assert report["gate"]["policy"] == str(strict) and report["gate"]["passed"] is False
+    failed = {c["name"] for c in report["gate"]["checks"] if not c["passed"]}
+    assert {"utility.image.synthetic_to_real_ratio", "utility.text.synthetic_to_real_ratio"} <= failed
+    assert "Membership inference" in (run.audit / "report.html").read_text()
+
+
+def test_an_unknown_task_in_the_run_config_is_one_line(audited):
+    run, _, _ = audited
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"run-dir": str(run.root), "task": "trian"})
+    with pytest.raises(FedgenError, match="task = 'trian': must be 'train' or 'audit'"):
+        deployed_server_app(None, context)

@@ -9,6 +9,8 @@ from audits.empirical_eps import (
     empirical_epsilon,
     empirical_epsilon_from_histograms,
     max_certifiable_epsilon,
+    one_run_epsilon,
+    one_run_p_value,
 )
 from audits.mia import score_histogram
 from fedgen.errors import FedgenError
@@ -116,3 +118,34 @@ def test_bad_parameters_are_user_errors(kwargs, message):
 def test_no_members_is_a_user_error():
     with pytest.raises(FedgenError, match="0 members"):
         empirical_epsilon(np.array([]), np.zeros(3), delta=DELTA)
+
+
+# --- one-run auditing (Steinke, Nasr & Jagielski 2023) ----------------------------------------
+
+
+def test_one_run_bound_without_delta_is_the_binomial_closed_form():
+    # All r guesses right, δ = 0: the p-value is q^r, so the bound solves q^r = alpha.
+    q = 0.05 ** (1 / 20)
+    assert one_run_epsilon(1000, 20, 20, delta=0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-9)
+
+
+def test_one_run_p_value_adds_the_delta_term_on_constructed_counts():
+    # ε = ln 3: q = 3/4. P[2 of 2 right] = 9/16; windows: P[B = 1] / 1 = 6/16, P[B <= 1] / 2 = 7/32.
+    p = one_run_p_value(10, 2, 2, epsilon=math.log(3), delta=0.001)
+    assert p == pytest.approx(9 / 16 + 2 * 10 * 0.001 * 6 / 16, abs=1e-12)
+
+
+def test_one_run_bound_is_where_the_p_value_reaches_alpha_and_delta_costs():
+    eps = one_run_epsilon(1000, 100, 90, delta=1e-5)
+    assert one_run_p_value(1000, 100, 90, epsilon=eps, delta=1e-5) == pytest.approx(0.05, abs=1e-9)
+    assert eps < one_run_epsilon(1000, 100, 90, delta=0.0)
+    assert one_run_epsilon(10**6, 100, 90, delta=1e-5) < eps  # 2 m δ grows with the canaries
+
+
+def test_one_run_bound_is_zero_for_guesses_at_chance():
+    assert one_run_epsilon(1000, 100, 50, delta=1e-5) == 0.0
+
+
+def test_one_run_counts_must_nest():
+    with pytest.raises(FedgenError, match="0 <= right guesses <= guesses <= canaries"):
+        one_run_epsilon(10, 20, 5, delta=0.0)

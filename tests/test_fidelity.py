@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,9 +85,78 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
     assert torch.equal(a.head.weight, b.head.weight)
 
 
+class LinearDetector(nn.Module):
+    """The call signature of inception-2015-12-05.pt (uint8 [N, 3, H, W] -> [N, 2048]) with a
+    linear body: each channel's mean pixel value times a fixed [3, 2048] matrix."""
+
+    def __init__(self, num_features: int = 2048) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.randn(3, num_features, generator=torch.Generator().manual_seed(0)) / 64)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert img.dtype == torch.uint8 and img.shape[1] == 3 and return_features
+        return img.to(torch.float32).mean(dim=(2, 3)) @ self.weight
+
+
+class NoFeaturesFlag(nn.Module):
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return img.to(torch.float32).flatten(1)
+
+
+def scripted(tmp_path, module: nn.Module) -> Path:
+    path = tmp_path / "detector.pt"
+    torch.jit.script(module).save(str(path))
+    return path
+
+
+def gray(levels: torch.Tensor) -> torch.Tensor:
+    """Gray images in [-1, 1] whose pixels are exactly the given 0..255 levels after quantising."""
+    return levels.to(torch.float32) / 127.5 - 1
+
+
+SHIFT = 20  # gray levels added to every pixel of the "synthetic" set
+
+
+def test_a_torchscript_inception_file_feeds_fid(tmp_path):
+    inception = load_inception(scripted(tmp_path, LinearDetector()))
+    weight = LinearDetector().weight.double()
+    assert "local path" in inception.description and inception.num_features == 2048
+    black_white = inception.features(gray(torch.tensor([0, 255]).view(2, 1, 1, 1).expand(2, 1, 4, 4)))
+    torch.testing.assert_close(black_white[1].double(), 255 * weight.sum(0), rtol=1e-5, atol=1e-4)
+    assert black_white[0].abs().max() == 0  # -1 is uint8 0 in every one of the three channels
+
+    levels = torch.randint(40, 200, (24, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    real = extract_features(inception, gray(levels))
+    synthetic = extract_features(inception, gray(levels + SHIFT))
+    assert real.shape == synthetic.shape == (24, 2048)
+    assert fid_from_features(real, real) == pytest.approx(0.0, abs=1e-3)
+    # Every channel mean moves by SHIFT, so every feature vector by SHIFT x the column sums and
+    # the covariances stay equal: FID = |shift of the means|².
+    expected = float(SHIFT**2 * weight.sum(0).square().sum())
+    assert fid_from_features(real, synthetic) == pytest.approx(expected, rel=1e-4)
+
+
 def test_load_inception_refuses_a_missing_file(tmp_path):
     with pytest.raises(FedgenError, match="not found"):
         load_inception(tmp_path / "pt_inception.pth")
+
+
+def test_load_inception_names_a_file_that_is_not_torchscript(tmp_path):
+    torch.save(LinearDetector().state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(FedgenError, match="weights.pth is not a TorchScript file"):
+        load_inception(tmp_path / "weights.pth")
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (NoFeaturesFlag(), "cannot be called as detector\\(images, return_features=True\\)"),
+        (LinearDetector(num_features=10), "returned \\(1, 10\\) for 1 images, not features of shape \\(1, 2048\\)"),
+    ],
+)
+def test_load_inception_refuses_a_detector_of_another_kind(tmp_path, module, message):
+    with pytest.raises(FedgenError, match=message):
+        load_inception(scripted(tmp_path, module))
 
 
 def test_from_pretrained_names_the_missing_file(tmp_path):

@@ -222,7 +222,7 @@ def test_audit_json_prints_the_decision_and_takes_a_policy(tmp_path, monkeypatch
     run = _run_with_sheet(tmp_path)
     _fake_runner(monkeypatch, example_report())
     strict = tmp_path / "strict.toml"
-    strict.write_text(default_policy_text().replace("auc_max = 0.6", "auc_max = 0.51"))
+    strict.write_text(default_policy_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 0.8"))
 
     result = runner.invoke(app, ["audit", "run", str(run.root), "--json", "--policy", str(strict)])
     assert result.exit_code == 0, result.output
@@ -230,7 +230,7 @@ def test_audit_json_prints_the_decision_and_takes_a_policy(tmp_path, monkeypatch
     assert decision["passed"] is False
     assert decision["policy"] == str(strict)
     assert [c["name"] for c in decision["checks"] if not c["passed"]] == [
-        "membership.image.loss.auc", "membership.text.loss.auc"
+        "utility.image.synthetic_to_real_ratio", "utility.text.synthetic_to_real_ratio"
     ]  # fmt: skip
     assert decision["report_html"] == str(run.audit / "report.html")
 
