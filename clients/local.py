@@ -132,7 +132,8 @@ def train_site(
         delta=plan.delta,
         history=history,
         noise_multiplicity=getattr(section, "noise_multiplicity", 1),
-        grad_sample_mode=getattr(section, "grad_sample_mode", "hooks"),
+        grad_sample_mode=section.grad_sample_mode,
+        max_physical_batch_size=section.max_physical_batch_size,
         # A seed the coordinator knows would let it regenerate the DP noise: DP draws from the OS.
         seed=None if plan.noise_multiplier else seed,
         proximal_mu=proximal_mu,

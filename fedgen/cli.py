@@ -93,6 +93,49 @@ def demo_data(
     console.print(f"wrote {len(paths)} sites to {out}")
 
 
+@app.command("demo-public")
+def demo_public(
+    out: Annotated[Path, typer.Argument(help="Folder to create: a flat folder of unlabelled PNGs.")],
+    images: Annotated[int, typer.Option(help="Number of public phantoms.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Random seed (the demo sites use 0).")] = 1000,
+    resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+) -> None:
+    """Generate a PUBLIC image set for `fedgen pretrain`: unlabelled phantoms of another
+    population (mostly healthy eyes) from many cameras, unlike any demo site."""
+    from fedgen.data.demo import make_public_phantoms
+
+    make_public_phantoms(out, images=images, seed=seed, resolution=resolution, progress=True)
+    console.print(f"wrote {images} unlabelled public phantoms to {out}")
+
+
+@app.command()
+def pretrain(
+    public: Annotated[Path, typer.Option(help="Images the consortium declares NON-sensitive: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled).")],
+    out: Annotated[Path, typer.Option(help="Folder to create for the pretrained image model; name it in image.init_checkpoint.")],
+    config: ConfigOption = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the public images.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed of batch order and diffusion noise.")] = 0,
+) -> None:
+    """Train the run's image architecture WITHOUT DP on public data, for DP fine-tuning at the sites.
+
+    The federation starts from it when the run config sets image.init_checkpoint = OUT; set
+    image.trainable to fine-tune only part of it. The model folder carries pretraining.json
+    (which data, how trained), which the run folder and the audit report record.
+    """
+    from fedgen.config import load_config
+    from fedgen.pretrain import pretrain_image_model
+
+    run_config = load_config(config)
+    record = pretrain_image_model(public, out, run_config, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=True)
+    labels = "labelled" if record["labelled"] else "unlabelled (null class)"
+    console.print(
+        f"pretrained on {record['images']} {labels} public images: {record['steps']} steps in "
+        f"{record['seconds']:.0f} s, loss {record['final_mean_loss']:.4f} -> {out}"
+    )
+
+
 @data_app.command("check")
 def data_check(
     site_dir: Annotated[Path, typer.Argument(help="A site folder: images/<class>/*, texts.jsonl, site.toml.")],
@@ -136,8 +179,8 @@ def simulate(
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Run the consortium on one machine with simulated hospitals (Flower simulation engine)."""
-    from fedgen.artifacts import RunDir
     from fedgen.config import load_config
+    from fedgen.pretrain import create_run
     from fedgen.logs import quiet_libraries
     from simulations.runner import check_sites
     from simulations.runner import simulate as run_simulated
@@ -154,11 +197,11 @@ def simulate(
     run_config = load_config(config, overrides)
     if sites:
         check_sites(run_config, sites)
-        run = RunDir.create(runs_dir, run_config, run_id)
+        run = create_run(runs_dir, run_config, run_id)
     else:
         from fedgen.data.demo import make_demo_consortium
 
-        run = RunDir.create(runs_dir, run_config, run_id)
+        run = create_run(runs_dir, run_config, run_id)
         sites = make_demo_consortium(
             run.root / "demo-sites", sites=num_sites, seed=run_config.seed, progress=True
         )
@@ -209,6 +252,15 @@ INSECURE_WARNING = (
 )
 
 
+def _consortium(certs_dir: Path | None, insecure: bool):
+    """The coordinator's credentials from --certs, or None for an explicit --insecure."""
+    from fedgen.certs import load_certs
+
+    if insecure == (certs_dir is not None):
+        raise FedgenError("give --certs DIR (from `fedgen certs`), or --insecure for a local test")
+    return load_certs(certs_dir) if certs_dir is not None else None
+
+
 @app.command()
 def server(
     config: ConfigOption = None,
@@ -222,20 +274,19 @@ def server(
 ) -> None:
     """Coordinator: start a Flower SuperLink and submit the fedgen run (TLS, node auth)."""
     from fedgen.artifacts import RunDir
-    from fedgen.certs import load_certs
     from fedgen.config import load_config
     from server.deploy import check_listen_address, serve
 
-    if insecure == (certs_dir is not None):
-        raise FedgenError("give --certs DIR (from `fedgen certs`), or --insecure for a local test")
     if resume is not None and (config is not None or run_id is not None):
         raise FedgenError("--resume continues a run with its own config.toml; drop --config and --run-id")
-    consortium = load_certs(certs_dir) if certs_dir is not None else None
+    consortium = _consortium(certs_dir, insecure)
     check_listen_address(host, port)
     if resume is not None:
         run = RunDir.open(resume)
     else:
-        run = RunDir.create(runs_dir, load_config(config), run_id)
+        from fedgen.pretrain import create_run
+
+        run = create_run(runs_dir, load_config(config), run_id)
     if insecure:
         err_console.print(INSECURE_WARNING)
     if not run.config().privacy.enabled:
@@ -336,6 +387,11 @@ def audit_run(
     policy: Annotated[Path | None, typer.Option(help="Release policy (TOML). Default: the shipped audits/policy.toml.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the gate's decision as one JSON object.")] = False,
     site: Annotated[list[Path] | None, typer.Option(help="A site folder to audit against (repeatable). Default: the run's simulated sites.")] = None,
+    deployment: Annotated[bool, typer.Option("--deployment", help="Audit on the real sites: start a SuperLink they connect to with `fedgen client`.")] = False,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="With --deployment: credentials folder from `fedgen certs`.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="With --deployment: no TLS, no node authentication (local tests only).")] = False,
+    port: Annotated[int, typer.Option(help="With --deployment: port of the SuperLink.")] = 9092,
+    host: Annotated[str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
 ) -> None:
     """Run the pre-release audits, apply the release gate, write audit/report.{json,html}.
 
@@ -343,20 +399,34 @@ def audit_run(
     """
     import json
 
-    from audits.gate import evaluate_gate, load_policy
-    from audits.report import synthetic_manifest, write_report
-    from audits.runner import run_audit
+    from audits.gate import load_policy
+    from audits.report import REPORT_HTML, record_decision, synthetic_manifest, write_report
     from fedgen.artifacts import RunDir
     from fedgen.logs import quiet_libraries
 
+    if not deployment and (certs_dir is not None or insecure):
+        raise FedgenError("--certs and --insecure are for --deployment (the real sites)")
+    if deployment and site:
+        raise FedgenError("--site names simulated sites; with --deployment the sites connect with `fedgen client`")
     run = RunDir.open(run_dir)
     quiet_libraries()
     release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
-    audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
-    report = run_audit(run, sites=site or None)
-    report.setdefault("synthetic", {})["sha256"] = audited_files
-    report["gate"] = evaluate_gate(report, release_policy)
-    json_path, html_path = write_report(run.audit, report)
+    if deployment:
+        from server.deploy import check_listen_address, serve_audit
+
+        consortium = _consortium(certs_dir, insecure)
+        check_listen_address(host, port)
+        if insecure:
+            err_console.print(INSECURE_WARNING)
+        json_path = serve_audit(run, certs=consortium, policy=policy, port=port, host=host, echo=_echo)
+        html_path = json_path.with_name(REPORT_HTML)
+        report = json.loads(json_path.read_text(encoding="utf-8"))
+    else:
+        from audits.runner import run_audit
+
+        audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
+        report = record_decision(run_audit(run, sites=site or None), release_policy, audited_files=audited_files)
+        json_path, html_path = write_report(run.audit, report)
     if json_output:
         print(json.dumps(report["gate"] | {"report_json": str(json_path), "report_html": str(html_path)}))
     else:

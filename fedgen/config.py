@@ -60,6 +60,17 @@ class ImageConfig(_Section):
     train_timesteps: int = Field(1000, ge=10)
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     noise_multiplicity: int = Field(1, ge=1)  # K noise/timestep draws per example (DPDM)
+    # Parameters that train: substrings of the UNet's parameter names (empty = all). Fine-tuning
+    # a pretrained model's class embedding, time projections and attention (as DP-LDM does)
+    # puts the DP noise on far fewer dimensions. The rest stays as init_checkpoint left it.
+    trainable: list[str] = Field(default_factory=list)
+    # A pretrained image model (`fedgen pretrain` output) the federation starts from.
+    init_checkpoint: str | None = None
+    # Opacus per-sample gradients, as for text; "ghost" uses fedgen's Conv2d norm sampler.
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    # Physical batches of at most this many examples (Opacus' BatchMemoryManager): large
+    # logical batches, the DP-SGD lever, in bounded memory. None = the whole logical batch.
+    max_physical_batch_size: int | None = Field(None, ge=1)
     local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
     lr: float = Field(2e-3, gt=0)
@@ -90,6 +101,7 @@ class TextConfig(_Section):
     # gradient clipping) never forms them but runs two backward passes. Measured on the tiny
     # model (BENCHMARKS.md) hooks is faster at the same memory; ghost pays off for wide layers.
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    max_physical_batch_size: int | None = Field(None, ge=1)  # Opacus' BatchMemoryManager
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-3, gt=0)

@@ -40,6 +40,10 @@ class Modality(ABC):
         model.load_state_dict(self.load(directory).state_dict())
         return model
 
+    def initial_model(self) -> nn.Module:
+        """The model a federation starts from (the coordinator's round-0 weights)."""
+        return self.build_model()
+
     @property
     def section(self):
         """The modality's own config section (ImageConfig or TextConfig)."""
@@ -78,10 +82,25 @@ class ImageModality(Modality):
     name = "image"
 
     def build_model(self) -> nn.Module:
-        from fedgen.models.diffusion import build_unet
+        from fedgen.models.diffusion import build_unet, select_trainable
 
         torch.manual_seed(self.config.seed)
-        return build_unet(self.config.image, len(self.config.data.image_classes))
+        unet = build_unet(self.config.image, len(self.config.data.image_classes))
+        select_trainable(unet, self.config.image.trainable)
+        return unet
+
+    def initial_model(self) -> nn.Module:
+        """The pretrained checkpoint (image.init_checkpoint) if there is one, else random."""
+        checkpoint = self.config.image.init_checkpoint
+        if checkpoint is None:
+            return self.build_model()
+        from fedgen.models.diffusion import check_same_architecture
+
+        model = self.build_model()
+        pretrained = self.load(Path(checkpoint))
+        check_same_architecture(pretrained, model, source=checkpoint)
+        model.load_state_dict(pretrained.state_dict())
+        return model
 
     def get_state(self, model):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,7 +1,9 @@
 """The fedgen ServerApp: one federation per modality, checkpointed every round.
 
 The run folder comes from the caller (simulation) or from the run config key `run-dir`
-(deployment, where the ServerApp does not inherit the caller's environment).
+(deployment, where the ServerApp does not inherit the caller's environment). The run config key
+`task` chooses what the app does with it: "train" (the default) or "audit" (the pre-release
+audit, with the policy file named by the key `policy`, empty for the default policy).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.privacy.ledger import PrivacyLedger
+from server.deploy import POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
 from server.secagg import start_secagg
 from server.strategy import BudgetSpent, make_strategy
 
-__all__ = ["make_server_app", "run_federation", "rounds_done", "app"]
+__all__ = ["make_server_app", "run_federation", "audit_federation", "rounds_done", "app"]
 
 console = Console(stderr=True)
 
@@ -114,7 +117,7 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
             ema = modality.get_state(modality.load_trainable(last / EMA_DIR))
         model = modality.load_trainable(last)
     else:
-        model = modality.build_model()
+        model = modality.initial_model()
     ledger = PrivacyLedger(run.ledger_path)
     strategy = make_strategy(config, ledger=ledger, modality=modality_name, report=_print_site)
     strategy.round_offset = done
@@ -152,17 +155,35 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         console.print(f"[bold yellow]{stop}[/]")
 
 
+def audit_federation(grid: Grid, run: RunDir, *, policy: str | None) -> None:
+    """The pre-release audit on the sites connected to ``grid``; writes RUN/audit/report.{json,html}.
+
+    ``policy`` is a policy file's path, or None for the shipped default policy.
+    """
+    from audits.gate import load_policy  # the audit libraries load only when a run is audited
+    from audits.runner import audit_and_write
+
+    audit_and_write(grid, run, policy=load_policy(policy))
+
+
 def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
+    """The ServerApp; the run config's `task` chooses training (default) or the audit."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        root = run_dir or context.run_config.get("run-dir")
+        root = run_dir or context.run_config.get(RUN_DIR_KEY)
         if not root:
-            raise FedgenError("no run folder: pass run-dir in the run config")
+            raise FedgenError(f"no run folder: pass {RUN_DIR_KEY} in the run config")
         run = RunDir.open(root)
-        for modality_name in run.config().modalities:
-            run_federation(grid, run, modality_name)
+        task = context.run_config.get(TASK_KEY, TASK_TRAIN)
+        if task == TASK_AUDIT:
+            audit_federation(grid, run, policy=str(context.run_config.get(POLICY_KEY, "")) or None)
+        elif task == TASK_TRAIN:
+            for modality_name in run.config().modalities:
+                run_federation(grid, run, modality_name)
+        else:
+            raise FedgenError(f"run config {TASK_KEY} = {task!r}: must be {TASK_TRAIN!r} or {TASK_AUDIT!r}")
 
     return app
 

@@ -10,23 +10,22 @@ a scanner style (brightness, contrast, vignetting, noise) per site.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import tomli_w
 from PIL import Image
-from rich.progress import Progress
 
 from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES
 from fedgen.data.notes import CanaryNote, Note, make_site_notes
-from fedgen.data.phantoms import draw_scanner_style, render_phantom
+from fedgen.data.phantoms import ScannerStyle, draw_scanner_style, render_phantom
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
+from fedgen.logs import progress_bar
 
-__all__ = ["make_demo_consortium"]
+__all__ = ["make_demo_consortium", "make_public_phantoms", "PUBLIC_GRADE_MIX", "PUBLIC_STYLE_RANGES"]
 
 MIN_PER_CLASS = 4  # every class at every site (when the size allows), so held-out splits see it
 MIN_RESOLUTION = 8  # the smallest image the model config accepts
@@ -63,7 +62,7 @@ def make_demo_consortium(
     )
     with atomic_dir(out) as staging:  # `out` was validated absent or empty
         site_seeds = np.random.SeedSequence(seed).spawn(sites)
-        with _progress_bar(progress, total=sites * (images_per_site + 1)) as advance:
+        with progress_bar(progress, total=sites * (images_per_site + 1), description="writing the demo consortium") as advance:
             for number, site_seed in enumerate(site_seeds, start=1):
                 _write_site(
                     staging / f"site-{number}",
@@ -77,6 +76,44 @@ def make_demo_consortium(
                     advance=advance,
                 )
     return [out / f"site-{number}" for number in range(1, sites + 1)]
+
+
+# The public set is another population seen by other cameras, so pretraining on it is an
+# honest head start: a screening mix (mostly healthy eyes), and every image from its own
+# camera, in ranges wider than any site's (phantoms.STYLE_RANGES).
+PUBLIC_GRADE_MIX = (0.5, 0.15, 0.15, 0.1, 0.1)
+PUBLIC_STYLE_RANGES = {
+    "brightness": (-0.15, 0.15),
+    "contrast": (0.6, 1.4),
+    "vignetting": (0.0, 0.9),
+    "noise": (0.0, 0.04),
+}
+
+
+def make_public_phantoms(
+    out: str | Path, *, images: int = 3000, seed: int = 1000, resolution: int = 32, progress: bool = False
+) -> Path:
+    """Write ``images`` UNLABELLED phantoms (a flat folder of PNGs) for public pretraining.
+
+    Grades follow ``PUBLIC_GRADE_MIX`` but are not recorded: the class information must come
+    from the sites. Use a seed no site uses (the demo consortium's default is 0).
+    """
+    out = Path(out)
+    if images < 1:
+        raise FedgenError(f"images={images}: the public set needs at least one image")
+    if resolution < MIN_RESOLUTION:
+        raise FedgenError(f"resolution={resolution}: must be at least {MIN_RESOLUTION}")
+    if out.exists():
+        raise FedgenError(f"{out} already exists; choose a new folder")
+    rng = np.random.default_rng(seed)
+    grades = rng.choice(len(DR_GRADES), size=images, p=PUBLIC_GRADE_MIX)
+    with atomic_dir(out) as staging, progress_bar(progress, total=images, description="writing public phantoms") as advance:
+        for i, grade in enumerate(grades):
+            style = ScannerStyle(**{k: float(rng.uniform(*b)) for k, b in PUBLIC_STYLE_RANGES.items()})
+            pixels = render_phantom(int(grade), rng, size=resolution, style=style)
+            Image.fromarray(pixels).save(staging / f"{i:05d}.png")
+            advance(1)
+    return out
 
 
 def _validate(
@@ -197,14 +234,3 @@ def _write_notes(site: Path, notes: Sequence[Note]) -> None:
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     path.write_text(lines, encoding="utf-8")
-
-
-@contextmanager
-def _progress_bar(enabled: bool, *, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar when enabled; otherwise a no-op ``advance``."""
-    if not enabled:
-        yield lambda steps: None
-        return
-    with Progress(transient=True) as bar:
-        task = bar.add_task("writing the demo consortium", total=total)
-        yield lambda steps: bar.advance(task, steps)

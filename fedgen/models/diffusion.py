@@ -33,6 +33,8 @@ from fedgen.files import atomic_dir
 __all__ = [
     "SAMPLERS",
     "build_unet",
+    "select_trainable",
+    "check_same_architecture",
     "null_class",
     "make_noise_scheduler",
     "make_sampler",
@@ -132,6 +134,43 @@ def build_unet(config: ImageConfig, num_classes: int) -> UNet2DModel:
         num_class_embeds=num_classes + 1,
     )
     return _guard_conv_inputs(unet)
+
+
+def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze every parameter whose name contains none of ``patterns`` (empty: all train).
+
+    A pattern that matches nothing is a configuration mistake, named with what exists.
+    """
+    if not patterns:
+        return
+    names = [name for name, _ in unet.named_parameters()]
+    unmatched = [p for p in patterns if not any(p in name for name in names)]
+    if unmatched:
+        modules = sorted({name.split(".")[0] for name in names})
+        raise FedgenError(
+            f"image.trainable {unmatched} match no UNet parameter; names start with "
+            f"{', '.join(modules)} (e.g. class_embedding, time_emb_proj, attentions, norm)"
+        )
+    for name, param in unet.named_parameters():
+        param.requires_grad_(any(p in name for p in patterns))
+
+
+def check_same_architecture(saved: UNet2DModel, built: UNet2DModel, *, source: str | Path) -> None:
+    """A pretrained UNet must have the run's architecture: name the first setting that differs."""
+    ignored = {"_name_or_path", "_use_default_values", "_diffusers_version", "_class_name"}
+    for key, value in built.config.items():
+        if key in ignored:
+            continue
+        theirs = saved.config.get(key)
+        if _as_list(theirs) != _as_list(value):
+            raise FedgenError(
+                f"pretrained image model {source} has {key}={theirs!r} but the run's image "
+                f"config builds {key}={value!r}; pretrain with the run's config"
+            )
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def null_class(unet: torch.nn.Module) -> int:
