@@ -38,6 +38,7 @@ __all__ = [
     "read_public_images",
     "pretrain_image_model",
     "pretraining_of",
+    "start_classes_from_null",
     "create_run",
 ]
 
@@ -122,6 +123,8 @@ def pretrain_image_model(
             noise_multiplier=None, max_grad_norm=1.0, delta=1.0 / len(dataset), seed=seed,
             progress=lambda step, loss: advance(1),
         )
+    if data.labels is None:
+        start_classes_from_null(model)
     provenance = {
         **data.describe(),
         "epochs": epochs,
@@ -137,6 +140,18 @@ def pretrain_image_model(
         model.save_pretrained(staging, safe_serialization=True)
         write_json(staging / PROVENANCE_NAME, provenance)
     return provenance
+
+
+@torch.no_grad()
+def start_classes_from_null(unet: torch.nn.Module) -> None:
+    """Set every class embedding to the learned null-class one.
+
+    Unlabelled pretraining trains only the null class; the class rows keep their random
+    initialisation, which the model never saw. Copied from the null row, each class starts as
+    the unconditional prior and DP fine-tuning only has to learn how the classes differ.
+    """
+    weight = unet.class_embedding.weight
+    weight[:-1] = weight[-1]
 
 
 def pretraining_of(config: RunConfig) -> dict | None:

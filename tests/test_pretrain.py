@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DModel
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from PIL import Image
@@ -73,6 +74,8 @@ def test_pretraining_writes_a_model_and_what_it_was_trained_on(public_dir, pretr
     assert record["steps"] == 3  # 24 images / batch 8, one epoch
     assert record["content_sha256"] == read_public_images(public_dir, CLASSES).describe()["content_sha256"]
     assert math.isfinite(record["final_mean_loss"])
+    embedding = UNet2DModel.from_pretrained(pretrained).class_embedding.weight
+    assert torch.equal(embedding[:-1], embedding[-1:].expand_as(embedding[:-1]))  # unlabelled: classes start as null
 
 
 def test_bad_public_input_is_one_line_and_writes_nothing(tmp_path):
