@@ -388,7 +388,10 @@ def _fidelity_section(report: dict) -> dict:
     if image is not None:
         section["image"] = {
             "extractor": image.get("extractor") or "not recorded",
-            "rows": [(label, _number(image.get(key))) for key, label in IMAGE_FIDELITY_ROWS],
+            "rows": [
+                (label.replace("FID", image.get("fid_name", "FID"), 1) if key == "fid" else label, _number(image.get(key)))
+                for key, label in IMAGE_FIDELITY_ROWS
+            ],
             "note": image.get("note"),
         }
     if text is not None:

@@ -14,7 +14,11 @@ data lives) and pools the aggregates that come back:
 
 The image feature extractor is a FeatureNet the coordinator trains on the synthetic images
 only (their labels are known): no real record, no download, and the same weights at every
-site, so the sites' feature statistics pool into one FID.
+site, so the sites' feature statistics pool into one FID. With ``inception`` (``fedgen audit RUN
+--inception PATH``) the fidelity figures (FID, KID, precision/recall/density/coverage) use a
+local TorchScript Inception detector instead, loaded from the same path at the coordinator and
+at every site; near copies and utility keep the FeatureNet (they need its classifier, or must
+not change with the fidelity extractor). FeatureNet FID and Inception FID are not comparable.
 
 Everything the audit needs is read from the run folder, so it runs on either engine:
 ``run_audit`` on the simulation engine (the run's simulated sites), ``audit_and_write`` inside
@@ -44,7 +48,14 @@ from rich.console import Console
 from torch import Tensor
 
 from audits.empirical_eps import empirical_epsilon_from_histograms
-from audits.features import FeatureNet, extract_features, train_feature_net
+from audits.features import (
+    FeatureExtractor,
+    FeatureNet,
+    InceptionFeatures,
+    extract_features,
+    load_inception,
+    train_feature_net,
+)
 from audits.fidelity import (
     NEAR_COPY_QUANTILE,
     fid_from_stats,
@@ -127,6 +138,11 @@ class AuditInputs:
     synthetic_images: tuple[Tensor, Tensor] | None = None  # [N, C, H, W] in [-1, 1], labels [N]
     synthetic_texts: tuple[list[str], list[int]] | None = None
     feature_net: FeatureNet | None = None
+    inception: InceptionFeatures | None = None  # the fidelity extractor, if the user chose Inception
+
+    @property
+    def fidelity_extractor(self) -> FeatureExtractor | None:
+        return self.feature_net if self.inception is None else self.inception
 
 
 def _generate_first(run: RunDir, modality: str) -> FedgenError:
@@ -176,12 +192,18 @@ def _checkpoint_state(run: RunDir, config: RunConfig, modality_name: str) -> dic
     return {key: saved[key].detach().clone() for key in expected}
 
 
-def prepare_inputs(run: RunDir, *, progress: bool = False) -> AuditInputs:
-    """Load checkpoints and synthetic data, and train the shared image feature extractor."""
+def prepare_inputs(run: RunDir, *, inception: str | Path | None = None, progress: bool = False) -> AuditInputs:
+    """Load checkpoints and synthetic data, and train the shared image feature extractor.
+
+    ``inception``: a local TorchScript Inception file for the image fidelity figures.
+    """
     config = run.config()
     modalities = config.modalities
     synthetic_images = load_synthetic_images(run, config) if "image" in modalities else None
     synthetic_texts = load_synthetic_texts(run, config) if "text" in modalities else None
+    detector = None
+    if inception is not None and synthetic_images is not None:
+        detector = load_inception(Path(inception).resolve())  # the sites get this absolute path
     states = {name: _checkpoint_state(run, config, name) for name in modalities}
     feature_net = None
     if synthetic_images is not None:
@@ -193,7 +215,7 @@ def prepare_inputs(run: RunDir, *, progress: bool = False) -> AuditInputs:
             epochs=FEATURE_NET_EPOCHS,
             seed=config.seed,
         )
-    return AuditInputs(run, config, states, synthetic_images, synthetic_texts, feature_net)
+    return AuditInputs(run, config, states, synthetic_images, synthetic_texts, feature_net, detector)
 
 
 # --------------------------------------------------------------------------- asking the sites
@@ -259,6 +281,7 @@ def audit_sites(grid: Grid, inputs: AuditInputs, *, expected_sites: int, progres
             synthetic_images=inputs.synthetic_images if name == "image" else None,
             synthetic_texts=inputs.synthetic_texts if name == "text" else None,
             feature_net=inputs.feature_net if name == "image" else None,
+            inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
         )
         first = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit")
         edges = {
@@ -343,14 +366,28 @@ def _privacy(run: RunDir, config: RunConfig, budgets: dict[tuple[str, str], floa
     return section
 
 
+def _extractor_description(inputs: AuditInputs) -> str:
+    if inputs.inception is not None:
+        return (
+            f"{inputs.inception.description}; {inputs.inception.num_features}-d features (Inception FID, not "
+            "comparable with FeatureNet FID); near copies and utility use the FeatureNet trained on "
+            f"{FEATURE_NET_TRAINED_ON}"
+        )
+    net = inputs.feature_net
+    return (
+        f"{net.description}; {FEATURE_NET_EPOCHS} epochs, {net.num_features}-d features "
+        "(FeatureNet FID, not comparable with Inception FID)"
+    )
+
+
 def _image_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
     fidelity = [site["fidelity"] for site in sites]
-    synthetic = extract_features(inputs.feature_net, inputs.synthetic_images[0]).numpy()
+    synthetic = extract_features(inputs.fidelity_extractor, inputs.synthetic_images[0]).numpy()
     real_stats = pool_sums([f["feature_stats"] for f in fidelity])
     prdc = pool_weighted_mean([f["prdc"] for f in fidelity], keys=IMAGE_FIDELITY_KEYS, weight_key="n_real")
     result = {
-        "extractor": f"{inputs.feature_net.description}; {FEATURE_NET_EPOCHS} epochs, "
-        f"{inputs.feature_net.num_features}-d features (not comparable with Inception FID)",
+        "extractor": _extractor_description(inputs),
+        "fid_name": "FeatureNet FID" if inputs.inception is None else "Inception FID",
         "fid": fid_from_stats(real_stats, synthetic_feature_stats(synthetic)),
         "kid": pool_weighted_mean([f["kid"] for f in fidelity], keys=("kid_mean",), weight_key="n_real")["kid_mean"],
         **{key: prdc[key] for key in IMAGE_FIDELITY_KEYS},
@@ -522,43 +559,52 @@ def trained_sites(run: RunDir) -> list[str]:
     return PrivacyLedger(run.ledger_path).sites()
 
 
-def audit_report(grid: Grid, run: RunDir, *, expected_sites: int, progress: bool = False) -> dict:
+def audit_report(
+    grid: Grid, run: RunDir, *, expected_sites: int, inception: str | Path | None = None, progress: bool = False
+) -> dict:
     """report.json (without "gate") from the sites reachable through ``grid``.
 
-    Everything comes from the run folder, so the same function serves a ServerApp started by
-    the simulation and one started by a SuperLink from its run config.
+    Everything comes from the run folder (and the Inception path, if any), so the same function
+    serves a ServerApp started by the simulation and one started by a SuperLink from its run config.
     """
-    inputs = prepare_inputs(run, progress=progress)
+    inputs = prepare_inputs(run, inception=inception, progress=progress)
     answers = audit_sites(grid, inputs, expected_sites=expected_sites, progress=progress)
     return assemble_report(inputs, answers, progress=progress)
 
 
-def audit_and_write(grid: Grid, run: RunDir, *, policy: Policy, progress: bool = True) -> tuple[Path, Path]:
+def audit_and_write(
+    grid: Grid, run: RunDir, *, policy: Policy, inception: str | Path | None = None, progress: bool = True
+) -> tuple[Path, Path]:
     """The whole audit of a run whose sites connect through ``grid`` (deployment): ask every
     site that trained, apply the gate, write audit/report.json and report.html (each atomically)."""
     audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
-    report = audit_report(grid, run, expected_sites=len(trained_sites(run)), progress=progress)
+    report = audit_report(grid, run, expected_sites=len(trained_sites(run)), inception=inception, progress=progress)
     json_path, html_path = write_report(run.audit, record_decision(report, policy, audited_files=audited_files))
     _say(progress, f"report written: {html_path}")
     return json_path, html_path
 
 
-def make_audit_app(run: RunDir, *, expected_sites: int, sink: dict, progress: bool = False) -> ServerApp:
+def make_audit_app(
+    run: RunDir, *, expected_sites: int, sink: dict, inception: str | Path | None = None, progress: bool = False
+) -> ServerApp:
     """A ServerApp that audits the run on every site and leaves the report in ``sink["report"]``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["report"] = audit_report(grid, run, expected_sites=expected_sites, progress=progress)
+        sink["report"] = audit_report(grid, run, expected_sites=expected_sites, inception=inception, progress=progress)
 
     return app
 
 
-def run_audit(run: RunDir, *, sites: list[Path] | None = None, progress: bool = True) -> dict:
+def run_audit(
+    run: RunDir, *, sites: list[Path] | None = None, inception: str | Path | None = None, progress: bool = True
+) -> dict:
     """Audit a simulated run on its sites (default: the run's simulated sites); return report.json."""
     from simulations.runner import run_on_simulated_sites
 
     site_dirs = run.simulated_sites() if sites is None else list(sites)
     sink: dict = {}
-    run_on_simulated_sites(make_audit_app(run, expected_sites=len(site_dirs), sink=sink, progress=progress), site_dirs)
+    app = make_audit_app(run, expected_sites=len(site_dirs), sink=sink, inception=inception, progress=progress)
+    run_on_simulated_sites(app, site_dirs)
     return sink["report"]

@@ -1,7 +1,9 @@
 """Site-side audits: answer the coordinator's audit queries on the site's OWN records.
 
 The coordinator sends, as Flower query messages, the run configuration, the final model's
-trained state, the synthetic data and (images) the feature extractor every site must share.
+trained state, the synthetic data and (images) the feature extractor every site must share: the
+FeatureNet's weights, and, if the user chose Inception for the fidelity figures, the path of the
+TorchScript detector, which every site loads from its own disk (weights never travel).
 The site scores its train split (members) against its held-out split (non-members) and
 replies with aggregates only: counts, sums, scalar summaries and score histograms. No record,
 no per-example score and no real image leaves the site.
@@ -35,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from audits.empirical_eps import empirical_epsilon
-from audits.features import FeatureNet, extract_features
+from audits.features import FeatureExtractor, FeatureNet, extract_features, load_inception
 from audits.fidelity import (
     kid_at_site,
     near_copy_count,
@@ -95,6 +97,7 @@ SYNTHETIC_IMAGES = "synthetic-images"  # ArrayRecord: "images" [N, C, H, W] in [
 SYNTHETIC_TEXTS = "synthetic-texts"  # ConfigRecord: "texts", "labels" (class indices)
 FEATURE_NET = "feature-net"  # ArrayRecord: FeatureNet weights
 FEATURE_NET_CONFIG = "feature-net-config"  # ConfigRecord: FeatureNet constructor arguments
+INCEPTION = "inception"  # ConfigRecord: "path" of the TorchScript Inception detector for fidelity
 EDGES = "edges"  # ArrayRecord: one array of histogram bin edges per attack
 # Reply layout (site -> coordinator).
 REPLY_SUMMARY = "summary"  # ConfigRecord {"json": ...}: the reply with arrays replaced by references
@@ -131,6 +134,7 @@ def make_query(
     synthetic_images: tuple[Tensor, Tensor] | None = None,
     synthetic_texts: tuple[Sequence[str], Sequence[int]] | None = None,
     feature_net: FeatureNet | None = None,
+    inception: str | Path | None = None,
     edges: dict[str, np.ndarray] | None = None,
 ) -> RecordDict:
     """The content of one audit query (coordinator side)."""
@@ -153,6 +157,8 @@ def make_query(
     if feature_net is not None:
         content[FEATURE_NET] = ArrayRecord(torch_state_dict=feature_net.state_dict())
         content[FEATURE_NET_CONFIG] = ConfigRecord(dict(feature_net.config))
+    if inception is not None:
+        content[INCEPTION] = ConfigRecord({"path": str(inception)})
     if edges is not None:
         content[EDGES] = ArrayRecord(array_dict={name: Array(e) for name, e in edges.items()})
     return content
@@ -339,22 +345,34 @@ def _feature_net(content: RecordDict) -> FeatureNet:
     return net.eval()
 
 
+def _fidelity_extractor(content: RecordDict, feature_net: FeatureNet) -> FeatureExtractor:
+    """The Inception detector at the path the coordinator named (this site's own copy), else the FeatureNet."""
+    if INCEPTION not in content:
+        return feature_net
+    return load_inception(str(content[INCEPTION]["path"]))
+
+
 def _synthetic_images(content: RecordDict) -> tuple[Tensor, Tensor]:
     record = content[SYNTHETIC_IMAGES]
     return torch.from_numpy(record["images"].numpy()), torch.from_numpy(record["labels"].numpy())
 
 
 def image_site_audit(modality: Modality, site: SiteData, unet, content: RecordDict) -> tuple[dict, Scores]:
-    """Attacks, near copies, fidelity and utility of the synthetic images on this site's images."""
+    """Attacks, near copies, fidelity and utility of the synthetic images on this site's images.
+
+    Near copies use the FeatureNet even when fidelity uses Inception: the memorisation check
+    must not change with the user's choice of fidelity extractor.
+    """
     config = modality.config
     train, heldout = (split.tensors for split in modality.datasets(site))
     synthetic, synthetic_labels = _synthetic_images(content)
-    extractor = _feature_net(content)
+    feature_net = _feature_net(content)
+    extractor = _fidelity_extractor(content, feature_net)  # first: a missing file fails at once
     scores = _image_scores(modality, unet, [train, heldout])
     real, real_labels = torch.cat([train[0], heldout[0]]), torch.cat([train[1], heldout[1]])
     real_features = extract_features(extractor, real)
     synthetic_features = extract_features(extractor, synthetic)
-    copies = near_copy_count(synthetic, train[0], heldout[0], extractor=extractor)
+    copies = near_copy_count(synthetic, train[0], heldout[0], extractor=feature_net)
     common = _common(modality, site, len(train[0]), len(heldout[0]))
     result = {
         **common,

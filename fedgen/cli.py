@@ -392,6 +392,7 @@ def audit_run(
     insecure: Annotated[bool, typer.Option("--insecure", help="With --deployment: no TLS, no node authentication (local tests only).")] = False,
     port: Annotated[int, typer.Option(help="With --deployment: port of the SuperLink.")] = 9092,
     host: Annotated[str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
+    inception: Annotated[Path | None, typer.Option(help="A local TorchScript Inception-v3 detector (like inception-2015-12-05.pt) for FID, KID and precision/recall instead of the audit's FeatureNet; every site must hold it at the same path. Never downloaded.")] = None,
 ) -> None:
     """Run the pre-release audits, apply the release gate, write audit/report.{json,html}.
 
@@ -411,6 +412,10 @@ def audit_run(
     run = RunDir.open(run_dir)
     quiet_libraries()
     release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
+    if inception is not None:  # likewise a missing or broken detector
+        from audits.features import load_inception
+
+        load_inception(inception)
     if deployment:
         from server.deploy import check_listen_address, serve_audit
 
@@ -418,14 +423,14 @@ def audit_run(
         check_listen_address(host, port)
         if insecure:
             err_console.print(INSECURE_WARNING)
-        json_path = serve_audit(run, certs=consortium, policy=policy, port=port, host=host, echo=_echo)
+        json_path = serve_audit(run, certs=consortium, policy=policy, inception=inception, port=port, host=host, echo=_echo)
         html_path = json_path.with_name(REPORT_HTML)
         report = json.loads(json_path.read_text(encoding="utf-8"))
     else:
         from audits.runner import run_audit
 
         audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
-        report = record_decision(run_audit(run, sites=site or None), release_policy, audited_files=audited_files)
+        report = record_decision(run_audit(run, sites=site or None, inception=inception), release_policy, audited_files=audited_files)
         json_path, html_path = write_report(run.audit, report)
     if json_output:
         print(json.dumps(report["gate"] | {"report_json": str(json_path), "report_html": str(html_path)}))

@@ -3,7 +3,8 @@
 The run folder comes from the caller (simulation) or from the run config key `run-dir`
 (deployment, where the ServerApp does not inherit the caller's environment). The run config key
 `task` chooses what the app does with it: "train" (the default) or "audit" (the pre-release
-audit, with the policy file named by the key `policy`, empty for the default policy).
+audit, with the policy file named by the key `policy`, empty for the default policy, and the
+Inception file for the fidelity figures named by the key `inception`, empty for the FeatureNet).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.privacy.ledger import PrivacyLedger
-from server.deploy import POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
+from server.deploy import INCEPTION_KEY, POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
 from server.secagg import start_secagg
 from server.strategy import BudgetSpent, make_strategy
 
@@ -155,15 +156,16 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         console.print(f"[bold yellow]{stop}[/]")
 
 
-def audit_federation(grid: Grid, run: RunDir, *, policy: str | None) -> None:
+def audit_federation(grid: Grid, run: RunDir, *, policy: str | None, inception: str | None = None) -> None:
     """The pre-release audit on the sites connected to ``grid``; writes RUN/audit/report.{json,html}.
 
-    ``policy`` is a policy file's path, or None for the shipped default policy.
+    ``policy`` is a policy file's path, or None for the shipped default policy; ``inception`` a
+    TorchScript Inception file for the fidelity figures, or None for the FeatureNet.
     """
     from audits.gate import load_policy  # the audit libraries load only when a run is audited
     from audits.runner import audit_and_write
 
-    audit_and_write(grid, run, policy=load_policy(policy))
+    audit_and_write(grid, run, policy=load_policy(policy), inception=inception)
 
 
 def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
@@ -178,7 +180,12 @@ def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
         run = RunDir.open(root)
         task = context.run_config.get(TASK_KEY, TASK_TRAIN)
         if task == TASK_AUDIT:
-            audit_federation(grid, run, policy=str(context.run_config.get(POLICY_KEY, "")) or None)
+            audit_federation(
+                grid,
+                run,
+                policy=str(context.run_config.get(POLICY_KEY, "")) or None,
+                inception=str(context.run_config.get(INCEPTION_KEY, "")) or None,
+            )
         elif task == TASK_TRAIN:
             for modality_name in run.config().modalities:
                 run_federation(grid, run, modality_name)

@@ -69,6 +69,7 @@ __all__ = [
     "RUN_DIR_KEY",
     "TASK_KEY",
     "POLICY_KEY",
+    "INCEPTION_KEY",
     "TASK_TRAIN",
     "TASK_AUDIT",
 ]
@@ -96,7 +97,8 @@ TASK_KEY = "task"
 TASK_TRAIN = "train"
 TASK_AUDIT = "audit"
 POLICY_KEY = "policy"  # the audit's policy file, absolute; empty = the shipped default policy
-RUN_CONFIG_DEFAULTS = {RUN_DIR_KEY: "", TASK_KEY: TASK_TRAIN, POLICY_KEY: ""}
+INCEPTION_KEY = "inception"  # the audit's Inception file, absolute, the same at every site; empty = FeatureNet
+RUN_CONFIG_DEFAULTS = {RUN_DIR_KEY: "", TASK_KEY: TASK_TRAIN, POLICY_KEY: "", INCEPTION_KEY: ""}
 
 Echo = Callable[[str], None]
 
@@ -353,6 +355,7 @@ def serve_audit(
     *,
     certs: ConsortiumCerts | None,
     policy: Path | None = None,
+    inception: Path | None = None,
     port: int = DEFAULT_PORT,
     host: str = DEFAULT_HOST,
     echo: Echo = print,
@@ -360,14 +363,19 @@ def serve_audit(
     """Audit the run on the sites that connect to a fresh SuperLink (the ServerApp with
     task=audit writes RUN/audit/report.{json,html}); returns report.json, raises if none was written.
 
-    ``policy`` None is the shipped default policy.
+    ``policy`` None is the shipped default policy; ``inception`` None keeps the FeatureNet for fidelity.
     """
     from audits.report import REPORT_JSON
 
     report = run.audit / REPORT_JSON
     before = _modified_ns(report)
+    task_config = {
+        TASK_KEY: TASK_AUDIT,
+        POLICY_KEY: str(policy.resolve()) if policy else "",
+        INCEPTION_KEY: str(inception.resolve()) if inception else "",
+    }
     status = _run_on_superlink(
-        run, {TASK_KEY: TASK_AUDIT, POLICY_KEY: str(policy.resolve()) if policy else ""},
+        run, task_config,
         certs=certs, port=port, host=host, echo=echo,
         interrupted=f"interrupted: the audit of {run.root} did not finish; run it again",
     )  # fmt: skip

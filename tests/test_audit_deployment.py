@@ -41,14 +41,14 @@ def _write_audit(run: RunDir, policy=None) -> None:
 
 
 def test_flower_accepts_the_audit_run_config_the_coordinator_sends(tmp_path):
-    """Flower drops nothing silently but refuses keys the app does not declare: all three are."""
+    """Flower drops nothing silently but refuses keys the app does not declare: all four are."""
     pyproject = tomllib.loads((write_flower_app(tmp_path / "app") / "pyproject.toml").read_text())
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
-    assert defaults == {"run-dir": "", "task": "train", "policy": ""}
-    args = run_config_args({"run-dir": "/runs/my run", "task": "audit", "policy": ""})
-    assert args[::2] == ["--run-config"] * 3
+    assert defaults == {"run-dir": "", "task": "train", "policy": "", "inception": ""}
+    args = run_config_args({"run-dir": "/runs/my run", "task": "audit", "policy": "", "inception": "/w/i.pt"})
+    assert args[::2] == ["--run-config"] * 4
     assert fuse_dicts(defaults, parse_config_args(args[1::2])) == {
-        "run-dir": "/runs/my run", "task": "audit", "policy": ""
+        "run-dir": "/runs/my run", "task": "audit", "policy": "", "inception": "/w/i.pt"
     }  # fmt: skip
 
 
@@ -68,7 +68,7 @@ def test_serve_audit_submits_task_audit_and_returns_the_new_report(run, monkeypa
     monkeypatch.setattr(server.deploy, "_run_on_superlink", superlink)
     policy = tmp_path / "p.toml"
     assert serve_audit(run, certs=None, policy=policy) == run.audit / "report.json"
-    assert submitted == [{"task": "audit", "policy": str(policy.resolve())}]
+    assert submitted == [{"task": "audit", "policy": str(policy.resolve()), "inception": ""}]
 
 
 @pytest.mark.parametrize("status", [FLOWER_COMPLETED, "finished:failed"])
@@ -82,7 +82,7 @@ def test_an_audit_that_wrote_no_new_report_is_an_error(run, monkeypatch, status)
 def test_cli_deployment_prints_the_decision_the_server_app_wrote(run, monkeypatch):
     calls = []
 
-    def fake_serve_audit(run_, *, certs, policy, port, host, echo):
+    def fake_serve_audit(run_, *, certs, policy, inception, port, host, echo):
         calls.append((run_.root, certs, policy, port, host))
         _write_audit(run_)
         return run_.audit / "report.json"

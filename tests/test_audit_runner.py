@@ -17,10 +17,20 @@ import torch
 from flwr.app import ArrayRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from PIL import Image
+from typer.testing import CliRunner
 
+from audits.features import extract_features, load_inception
+from audits.fidelity import fid_from_features
 from audits.mia import attack_metrics, metrics_from_histograms
 from audits.report import synthetic_manifest
-from audits.runner import HISTOGRAM_BINS, _error_line, prepare_inputs, run_audit, shared_edges
+from audits.runner import (
+    HISTOGRAM_BINS,
+    _error_line,
+    load_synthetic_images,
+    prepare_inputs,
+    run_audit,
+    shared_edges,
+)
 from fedgen.artifacts import SITE_STATE_DIR
 from clients.audit import (
     QUERY_AUDIT,
@@ -36,6 +46,7 @@ from clients.audit import (
 )
 from clients.local import train_site
 from fedgen.artifacts import RunDir
+from fedgen.cli import app as cli_app
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site, split_indices
 from fedgen.errors import FedgenError
@@ -46,6 +57,7 @@ from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from server.app import app as deployed_server_app
 from server.app import save_checkpoint
 from simulations.runner import run_on_simulated_sites
+from tests.test_fidelity import LinearDetector, scripted
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
 SYNTHETIC_PER_CLASS = 4
@@ -189,6 +201,7 @@ def test_report_has_every_section_for_both_modalities(audited):
     assert report["synthetic"]["n_images"] == SYNTHETIC_PER_CLASS * 5
     assert report["fidelity"]["image"]["n_real"] == 2 * 5 * PER_CLASS
     assert "synthetic images only" in report["fidelity"]["image"]["extractor"]
+    assert report["fidelity"]["image"]["fid_name"] == "FeatureNet FID"
     assert math.isfinite(report["fidelity"]["image"]["fid"])
     json.loads(json.dumps(report))  # JSON all the way down
 
@@ -333,13 +346,27 @@ def with_run_config(app: ServerApp, run_config: dict[str, str]) -> ServerApp:
     return outer
 
 
+def real_images(run: RunDir, site_dirs) -> torch.Tensor:
+    """Every site's train and held-out images, as the sites measure them."""
+    config = run.config()
+    modality = get_modality("image", config, work_dir=run.base_models)
+    splits = [
+        split.tensors[0]
+        for root in site_dirs
+        for split in modality.datasets(load_site(root, config.data, modalities=("image",), channels=config.image.channels))
+    ]
+    return torch.cat(splits)
+
+
 def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_path):
+    """Policy and Inception detector both come through the run config."""
     run, site_dirs, simulated = audited
     strict = tmp_path / "strict.toml"
     strict.write_text(
         (Path(__file__).parents[1] / "audits" / "policy.toml").read_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 1000.0")
     )
-    run_config = {"run-dir": str(run.root), "task": "audit", "policy": str(strict)}
+    detector = scripted(tmp_path, LinearDetector())
+    run_config = {"run-dir": str(run.root), "task": "audit", "policy": str(strict), "inception": str(detector)}
     run_on_simulated_sites(with_run_config(deployed_server_app, run_config), site_dirs)
 
     report = json.loads((run.audit / "report.json").read_text())
@@ -352,7 +379,20 @@ def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_p
     assert report["gate"]["policy"] == str(strict) and report["gate"]["passed"] is False
     failed = {c["name"] for c in report["gate"]["checks"] if not c["passed"]}
     assert {"utility.image.synthetic_to_real_ratio", "utility.text.synthetic_to_real_ratio"} <= failed
-    assert "Membership inference" in (run.audit / "report.html").read_text()
+    html = (run.audit / "report.html").read_text()
+    assert "Membership inference" in html
+    # Fidelity in the detector's 2048-d space, pooled over the sites exactly as if in one place.
+    fidelity = report["fidelity"]["image"]
+    assert str(detector) in fidelity["extractor"] and fidelity["fid_name"] == "Inception FID"
+    assert "Inception FID" in html and str(detector) in html
+    inception = load_inception(detector)
+    real = extract_features(inception, real_images(run, site_dirs))
+    synthetic = extract_features(inception, load_synthetic_images(run, run.config())[0])
+    assert real.shape == (fidelity["n_real"], 2048)
+    assert fidelity["fid"] == pytest.approx(fid_from_features(real, synthetic), rel=1e-4)
+    assert fidelity["fid"] != pytest.approx(simulated["fidelity"]["image"]["fid"], rel=1e-3)
+    # Near copies keep the FeatureNet: the memorisation check does not move with the extractor.
+    assert report["image_memorisation"] == json.loads(json.dumps(simulated["image_memorisation"]))
 
 
 def test_an_unknown_task_in_the_run_config_is_one_line(audited):
@@ -360,3 +400,22 @@ def test_an_unknown_task_in_the_run_config_is_one_line(audited):
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"run-dir": str(run.root), "task": "trian"})
     with pytest.raises(FedgenError, match="task = 'trian': must be 'train' or 'audit'"):
         deployed_server_app(None, context)
+
+
+def test_a_site_without_the_inception_file_answers_with_one_line(audited, tmp_path):
+    run, site_dirs, _ = audited
+    missing = tmp_path / "inception.pt"
+    with pytest.raises(FedgenError) as raised:
+        site_answer(run, site_dirs[0], "image", QUERY_AUDIT, inception=missing)
+    message = str(raised.value)
+    assert message == f"site-a: Inception file not found: {missing} (fedgen never downloads weights)"
+    assert _error_line(f"Exception ClientAppException occurred. Message: {message}") == message
+
+
+def test_cli_refuses_a_missing_inception_file_before_anything_starts(tmp_path):
+    run = RunDir.create(tmp_path / "runs", tiny_config(), "r1")
+    missing = tmp_path / "inception.pt"
+    result = CliRunner().invoke(cli_app, ["audit", str(run.root), "--inception", str(missing)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: Inception file not found: {missing} (fedgen never downloads weights)"]
+    assert not run.audit.exists()

@@ -193,7 +193,7 @@ def _fake_runner(monkeypatch, report: dict) -> list:
     """Stand in for the federated audit (audits.runner needs trained models and sites)."""
     calls = []
 
-    def run_audit(run, *, sites=None, progress=True):
+    def run_audit(run, *, sites=None, inception=None, progress=True):
         calls.append((run.root, sites))
         return json.loads(json.dumps(report))
 
