@@ -1,11 +1,20 @@
-"""Quality at privacy: train the demo consortium at several ε, generate, and score utility.
+"""Quality at privacy: train a simulated consortium at several ε, generate, and score utility.
 
 For each ε the whole pipeline runs (simulated federation -> generation); a classifier trained
 only on synthetic data is tested on the sites' REAL held-out data, pooled, and reported as a
-ratio to the same classifier trained on the real train splits. A researcher's benchmark on
-simulated data, so it reads the held-out splits directly (the audit does the same per site).
+ratio to the same classifier trained on the real train splits. For images, FID in the audits'
+default feature space (a FeatureNet trained on the real train splits) is reported too. A
+researcher's benchmark on simulated data, so it reads the held-out splits directly (the audit
+does the same per site).
 
-    python -m benchmarks.privacy_utility --epsilons 1 10 inf [--modality both] [--out bench]
+Levers are config overrides (``--set image.trainable='["class_embedding"]'``); ``--public N``
+pretrains on N public phantoms of a wider scanner family (unlabelled, ``fedgen demo-public``)
+and starts every ε from that checkpoint. Each invocation appends its rows, under ``--label``,
+to ``OUT/results.jsonl`` and redraws ``OUT/curve.png`` with every label measured so far.
+
+    python -m benchmarks.privacy_utility --epsilons 1 3 10 inf --label scratch
+    python -m benchmarks.privacy_utility --public 4000 --label pretrained \\
+        --set image.trainable='["class_embedding", "time_emb_proj"]'
 """
 
 from __future__ import annotations
@@ -13,20 +22,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
+import tomllib
 from pathlib import Path
 
-import torch
+import matplotlib
 
-from audits.runner import load_synthetic_images, load_synthetic_texts
-from audits.utility import image_utility, text_utility
-from fedgen.artifacts import RunDir
-from fedgen.config import load_config
-from fedgen.data.demo import make_demo_consortium
-from fedgen.data.site import image_splits, load_site, text_splits
-from fedgen.generate import generate_images, generate_texts
-from fedgen.logs import quiet_libraries
-from simulations.runner import check_sites, simulate
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from audits.features import extract_features, train_feature_net  # noqa: E402
+from audits.fidelity import fid_from_features  # noqa: E402
+from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
+from audits.utility import image_utility, text_utility  # noqa: E402
+from fedgen.config import load_config  # noqa: E402
+from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
+from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
+from fedgen.generate import generate_images, generate_texts  # noqa: E402
+from fedgen.logs import quiet_libraries  # noqa: E402
+from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
+from simulations.runner import check_sites, simulate  # noqa: E402
 
 
 def pooled_heldout(sites, config, modality):
@@ -47,57 +64,130 @@ def pooled_heldout(sites, config, modality):
     return join(trains), join(tests)
 
 
-def one_epsilon(epsilon: float, sites, args) -> dict:
-    overrides = {"modality": args.modality, "privacy.epsilon": epsilon, "federation.rounds": args.rounds, "federation.sites": len(sites)}
+def image_fid(train, test, synthetic, config) -> float:
+    """FID between synthetic and real held-out images, features of a net trained on real train."""
+    net = train_feature_net(*train, num_classes=len(config.data.image_classes), trained_on="pooled real train splits")
+    return fid_from_features(extract_features(net, test[0]), extract_features(net, synthetic[0]))
+
+
+def score(run, sites, config, modality, args) -> dict:
+    train, test = pooled_heldout(sites, config, modality)
+    if modality == "image":
+        generate_images(run, per_class=args.images_per_class, seed=0)
+        synthetic = load_synthetic_images(run, config)
+        result = image_utility(train, test, synthetic, class_names=config.data.image_classes, epochs=args.classifier_epochs)
+    else:
+        generate_texts(run, per_class=args.texts_per_class, seed=0)
+        synthetic = load_synthetic_texts(run, config)
+        result = text_utility(train, test, synthetic, class_names=config.data.text_classes)
+    configs = result["configurations"]
+    row = {
+        "real_accuracy": configs["real"]["accuracy"],
+        "synthetic_accuracy": configs["synthetic"]["accuracy"],
+        "ratio": configs["synthetic"]["accuracy"] / configs["real"]["accuracy"],
+        "n_test": configs["real"]["n_test"],
+    }
+    if modality == "image":
+        row["fid"] = image_fid(train, test, synthetic, config)
+    return row
+
+
+def one_epsilon(epsilon: float, sites, overrides: dict, args) -> dict:
+    overrides = {**overrides, "modality": args.modality, "privacy.epsilon": epsilon, "federation.sites": len(sites)}
     config = load_config(args.config, overrides)
     check_sites(config, sites)
-    run = RunDir.create(args.out / "runs", config, f"eps-{epsilon:g}-{int(time.time())}")
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", args.label).strip("-")
+    run = create_run(args.out / "runs", config, f"{slug}-eps-{epsilon:g}-{int(time.time())}")
     started = time.perf_counter()
     simulate(run, sites)
-    row = {"epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root)}
+    row = {"label": args.label, "epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root)}
     for modality in config.modalities:
-        train, test = pooled_heldout(sites, config, modality)
-        if modality == "image":
-            generate_images(run, per_class=args.images_per_class, seed=0)
-            synthetic = load_synthetic_images(run, config)
-            result = image_utility(train, test, synthetic, class_names=config.data.image_classes, epochs=args.classifier_epochs)
-        else:
-            generate_texts(run, per_class=args.texts_per_class, seed=0)
-            synthetic = load_synthetic_texts(run, config)
-            result = text_utility(train, test, synthetic, class_names=config.data.text_classes)
-        configs = result["configurations"]
-        row[modality] = {
-            "real_accuracy": configs["real"]["accuracy"],
-            "synthetic_accuracy": configs["synthetic"]["accuracy"],
-            "ratio": configs["synthetic"]["accuracy"] / configs["real"]["accuracy"],
-            "n_test": configs["real"]["n_test"],
-        }
+        row[modality] = score(run, sites, config, modality, args)
     return row
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """``key=value`` pairs, each value read as TOML (numbers, booleans, strings, lists)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants key=value, got {pair!r}")
+        overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+    return overrides
+
+
+def pretrained_checkpoint(args) -> Path:
+    """Pretrain once per (public size, epochs) on unlabelled public phantoms; reuse after."""
+    public = args.out / f"public-{args.public}"
+    if not public.is_dir():
+        make_public_phantoms(public, images=args.public, progress=True)
+    checkpoint = args.out / f"pretrained-{args.public}-e{args.pretrain_epochs}"
+    if not checkpoint.is_dir():
+        pretrain_image_model(public, checkpoint, load_config(args.config), epochs=args.pretrain_epochs, batch_size=32, lr=2e-3, progress=True)
+    return checkpoint
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Image ratio against ε, one line per label; ε = inf drawn at the right edge."""
+    finite = sorted({r["epsilon"] for r in rows if math.isfinite(r["epsilon"])}) or [1.0]
+    inf_x = max(finite) * 3
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r["label"] for r in rows):
+        points = sorted((r["epsilon"] if math.isfinite(r["epsilon"]) else inf_x, r["image"]["ratio"]) for r in rows if r["label"] == label and "image" in r)
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set_xscale("log")
+    ticks = finite + [inf_x]
+    axis.set_xticks(ticks, [f"{t:g}" for t in finite] + ["∞"])
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("ε per site")
+    axis.set_ylabel("synthetic-trained / real-trained accuracy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 10.0, math.inf])
-    parser.add_argument("--modality", default="both", choices=["image", "text", "both"])
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 10.0, math.inf])
+    parser.add_argument("--modality", default="image", choices=["image", "text", "both"])
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
+    parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
+    parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
+    parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--images-per-site", type=int, default=400)
     parser.add_argument("--images-per-class", type=int, default=60)
     parser.add_argument("--texts-per-class", type=int, default=40)
     parser.add_argument("--classifier-epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy-utility"))
     args = parser.parse_args()
     quiet_libraries()
+    overrides = parse_sets(args.sets)
     sites_root = args.out / "sites"
-    sites = sorted(p for p in sites_root.iterdir() if p.is_dir()) if sites_root.is_dir() else make_demo_consortium(sites_root, sites=args.sites, seed=0)
-    rows = [one_epsilon(eps, sites, args) for eps in args.epsilons]
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    print(f"{'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'n test':>7} {'train s':>8}")
+    sites = sorted(p for p in sites_root.iterdir() if p.is_dir()) if sites_root.is_dir() else make_demo_consortium(
+        sites_root, sites=args.sites, seed=0, images_per_site=args.images_per_site
+    )
+    if args.public:
+        overrides["image.init_checkpoint"] = str(pretrained_checkpoint(args).resolve())
+    rows = [one_epsilon(eps, sites, overrides, args) for eps in args.epsilons]
+    results = args.out / "results.jsonl"
+    with results.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "overrides": overrides}, default=str) + "\n")
+    every = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    plot(every, args.out / "curve.png")
+    print(f"{'label':>14} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}")
     for row in rows:
         for modality in ("image", "text"):
             if modality in row:
                 m = row[modality]
-                print(f"{row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {m['n_test']:>7} {row['train_seconds']:>8.0f}")
+                fid = f"{m['fid']:>7.1f}" if "fid" in m else f"{'':>7}"
+                print(f"{row['label']:>14} {row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {fid} {m['n_test']:>7} {row['train_seconds']:>8.0f}")
+    print(f"results: {results}  plot: {args.out / 'curve.png'}")
 
 
 if __name__ == "__main__":
