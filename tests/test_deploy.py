@@ -31,6 +31,7 @@ from fedgen.files import write_json
 from fedgen.certs import make_certs
 from fedgen.cli import app
 from fedgen.config import RunConfig, load_config
+from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
@@ -466,3 +467,39 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     )
     assert round_two.epsilon > round_one.epsilon
     assert (tmp_path / "pyproject.toml").read_text() == LEGACY_PYPROJECT
+
+
+def test_a_deployed_consortium_is_audited_at_its_sites(processes, tmp_path):
+    """`fedgen audit RUN --deployment`: two SuperNodes answer the audit on their own records."""
+    from fedgen.data.demo import make_demo_consortium
+    from fedgen.generate import generate_images
+    from tests.test_audit_runner import train_one_round
+
+    certs = make_certs(tmp_path / "certs", sites=2)
+    # 120 images: held-out splits of at least audits.fidelity.MIN_AGGREGATE_COUNT records
+    sites = make_demo_consortium(tmp_path / "sites", sites=2, seed=1, images_per_site=120, texts_per_site=10, resolution=16)
+    config_path = write_config(tmp_path / "fed.toml", sites=2, min_sites=2, rounds=1)
+    run = RunDir.create(tmp_path / "runs", load_config(config_path), "deployed")
+    train_one_round(run, sites[:2], run.config())
+    generate_images(run, per_class=2)
+    port = free_port()
+    audit = processes.start("audit", [
+        "audit", str(run.root), "--deployment", "--certs", str(certs.root), "--port", str(port),
+        "--host", "127.0.0.1", "--json",
+    ])
+    clients = [
+        processes.start(f"site-{k}", client_args(port, sites[k - 1], certs.site_private_key(k), certs.ca_cert, config_path))
+        for k in (1, 2)
+    ]
+    wait_for(lambda: audit.poll() is not None, timeout=STARTUP_WAIT + ROUND_WAIT,
+             what="the audit to finish", watch=clients)
+    assert audit.returncode == 0, tail(audit)
+
+    report = json.loads((run.audit / "report.json").read_text())
+    records = sum(len(load_site(root, RunConfig().data, modalities=("image",)).image_paths) for root in sites[:2])
+    loss = report["membership"]["image"]["attacks"]["loss"]
+    assert set(loss["sites"]) == {"site-1", "site-2"}
+    assert loss["pooled"]["n_members"] + loss["pooled"]["n_nonmembers"] == records
+    assert report["fidelity"]["image"]["n_real"] == records
+    decision = json.loads(audit.log_path.read_text().splitlines()[-1])
+    assert decision["report_json"] == str(run.audit / "report.json")
