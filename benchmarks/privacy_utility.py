@@ -173,13 +173,14 @@ def main() -> None:
     )
     if args.public:
         overrides["image.init_checkpoint"] = str(pretrained_checkpoint(args).resolve())
-    rows = [one_epsilon(eps, sites, overrides, args) for eps in args.epsilons]
     results = args.out / "results.jsonl"
-    with results.open("a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps({**row, "overrides": overrides}, default=str) + "\n")
-    every = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
-    plot(every, args.out / "curve.png")
+    rows = []
+    for eps in args.epsilons:  # each row is kept as soon as it is measured: an ε takes minutes
+        rows.append(one_epsilon(eps, sites, overrides, args))
+        with results.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({**rows[-1], "overrides": overrides}, default=str) + "\n")
+        every = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+        plot(every, args.out / "curve.png")
     print(f"{'label':>14} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}")
     for row in rows:
         for modality in ("image", "text"):
