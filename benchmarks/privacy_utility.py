@@ -11,6 +11,7 @@ Levers are config overrides (``--set image.trainable='["class_embedding"]'``); `
 pretrains on N public phantoms of a wider scanner family (unlabelled, ``fedgen demo-public``)
 and starts every ε from that checkpoint. Each invocation appends its rows, under ``--label``,
 to ``OUT/results.jsonl`` and redraws ``OUT/curve.png`` with every label measured so far.
+``--sites-dir DIR`` runs it on your own consortium (``--config`` for its classes and sizes).
 
     python -m benchmarks.privacy_utility --epsilons 1 3 10 inf --label scratch
     python -m benchmarks.privacy_utility --public 4000 --label pretrained \\
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
     parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
     parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=400)
     parser.add_argument("--images-per-class", type=int, default=60)
@@ -167,8 +169,10 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     overrides = parse_sets(args.sets)
-    sites_root = args.out / "sites"
-    sites = sorted(p for p in sites_root.iterdir() if p.is_dir()) if sites_root.is_dir() else make_demo_consortium(
+    if args.sites_dir is not None and not args.sites_dir.is_dir():
+        raise SystemExit(f"--sites-dir {args.sites_dir} is not a folder of site folders")
+    sites_root = args.sites_dir or args.out / "sites"
+    sites = sorted(p for p in sites_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if sites_root.is_dir() else make_demo_consortium(
         sites_root, sites=args.sites, seed=0, images_per_site=args.images_per_site
     )
     if args.public:
