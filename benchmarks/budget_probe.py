@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset
+from torch.utils.data import TensorDataset
 
 from audits.utility import image_utility
-from benchmarks.privacy_utility import parse_sets
+from benchmarks.privacy_utility import parse_sets, pooled_heldout, site_folders
 from fedgen.config import load_config
-from fedgen.data.site import image_splits, load_site
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import contact_sheet, sample_images
 from fedgen.privacy.accounting import calibrate_noise_multiplier, planned_steps
@@ -45,13 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))
     image = config.image
-    sites = sorted(p for p in args.sites.iterdir() if p.is_dir() and not p.name.startswith("."))
-    splits = [
-        image_splits(load_site(s, config.data, modalities=("image",), channels=image.channels),
-                     resolution=image.resolution, channels=image.channels, seed=config.data.split_seed)
-        for s in sites
-    ]  # fmt: skip
-    train = ConcatDataset([tr for tr, _ in splits])
+    real_train, heldout = pooled_heldout(site_folders(args.sites), config, "image")
+    train = TensorDataset(*real_train)
     task = ImageModality(config, work_dir=Path(tempfile.mkdtemp()))
     model = task.initial_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -72,8 +66,6 @@ def main() -> None:
     images = sample_images(model, labels, config=image, steps=25, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
     sheet = contact_sheet({name: images[labels == i][:8] for i, name in enumerate(config.data.image_classes)})
     sheet.save(args.out)
-    real_train = tuple(torch.cat([tr.tensors[i] for tr, _ in splits]) for i in (0, 1))
-    heldout = tuple(torch.cat([te.tensors[i] for _, te in splits]) for i in (0, 1))
     configs = image_utility(real_train, heldout, (images, labels), class_names=config.data.image_classes)["configurations"]
     real, synthetic = configs["real"]["accuracy"], configs["synthetic"]["accuracy"]
     print(f"real-trained {real:.3f}, synthetic-trained {synthetic:.3f}, ratio {synthetic / real:.2f} "

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.privacy_utility import pooled_heldout, site_folders
 from fedgen.config import load_config
-from fedgen.data.site import image_splits, load_site
 from fedgen.models.diffusion import denoising_loss, load_image_model, make_noise_scheduler, null_class
 
 
@@ -30,12 +30,7 @@ def main() -> None:
     config = load_config(args.config)
     image = config.image
     unet = load_image_model(args.checkpoint).eval()
-    heldout = [
-        image_splits(load_site(s, config.data, modalities=("image",), channels=image.channels),
-                     resolution=image.resolution, channels=image.channels, seed=config.data.split_seed)[1].tensors
-        for s in sorted(p for p in args.sites.iterdir() if p.is_dir() and not p.name.startswith("."))
-    ]  # fmt: skip
-    x, y = torch.cat([h[0] for h in heldout]), torch.cat([h[1] for h in heldout])
+    _, (x, y) = pooled_heldout(site_folders(args.sites), config, "image")
     scheduler = make_noise_scheduler(image)
     generator = torch.Generator().manual_seed(0)
     timesteps = torch.randint(0, image.train_timesteps, (args.draws, len(x)), generator=generator)

@@ -47,6 +47,11 @@ from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
 from simulations.runner import check_sites, simulate  # noqa: E402
 
 
+def site_folders(root: Path) -> list[Path]:
+    """The site folders in ``root`` (hidden folders such as a state folder are not sites)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def pooled_heldout(sites, config, modality):
     """(train, held-out) of every site concatenated, in the shape the utility functions take."""
     trains, tests = [], []
@@ -172,7 +177,7 @@ def main() -> None:
     if args.sites_dir is not None and not args.sites_dir.is_dir():
         raise SystemExit(f"--sites-dir {args.sites_dir} is not a folder of site folders")
     sites_root = args.sites_dir or args.out / "sites"
-    sites = sorted(p for p in sites_root.iterdir() if p.is_dir() and not p.name.startswith(".")) if sites_root.is_dir() else make_demo_consortium(
+    sites = site_folders(sites_root) if sites_root.is_dir() else make_demo_consortium(
         sites_root, sites=args.sites, seed=0, images_per_site=args.images_per_site
     )
     if args.public:
