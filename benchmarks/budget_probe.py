@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from audits.utility import image_utility
-from benchmarks.privacy_utility import parse_sets, pooled_heldout, site_folders
+from benchmarks.privacy_utility import parse_sets, pooled_heldout
 from fedgen.config import load_config
+from fedgen.data.site import site_folders
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import contact_sheet, sample_images
 from fedgen.privacy.accounting import calibrate_noise_multiplier, planned_steps

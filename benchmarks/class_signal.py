@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.privacy_utility import pooled_heldout, site_folders
+from benchmarks.privacy_utility import pooled_heldout
 from fedgen.config import load_config
+from fedgen.data.site import site_folders
 from fedgen.models.diffusion import denoising_loss, load_image_model, make_noise_scheduler, null_class
 
 

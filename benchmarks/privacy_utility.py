@@ -40,16 +40,11 @@ from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E
 from audits.utility import image_utility, text_utility  # noqa: E402
 from fedgen.config import load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
-from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
+from fedgen.data.site import image_splits, load_site, site_folders, text_splits  # noqa: E402
 from fedgen.generate import generate_images, generate_texts  # noqa: E402
 from fedgen.logs import quiet_libraries  # noqa: E402
 from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
 from simulations.runner import check_sites, simulate  # noqa: E402
-
-
-def site_folders(root: Path) -> list[Path]:
-    """The site folders in ``root`` (hidden folders such as a state folder are not sites)."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def pooled_heldout(sites, config, modality):

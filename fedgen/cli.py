@@ -162,7 +162,9 @@ def _site_dirs(sites_dir: Path | None, site: list[Path] | None) -> list[Path]:
         return []
     if not sites_dir.is_dir():
         raise FedgenError(f"sites folder not found: {sites_dir}")
-    return sorted(p for p in sites_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    from fedgen.data.site import site_folders
+
+    return site_folders(sites_dir)
 
 
 @app.command()

@@ -51,6 +51,7 @@ __all__ = [
     "load_images",
     "image_splits",
     "text_splits",
+    "site_folders",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -318,6 +319,11 @@ def _scan_class_folder(folder: Path, label: int) -> tuple[list[_Image], list[str
 
 def _visible(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+
+
+def site_folders(sites_dir: Path) -> list[Path]:
+    """The site folders in a consortium folder (hidden folders, e.g. a state folder, are not sites)."""
+    return [path for path in _visible(sites_dir) if path.is_dir()]
 
 
 def _inspect_image(path: Path) -> tuple[tuple[int, int], str]:
