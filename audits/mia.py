@@ -30,6 +30,7 @@ from scipy.stats import nhypergeom, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedgen.errors import FedgenError
+from fedgen.models.diffusion import predicted_noise, training_target
 
 __all__ = [
     "AttackResult",
@@ -248,18 +249,6 @@ def _predict(unet, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torc
     return unet(x, timesteps, class_labels=labels).sample
 
 
-def _training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-    """What the model was trained to predict, per the scheduler's ``prediction_type``."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    assert prediction_type == "v_prediction", f"unknown prediction_type {prediction_type!r}"
-    timesteps = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
-    return scheduler.get_velocity(x0, noise, timesteps)
-
-
 def _batched_scores(
     score_batch, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
 ) -> np.ndarray:
@@ -314,7 +303,7 @@ def image_loss_scores(
             for noise in noises:
                 noise = noise.expand_as(x0)
                 x_t = scheduler.add_noise(x0, noise, t_batch)
-                target = _training_target(scheduler, x0, noise, t)
+                target = training_target(scheduler, x0, noise, t_batch)
                 error = _predict(unet, x_t, t, batch_labels) - target
                 errors.append(error.pow(2).flatten(1).mean(dim=1))
         return -torch.stack(errors).mean(dim=0)
@@ -340,14 +329,9 @@ def image_pia_scores(
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps_0``. A member's trajectory is consistent,
     so the model recovers ``eps_0`` from ``x_t`` better. Default t is
     ``DEFAULT_PIA_TIMESTEP_FRACTION`` of the range (200 of 1000, as in the paper) and p = 4
-    (the paper's l4 distance, summed |.|^p like the authors' code). Needs an epsilon-predicting
-    model.
+    (the paper's l4 distance, summed |.|^p like the authors' code). A v-prediction model's
+    output is turned into its implied noise estimate first.
     """
-    if scheduler.config.prediction_type != "epsilon":
-        raise FedgenError(
-            f"PIA needs an epsilon-prediction model, the scheduler predicts "
-            f"{scheduler.config.prediction_type!r}"
-        )
     if t is None:
         t = _timestep_from_fraction(scheduler, DEFAULT_PIA_TIMESTEP_FRACTION)
     _check_timestep(scheduler, t)
@@ -355,10 +339,12 @@ def image_pia_scores(
     images, labels = _on_model_device(unet, images, labels)
 
     def score_batch(x0: torch.Tensor, batch_labels: torch.Tensor | None) -> torch.Tensor:
-        eps_0 = _predict(unet, x0, 0, batch_labels)
+        zero = torch.zeros((len(x0),), dtype=torch.long, device=x0.device)
+        eps_0 = predicted_noise(scheduler, _predict(unet, x0, 0, batch_labels), x0, zero)
         t_batch = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
         x_t = scheduler.add_noise(x0, eps_0, t_batch)
-        distance = (_predict(unet, x_t, t, batch_labels) - eps_0).abs().pow(p).flatten(1).sum(dim=1)
+        eps_t = predicted_noise(scheduler, _predict(unet, x_t, t, batch_labels), x_t, t_batch)
+        distance = (eps_t - eps_0).abs().pow(p).flatten(1).sum(dim=1)
         return -distance
 
     return _batched_scores(score_batch, images, labels, batch_size)

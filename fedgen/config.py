@@ -58,6 +58,11 @@ class ImageConfig(_Section):
     attention: bool = True  # self-attention in the lowest-resolution blocks
     norm_num_groups: int = Field(8, ge=1)
     train_timesteps: int = Field(1000, ge=10)
+    # What the UNet predicts. An epsilon model's small constant error is multiplied by
+    # 1/sqrt(alpha_bar) at the noisy end of the cosine schedule, so its samples drift bright
+    # (measured: BENCHMARKS.md "Prediction type"); v = sqrt(a) eps - sqrt(1-a) x0 stays well
+    # conditioned at every timestep (Salimans & Ho 2022).
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     noise_multiplicity: int = Field(1, ge=1)  # K noise/timestep draws per example (DPDM)
     # Parameters that train: substrings of the UNet's parameter names (empty = all). Fine-tuning

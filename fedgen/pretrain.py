@@ -166,6 +166,13 @@ def pretraining_of(config: RunConfig) -> dict | None:
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {
         "note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"
     }
+    # The weights do not say what they predict; the record does (before the option: epsilon).
+    trained_for = record.get("image_config", {}).get("prediction_type", "epsilon")
+    if "image_config" in record and trained_for != config.image.prediction_type:
+        raise FedgenError(
+            f"{path} was pretrained to predict {trained_for!r} but the run's image.prediction_type "
+            f"is {config.image.prediction_type!r}: set it to match or pretrain again"
+        )
     weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.glob("*.safetensors"))))
     return {**record, "checkpoint": str(path.resolve()), "weights_sha256": weights.hexdigest()}
 

@@ -22,6 +22,7 @@ from fedgen.models.diffusion import (
     make_noise_scheduler,
     make_sampler,
     null_class,
+    predicted_noise,
     sample_images,
     save_image_model,
     to_uint8,
@@ -91,7 +92,15 @@ def test_bad_sizes_are_named(overrides, message):
 # --- loss ---------------------------------------------------------------------------------
 
 
-def test_loss_is_per_example_and_independent_of_the_batch(unet, config):
+def _velocity(scheduler, images, noise, timesteps):
+    """v = sqrt(abar) eps - sqrt(1 - abar) x0, written out (Salimans & Ho 2022, eq. 9)."""
+    abar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * images
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_per_example_and_independent_of_the_batch(unet, prediction_type):
+    config = tiny_config(prediction_type=prediction_type)
     scheduler = make_noise_scheduler(config)
     images, noise, timesteps = fixed_draws(config, 4)
     labels = torch.tensor([0, 1, 2, 0])
@@ -103,9 +112,19 @@ def test_loss_is_per_example_and_independent_of_the_batch(unet, config):
     )
     noisy = scheduler.add_noise(images[one], noise[one], timesteps[one])
     predicted = unet(noisy, timesteps[one], class_labels=labels[one]).sample
-    manual = ((predicted - noise[one]) ** 2).mean()
+    target = noise[one] if prediction_type == "epsilon" else _velocity(scheduler, images[one], noise[one], timesteps[one])
+    manual = ((predicted - target) ** 2).mean()
     torch.testing.assert_close(batch_loss[2], alone[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(alone[0], manual, rtol=1e-5, atol=1e-6)
+
+
+def test_a_perfect_v_prediction_implies_the_true_noise(config):
+    assert config.prediction_type == "v_prediction"  # the default
+    scheduler = make_noise_scheduler(config)
+    images, noise, timesteps = fixed_draws(config, 6)
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    recovered = predicted_noise(scheduler, _velocity(scheduler, images, noise, timesteps), noisy, timesteps)
+    torch.testing.assert_close(recovered, noise, rtol=1e-4, atol=1e-4)
 
 
 def test_label_dropout_one_equals_the_null_class(unet, config):
@@ -128,8 +147,8 @@ def test_label_dropout_one_equals_the_null_class(unet, config):
 class ExactNoisePredictor(torch.nn.Module):
     """Knows the data: every class c is the constant image x0[c]; the null class is x0[-1].
 
-    Its epsilon is exact, so a correct sampler must return exactly the class image, and guidance
-    w must return uncond + w (cond - uncond) (epsilon is affine in x0 at a fixed x_t).
+    Its epsilon (or v) is exact, so a correct sampler must return exactly the class image, and
+    guidance w must return uncond + w (cond - uncond) (both are affine in x0 at a fixed x_t).
     """
 
     def __init__(self, config, x0):
@@ -138,15 +157,21 @@ class ExactNoisePredictor(torch.nn.Module):
         self.config = types.SimpleNamespace(num_class_embeds=len(x0))
         self.device = torch.device("cpu")
         self.alphas_cumprod = make_noise_scheduler(config).alphas_cumprod
+        self.prediction_type = config.prediction_type
 
     def forward(self, sample, timestep, class_labels):
         alpha = self.alphas_cumprod[timestep]
         x0 = self.x0[class_labels].view(-1, 1, 1, 1)
-        return types.SimpleNamespace(sample=(sample - alpha.sqrt() * x0) / (1 - alpha).sqrt())
+        eps = (sample - alpha.sqrt() * x0) / (1 - alpha).sqrt()
+        if self.prediction_type == "v_prediction":
+            return types.SimpleNamespace(sample=alpha.sqrt() * eps - (1 - alpha).sqrt() * x0)
+        return types.SimpleNamespace(sample=eps)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("ddpm", None)])
-def test_samplers_recover_the_data_from_exact_noise(config, sampler, steps):
+def test_samplers_recover_the_data_from_exact_noise(sampler, steps, prediction_type):
+    config = tiny_config(prediction_type=prediction_type)
     model = ExactNoisePredictor(config, [-1.0, 0.5, 0.0])
     out = sample_images(
         model, torch.tensor([0, 1, 0]), config=config, steps=steps, guidance=1.0,

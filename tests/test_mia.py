@@ -264,6 +264,24 @@ def test_pia_scores_follow_the_formula(untrained):
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4)
 
 
+def test_pia_scores_a_v_prediction_model_by_its_implied_noise(untrained):
+    unet, _, images, labels = untrained
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    scores = image_pia_scores(unet, scheduler, images, labels)
+
+    def implied_noise(x, t):  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+        abar = scheduler.alphas_cumprod[t]
+        v = unet(x, torch.full((6,), t), class_labels=labels).sample
+        return abar.sqrt() * v + (1 - abar).sqrt() * x
+
+    with torch.no_grad():
+        eps_0 = implied_noise(images, 0)
+        abar = scheduler.alphas_cumprod[20]
+        eps_t = implied_noise(abar.sqrt() * images + (1 - abar).sqrt() * eps_0, 20)
+    expected = -((eps_t - eps_0).abs() ** 4).sum(dim=(1, 2, 3))
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4)
+
+
 def test_attack_timestep_outside_the_schedule_is_a_user_error(untrained):
     unet, scheduler, images, labels = untrained
     with pytest.raises(FedgenError, match="timestep 100"):

@@ -39,6 +39,8 @@ __all__ = [
     "make_noise_scheduler",
     "make_sampler",
     "denoising_loss",
+    "training_target",
+    "predicted_noise",
     "sample_images",
     "save_image_model",
     "load_image_model",
@@ -184,7 +186,7 @@ def make_noise_scheduler(config: ImageConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=config.train_timesteps,
         beta_schedule=BETA_SCHEDULE,
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
         clip_sample=True,
     )
 
@@ -236,7 +238,30 @@ def denoising_loss(
         labels = torch.where(drop, null_class(unet), labels)
     noisy = scheduler.add_noise(images, noise, timesteps)
     predicted = unet(noisy, timesteps, class_labels=labels).sample
-    return F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
+    target = training_target(scheduler, images, noise, timesteps)
+    return F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
+
+
+def training_target(
+    scheduler: SchedulerMixin, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to predict, per the scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(images, noise, timesteps)
+    raise FedgenError(f"unsupported prediction_type {kind!r}: use 'epsilon' or 'v_prediction'")
+
+
+def predicted_noise(
+    scheduler: SchedulerMixin, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The noise estimate implied by the UNet's ``output`` on ``noisy`` images at ``timesteps``."""
+    if scheduler.config.prediction_type == "epsilon":
+        return output
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
 
 
 def _default_steps(config: ImageConfig, sampler: str) -> int:
