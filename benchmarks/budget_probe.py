@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("sites", type=Path)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="0: score the starting model (image.init_checkpoint) untrained here")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epsilon", type=float, default=math.inf, help="DP target for this training (default: no DP)")
     parser.add_argument("--per-class", type=int, default=60)
@@ -52,16 +52,17 @@ def main() -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     delta = 1 / (10 * len(train))
     sigma = None
-    if math.isfinite(args.epsilon):
+    if math.isfinite(args.epsilon) and args.epochs:
         q, steps = planned_steps(n_records=len(train), batch_size=args.batch_size, epochs_per_round=args.epochs, rounds=1)
         sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=delta, sample_rate=q, steps=steps)
-    start = time.perf_counter()
-    result = train_local(model, train, task.per_example_loss(), epochs=args.epochs, batch_size=args.batch_size,
-                         lr=image.lr, noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm, delta=delta,
-                         noise_multiplicity=image.noise_multiplicity, grad_sample_mode=image.grad_sample_mode,
-                         max_physical_batch_size=image.max_physical_batch_size, seed=0)
-    print(f"{result.steps} steps on {len(train)} images ({trainable:,} trainable parameters) in "
-          f"{time.perf_counter() - start:.0f} s, loss {result.mean_loss:.4f}, ε {result.epsilon:.3g}")
+    if args.epochs:  # 0 scores the starting model (image.init_checkpoint) as it is
+        start = time.perf_counter()
+        result = train_local(model, train, task.per_example_loss(), epochs=args.epochs, batch_size=args.batch_size,
+                             lr=image.lr, noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm, delta=delta,
+                             noise_multiplicity=image.noise_multiplicity, grad_sample_mode=image.grad_sample_mode,
+                             max_physical_batch_size=image.max_physical_batch_size, seed=0)
+        print(f"{result.steps} steps on {len(train)} images ({trainable:,} trainable parameters) in "
+              f"{time.perf_counter() - start:.0f} s, loss {result.mean_loss:.4f}, ε {result.epsilon:.3g}")
     model.eval()
     labels = torch.arange(len(config.data.image_classes)).repeat_interleave(args.per_class)
     images = sample_images(model, labels, config=image, steps=25, guidance=args.guidance, generator=torch.Generator().manual_seed(0))

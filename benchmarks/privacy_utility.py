@@ -8,8 +8,8 @@ researcher's benchmark on simulated data, so it reads the held-out splits direct
 does the same per site).
 
 Levers are config overrides (``--set image.trainable='["class_embedding"]'``); ``--public N``
-pretrains on N public phantoms of a wider scanner family (unlabelled, ``fedgen demo-public``)
-and starts every ε from that checkpoint. Each invocation appends its rows, under ``--label``,
+pretrains on N public phantoms of another population and wider scanner family (``fedgen
+demo-public``; unlabelled unless ``--public-labelled``) and starts every ε from that checkpoint. Each invocation appends its rows, under ``--label``,
 to ``OUT/results.jsonl`` and redraws ``OUT/curve.png`` with every label measured so far.
 ``--sites-dir DIR`` runs it on your own consortium (``--config`` for its classes and sizes).
 
@@ -119,11 +119,12 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 def pretrained_checkpoint(args) -> Path:
-    """Pretrain once per (public size, epochs) on unlabelled public phantoms; reuse after."""
-    public = args.out / f"public-{args.public}"
+    """Pretrain once per (public set, epochs) on public phantoms; reuse after."""
+    kind = "labelled" if args.public_labelled else "unlabelled"
+    public = args.out / f"public-{args.public}-{kind}"
     if not public.is_dir():
-        make_public_phantoms(public, images=args.public, progress=True)
-    checkpoint = args.out / f"pretrained-{args.public}-e{args.pretrain_epochs}"
+        make_public_phantoms(public, images=args.public, labelled=args.public_labelled, progress=True)
+    checkpoint = args.out / f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}"
     if not checkpoint.is_dir():
         pretrain_image_model(public, checkpoint, load_config(args.config), epochs=args.pretrain_epochs, batch_size=32, lr=2e-3, progress=True)
     return checkpoint
@@ -158,6 +159,7 @@ def main() -> None:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
     parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
     parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
+    parser.add_argument("--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)")
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
     parser.add_argument("--sites", type=int, default=3)

@@ -95,17 +95,18 @@ def demo_data(
 
 @app.command("demo-public")
 def demo_public(
-    out: Annotated[Path, typer.Argument(help="Folder to create: a flat folder of unlabelled PNGs.")],
+    out: Annotated[Path, typer.Argument(help="Folder to create: a flat folder of PNGs, or one folder per grade with --labelled.")],
     images: Annotated[int, typer.Option(help="Number of public phantoms.")] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed (the demo sites use 0).")] = 1000,
     resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    labelled: Annotated[bool, typer.Option(help="Write an ImageFolder (one folder per grade), as a public graded set would be.")] = False,
 ) -> None:
-    """Generate a PUBLIC image set for `fedgen pretrain`: unlabelled phantoms of another
-    population (mostly healthy eyes) from many cameras, unlike any demo site."""
+    """Generate a PUBLIC image set for `fedgen pretrain`: phantoms of another population
+    (mostly healthy eyes) from many cameras, unlike any demo site; unlabelled by default."""
     from fedgen.data.demo import make_public_phantoms
 
-    make_public_phantoms(out, images=images, seed=seed, resolution=resolution, progress=True)
-    console.print(f"wrote {images} unlabelled public phantoms to {out}")
+    make_public_phantoms(out, images=images, seed=seed, resolution=resolution, labelled=labelled, progress=True)
+    console.print(f"wrote {images} {'labelled' if labelled else 'unlabelled'} public phantoms to {out}")
 
 
 @app.command()

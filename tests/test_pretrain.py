@@ -110,6 +110,20 @@ def test_a_pretrained_model_of_another_architecture_is_refused(pretrained, tmp_p
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_pretrained_model_of_another_prediction_type_is_refused(pretrained, tmp_path):
+    config = load_config(None, {**TINY, "image.prediction_type": "epsilon", "image.init_checkpoint": str(pretrained)})
+    with pytest.raises(FedgenError, match="pretrained to predict 'v_prediction' but the run's image.prediction_type is 'epsilon'"):
+        create_run(tmp_path / "runs", config, "r")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_labelled_public_phantoms_are_an_image_folder_of_the_grades(tmp_path):
+    public = read_public_images(make_public_phantoms(tmp_path / "public", images=40, resolution=16, labelled=True), CLASSES)
+    assert len(public.paths) == 40 and public.labels is not None
+    assert [CLASSES[i] for i in public.labels] == [p.parent.name for p in public.paths]
+    assert public.describe()["class_counts"]["No_DR"] > public.describe()["class_counts"]["Severe"]  # a screening mix
+
+
 def test_a_run_records_its_pretraining_with_an_absolute_checkpoint(pretrained, tmp_path, monkeypatch):
     monkeypatch.chdir(pretrained.parent)
     run = create_run(tmp_path / "runs", load_config(None, {**TINY, "image.init_checkpoint": pretrained.name}), "r")

@@ -91,12 +91,20 @@ PUBLIC_STYLE_RANGES = {
 
 
 def make_public_phantoms(
-    out: str | Path, *, images: int = 3000, seed: int = 1000, resolution: int = 32, progress: bool = False
+    out: str | Path,
+    *,
+    images: int = 3000,
+    seed: int = 1000,
+    resolution: int = 32,
+    labelled: bool = False,
+    progress: bool = False,
 ) -> Path:
-    """Write ``images`` UNLABELLED phantoms (a flat folder of PNGs) for public pretraining.
+    """Write ``images`` phantoms of another population for public pretraining.
 
-    Grades follow ``PUBLIC_GRADE_MIX`` but are not recorded: the class information must come
-    from the sites. Use a seed no site uses (the demo consortium's default is 0).
+    Grades follow ``PUBLIC_GRADE_MIX``. Unlabelled (default): a flat folder of PNGs, so the
+    class information must come from the sites. ``labelled``: an ImageFolder, one folder per
+    grade, as a public graded set (another screening programme's) would be. Use a seed no site
+    uses (the demo consortium's default is 0).
     """
     out = Path(out)
     if images < 1:
@@ -111,7 +119,9 @@ def make_public_phantoms(
         for i, grade in enumerate(grades):
             style = ScannerStyle(**{k: float(rng.uniform(*b)) for k, b in PUBLIC_STYLE_RANGES.items()})
             pixels = render_phantom(int(grade), rng, size=resolution, style=style)
-            Image.fromarray(pixels).save(staging / f"{i:05d}.png")
+            folder = staging / DR_GRADES[grade] if labelled else staging
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
             advance(1)
     return out
 
