@@ -50,12 +50,12 @@ def main() -> None:
     task = ImageModality(config, work_dir=Path(tempfile.mkdtemp()))
     model = task.initial_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    delta = 1 / (10 * len(train))
-    sigma = None
-    if math.isfinite(args.epsilon) and args.epochs:
-        q, steps = planned_steps(n_records=len(train), batch_size=args.batch_size, epochs_per_round=args.epochs, rounds=1)
-        sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=delta, sample_rate=q, steps=steps)
     if args.epochs:  # 0 scores the starting model (image.init_checkpoint) as it is
+        delta = 1 / (10 * len(train))
+        sigma = None
+        if math.isfinite(args.epsilon):
+            q, steps = planned_steps(n_records=len(train), batch_size=args.batch_size, epochs_per_round=args.epochs, rounds=1)
+            sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=delta, sample_rate=q, steps=steps)
         start = time.perf_counter()
         result = train_local(model, train, task.per_example_loss(), epochs=args.epochs, batch_size=args.batch_size,
                              lr=image.lr, noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm, delta=delta,

@@ -9,8 +9,9 @@ does the same per site).
 
 Levers are config overrides (``--set image.trainable='["class_embedding"]'``); ``--public N``
 pretrains on N public phantoms of another population and wider scanner family (``fedgen
-demo-public``; unlabelled unless ``--public-labelled``) and starts every ε from that checkpoint. Each invocation appends its rows, under ``--label``,
-to ``OUT/results.jsonl`` and redraws ``OUT/curve.png`` with every label measured so far.
+demo-public``; unlabelled unless ``--public-labelled``) and starts every ε from that
+checkpoint. Each invocation appends its rows, under ``--label``, to ``OUT/results.jsonl`` and
+redraws ``OUT/curve.png`` with every label measured so far.
 ``--sites-dir DIR`` runs it on your own consortium (``--config`` for its classes and sizes).
 
     python -m benchmarks.privacy_utility --epsilons 1 3 10 inf --label scratch
