@@ -5,6 +5,8 @@ model (from ``image.init_checkpoint`` and only ``image.trainable`` when the conf
 optionally under DP calibrated to ``--epsilon`` over this one training, samples ``--per-class``
 images per class, and scores a synthetic-only classifier on the pooled real held-out splits
 (ratio to the real-trained one). Minutes per setting, where a federated curve takes an hour.
+``--epochs 0`` scores a checkpoint as it is (``--set image.init_checkpoint=...``), e.g. a run's
+last round at several ``--guidance`` values: the sampling levers without retraining.
 
     python -m benchmarks.budget_probe SITES_DIR --epochs 8 --batch-size 16 [--epsilon 10]
         [--set image.init_checkpoint='"pretrained"' --set image.trainable='["class_embedding"]']
@@ -21,8 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from audits.utility import image_utility
-from benchmarks.privacy_utility import parse_sets, pooled_heldout
+from benchmarks.privacy_utility import image_scores, parse_sets, pooled_heldout
 from fedgen.config import load_config
 from fedgen.data.site import site_folders
 from fedgen.modalities import ImageModality
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epsilon", type=float, default=math.inf, help="DP target for this training (default: no DP)")
     parser.add_argument("--per-class", type=int, default=60)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the config's image.guidance")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps; default: the config's image.sample_steps")
     parser.add_argument("--out", type=Path, default=Path("budget-probe.png"))
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))
@@ -65,13 +67,13 @@ def main() -> None:
               f"{time.perf_counter() - start:.0f} s, loss {result.mean_loss:.4f}, ε {result.epsilon:.3g}")
     model.eval()
     labels = torch.arange(len(config.data.image_classes)).repeat_interleave(args.per_class)
-    images = sample_images(model, labels, config=image, steps=25, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
+    images = sample_images(model, labels, config=image, steps=args.steps, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
     sheet = contact_sheet({name: images[labels == i][:8] for i, name in enumerate(config.data.image_classes)})
     sheet.save(args.out)
-    configs = image_utility(real_train, heldout, (images, labels), class_names=config.data.image_classes)["configurations"]
-    real, synthetic = configs["real"]["accuracy"], configs["synthetic"]["accuracy"]
-    print(f"real-trained {real:.3f}, synthetic-trained {synthetic:.3f}, ratio {synthetic / real:.2f} "
-          f"(held-out n = {configs['real']['n_test']}); contact sheet {args.out}")
+    scores = image_scores(real_train, heldout, (images, labels), config.data.image_classes, seeds=3)
+    print(f"real-trained {scores['real_accuracy']:.3f}, synthetic-trained {scores['synthetic_accuracy']:.3f} "
+          f"(sd {scores['synthetic_accuracy_sd']:.3f} over 3 classifier seeds), ratio {scores['ratio']:.2f} "
+          f"(held-out n = {scores['n_test']}); contact sheet {args.out}")
 
 
 if __name__ == "__main__":

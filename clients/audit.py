@@ -108,7 +108,6 @@ SCORES_STATE_KEY = "audit-scores-{modality}"  # node state: this audit's scores,
 # Where the central range of a site's scores is cut: the tails fall into the end bins of the
 # shared histogram. The range of every score is not sent: a minimum or maximum is one record's.
 SCORE_RANGE_QUANTILES = (0.05, 0.95)
-UTILITY_EPOCHS = 5  # FeatureNet epochs per utility configuration: small, the demo runs on 2 cores
 TEXT_SCORE_BATCH = 16
 CANARIES_FILE = "canaries.jsonl"
 PHI_TRUTH_FILE = "phi_truth.jsonl"
@@ -395,7 +394,6 @@ def image_site_audit(modality: Modality, site: SiteData, unet, content: RecordDi
             (synthetic, synthetic_labels),
             class_names=config.data.image_classes,
             seed=config.seed,
-            epochs=UTILITY_EPOCHS,
         ),
     }
     return result, scores

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from audits.features import train_feature_net
 from audits.utility import CONFIGURATIONS, image_utility, pool_utility, smote_balance, text_utility
 from fedgen.errors import FedgenError
 from tests.test_fidelity import ANXIOUS, CALM, bright_dark, corpus, one_torch_thread  # noqa: F401 (fixture)
@@ -22,7 +23,7 @@ def noise_images(n: int, *, seed: int):
 
 def test_image_synthetic_copy_of_real_train_scores_like_real():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
-    result = image_utility(train, test, train, class_names=CLASSES, seed=0, epochs=5)
+    result = image_utility(train, test, train, class_names=CLASSES, seed=0, steps=10)
     scores = result["configurations"]
     assert set(scores) == set(CONFIGURATIONS)
     assert scores["real"]["accuracy"] >= 0.95
@@ -33,24 +34,48 @@ def test_image_synthetic_copy_of_real_train_scores_like_real():
 
 def test_image_noise_with_random_labels_is_at_chance_while_real_is_high():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
-    result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, epochs=5)
+    result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, steps=10)
     scores = result["configurations"]
     assert scores["real"]["accuracy"] >= 0.95
     assert scores["smote"]["accuracy"] >= 0.95
     assert scores["synthetic"]["accuracy"] <= CHANCE_BOUND
 
 
+def test_every_image_configuration_trains_for_the_same_number_of_steps(monkeypatch):
+    """A synthetic set a third the size of the real one must not get a third of the steps."""
+    import audits.utility as utility
+
+    seen = {}
+
+    def recording(images, labels, *, trained_on, epochs, batch_size, **kwargs):
+        seen[trained_on] = epochs * -(-len(labels) // batch_size)
+        return train_feature_net(images, labels, trained_on=trained_on, epochs=epochs, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(utility, "train_feature_net", recording)
+    train, test = bright_dark(192, seed=1), bright_dark(40, seed=2)
+    image_utility(train, test, bright_dark(64, seed=3), class_names=CLASSES, steps=12)
+    assert len(seen) == 4
+    for steps in seen.values():  # whole epochs: at least the budget, less than one epoch over it
+        assert 12 <= steps < 12 + 4
+
+
+def test_image_utility_trains_only_the_configurations_asked_for():
+    train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
+    result = image_utility(train, test, train, class_names=CLASSES, steps=2, configurations=("real", "synthetic"))
+    assert set(result["configurations"]) == {"real", "synthetic"}
+
+
 def test_image_utility_refuses_mismatched_synthetic_images():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
     wrong = (torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
     with pytest.raises(FedgenError, match=r"\(3, 16, 16\)"):
-        image_utility(train, test, wrong, class_names=CLASSES, epochs=1)
+        image_utility(train, test, wrong, class_names=CLASSES, steps=1)
 
 
 def test_utility_refuses_a_held_out_split_below_the_aggregate_minimum():
     train, test = bright_dark(60, seed=1), bright_dark(8, seed=2)
     with pytest.raises(FedgenError, match="held-out split"):
-        image_utility(train, test, train, class_names=CLASSES, epochs=1)
+        image_utility(train, test, train, class_names=CLASSES, steps=1)
 
 
 def test_smote_balances_to_the_largest_class_and_leaves_singletons():
