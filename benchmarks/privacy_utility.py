@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from audits.features import extract_features, train_feature_net  # noqa: E402
 from audits.fidelity import fid_from_features  # noqa: E402
 from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
-from audits.utility import image_utility, text_utility  # noqa: E402
+from audits.utility import UTILITY_STEPS, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
@@ -115,6 +115,11 @@ def score(run, sites, config, modality, args, *, regenerate: bool = True) -> dic
     return {**row, "n_synthetic": len(synthetic[1]), "fid": image_fid(train, test, synthetic, config)}
 
 
+def scoring(args) -> str:
+    """How a row was scored; rows scored otherwise are not comparable (``--rescore`` fixes that)."""
+    return f"utility classifier {UTILITY_STEPS} steps, mean of {args.classifier_seeds} seeds"
+
+
 def one_epsilon(epsilon: float, sites, overrides: dict, args) -> dict:
     overrides = {**overrides, "modality": args.modality, "privacy.epsilon": epsilon, "federation.sites": len(sites)}
     config = load_config(args.config, overrides)
@@ -123,7 +128,8 @@ def one_epsilon(epsilon: float, sites, overrides: dict, args) -> dict:
     run = create_run(args.out / "runs", config, f"{slug}-eps-{epsilon:g}-{int(time.time())}")
     started = time.perf_counter()
     simulate(run, sites)
-    row = {"label": args.label, "epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root)}
+    row = {"label": args.label, "epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root),
+           "scoring": scoring(args)}
     for modality in config.modalities:
         row[modality] = score(run, sites, config, modality, args)
     return row
@@ -186,18 +192,23 @@ def read_rows(results: Path) -> list[dict]:
 
 
 def rescore(results: Path, sites, args) -> list[dict]:
-    """Score every row's run again (its synthetic data as they are) and rewrite ``results``: one
-    scoring for every row, when the scoring changes. Rows whose run is gone are left out."""
+    """Score every row scored otherwise again (its run's synthetic data as they are) and rewrite
+    ``results``: one scoring for every row. Rows whose run is gone are left out."""
     if not results.is_file():
         raise SystemExit(f"--rescore: no {results} to rescore")
-    rows = []
-    for row in read_rows(results):
+    rows, earlier = [], read_rows(results)
+    for row in earlier:
         run = RunDir(row["run"])
+        if row.get("scoring") == scoring(args):
+            rows.append(row)
+            continue
         if not run.root.is_dir():
             print(f"left out (run gone): {row['label']} ε {row['epsilon']:g} {row['run']}")
             continue
         config = run.config()
-        rows.append({**row, **{m: score(run, sites, config, m, args, regenerate=False) for m in config.modalities}})
+        scores = {m: score(run, sites, config, m, args, regenerate=False) for m in config.modalities}
+        rows.append({**row, **scores, "scoring": scoring(args)})
+    rows += read_rows(results)[len(earlier):]  # appended meanwhile by a running benchmark
     write_text(results, "".join(json.dumps(row, default=str) + "\n" for row in rows))
     plot(rows, args.out / "curve.png")
     return rows
