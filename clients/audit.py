@@ -109,6 +109,9 @@ SCORES_STATE_KEY = "audit-scores-{modality}"  # node state: this audit's scores,
 # shared histogram. The range of every score is not sent: a minimum or maximum is one record's.
 SCORE_RANGE_QUANTILES = (0.05, 0.95)
 TEXT_SCORE_BATCH = 16
+# Utility CNN steps per configuration at the site: few, as the audit runs on 2 cores, so its
+# ratio is a floor; the benchmarks train UTILITY_STEPS (400, converged; BENCHMARKS.md).
+AUDIT_UTILITY_STEPS = 25
 CANARIES_FILE = "canaries.jsonl"
 PHI_TRUTH_FILE = "phi_truth.jsonl"
 SECRET_SLOT = "{secret}"
@@ -394,6 +397,7 @@ def image_site_audit(modality: Modality, site: SiteData, unet, content: RecordDi
             (synthetic, synthetic_labels),
             class_names=config.data.image_classes,
             seed=config.seed,
+            steps=AUDIT_UTILITY_STEPS,
         ),
     }
     return result, scores
