@@ -75,11 +75,16 @@ def image_fid(train, test, synthetic, config) -> float:
     return fid_from_features(extract_features(net, test[0]), extract_features(net, synthetic[0]))
 
 
-def image_scores(train, test, synthetic, class_names, *, seeds: int) -> dict:
+CLASSIFIER_SEEDS = 3
+
+
+def image_scores(train, test, synthetic, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> dict:
     """Synthetic-only and real-trained accuracy on the real held-out images, each the mean over
-    ``seeds`` classifier seeds: one seed's synthetic score moved by up to 0.26 on the same images."""
+    ``seeds`` classifier seeds (one seed's synthetic score moved by up to 0.26 on the same
+    images); the per-seed accuracies too."""
     runs = [
-        image_utility(train, test, synthetic, class_names=class_names, seed=seed, configurations=("real", "synthetic"))
+        image_utility(train, test, synthetic, class_names=class_names, seed=seed, steps=steps,
+                      configurations=("real", "synthetic"))
         for seed in range(seeds)
     ]
     real = [r["configurations"]["real"]["accuracy"] for r in runs]
@@ -91,6 +96,7 @@ def image_scores(train, test, synthetic, class_names, *, seeds: int) -> dict:
         "ratio": statistics.mean(synthetic) / statistics.mean(real),
         "n_test": runs[0]["configurations"]["real"]["n_test"],
         "classifier": f"{runs[0]['classifier']}, mean of {seeds} seeds",
+        "per_seed": {"real": real, "synthetic": synthetic},
     }
 
 
@@ -198,10 +204,10 @@ def rescore(results: Path, sites, args) -> list[dict]:
         raise SystemExit(f"--rescore: no {results} to rescore")
     rows, earlier = [], read_rows(results)
     for row in earlier:
-        run = RunDir(row["run"])
         if row.get("scoring") == scoring(args):
             rows.append(row)
             continue
+        run = RunDir(row["run"])
         if not run.root.is_dir():
             print(f"left out (run gone): {row['label']} ε {row['epsilon']:g} {row['run']}")
             continue
@@ -239,7 +245,7 @@ def main() -> None:
     parser.add_argument("--images-per-site", type=int, default=400)
     parser.add_argument("--images-per-class", type=int, default=60)
     parser.add_argument("--texts-per-class", type=int, default=40)
-    parser.add_argument("--classifier-seeds", type=int, default=3, help="utility classifiers per score, averaged")
+    parser.add_argument("--classifier-seeds", type=int, default=CLASSIFIER_SEEDS, help="utility classifiers per score, averaged")
     parser.add_argument("--rescore", action="store_true", help="score the runs already in OUT/results.jsonl again with the current scoring (their synthetic images as they are), rewrite it and the plot")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy-utility"))
     args = parser.parse_args()

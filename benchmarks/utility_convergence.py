@@ -1,7 +1,7 @@
 """Has the utility classifier converged? Its accuracy against its step budget, over seeds.
 
 The synthetic-only / real-trained ratio is only as good as the two classifiers behind it: this
-trains both (``audits.utility.image_utility``, configurations real and synthetic) at several
+trains both (``privacy_utility.image_scores``: configurations real and synthetic) at several
 step budgets and seeds on a run's synthetic images and the sites' pooled real data, and prints
 each accuracy on the pooled real held-out images. ``UTILITY_STEPS`` was chosen from it.
 
@@ -15,8 +15,7 @@ import statistics
 from pathlib import Path
 
 from audits.runner import load_synthetic_images
-from audits.utility import image_utility
-from benchmarks.privacy_utility import pooled_heldout
+from benchmarks.privacy_utility import CLASSIFIER_SEEDS, image_scores, pooled_heldout
 from fedgen.artifacts import RunDir
 from fedgen.data.site import site_folders
 
@@ -26,7 +25,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("sites", type=Path)
     parser.add_argument("--steps", nargs="+", type=int, default=[50, 150, 400, 1200])
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=CLASSIFIER_SEEDS)
     args = parser.parse_args()
     run = RunDir(args.run)
     config = run.config()
@@ -34,16 +33,10 @@ def main() -> None:
     synthetic = load_synthetic_images(run, config)
     print(f"real train {len(train[1])}, synthetic {len(synthetic[1])}, real held-out {len(test[1])}")
     for steps in args.steps:
-        accuracy = {"real": [], "synthetic": []}
-        for seed in range(args.seeds):
-            scores = image_utility(train, test, synthetic, class_names=config.data.image_classes, seed=seed,
-                                   steps=steps, configurations=tuple(accuracy))["configurations"]
-            for name, values in accuracy.items():
-                values.append(scores[name]["accuracy"])
+        scores = image_scores(train, test, synthetic, config.data.image_classes, seeds=args.seeds, steps=steps)
         cells = [f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
-                 for name, values in accuracy.items()]
-        ratio = statistics.mean(accuracy["synthetic"]) / statistics.mean(accuracy["real"])
-        print(f"{steps:>5} steps  {'  '.join(cells)}  ratio {ratio:.2f}", flush=True)
+                 for name, values in scores["per_seed"].items()]
+        print(f"{steps:>5} steps  {'  '.join(cells)}  ratio {scores['ratio']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
