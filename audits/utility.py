@@ -39,6 +39,7 @@ from fedgen.errors import FedgenError
 __all__ = [
     "CONFIGURATIONS",
     "MIN_CLASS_SUPPORT",
+    "image_classifier",
     "image_utility",
     "pool_utility",
     "smote_balance",
@@ -126,6 +127,11 @@ def _smote_images(data: ImageData, *, seed: int) -> ImageData:
     return torch.as_tensor(flat, dtype=images.dtype).reshape(-1, *images.shape[1:]), torch.as_tensor(balanced)
 
 
+def image_classifier(steps: int) -> str:
+    """What the image utility classifier is, for reports."""
+    return f"fedgen FeatureNet CNN, {steps} steps of batch {UTILITY_BATCH_SIZE}"
+
+
 def image_utility(
     real_train: ImageData,
     real_test: ImageData,
@@ -162,7 +168,7 @@ def image_utility(
         results[name] = _scores(
             real_test[1].numpy(), predicted.numpy(), class_names=class_names, n_train=len(labels)
         )
-    return {"classifier": f"fedgen FeatureNet CNN, {steps} steps of batch {UTILITY_BATCH_SIZE}", "configurations": results}
+    return {"classifier": image_classifier(steps), "configurations": results}
 
 
 # --------------------------------------------------------------------------- text

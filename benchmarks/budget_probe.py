@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.privacy_utility import image_scores, parse_sets, pooled_heldout
+from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, parse_sets, synthetic_image_scores
 from fedgen.config import load_config
 from fedgen.data.site import site_folders
 from fedgen.modalities import ImageModality
@@ -47,8 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))
     image = config.image
-    real_train, heldout = pooled_heldout(site_folders(args.sites), config, "image")
-    train = TensorDataset(*real_train)
+    real = RealSides(site_folders(args.sites), CLASSIFIER_SEEDS)(config, "image")
+    train = TensorDataset(*real.train)
     task = ImageModality(config, work_dir=Path(tempfile.mkdtemp()))
     model = task.initial_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -70,10 +70,10 @@ def main() -> None:
     images = sample_images(model, labels, config=image, steps=args.steps, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
     sheet = contact_sheet({name: images[labels == i][:8] for i, name in enumerate(config.data.image_classes)})
     sheet.save(args.out)
-    scores = image_scores(real_train, heldout, (images, labels), config.data.image_classes)
+    scores = synthetic_image_scores(real, (images, labels), config.data.image_classes, seeds=CLASSIFIER_SEEDS)
     print(f"real-trained {scores['real_accuracy']:.3f}, synthetic-trained {scores['synthetic_accuracy']:.3f} "
-          f"(sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), ratio {scores['ratio']:.2f} "
-          f"(held-out n = {scores['n_test']}); contact sheet {args.out}")
+          f"(sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), ratio {scores['ratio']:.2f}, "
+          f"FID {scores['fid']:.1f} (held-out n = {scores['n_test']}); contact sheet {args.out}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import re
 import statistics
 import time
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from audits.features import extract_features, train_feature_net  # noqa: E402
 from audits.fidelity import fid_from_features  # noqa: E402
 from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
-from audits.utility import UTILITY_STEPS, image_utility, text_utility  # noqa: E402
+from audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
@@ -69,34 +70,76 @@ def pooled_heldout(sites, config, modality):
     return join(trains), join(tests)
 
 
-def image_fid(train, test, synthetic, config) -> float:
-    """FID between synthetic and real held-out images, features of a net trained on real train."""
-    net = train_feature_net(*train, num_classes=len(config.data.image_classes), trained_on="pooled real train splits")
-    return fid_from_features(extract_features(net, test[0]), extract_features(net, synthetic[0]))
-
-
 CLASSIFIER_SEEDS = 3
 
 
-def image_scores(train, test, synthetic, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> dict:
-    """Synthetic-only and real-trained accuracy on the real held-out images, each the mean over
-    ``seeds`` classifier seeds (one seed's synthetic score moved by up to 0.26 on the same
-    images); the per-seed accuracies too."""
-    runs = [
-        image_utility(train, test, synthetic, class_names=class_names, seed=seed, steps=steps,
-                      configurations=("real", "synthetic"))
+def classifier_accuracies(data, test, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[float]:
+    """Accuracy on the real held-out ``test`` of the utility CNN trained on ``data`` alone, one
+    per classifier seed (one seed's synthetic score moved by up to 0.26 on the same images).
+    Real and synthetic sets go through this same call: ``image_utility``'s synthetic-only
+    configuration, with ``data`` also standing in for the real train split it only checks."""
+    return [
+        image_utility(data, test, data, class_names=class_names, seed=seed, steps=steps,
+                      configurations=("synthetic",))["configurations"]["synthetic"]["accuracy"]
         for seed in range(seeds)
     ]
-    real = [r["configurations"]["real"]["accuracy"] for r in runs]
-    synthetic = [r["configurations"]["synthetic"]["accuracy"] for r in runs]
+
+
+def image_scores(real: list[float], synthetic: list[float]) -> dict:
+    """Mean real-trained and synthetic-trained accuracy over classifier seeds, and their ratio."""
     return {
         "real_accuracy": statistics.mean(real),
         "synthetic_accuracy": statistics.mean(synthetic),
         "synthetic_accuracy_sd": statistics.pstdev(synthetic),
         "ratio": statistics.mean(synthetic) / statistics.mean(real),
-        "n_test": runs[0]["configurations"]["real"]["n_test"],
-        "classifier": f"{runs[0]['classifier']}, mean of {seeds} seeds",
         "per_seed": {"real": real, "synthetic": synthetic},
+    }
+
+
+@dataclass
+class RealSide:
+    """The real half of every score, the same for every row on one data setting: the pooled
+    splits and, for images, the real-trained classifiers' accuracies and the FID feature net
+    with the held-out images' features."""
+
+    train: tuple
+    test: tuple
+    accuracies: list[float] = field(default_factory=list)
+    feature_net: torch.nn.Module | None = None
+    test_features: torch.Tensor | None = None
+
+
+class RealSides:
+    """Measures the real side once per (modality, data setting) and hands it to every row after:
+    a curve's ε and a rescore's rows share it (each row retrained it until session 8)."""
+
+    def __init__(self, sites, seeds: int):
+        self.sites, self.seeds, self.measured = sites, seeds, {}
+
+    def __call__(self, config, modality) -> RealSide:
+        key = (modality, config.data.model_dump_json(), config.image.resolution, config.image.channels)
+        if key not in self.measured:
+            self.measured[key] = self.measure(config, modality)
+        return self.measured[key]
+
+    def measure(self, config, modality) -> RealSide:
+        train, test = pooled_heldout(self.sites, config, modality)
+        if modality == "text":
+            return RealSide(train, test)
+        classes = config.data.image_classes
+        net = train_feature_net(*train, num_classes=len(classes), trained_on="pooled real train splits")
+        return RealSide(train, test, classifier_accuracies(train, test, classes, seeds=self.seeds), net, extract_features(net, test[0]))
+
+
+def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int) -> dict:
+    """Utility ratio and FID of synthetic images against the real side."""
+    accuracies = classifier_accuracies(synthetic, real.test, class_names, seeds=seeds)
+    return {
+        **image_scores(real.accuracies, accuracies),
+        "n_test": len(real.test[1]),
+        "n_synthetic": len(synthetic[1]),
+        "classifier": f"{image_classifier(UTILITY_STEPS)}, mean of {seeds} seeds",
+        "fid": fid_from_features(real.test_features, extract_features(real.feature_net, synthetic[0])),
     }
 
 
@@ -106,22 +149,19 @@ def text_scores(train, test, synthetic, class_names) -> dict:
     return {"real_accuracy": real, "synthetic_accuracy": synthetic, "ratio": synthetic / real, "n_test": configs["real"]["n_test"]}
 
 
-def score(run, sites, config, modality, args, *, regenerate: bool = True) -> dict:
-    """Utility (and, for images, FID) of the run's synthetic data; ``regenerate=False`` scores
-    the synthetic data already in the run."""
-    train, test = pooled_heldout(sites, config, modality)
+def score(run, real: RealSide, config, modality, args, *, regenerate: bool = True) -> dict:
+    """Utility (and, for images, FID) of the run's synthetic data against ``real``;
+    ``regenerate=False`` scores the synthetic data already in the run."""
     if modality == "text":
         if regenerate:
             generate_texts(run, per_class=args.texts_per_class, seed=0)
-        return text_scores(train, test, load_synthetic_texts(run, config), config.data.text_classes)
+        return text_scores(real.train, real.test, load_synthetic_texts(run, config), config.data.text_classes)
     if regenerate:
         # As many synthetic images as real train images by default: the synthetic-only classifier
         # is then compared at equal data (300 vs 960 moved the ratio 0.67 -> 0.77, BENCHMARKS.md).
-        per_class = args.images_per_class or math.ceil(len(train[1]) / len(config.data.image_classes))
+        per_class = args.images_per_class or math.ceil(len(real.train[1]) / len(config.data.image_classes))
         generate_images(run, per_class=per_class, seed=0)
-    synthetic = load_synthetic_images(run, config)
-    row = image_scores(train, test, synthetic, config.data.image_classes, seeds=args.classifier_seeds)
-    return {**row, "n_synthetic": len(synthetic[1]), "fid": image_fid(train, test, synthetic, config)}
+    return synthetic_image_scores(real, load_synthetic_images(run, config), config.data.image_classes, seeds=args.classifier_seeds)
 
 
 def scoring(args) -> str:
@@ -129,7 +169,7 @@ def scoring(args) -> str:
     return f"utility classifier {UTILITY_STEPS} steps, mean of {args.classifier_seeds} seeds"
 
 
-def one_epsilon(epsilon: float, sites, overrides: dict, args) -> dict:
+def one_epsilon(epsilon: float, sites, reals: RealSides, overrides: dict, args) -> dict:
     overrides = {**overrides, "modality": args.modality, "privacy.epsilon": epsilon, "federation.sites": len(sites)}
     config = load_config(args.config, overrides)
     check_sites(config, sites)
@@ -140,7 +180,7 @@ def one_epsilon(epsilon: float, sites, overrides: dict, args) -> dict:
     row = {"label": args.label, "epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root),
            "scoring": scoring(args)}
     for modality in config.modalities:
-        row[modality] = score(run, sites, config, modality, args)
+        row[modality] = score(run, reals(config, modality), config, modality, args)
     return row
 
 
@@ -200,7 +240,7 @@ def read_rows(results: Path) -> list[dict]:
     return [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
 
 
-def rescore(results: Path, sites, args) -> list[dict]:
+def rescore(results: Path, reals: RealSides, args) -> list[dict]:
     """Score every row scored otherwise again (its run's synthetic data as they are) and rewrite
     ``results``: one scoring for every row. Rows whose run is gone are left out."""
     if not results.is_file():
@@ -215,7 +255,7 @@ def rescore(results: Path, sites, args) -> list[dict]:
             print(f"left out (run gone): {row['label']} ε {row['epsilon']:g} {row['run']}")
             continue
         config = run.config()
-        scores = {m: score(run, sites, config, m, args, regenerate=False) for m in config.modalities}
+        scores = {m: score(run, reals(config, m), config, m, args, regenerate=False) for m in config.modalities}
         rows.append({**row, **scores, "scoring": scoring(args)})
     rows += read_rows(results)[len(earlier):]  # appended meanwhile by a running benchmark
     write_text(results, "".join(json.dumps(row, default=str) + "\n" for row in rows))
@@ -263,12 +303,13 @@ def main() -> None:
     if args.public:
         overrides["image.init_checkpoint"] = str(pretrained_checkpoint(args, overrides).resolve())
     results = args.out / "results.jsonl"
+    reals = RealSides(sites, args.classifier_seeds)
     if args.rescore:
-        rows = rescore(results, sites, args)
+        rows = rescore(results, reals, args)
     else:
         rows = []
         for eps in args.epsilons:  # each row is kept as soon as it is measured: an ε takes minutes
-            rows.append(one_epsilon(eps, sites, overrides, args))
+            rows.append(one_epsilon(eps, sites, reals, overrides, args))
             with results.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({**rows[-1], "overrides": overrides}, default=str) + "\n")
             plot(read_rows(results), args.out / "curve.png")
