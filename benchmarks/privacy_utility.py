@@ -111,7 +111,7 @@ class RealSide:
 
 class RealSides:
     """Measures the real side once per (modality, data setting) and hands it to every row after:
-    a curve's ε and a rescore's rows share it (each row retrained it until session 8)."""
+    a curve's ε and a rescore's rows share it instead of retraining the same classifiers."""
 
     def __init__(self, sites, seeds: int):
         self.sites, self.seeds, self.measured = sites, seeds, {}
