@@ -73,13 +73,13 @@ def pooled_heldout(sites, config, modality):
 CLASSIFIER_SEEDS = 3
 
 
-def classifier_accuracies(data, test, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[float]:
+def classifier_accuracies(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[float]:
     """Accuracy on the real held-out ``test`` of the utility CNN trained on ``data`` alone, one
     per classifier seed (one seed's synthetic score moved by up to 0.26 on the same images).
-    Real and synthetic sets go through this same call: ``image_utility``'s synthetic-only
-    configuration, with ``data`` also standing in for the real train split it only checks."""
+    Real and synthetic sets go through this same call, ``image_utility``'s synthetic-only
+    configuration; the real ``train`` split is only checked against (``data`` must match its shape)."""
     return [
-        image_utility(data, test, data, class_names=class_names, seed=seed, steps=steps,
+        image_utility(train, test, data, class_names=class_names, seed=seed, steps=steps,
                       configurations=("synthetic",))["configurations"]["synthetic"]["accuracy"]
         for seed in range(seeds)
     ]
@@ -128,12 +128,12 @@ class RealSides:
             return RealSide(train, test)
         classes = config.data.image_classes
         net = train_feature_net(*train, num_classes=len(classes), trained_on="pooled real train splits")
-        return RealSide(train, test, classifier_accuracies(train, test, classes, seeds=self.seeds), net, extract_features(net, test[0]))
+        return RealSide(train, test, classifier_accuracies(train, test, train, classes, seeds=self.seeds), net, extract_features(net, test[0]))
 
 
 def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int) -> dict:
     """Utility ratio and FID of synthetic images against the real side."""
-    accuracies = classifier_accuracies(synthetic, real.test, class_names, seeds=seeds)
+    accuracies = classifier_accuracies(real.train, real.test, synthetic, class_names, seeds=seeds)
     return {
         **image_scores(real.accuracies, accuracies),
         "n_test": len(real.test[1]),

@@ -33,7 +33,7 @@ def main() -> None:
     synthetic = load_synthetic_images(run, config)
     print(f"real train {len(train[1])}, synthetic {len(synthetic[1])}, real held-out {len(test[1])}")
     for steps in args.steps:
-        classify = lambda data: classifier_accuracies(data, test, config.data.image_classes, seeds=args.seeds, steps=steps)  # noqa: E731
+        classify = lambda data: classifier_accuracies(train, test, data, config.data.image_classes, seeds=args.seeds, steps=steps)  # noqa: E731
         scores = image_scores(classify(train), classify(synthetic))
         cells = [f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
                  for name, values in scores["per_seed"].items()]
