@@ -201,7 +201,7 @@ PRETRAINED_SHAPE = ("resolution", "channels", "block_out_channels", "layers_per_
 
 
 def pretrained_checkpoint(args, overrides: dict) -> Path:
-    """Pretrain once per (public set, epochs, model shape) on public phantoms; reuse after."""
+    """Pretrain once per (public set, epochs, EMA decay, model shape) on public phantoms; reuse after."""
     kind = "labelled" if args.public_labelled else "unlabelled"
     public = args.out / f"public-{args.public}-{kind}"
     if not public.is_dir():
@@ -209,9 +209,11 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     shape = {k: v for k, v in overrides.items() if k.removeprefix("image.") in PRETRAINED_SHAPE}
     spell = lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     suffix = "".join(f"-{k.removeprefix('image.')}-{spell(v)}" for k, v in sorted(shape.items()))
-    checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{suffix}")
+    ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
+    checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{suffix}")
     if not checkpoint.is_dir():
-        pretrain_image_model(public, checkpoint, load_config(args.config, shape), epochs=args.pretrain_epochs, batch_size=32, lr=2e-3, progress=True)
+        pretrain_image_model(public, checkpoint, load_config(args.config, shape), epochs=args.pretrain_epochs, batch_size=32, lr=2e-3,
+                             ema_decay=args.pretrain_ema_decay, progress=True)
     return checkpoint
 
 
@@ -283,6 +285,7 @@ def main() -> None:
     parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
     parser.add_argument("--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)")
     parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--pretrain-ema-decay", type=float, default=0.0, help="pretrain's ema_decay (0: the last step's weights)")
     parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=400)

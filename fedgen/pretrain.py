@@ -30,6 +30,7 @@ from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
 from fedgen.logs import progress_bar
 from fedgen.modalities import ImageModality
+from fedgen.models.diffusion import update_ema
 from fedgen.privacy.dp import train_local
 
 __all__ = [
@@ -95,15 +96,23 @@ def pretrain_image_model(
     epochs: int,
     batch_size: int,
     lr: float,
+    ema_decay: float = 0.0,
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Train the run's image architecture on ``public`` without DP; write ``out``; return provenance."""
+    """Train the run's image architecture on ``public`` without DP; write ``out``; return provenance.
+
+    ``ema_decay`` > 0 writes the exponential moving average of the weights over the steps
+    instead of the last step's weights: at a constant learning rate the last weights carry the
+    last batches' noise, and diffusion models are sampled from such an average (Ho et al. 2020).
+    """
     out = Path(out)
     if out.exists():
         raise FedgenError(f"{out} already exists; choose a new folder for the pretrained model")
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    if not 0 <= ema_decay < 1:
+        raise FedgenError(f"ema decay must be in [0, 1), got {ema_decay}")
     data = read_public_images(public, config.data.image_classes)
     image = config.image
     try:
@@ -117,12 +126,22 @@ def pretrain_image_model(
     dataset = TensorDataset(pixels, labels)
     started = time.perf_counter()
     steps = epochs * -(-len(dataset) // batch_size)
+    ema = None
+
+    def after_step(step: int, loss: float) -> None:
+        nonlocal ema
+        if ema_decay:  # warm-up as diffusers' EMAModel: the average does not keep the random start
+            ema = update_ema(ema, model.state_dict(), min(ema_decay, (1 + step) / (10 + step)))
+        advance(1)
+
     with progress_bar(progress, total=steps, description="pretraining on public images") as advance:
         result = train_local(
             model, dataset, task.per_example_loss(), epochs=epochs, batch_size=batch_size, lr=lr,
             noise_multiplier=None, max_grad_norm=1.0, delta=1.0 / len(dataset), seed=seed,
-            progress=lambda step, loss: advance(1),
+            progress=after_step,
         )
+    if ema is not None:
+        model.load_state_dict(ema)
     if data.labels is None:
         start_classes_from_null(model)
     provenance = {
@@ -130,6 +149,7 @@ def pretrain_image_model(
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
+        "ema_decay": ema_decay,
         "steps": result.steps,
         "final_mean_loss": result.mean_loss,
         "seconds": round(time.perf_counter() - started, 1),

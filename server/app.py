@@ -22,6 +22,7 @@ from fedgen.files import atomic_dir, write_json
 from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
+from fedgen.models.diffusion import update_ema
 from fedgen.privacy.ledger import PrivacyLedger
 from server.deploy import INCEPTION_KEY, POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
 from server.secagg import start_secagg
@@ -74,13 +75,6 @@ def save_checkpoint(
                 **(round_info or {}),  # wall time, sites' training seconds, failures
             },
         )
-
-
-def update_ema(ema: dict | None, state: dict, decay: float) -> dict:
-    """ema <- decay * ema + (1 - decay) * state, tensor by tensor (the first round starts it)."""
-    if ema is None:
-        return {k: v.detach().clone() for k, v in state.items()}
-    return {k: decay * ema[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in state.items()}
 
 
 def rounds_done(run: RunDir) -> dict[str, int]:

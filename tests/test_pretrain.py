@@ -22,6 +22,7 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality
 from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_image_model, read_public_images
+from fedgen.privacy.dp import train_local
 from tests.test_gate import example_report
 
 TINY = {
@@ -76,6 +77,32 @@ def test_pretraining_writes_a_model_and_what_it_was_trained_on(public_dir, pretr
     assert math.isfinite(record["final_mean_loss"])
     embedding = UNet2DModel.from_pretrained(pretrained).class_embedding.weight
     assert torch.equal(embedding[:-1], embedding[-1:].expand_as(embedding[:-1]))  # unlabelled: classes start as null
+
+
+def test_pretraining_with_ema_writes_the_warmed_up_average_of_each_steps_weights(public_dir, tmp_path, monkeypatch):
+    import fedgen.pretrain
+
+    steps = []
+
+    def recording(model, *args, progress, **kwargs):
+        def record(step, loss):
+            steps.append({k: v.clone() for k, v in model.state_dict().items()})
+            progress(step, loss)
+        return train_local(model, *args, progress=record, **kwargs)
+
+    monkeypatch.setattr(fedgen.pretrain, "train_local", recording)
+    out = tmp_path / "ema"
+    record = pretrain_image_model(public_dir, out, load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=0.5)
+    assert record["ema_decay"] == 0.5 and len(steps) == 3
+    expected = steps[0]["conv_in.weight"]
+    for step, weights in enumerate(steps[1:], start=2):  # decay min(0.5, (1 + step) / (10 + step))
+        decay = min(0.5, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * weights["conv_in.weight"]
+    saved = UNet2DModel.from_pretrained(out).conv_in.weight
+    assert torch.allclose(saved, expected, atol=1e-6)
+    assert not torch.allclose(saved, steps[-1]["conv_in.weight"], atol=1e-4)
+    with pytest.raises(FedgenError, match=r"ema decay must be in \[0, 1\)"):
+        pretrain_image_model(public_dir, tmp_path / "bad", load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=1.0)
 
 
 def test_bad_public_input_is_one_line_and_writes_nothing(tmp_path):

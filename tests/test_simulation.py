@@ -123,7 +123,7 @@ def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
 def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
     from safetensors.torch import load_file
 
-    from server.app import update_ema
+    from fedgen.models.diffusion import update_ema
 
     rounds = [load_file(str(run.round_dir(r) / "image" / "diffusion_pytorch_model.safetensors")) for r in (1, 2)]
     ema = load_file(str(run.round_dir(2) / "image" / "ema" / "diffusion_pytorch_model.safetensors"))

@@ -36,6 +36,7 @@ __all__ = [
     "select_trainable",
     "check_same_architecture",
     "null_class",
+    "update_ema",
     "make_noise_scheduler",
     "make_sampler",
     "denoising_loss",
@@ -179,6 +180,13 @@ def null_class(unet: torch.nn.Module) -> int:
     """The label that means "no class" (the last class embedding)."""
     unet = getattr(unet, "_module", unet)  # Opacus' GradSampleModule wraps the UNet as _module
     return unet.config.num_class_embeds - 1
+
+
+def update_ema(ema: dict | None, state: dict, decay: float) -> dict:
+    """ema <- decay * ema + (1 - decay) * state, tensor by tensor (the first call starts it)."""
+    if ema is None:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: decay * ema[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in state.items()}
 
 
 def make_noise_scheduler(config: ImageConfig) -> DDPMScheduler:
