@@ -223,6 +223,7 @@ def generate(
     class_name: Annotated[list[str] | None, typer.Option("--class", help="Only this class (repeatable).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (image).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (image).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm (ancestral), ddim or dpm (image; default: the run's image.sampler).")] = None,
     round_: Annotated[int | None, typer.Option("--round", help="Checkpoint round (default: the last).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
@@ -236,7 +237,7 @@ def generate(
     run = RunDir.open(run_dir)
     quiet_libraries()
     if modality == "image":
-        out = generate_images(run, per_class=per_class, classes=class_name, steps=steps, guidance=guidance, server_round=round_, seed=seed)
+        out = generate_images(run, per_class=per_class, classes=class_name, steps=steps, guidance=guidance, sampler=sampler, server_round=round_, seed=seed)
     elif modality == "text":
         out = generate_texts(run, per_class=per_class, classes=class_name, server_round=round_, seed=seed)
     else:

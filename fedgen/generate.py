@@ -36,6 +36,7 @@ def generate_images(
     classes: Sequence[str] | None = None,
     steps: int | None = None,
     guidance: float | None = None,
+    sampler: str | None = None,
     server_round: int | None = None,
     seed: int = 0,
 ) -> Path:
@@ -62,6 +63,7 @@ def generate_images(
                 config=config.image,
                 steps=steps,
                 guidance=guidance,
+                sampler=sampler,
                 generator=generator,
                 progress=lambda n: bar.advance(task, n),
             )

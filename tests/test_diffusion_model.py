@@ -169,7 +169,7 @@ class ExactNoisePredictor(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("ddpm", None)])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("ddpm", 10), ("ddpm", 1000)])
 def test_samplers_recover_the_data_from_exact_noise(sampler, steps, prediction_type):
     config = tiny_config(prediction_type=prediction_type)
     model = ExactNoisePredictor(config, [-1.0, 0.5, 0.0])
@@ -207,6 +207,18 @@ def test_sampling_is_reproducible_with_a_generator(unet, config):
                              generator=generator)
 
     torch.testing.assert_close(draw(), draw(), rtol=0, atol=0)
+
+
+def test_sampling_defaults_to_the_configs_sampler(unet, config):
+    def draw(image_config, **sampler):
+        return sample_images(unet, torch.tensor([0, 1]), config=image_config, steps=3,
+                             generator=torch.Generator().manual_seed(3), **sampler)
+
+    ddim_config = config.model_copy(update={"sampler": "ddim"})
+    assert config.sampler == "ddpm"
+    torch.testing.assert_close(draw(ddim_config), draw(config, sampler="ddim"), rtol=0, atol=0)
+    torch.testing.assert_close(draw(config), draw(ddim_config, sampler="ddpm"), rtol=0, atol=0)
+    assert not torch.allclose(draw(config), draw(ddim_config))
 
 
 def test_make_sampler_kinds(config):

@@ -99,11 +99,15 @@ def test_generate_writes_labelled_texts(run):
     assert all(isinstance(l["text"], str) for l in lines)
 
 
-def test_an_unknown_class_is_refused_and_nothing_is_written(run, tmp_path):
+@pytest.mark.parametrize(("option", "error"), [
+    (["--class", "Glaucoma"], "unknown class 'Glaucoma'"),
+    (["--sampler", "euler"], "unknown sampler 'euler': choose one of ddim, dpm, ddpm"),
+])
+def test_an_unknown_class_or_sampler_is_refused_and_nothing_is_written(run, option, error):
     before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
-    result = CliRunner().invoke(app, ["generate", str(run.root), "--class", "Glaucoma"])
+    result = CliRunner().invoke(app, ["generate", str(run.root), *option])
     assert result.exit_code == 1
-    assert "unknown class 'Glaucoma'" in result.output
+    assert error in result.output
     assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
 
 

@@ -272,11 +272,6 @@ def predicted_noise(
     return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
 
 
-def _default_steps(config: ImageConfig, sampler: str) -> int:
-    """DDPM is only correct on its full chain; the fast samplers use config.sample_steps."""
-    return config.train_timesteps if sampler == "ddpm" else config.sample_steps
-
-
 @torch.no_grad()
 def _sample_batch(
     unet: UNet2DModel,
@@ -308,7 +303,7 @@ def sample_images(
     config: ImageConfig,
     steps: int | None = None,
     guidance: float | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
@@ -319,10 +314,13 @@ def sample_images(
     w = 0 ignores the label, w = 1 is plain conditional sampling, w > 1 sharpens classes.
     Labels equal to the null class give unconditional samples. Each network call sees
     2 x ``batch_size`` images (conditional and unconditional halves). ``progress(n)`` is
-    called with the number of images finished after each batch.
+    called with the number of images finished after each batch. ``sampler`` and ``steps``
+    default to the config's; "ddpm" with fewer steps than the training chain samples ancestrally
+    on the strided chain (each step draws the exact posterior q(x_t' | x_t, x0-estimate)).
     """
     assert labels.ndim == 1 and len(labels) > 0, "sample_images needs a 1-D tensor of labels"
-    steps = _default_steps(config, sampler) if steps is None else steps
+    sampler = config.sampler if sampler is None else sampler
+    steps = config.sample_steps if steps is None else steps
     guidance = config.guidance if guidance is None else guidance
     if not 1 <= steps <= config.train_timesteps:
         raise FedgenError(
