@@ -83,8 +83,8 @@ class ImageConfig(_Section):
     # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away.
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     # "ddpm" samples ancestrally (fresh noise at each of sample_steps steps), "ddim" and "dpm"
-    # deterministically. Measured on the small-site benchmark: the same checkpoint's synthetic
-    # images train a classifier to 0.83 of real with ddpm against 0.70 with ddim (BENCHMARKS.md).
+    # deterministically. Measured on the small-site benchmark: two checkpoints' synthetic images
+    # train a classifier to 0.80 / 0.75 of real with ddpm, 0.70 / 0.64 with ddim (BENCHMARKS.md).
     sampler: Literal["ddpm", "ddim", "dpm"] = "ddpm"
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0.0)
