@@ -48,6 +48,9 @@ class DataConfig(_Section):
     split_seed: int = Field(0, ge=0)
 
 
+Sampler = Literal["ddim", "dpm", "ddpm"]  # what fedgen.models.diffusion.make_sampler builds
+
+
 class ImageConfig(_Section):
     """Class-conditioned UNet2DModel, its training and its sampler."""
 
@@ -85,7 +88,7 @@ class ImageConfig(_Section):
     # "ddpm" samples ancestrally (fresh noise at each of sample_steps steps), "ddim" and "dpm"
     # deterministically. Measured on the small-site benchmark: two checkpoints' synthetic images
     # train a classifier to 0.80 / 0.75 of real with ddpm, 0.70 / 0.64 with ddim (BENCHMARKS.md).
-    sampler: Literal["ddpm", "ddim", "dpm"] = "ddpm"
+    sampler: Sampler = "ddpm"
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(2.0, ge=0.0)
 

@@ -222,7 +222,7 @@ def test_sampling_defaults_to_the_configs_sampler(unet, config):
 
 
 def test_make_sampler_kinds(config):
-    ddim = make_sampler(config)
+    ddim = make_sampler(config, "ddim")
     ddim.set_timesteps(10)
     assert isinstance(ddim, DDIMScheduler) and ddim.timesteps[0] == config.train_timesteps - 1
     assert isinstance(make_sampler(config, "dpm"), DPMSolverMultistepScheduler)

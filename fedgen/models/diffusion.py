@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError, safe_open
 
-from fedgen.config import ImageConfig
+from fedgen.config import ImageConfig, Sampler
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
 
@@ -59,7 +60,7 @@ DDIM_TIMESTEP_SPACING = "trailing"
 # DPM-Solver needs its log-SNR clipped with the cosine schedule (see diffusers' docstring).
 DPM_LAMBDA_MIN_CLIPPED = -5.1
 
-SAMPLERS = ("ddim", "dpm", "ddpm")
+SAMPLERS = get_args(Sampler)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -199,7 +200,7 @@ def make_noise_scheduler(config: ImageConfig) -> DDPMScheduler:
     )
 
 
-def make_sampler(config: ImageConfig, kind: str = "ddim") -> SchedulerMixin:
+def make_sampler(config: ImageConfig, kind: str) -> SchedulerMixin:
     """A reverse-process scheduler on the training noise schedule: "ddim", "dpm" or "ddpm"."""
     training = make_noise_scheduler(config).config
     if kind == "ddim":
