@@ -42,7 +42,7 @@ from audits.fidelity import fid_from_features  # noqa: E402
 from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
 from audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
-from fedgen.config import load_config  # noqa: E402
+from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
 from fedgen.data.site import image_splits, load_site, site_folders, text_splits  # noqa: E402
 from fedgen.files import write_text  # noqa: E402
@@ -212,8 +212,8 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
     checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{suffix}")
     if not checkpoint.is_dir():
-        pretrain_image_model(public, checkpoint, load_config(args.config, shape), epochs=args.pretrain_epochs, batch_size=32, lr=2e-3,
-                             ema_decay=args.pretrain_ema_decay, progress=True)
+        settings = {**PRETRAIN_DEFAULTS, "epochs": args.pretrain_epochs, "ema_decay": args.pretrain_ema_decay}
+        pretrain_image_model(public, checkpoint, load_config(args.config, shape), **settings, progress=True)
     return checkpoint
 
 
@@ -284,8 +284,8 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
     parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
     parser.add_argument("--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)")
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
-    parser.add_argument("--pretrain-ema-decay", type=float, default=0.0, help="pretrain's ema_decay (0: the last step's weights)")
+    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="default: fedgen pretrain's")
+    parser.add_argument("--pretrain-ema-decay", type=float, default=PRETRAIN_DEFAULTS["ema_decay"], help="pretrain's ema_decay (0: the last step's weights); default: fedgen pretrain's")
     parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=400)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from fedgen.config import PRETRAIN_DEFAULTS
 from fedgen.errors import FedgenError
 
 __all__ = ["app"]
@@ -114,10 +115,10 @@ def pretrain(
     public: Annotated[Path, typer.Option(help="Images the consortium declares NON-sensitive: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled).")],
     out: Annotated[Path, typer.Option(help="Folder to create for the pretrained image model; name it in image.init_checkpoint.")],
     config: ConfigOption = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the public images.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
-    ema_decay: Annotated[float, typer.Option(help="Write the moving average of the weights over the steps with this decay (0: the last step's weights).")] = 0.0,
+    epochs: Annotated[int, typer.Option(help="Passes over the public images.")] = PRETRAIN_DEFAULTS["epochs"],
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = PRETRAIN_DEFAULTS["batch_size"],
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = PRETRAIN_DEFAULTS["lr"],
+    ema_decay: Annotated[float, typer.Option(help="Write the moving average of the weights over the steps with this decay (0: the last step's weights).")] = PRETRAIN_DEFAULTS["ema_decay"],
     seed: Annotated[int, typer.Option(help="Seed of batch order and diffusion noise.")] = 0,
 ) -> None:
     """Train the run's image architecture WITHOUT DP on public data, for DP fine-tuning at the sites.

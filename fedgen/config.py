@@ -19,6 +19,7 @@ from fedgen.errors import FedgenError
 __all__ = [
     "DR_GRADES",
     "MENTAL_HEALTH_CLASSES",
+    "PRETRAIN_DEFAULTS",
     "DataConfig",
     "ImageConfig",
     "TextConfig",
@@ -33,6 +34,11 @@ __all__ = [
 
 DR_GRADES = ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"]
 MENTAL_HEALTH_CLASSES = ["Normal", "Anxiety", "Depression", "Stress", "Suicidal"]
+
+# `fedgen pretrain`'s defaults (public pretraining is not part of a run): the pretraining of the
+# best-measured small-site combination, with ImageConfig's defaults and an init_checkpoint
+# (BENCHMARKS.md, "Privacy-utility on small sites"). 4,000 images x 30 epochs is 25 min on 2 cores.
+PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.999}
 
 
 class _Section(BaseModel):
@@ -83,8 +89,9 @@ class ImageConfig(_Section):
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
     lr: float = Field(2e-3, gt=0)
     # Server-side EMA of the global model over rounds, used for sampling; 0 = off (sample the
-    # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away.
-    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away; every
+    # best-measured small-site run used it (BENCHMARKS.md, lever rows).
+    ema_decay: float = Field(0.5, ge=0.0, lt=1.0)
     # "ddpm" samples ancestrally (fresh noise at each of sample_steps steps), "ddim" and "dpm"
     # deterministically. Measured on the small-site benchmark: two checkpoints' synthetic images
     # train a classifier to 0.80 / 0.75 of real with ddpm, 0.70 / 0.64 with ddim (BENCHMARKS.md).
