@@ -96,6 +96,11 @@ class RunDir:
             )
         return self.round_dir(server_round) / modality
 
+    def sampling_checkpoint(self, modality: str, server_round: int | None = None) -> Path:
+        """What to sample from: the round's EMA of the global model when the run kept one, else the model."""
+        checkpoint = self.checkpoint(modality, server_round)
+        return checkpoint / EMA_DIR if (checkpoint / EMA_DIR).is_dir() else checkpoint
+
     @property
     def synthetic(self) -> Path:
         return self.root / "synthetic"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from fedgen.artifacts import EMA_DIR, RunDir
+from fedgen.artifacts import RunDir
 from fedgen.files import atomic_dir, atomic_file, write_text
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality, TextModality
@@ -46,10 +46,7 @@ def generate_images(
     config = run.config()
     all_classes = config.data.image_classes
     chosen = choose_classes(all_classes, classes)
-    checkpoint = run.checkpoint("image", server_round)
-    if (checkpoint / EMA_DIR).is_dir():  # the EMA of the global model, when the run kept one
-        checkpoint = checkpoint / EMA_DIR
-    unet = ImageModality(config, work_dir=run.base_models).load(checkpoint)
+    unet = ImageModality(config, work_dir=run.base_models).load(run.sampling_checkpoint("image", server_round))
     generator = torch.Generator().manual_seed(seed)
     target = run.synthetic / "images"
     samples: dict[str, torch.Tensor] = {}

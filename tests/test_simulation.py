@@ -135,6 +135,7 @@ def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
     for key in ("conv_in.weight", "class_embedding.weight"):
         assert torch.allclose(ema[key], expected[key], atol=1e-6)
     assert not torch.allclose(ema["conv_in.weight"], rounds[1]["conv_in.weight"])
+    assert run.sampling_checkpoint("image") == run.round_dir(2) / "image" / "ema"  # what generate samples
 
 
 def test_each_checkpoint_records_round_time_and_the_sites_training_time(run):
