@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60)
     parser.add_argument("--guidance", type=float, default=None, help="default: the config's image.guidance")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps; default: the config's image.sample_steps")
-    parser.add_argument("--out", type=Path, default=Path("budget-probe.png"))
+    parser.add_argument("--out", type=Path, default=Path("runs/budget-probe.png"), help="the contact sheet of the samples")
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))
     image = config.image
@@ -69,6 +69,7 @@ def main() -> None:
     labels = torch.arange(len(config.data.image_classes)).repeat_interleave(args.per_class)
     images = sample_images(model, labels, config=image, steps=args.steps, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
     sheet = contact_sheet({name: images[labels == i][:8] for i, name in enumerate(config.data.image_classes)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
     scores = synthetic_image_scores(real, (images, labels), config.data.image_classes, seeds=CLASSIFIER_SEEDS)
     print(f"real-trained {scores['real_accuracy']:.3f}, synthetic-trained {scores['synthetic_accuracy']:.3f} "

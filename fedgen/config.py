@@ -37,7 +37,7 @@ MENTAL_HEALTH_CLASSES = ["Normal", "Anxiety", "Depression", "Stress", "Suicidal"
 
 # `fedgen pretrain`'s defaults (public pretraining is not part of a run): the pretraining of the
 # best-measured small-site combination, with ImageConfig's defaults and an init_checkpoint
-# (BENCHMARKS.md, "Privacy-utility on small sites"). 4,000 images x 30 epochs is 25 min on 2 cores.
+# (BENCHMARKS.md, "Privacy-utility on small sites"). 4,000 images x 30 epochs is 16-25 min on 2 cores.
 PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.999}
 
 
