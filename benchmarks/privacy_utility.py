@@ -210,9 +210,11 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     spell = lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     suffix = "".join(f"-{k.removeprefix('image.')}-{spell(v)}" for k, v in sorted(shape.items()))
     ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
-    checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{suffix}")
+    balanced = "-balanced" if args.pretrain_balanced else ""
+    checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{balanced}{suffix}")
     if not checkpoint.is_dir():
-        settings = {**PRETRAIN_DEFAULTS, "epochs": args.pretrain_epochs, "ema_decay": args.pretrain_ema_decay}
+        settings = {**PRETRAIN_DEFAULTS, "epochs": args.pretrain_epochs, "ema_decay": args.pretrain_ema_decay,
+                    "balance_classes": args.pretrain_balanced}
         pretrain_image_model(public, checkpoint, load_config(args.config, shape), **settings, progress=True)
     return checkpoint
 
@@ -286,6 +288,7 @@ def main() -> None:
     parser.add_argument("--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)")
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="default: fedgen pretrain's")
     parser.add_argument("--pretrain-ema-decay", type=float, default=PRETRAIN_DEFAULTS["ema_decay"], help="pretrain's ema_decay (0: the last step's weights); default: fedgen pretrain's")
+    parser.add_argument("--pretrain-balanced", action="store_true", help="pretrain drawing every grade equally often (fedgen pretrain --balance-classes)")
     parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=400)

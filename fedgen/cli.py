@@ -119,6 +119,7 @@ def pretrain(
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = PRETRAIN_DEFAULTS["batch_size"],
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = PRETRAIN_DEFAULTS["lr"],
     ema_decay: Annotated[float, typer.Option(help="Write the moving average of the weights over the steps with this decay (0: the last step's weights).")] = PRETRAIN_DEFAULTS["ema_decay"],
+    balance_classes: Annotated[bool, typer.Option(help="Labelled public sets: draw every class equally often (with replacement), same number of steps.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of batch order and diffusion noise.")] = 0,
 ) -> None:
     """Train the run's image architecture WITHOUT DP on public data, for DP fine-tuning at the sites.
@@ -131,7 +132,7 @@ def pretrain(
     from fedgen.pretrain import pretrain_image_model
 
     run_config = load_config(config)
-    record = pretrain_image_model(public, out, run_config, epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, seed=seed, progress=True)
+    record = pretrain_image_model(public, out, run_config, epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, balance_classes=balance_classes, seed=seed, progress=True)
     labels = "labelled" if record["labelled"] else "unlabelled (null class)"
     console.print(
         f"pretrained on {record['images']} {labels} public images: {record['steps']} steps in "

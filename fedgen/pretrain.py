@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
@@ -37,6 +37,7 @@ __all__ = [
     "PROVENANCE_NAME",
     "PublicImages",
     "read_public_images",
+    "class_balanced_draws",
     "pretrain_image_model",
     "pretraining_of",
     "start_classes_from_null",
@@ -97,6 +98,7 @@ def pretrain_image_model(
     batch_size: int,
     lr: float,
     ema_decay: float = 0.0,
+    balance_classes: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
@@ -105,6 +107,8 @@ def pretrain_image_model(
     ``ema_decay`` > 0 writes the exponential moving average of the weights over the steps
     instead of the last step's weights: at a constant learning rate the last weights carry the
     last batches' noise, and diffusion models are sampled from such an average (Ho et al. 2020).
+    ``balance_classes`` (labelled public sets only) draws the same number of images in as many
+    steps, every class equally often (``class_balanced_draws``).
     """
     out = Path(out)
     if out.exists():
@@ -114,6 +118,8 @@ def pretrain_image_model(
     if not 0 <= ema_decay < 1:
         raise FedgenError(f"ema decay must be in [0, 1), got {ema_decay}")
     data = read_public_images(public, config.data.image_classes)
+    if balance_classes and data.labels is None:
+        raise FedgenError(f"{public} is unlabelled: balancing classes needs class folders")
     image = config.image
     try:
         pixels = load_images(data.paths, resolution=image.resolution, channels=image.channels)
@@ -124,8 +130,11 @@ def pretrain_image_model(
     null = len(config.data.image_classes)
     labels = torch.tensor(data.labels) if data.labels is not None else torch.full((len(pixels),), null)
     dataset = TensorDataset(pixels, labels)
+    passes = epochs
+    if balance_classes:  # one pass over `epochs` passes' worth of balanced draws: the same steps
+        dataset, passes = Subset(dataset, class_balanced_draws(labels, epochs * len(dataset), seed=seed)), 1
     started = time.perf_counter()
-    steps = epochs * -(-len(dataset) // batch_size)
+    steps = passes * -(-len(dataset) // batch_size)
     ema = None
 
     def after_step(step: int, loss: float) -> None:
@@ -136,8 +145,8 @@ def pretrain_image_model(
 
     with progress_bar(progress, total=steps, description="pretraining on public images") as advance:
         result = train_local(
-            model, dataset, task.per_example_loss(), epochs=epochs, batch_size=batch_size, lr=lr,
-            noise_multiplier=None, max_grad_norm=1.0, delta=1.0 / len(dataset), seed=seed,
+            model, dataset, task.per_example_loss(), epochs=passes, batch_size=batch_size, lr=lr,
+            noise_multiplier=None, max_grad_norm=1.0, delta=1.0 / len(pixels), seed=seed,
             progress=after_step,
         )
     if ema is not None:
@@ -150,6 +159,7 @@ def pretrain_image_model(
         "batch_size": batch_size,
         "lr": lr,
         "ema_decay": ema_decay,
+        "balance_classes": balance_classes,
         "steps": result.steps,
         "final_mean_loss": result.mean_loss,
         "seconds": round(time.perf_counter() - started, 1),
@@ -160,6 +170,16 @@ def pretrain_image_model(
         model.save_pretrained(staging, safe_serialization=True)
         write_json(staging / PROVENANCE_NAME, provenance)
     return provenance
+
+
+def class_balanced_draws(labels: torch.Tensor, draws: int, *, seed: int) -> torch.Tensor:
+    """``draws`` indices into ``labels``, drawn with replacement so every class is equally likely.
+
+    Public graded sets are skewed like screening (about half of them No_DR); drawn as they are,
+    the rare grades get a few percent of the steps while the sites need them all.
+    """
+    weights = 1.0 / torch.bincount(labels).double()[labels]
+    return torch.multinomial(weights, draws, replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

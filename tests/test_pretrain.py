@@ -21,7 +21,7 @@ from fedgen.data.demo import make_demo_consortium, make_public_phantoms
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality
-from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_image_model, read_public_images
+from fedgen.pretrain import PROVENANCE_NAME, class_balanced_draws, create_run, pretrain_image_model, read_public_images
 from fedgen.privacy.dp import train_local
 from tests.test_gate import example_report
 
@@ -149,6 +149,24 @@ def test_labelled_public_phantoms_are_an_image_folder_of_the_grades(tmp_path):
     assert len(public.paths) == 40 and public.labels is not None
     assert [CLASSES[i] for i in public.labels] == [p.parent.name for p in public.paths]
     assert public.describe()["class_counts"]["No_DR"] > public.describe()["class_counts"]["Severe"]  # a screening mix
+
+
+def test_class_balanced_draws_make_a_rare_class_as_frequent_as_a_common_one():
+    labels = torch.tensor([0] * 90 + [1] * 10 + [3] * 20)  # class 2 absent
+    draws = class_balanced_draws(labels, 30_000, seed=0)
+    shares = torch.bincount(labels[draws], minlength=4).double() / len(draws)
+    assert torch.allclose(shares, torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3], dtype=torch.double), atol=0.01)
+    assert torch.equal(draws, class_balanced_draws(labels, 30_000, seed=0))
+
+
+def test_balanced_pretraining_takes_as_many_steps_and_needs_labels(public_dir, tmp_path):
+    labelled = make_public_phantoms(tmp_path / "labelled", images=24, resolution=16, labelled=True)
+    config = load_config(None, TINY)
+    record = pretrain_image_model(labelled, tmp_path / "balanced", config, epochs=2, batch_size=8, lr=1e-3, balance_classes=True)
+    assert record["balance_classes"] is True and record["steps"] == 2 * 3
+    with pytest.raises(FedgenError, match="unlabelled: balancing classes needs class folders"):
+        pretrain_image_model(public_dir, tmp_path / "out", config, epochs=1, batch_size=8, lr=1e-3, balance_classes=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_records_its_pretraining_with_an_absolute_checkpoint(pretrained, tmp_path, monkeypatch):
