@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def main() -> None:
     image = config.image
     real = RealSides(site_folders(args.sites), CLASSIFIER_SEEDS)(config, "image")
     train = TensorDataset(*real.train)
-    task = ImageModality(config, work_dir=Path(tempfile.mkdtemp()))
+    task = ImageModality(config, work_dir=args.out.parent)  # the image model makes no base files there
     model = task.initial_model()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.epochs:  # 0 scores the starting model (image.init_checkpoint) as it is
