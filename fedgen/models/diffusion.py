@@ -7,9 +7,11 @@ Plain PyTorch + diffusers, so clients (DP training), the server (generation) and
   ``num_classes``). Training replaces labels by the null class with probability
   ``cond_drop_prob``, so the same network predicts conditional and unconditional noise, and
   sampling mixes them (classifier-free guidance, Ho & Salimans 2022).
-- Training: epsilon prediction on a DDPM noise schedule; the loss is returned *per example*
-  because DP-SGD clips per example and membership-inference attacks score per example.
-- Sampling: DDIM (deterministic, few steps) by default, DPM-Solver++ or the full DDPM chain.
+- Training: v prediction (or epsilon, ``prediction_type``) on a DDPM noise schedule; the loss
+  is returned *per example* because DP-SGD clips per example and membership-inference attacks
+  score per example.
+- Sampling: ancestral DDPM on a strided chain (50 steps) by default; DDIM and DPM-Solver++
+  deterministically.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ def denoising_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-example epsilon-prediction MSE, shape [B] (mean over channels and pixels).
+    """Per-example MSE against the training target (v or noise), shape [B] (mean over pixels).
 
     ``images`` are in [-1, 1]. Noise, timesteps and label dropout are drawn in that order from
     ``generator`` unless noise / timesteps are given (attacks score fixed draws). Labels are
