@@ -87,9 +87,9 @@ class ImageConfig(_Section):
     max_physical_batch_size: int | None = Field(None, ge=1)
     local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
-    # Adam's step size for DP fine-tuning. Under DP most of each step is noise, so a publicly
-    # pretrained start survives a larger step: on the small-site benchmark at eps = 10, 4e-3
-    # scored 0.01 above 2e-3 on average (4 seeds), 5e-4 0.08 below (BENCHMARKS.md, lever rows).
+    # Adam's step size for the sites' DP fine-tuning. On the small-site benchmark at eps = 10,
+    # 4e-3 scored 0.01 above 2e-3 on average (4 seeds, inside their sd) and 5e-4 0.08 below
+    # (BENCHMARKS.md, lever rows): the best-measured mean, not a resolved gain.
     lr: float = Field(4e-3, gt=0)
     # Server-side EMA of the global model over rounds, used for sampling; 0 = off (sample the
     # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away; every
