@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import FedgenError
-from fedgen.privacy import ghost_conv  # noqa: F401  (registers Opacus' Conv2d norm sampler)
+from fedgen.privacy import conv_samplers  # noqa: F401  (registers the Conv2d grad and norm samplers)
 from fedgen.privacy.accounting import (
     HistoryEntry,
     check_delta,
@@ -55,7 +55,7 @@ PerExampleLoss = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
 ProgressCallback = Callable[[int, float], None]
 
 # "hooks": per-example gradients materialised (any layer, noise multiplicity possible).
-# "ghost": ghost clipping, per-example gradient norms only (Linear, Embedding, Conv2d: ghost_conv).
+# "ghost": ghost clipping, per-example gradient norms only (Linear, Embedding, Conv2d: conv_samplers).
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 # Warnings Opacus raises on every round that fedgen has already handled (see module docstring).

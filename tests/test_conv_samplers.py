@@ -1,8 +1,7 @@
-"""Ghost clipping for convolutions (fedgen.privacy.ghost_conv) and the UNet in ghost mode.
+"""Conv2d samplers (fedgen.privacy.conv_samplers) and the UNet trained with them.
 
 References never go through the code under test: per-example gradients come from one
-autograd backward per example, clipped sums from Opacus' hooks mode, ε from Opacus' RDP
-analysis called directly.
+autograd backward per example, ε from Opacus' RDP analysis called directly.
 """
 
 from __future__ import annotations
@@ -11,19 +10,20 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.grad_sample import GradSampleHooksFastGradientClipping
+from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedgen.config import ImageConfig
 from fedgen.models.diffusion import build_unet, denoising_loss, make_noise_scheduler
-from fedgen.privacy import ghost_conv
-from fedgen.privacy.dp import train_local
-from fedgen.privacy.ghost_conv import (
+from fedgen.privacy import conv_samplers
+from fedgen.privacy.conv_samplers import (
+    compute_conv2d_grad_sample,
     compute_conv2d_norm_sample,
     conv2d_weight_norms,
     prefers_ghost_norm,
 )
+from fedgen.privacy.dp import train_local
 
 BATCH = 5
 CONV_SHAPES = {
@@ -45,7 +45,7 @@ NUM_CLASSES = 3
 
 def _conv_case(options: dict, *, channels_last: bool = False):
     """A conv layer, a batch, the gradient of summed per-example losses wrt the output, and
-    the reference per-example gradient norms from one backward per example."""
+    the reference per-example gradients ``{param: [B, *param.shape]}``, one backward each."""
     torch.manual_seed(0)
     layer = nn.Conv2d(**options)
     inputs = torch.randn(BATCH, layer.in_channels, 9, 8)
@@ -60,8 +60,24 @@ def _conv_case(options: dict, *, channels_last: bool = False):
     for i in range(BATCH):
         example_loss = ((layer(inputs[i : i + 1]) - targets[i : i + 1]) ** 2).sum()
         for p, grad in zip(params, torch.autograd.grad(example_loss, params), strict=True):
-            reference[p].append(grad.norm())
-    return layer, inputs, output_grads, {p: torch.stack(n) for p, n in reference.items()}
+            reference[p].append(grad)
+    return layer, inputs, output_grads, {p: torch.stack(g) for p, g in reference.items()}
+
+
+def _norms(per_example_grads: torch.Tensor) -> torch.Tensor:
+    return per_example_grads.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels-last"])
+def test_the_registered_grad_sampler_gives_per_example_gradients(shape, channels_last):
+    """Opacus' own conv grad sampler returns zeros for channels-last inputs; this one not."""
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Conv2d] is compute_conv2d_grad_sample
+    layer, inputs, output_grads, reference = _conv_case(CONV_SHAPES[shape], channels_last=channels_last)
+    grads = compute_conv2d_grad_sample(layer, [inputs], output_grads)
+    assert grads.keys() == reference.keys()  # no bias entry for bias=False
+    for param, expected in reference.items():
+        torch.testing.assert_close(grads[param], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES)
@@ -69,10 +85,10 @@ def _conv_case(options: dict, *, channels_last: bool = False):
 def test_both_weight_norm_methods_equal_per_example_gradient_norms(shape, ghost, monkeypatch):
     layer, inputs, output_grads, reference = _conv_case(CONV_SHAPES[shape])
     norms = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
-    torch.testing.assert_close(norms, reference[layer.weight], rtol=1e-4, atol=0)
-    monkeypatch.setattr(ghost_conv, "CHUNK_ELEMENTS", 1)  # one example per chunk
+    torch.testing.assert_close(norms, _norms(reference[layer.weight]), rtol=1e-4, atol=0)
+    monkeypatch.setattr(conv_samplers, "CHUNK_ELEMENTS", 1)  # one example per chunk
     chunked = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
-    torch.testing.assert_close(chunked, reference[layer.weight], rtol=1e-4, atol=0)
+    torch.testing.assert_close(chunked, _norms(reference[layer.weight]), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES)
@@ -83,23 +99,24 @@ def test_the_registered_norm_sampler_gives_weight_and_bias_norms(shape):
     norms = compute_conv2d_norm_sample(layer, [inputs], output_grads)
     assert norms.keys() == reference.keys()  # no bias entry for bias=False
     for param, expected in reference.items():
-        torch.testing.assert_close(norms[param], expected, rtol=1e-4, atol=0)
+        torch.testing.assert_close(norms[param], _norms(expected), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("ghost", [True, False], ids=["ghost norm", "direct"])
 def test_channels_last_inputs_give_the_same_norms(ghost):
-    """Opacus' own conv grad sampler returns zeros for channels-last inputs (see build_unet)."""
     case = _conv_case(CONV_SHAPES["3x3 padded"], channels_last=True)
     layer, inputs, output_grads, reference = case
     assert not inputs.is_contiguous()
     norms = conv2d_weight_norms(layer, inputs, output_grads, ghost=ghost)
-    torch.testing.assert_close(norms, reference[layer.weight], rtol=1e-4, atol=0)
+    torch.testing.assert_close(norms, _norms(reference[layer.weight]), rtol=1e-4, atol=0)
 
 
-def test_an_empty_batch_has_no_norms():
+def test_an_empty_batch_has_no_gradients_and_no_norms():
     layer, inputs, output_grads, _ = _conv_case(CONV_SHAPES["3x3 padded"])
     norms = compute_conv2d_norm_sample(layer, [inputs[:0]], output_grads[:0])
     assert [n.shape for n in norms.values()] == [(0,), (0,)]
+    grads = compute_conv2d_grad_sample(layer, [inputs[:0]], output_grads[:0])
+    assert [g.shape for g in grads.values()] == [(0, 6, 4, 3, 3), (0, 6)]
 
 
 def test_the_cheaper_method_is_ghost_norm_only_when_positions_are_few():
@@ -131,10 +148,14 @@ def _fixed_draw_loss():
     return loss
 
 
+def _tiny_unet() -> nn.Module:
+    torch.manual_seed(0)
+    return build_unet(TINY_UNET, NUM_CLASSES)
+
+
 def _first_step_gradient(mode: str, data: TensorDataset, *, max_grad_norm: float) -> torch.Tensor:
     """The clipped, averaged gradient the optimizer consumed at step 1 (σ = 0), flattened."""
-    torch.manual_seed(0)
-    unet = build_unet(TINY_UNET, NUM_CLASSES)
+    unet = _tiny_unet()
     captured = []
 
     def keep_first(step: int, _loss: float) -> None:
@@ -149,7 +170,21 @@ def _first_step_gradient(mode: str, data: TensorDataset, *, max_grad_norm: float
     return torch.cat(captured)
 
 
-def test_a_ghost_step_on_the_unet_equals_the_hooks_step(monkeypatch):
+def _clipped_mean_by_autograd(data: TensorDataset, *, max_grad_norm: float) -> torch.Tensor:
+    """DP-SGD's step with q = 1 and σ = 0 from one autograd backward per example:
+    Σ_i g_i · min(1, C / ||g_i||) / n."""
+    unet, loss = _tiny_unet(), _fixed_draw_loss()
+    params = list(unet.parameters())
+    total = torch.zeros(sum(p.numel() for p in params))
+    for i in range(len(data)):
+        example = tuple(t[i : i + 1] for t in data.tensors)
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss(unet, example).sum(), params)])
+        total += grad * min(1.0, max_grad_norm / grad.norm().item())
+    return total / len(data)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_dp_step_on_the_unet_equals_the_clipped_per_example_gradients(mode, monkeypatch):
     decisions = []
 
     def recording_sampler(layer, activations, backprops):
@@ -160,12 +195,13 @@ def test_a_ghost_step_on_the_unet_equals_the_hooks_step(monkeypatch):
     monkeypatch.setitem(samplers, nn.Conv2d, recording_sampler)
     data = _unet_data(6)  # batch_size = n: q = 1, every example in the one step
     # A small bound clips every example: the step is Σ C g_i / ||g_i||, so any wrong norm shows.
-    hooks = _first_step_gradient("hooks", data, max_grad_norm=1e-3)
-    ghost = _first_step_gradient("ghost", data, max_grad_norm=1e-3)
-    n_convs = sum(isinstance(m, nn.Conv2d) for m in build_unet(TINY_UNET, NUM_CLASSES).modules())
-    assert len(decisions) == n_convs and set(decisions) == {True, False}  # both methods ran
-    assert hooks.norm() > 0
-    torch.testing.assert_close(ghost, hooks, rtol=1e-4, atol=1e-4 * hooks.abs().max().item())
+    expected = _clipped_mean_by_autograd(data, max_grad_norm=1e-3)
+    step = _first_step_gradient(mode, data, max_grad_norm=1e-3)
+    if mode == "ghost":
+        n_convs = sum(isinstance(m, nn.Conv2d) for m in _tiny_unet().modules())
+        assert len(decisions) == n_convs and set(decisions) == {True, False}  # both methods ran
+    assert expected.norm() > 0
+    torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_ghost_training_spends_the_epsilon_of_the_rdp_analysis():

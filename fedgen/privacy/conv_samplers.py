@@ -1,11 +1,18 @@
-"""Per-example gradient norms of ``nn.Conv2d`` for Opacus' ghost clipping; importing registers it.
+"""Opacus samplers for ``nn.Conv2d``: per-example gradients and their norms; importing registers both.
 
-Opacus 1.6 has norm samplers for ``nn.Linear`` and ``nn.Embedding`` only. In ghost mode every
-other layer falls back to *fast gradient clipping*: its grad sampler materialises the whole
-batch's per-example gradients, Opacus takes their norms and drops them (correct, but for a
-convolution the unfolded input of the whole batch is formed too). This sampler gives the same
-norms for convolutions, exactly, forming at most one layer's per-example gradients for a chunk
-of examples at a time, and often none.
+Per-example gradients (hooks mode). Opacus 1.6's own Conv2d grad sampler unfolds the whole
+batch's input (``B x C_in·kh·kw x T`` floats, a copy several times the activations) and
+multiplies it with the output gradients. On a CPU that copy is most of DP-SGD's overhead for a
+small UNet. :func:`compute_conv2d_grad_sample` forms the same per-example gradients as the
+weight gradient of one convolution whose groups are the examples
+(``torch.nn.grad.conv2d_weight``), which never materialises the unfolded patches.
+
+Per-example norms (ghost clipping). Opacus 1.6 has norm samplers for ``nn.Linear`` and
+``nn.Embedding`` only. In ghost mode every other layer falls back to *fast gradient clipping*:
+its grad sampler materialises the whole batch's per-example gradients, Opacus takes their
+norms and drops them. :func:`compute_conv2d_norm_sample` gives the same norms for
+convolutions, exactly, forming at most one layer's per-example gradients for a chunk of
+examples at a time, and often none.
 
 A convolution is a linear map applied at ``T`` output positions. Unfolding example ``i``'s
 (padded) input gives its patches ``U_i`` (``D x T`` per group, ``D = in_channels / groups *
@@ -15,25 +22,24 @@ norm has two exact forms:
 
 - ghost norm (Goodfellow 2015; Li et al. 2021): ``<G_iᵀ G_i, U_iᵀ U_i>``, two ``T x T`` Gram
   matrices per example and group;
-- direct: form ``G_i U_iᵀ`` and sum its squares. It is computed as the weight gradient of one
-  convolution whose groups are the examples (``torch.nn.grad.conv2d_weight``), which never
-  materialises the unfolded patches and is several times faster than unfold + matmul.
+- direct: form ``G_i U_iᵀ`` as above and sum its squares.
 
 Per layer the smaller intermediate wins: ghost norm when ``2 T² <= p D`` — the rule of Li et
 al. (2021, appendix) and Bu et al. (2022, "mixed ghost clipping"). The batch is processed in
 chunks of examples so that the intermediates of a chunk stay below ``CHUNK_ELEMENTS``.
-Both forms read inputs of any memory layout (channels-last included).
+Both samplers read inputs of any memory layout (channels-last included).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_norm_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import Tensor, nn
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "compute_conv2d_grad_sample",
     "compute_conv2d_norm_sample",
     "conv2d_weight_norms",
     "prefers_ghost_norm",
@@ -75,6 +81,20 @@ def conv2d_weight_norms(
         end = start + chunk
         squared.append(squared_norms(layer, padded[start:end], output_grads[start:end]))
     return torch.cat(squared).clamp(min=0).sqrt()
+
+
+@register_grad_sampler(nn.Conv2d)
+def compute_conv2d_grad_sample(
+    layer: nn.Conv2d, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Opacus grad sampler: per-example gradients ``[B, *param.shape]`` of weight and bias."""
+    inputs = activations[0].to(backprops.dtype)
+    grads = {}
+    if layer.weight.requires_grad:
+        grads[layer.weight] = _per_example_weight_grads(layer, _pad(layer, inputs), backprops)
+    if layer.bias is not None and layer.bias.requires_grad:
+        grads[layer.bias] = backprops.sum(dim=(2, 3))
+    return grads
 
 
 @register_norm_sampler(nn.Conv2d)
@@ -122,9 +142,16 @@ def _ghost_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor)
 
 
 def _direct_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor) -> Tensor:
-    """Squared norms ``[b]`` of the per-example weight gradients, formed for this chunk only:
-    the weight gradient of one convolution with the examples as extra groups."""
+    """Squared norms ``[b]`` of the per-example weight gradients, formed for this chunk only."""
+    return _per_example_weight_grads(layer, padded, output_grads).flatten(1).square().sum(dim=1)
+
+
+def _per_example_weight_grads(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor) -> Tensor:
+    """``[b, *weight.shape]``: the weight gradient of one convolution with the examples as
+    extra groups, on the padded input."""
     batch = padded.shape[0]
+    if batch == 0:
+        return padded.new_zeros((0, *layer.weight.shape))
     per_example = torch.nn.grad.conv2d_weight(
         padded.reshape(1, batch * layer.in_channels, *padded.shape[2:]),
         (batch * layer.out_channels, *layer.weight.shape[1:]),
@@ -134,4 +161,4 @@ def _direct_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor
         dilation=layer.dilation,
         groups=batch * layer.groups,
     )
-    return per_example.view(batch, -1).square().sum(dim=1)
+    return per_example.view(batch, *layer.weight.shape)
