@@ -103,30 +103,11 @@ def _block_types(levels: int, attention: bool) -> tuple[tuple[str, ...], tuple[s
     return tuple(down), tuple(up)
 
 
-def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
-    return tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
-
-
-def _guard_conv_inputs(unet: UNet2DModel) -> UNet2DModel:
-    """Give every Conv2d a contiguous (NCHW) input, so DP per-sample gradients are right.
-
-    diffusers' attention returns a channels-last *view* (a transpose + reshape), and that
-    layout flows into the convolutions after it. Opacus 1.6 computes conv per-sample
-    gradients with ``as_strided`` assuming NCHW strides: on a channels-last input it silently
-    returns zeros, so under DP the mid block and the first up block would get noise only.
-    The hook is not saved with the weights: load with ``load_image_model`` to train again.
-    """
-    for module in unet.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_pre_hook(_contiguous_inputs)
-    return unet
-
-
 def build_unet(config: ImageConfig, num_classes: int) -> UNet2DModel:
     """A randomly initialised class-conditioned UNet; label ``num_classes`` is the null class."""
     _check_architecture(config, num_classes)
     down, up = _block_types(len(config.block_out_channels), config.attention)
-    unet = UNet2DModel(
+    return UNet2DModel(
         sample_size=config.resolution,
         in_channels=config.channels,
         out_channels=config.channels,
@@ -139,7 +120,6 @@ def build_unet(config: ImageConfig, num_classes: int) -> UNet2DModel:
         add_attention=config.attention,  # the mid block sits at the lowest resolution too
         num_class_embeds=num_classes + 1,
     )
-    return _guard_conv_inputs(unet)
 
 
 def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> None:
@@ -404,7 +384,7 @@ def load_image_model(directory: str | Path) -> UNet2DModel:
         raise FedgenError(
             f"image model {directory} is not class-conditioned (no num_class_embeds)"
         )
-    return _guard_conv_inputs(unet)
+    return unet
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
