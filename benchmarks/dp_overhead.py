@@ -4,7 +4,8 @@ Each configuration runs in a fresh subprocess so its peak resident memory is its
     python -m benchmarks.dp_overhead [--steps 6] [--threads 2] [--image-batch 64] [--modality image]
 
 "image DP (ghost)" is Opacus' ghost clipping with fedgen's Conv2d norm sampler
-(fedgen.privacy.ghost_conv): per-example gradient norms only, never the per-example gradients.
+(fedgen.privacy.conv_samplers): per-example gradient norms only, never the per-example
+gradients. "image DP (hooks)" uses fedgen's Conv2d grad sampler from the same module.
 """
 
 from __future__ import annotations
