@@ -22,6 +22,7 @@ from fedgen.privacy.conv_samplers import (
     compute_conv2d_norm_sample,
     conv2d_weight_norms,
     prefers_ghost_norm,
+    without_summed_conv_grads,
 )
 from fedgen.privacy.dp import train_local
 
@@ -202,6 +203,29 @@ def test_a_dp_step_on_the_unet_equals_the_clipped_per_example_gradients(mode, mo
         assert len(decisions) == n_convs and set(decisions) == {True, False}  # both methods ran
     assert expected.norm() > 0
     torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_autograd_skips_conv_parameter_gradients_only_inside_the_context():
+    first, second = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+    model = nn.Sequential(first, nn.SiLU(), second)
+    images = torch.randn(3, 1, 8, 8)
+    with without_summed_conv_grads(model):
+        model(images).square().sum().backward()
+    # the first conv's input needs no gradient: it stays attached so gradients reach its hooks
+    assert first.weight.grad is not None and first.bias.grad is not None
+    assert second.weight.grad is None and second.bias.grad is None
+    assert all("_conv_forward" not in conv.__dict__ for conv in (first, second))
+    model(images).square().sum().backward()
+    assert second.weight.grad is not None
+
+
+def test_a_dp_round_leaves_the_convolutions_as_they_were():
+    unet = _tiny_unet()
+    train_local(
+        unet, _unet_data(6), _fixed_draw_loss(), epochs=1, batch_size=3, lr=1e-3,
+        noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0,
+    )
+    assert not [m for m in unet.modules() if "_conv_forward" in m.__dict__]
 
 
 def test_ghost_training_spends_the_epsilon_of_the_rdp_analysis():

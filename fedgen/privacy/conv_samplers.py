@@ -28,9 +28,18 @@ Per layer the smaller intermediate wins: ghost norm when ``2 T² <= p D`` — th
 al. (2021, appendix) and Bu et al. (2022, "mixed ghost clipping"). The batch is processed in
 chunks of examples so that the intermediates of a chunk stay below ``CHUNK_ELEMENTS``.
 Both samplers read inputs of any memory layout (channels-last included).
+
+In hooks mode autograd's own batch-summed weight and bias gradients of every convolution are
+computed and then discarded: the optimizer steps on the clipped sum of the per-example ones.
+:func:`without_summed_conv_grads` keeps autograd from forming them (a sixth of a DP step's time
+for the UNet on a CPU).
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +52,7 @@ __all__ = [
     "compute_conv2d_norm_sample",
     "conv2d_weight_norms",
     "prefers_ghost_norm",
+    "without_summed_conv_grads",
 ]
 
 # Elements (not bytes) of the per-chunk intermediates: unfolded patches + Gram matrices or
@@ -95,6 +105,34 @@ def compute_conv2d_grad_sample(
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = backprops.sum(dim=(2, 3))
     return grads
+
+
+@contextlib.contextmanager
+def without_summed_conv_grads(model: nn.Module) -> Iterator[None]:
+    """Within: each Conv2d whose input carries a gradient runs its forward on detached weight
+    and bias, so backward computes its input gradient only; the parameters' ``.grad`` is then
+    left to the DP optimizer, which sets it from the clipped per-example gradients.
+
+    For Opacus' hooks mode only (ghost clipping's second pass needs autograd's gradients).
+    A convolution whose input needs no gradient (the first layer) keeps its parameters
+    attached: otherwise its output would carry no gradient and its backward hook never fire.
+    """
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        conv._conv_forward = functools.partial(_conv_forward_on_detached_params, conv)
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv._conv_forward
+
+
+def _conv_forward_on_detached_params(
+    conv: nn.Conv2d, inputs: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    if inputs.requires_grad:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return type(conv)._conv_forward(conv, inputs, weight, bias)
 
 
 @register_norm_sampler(nn.Conv2d)

@@ -41,7 +41,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import FedgenError
-from fedgen.privacy import conv_samplers  # noqa: F401  (registers the Conv2d grad and norm samplers)
+from fedgen.privacy.conv_samplers import (  # importing registers the Conv2d samplers
+    without_summed_conv_grads,
+)
 from fedgen.privacy.accounting import (
     HistoryEntry,
     check_delta,
@@ -248,7 +250,10 @@ def _train_private(
                 per_sample_params=() if ghost else params,
                 ghost_criterion=ghost_criterion,
             )
-            with _physical_batches(dp_loader, dp_optimizer, max_physical_batch_size) as batches:
+            # ghost clipping's second backward pass needs autograd's summed gradients
+            conv_grads = contextlib.nullcontext() if ghost else without_summed_conv_grads(model)
+            physical = _physical_batches(dp_loader, dp_optimizer, max_physical_batch_size)
+            with conv_grads, physical as batches:
                 loss_sum, rows, steps = _run_epochs(
                     batches, dp_optimizer, backward, params=params, epochs=epochs,
                     after_step=after_step, progress=progress,
