@@ -1,8 +1,8 @@
 """Opacus samplers for ``nn.Conv2d``: per-example gradients and their norms; importing registers both.
 
 Per-example gradients (hooks mode). Opacus 1.6's own Conv2d grad sampler unfolds the whole
-batch's input (``B x C_in·kh·kw x T`` floats, a copy several times the activations) and
-multiplies it with the output gradients. On a CPU that copy is most of DP-SGD's overhead for a
+batch's input (``B x C_in·kh·kw x T`` floats: a copy ``kh·kw`` times the size of the input)
+and multiplies it with the output gradients. On a CPU that copy is most of DP-SGD's overhead for a
 small UNet. :func:`compute_conv2d_grad_sample` forms the same per-example gradients as the
 weight gradient of one convolution whose groups are the examples
 (``torch.nn.grad.conv2d_weight``), which never materialises the unfolded patches.
