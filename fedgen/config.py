@@ -88,7 +88,7 @@ class ImageConfig(_Section):
     local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
     # Adam's step size for the sites' DP fine-tuning. On the small-site benchmark at eps = 10,
-    # 4e-3 scored 0.01 above 2e-3 on average (4 seeds, inside their sd) and 5e-4 0.08 below
+    # 4e-3 scored 0.02 above 2e-3 on average (6 seeds, inside their sd) and 5e-4 0.08 below
     # (BENCHMARKS.md, lever rows): the best-measured mean, not a resolved gain.
     lr: float = Field(4e-3, gt=0)
     # Server-side EMA of the global model over rounds, used for sampling; 0 = off (sample the
