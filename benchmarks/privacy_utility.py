@@ -73,38 +73,46 @@ def pooled_heldout(sites, config, modality):
 CLASSIFIER_SEEDS = 3
 
 
-def classifier_accuracies(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[float]:
-    """Accuracy on the real held-out ``test`` of the utility CNN trained on ``data`` alone, one
-    per classifier seed (one seed's synthetic score moved by up to 0.26 on the same images).
-    Real and synthetic sets go through this same call, ``image_utility``'s synthetic-only
-    configuration; the real ``train`` split is only checked against (``data`` must match its shape)."""
+def classifier_scores(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[dict]:
+    """Scores on the real held-out ``test`` (accuracy, per-class F1, ...) of the utility CNN trained
+    on ``data`` alone, one per classifier seed (one seed's synthetic score moved by up to 0.26 on
+    the same images). Real and synthetic sets go through this same call, ``image_utility``'s
+    synthetic-only configuration; the real ``train`` split is only checked against (``data`` must
+    match its shape)."""
     return [
         image_utility(train, test, data, class_names=class_names, seed=seed, steps=steps,
-                      configurations=("synthetic",))["configurations"]["synthetic"]["accuracy"]
+                      configurations=("synthetic",))["configurations"]["synthetic"]
         for seed in range(seeds)
     ]
 
 
-def image_scores(real: list[float], synthetic: list[float]) -> dict:
-    """Mean real-trained and synthetic-trained accuracy over classifier seeds, and their ratio."""
+def mean_per_class_f1(scores: list[dict]) -> dict[str, float]:
+    return {name: statistics.mean(s["per_class_f1"][name] for s in scores) for name in scores[0]["per_class_f1"]}
+
+
+def image_scores(real: list[dict], synthetic: list[dict]) -> dict:
+    """Mean real-trained and synthetic-trained accuracy over classifier seeds, their ratio, and
+    each held-out class's F1 (mean over seeds): which classes the synthetic images fail to teach."""
+    real_accuracy, synthetic_accuracy = ([s["accuracy"] for s in side] for side in (real, synthetic))
     return {
-        "real_accuracy": statistics.mean(real),
-        "synthetic_accuracy": statistics.mean(synthetic),
-        "synthetic_accuracy_sd": statistics.pstdev(synthetic),
-        "ratio": statistics.mean(synthetic) / statistics.mean(real),
-        "per_seed": {"real": real, "synthetic": synthetic},
+        "real_accuracy": statistics.mean(real_accuracy),
+        "synthetic_accuracy": statistics.mean(synthetic_accuracy),
+        "synthetic_accuracy_sd": statistics.pstdev(synthetic_accuracy),
+        "ratio": statistics.mean(synthetic_accuracy) / statistics.mean(real_accuracy),
+        "per_seed": {"real": real_accuracy, "synthetic": synthetic_accuracy},
+        "per_class_f1": {"real": mean_per_class_f1(real), "synthetic": mean_per_class_f1(synthetic)},
     }
 
 
 @dataclass
 class RealSide:
     """The real half of every score, the same for every row on one data setting: the pooled
-    splits and, for images, the real-trained classifiers' accuracies and the FID feature net
+    splits and, for images, the real-trained classifiers' scores and the FID feature net
     with the held-out images' features."""
 
     train: tuple
     test: tuple
-    accuracies: list[float] = field(default_factory=list)
+    scores: list[dict] = field(default_factory=list)
     feature_net: torch.nn.Module | None = None
     test_features: torch.Tensor | None = None
 
@@ -128,14 +136,14 @@ class RealSides:
             return RealSide(train, test)
         classes = config.data.image_classes
         net = train_feature_net(*train, num_classes=len(classes), trained_on="pooled real train splits")
-        return RealSide(train, test, classifier_accuracies(train, test, train, classes, seeds=self.seeds), net, extract_features(net, test[0]))
+        return RealSide(train, test, classifier_scores(train, test, train, classes, seeds=self.seeds), net, extract_features(net, test[0]))
 
 
 def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int) -> dict:
     """Utility ratio and FID of synthetic images against the real side."""
-    accuracies = classifier_accuracies(real.train, real.test, synthetic, class_names, seeds=seeds)
+    scores = classifier_scores(real.train, real.test, synthetic, class_names, seeds=seeds)
     return {
-        **image_scores(real.accuracies, accuracies),
+        **image_scores(real.scores, scores),
         "n_test": len(real.test[1]),
         "n_synthetic": len(synthetic[1]),
         "classifier": f"{image_classifier(UTILITY_STEPS)}, mean of {seeds} seeds",
@@ -267,14 +275,23 @@ def rescore(results: Path, reals: RealSides, args) -> list[dict]:
     return rows
 
 
+def weakest_class(scores: dict) -> str:
+    """The held-out class the synthetic-trained classifier scores worst on (F1), if measured."""
+    f1 = scores.get("per_class_f1", {}).get("synthetic")
+    if not f1:
+        return ""
+    name = min(f1, key=f1.get)
+    return f"{name} {f1[name]:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'label':>20} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}")
+    print(f"{'label':>20} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}  weakest class (synthetic F1)")
     for row in rows:
         for modality in ("image", "text"):
             if modality in row:
                 m = row[modality]
                 fid = f"{m['fid']:>7.1f}" if "fid" in m else f"{'':>7}"
-                print(f"{row['label']:>20} {row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {fid} {m['n_test']:>7} {row['train_seconds']:>8.0f}")
+                print(f"{row['label']:>20} {row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {fid} {m['n_test']:>7} {row['train_seconds']:>8.0f}  {weakest_class(m)}")
 
 
 def main() -> None:

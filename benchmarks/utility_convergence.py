@@ -1,7 +1,7 @@
 """Has the utility classifier converged? Its accuracy against its step budget, over seeds.
 
 The synthetic-only / real-trained ratio is only as good as the two classifiers behind it: this
-trains both (``privacy_utility.classifier_accuracies``, the benchmarks' one classifier) at several
+trains both (``privacy_utility.classifier_scores``, the benchmarks' one classifier) at several
 step budgets and seeds on a run's synthetic images and the sites' pooled real data, and prints
 each accuracy on the pooled real held-out images. ``UTILITY_STEPS`` was chosen from it.
 
@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from audits.runner import load_synthetic_images
-from benchmarks.privacy_utility import CLASSIFIER_SEEDS, classifier_accuracies, image_scores, pooled_heldout
+from benchmarks.privacy_utility import CLASSIFIER_SEEDS, classifier_scores, image_scores, pooled_heldout
 from fedgen.artifacts import RunDir
 from fedgen.data.site import site_folders
 
@@ -33,7 +33,7 @@ def main() -> None:
     synthetic = load_synthetic_images(run, config)
     print(f"real train {len(train[1])}, synthetic {len(synthetic[1])}, real held-out {len(test[1])}")
     for steps in args.steps:
-        classify = lambda data: classifier_accuracies(train, test, data, config.data.image_classes, seeds=args.seeds, steps=steps)  # noqa: E731
+        classify = lambda data: classifier_scores(train, test, data, config.data.image_classes, seeds=args.seeds, steps=steps)  # noqa: E731
         scores = image_scores(classify(train), classify(synthetic))
         cells = [f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
                  for name, values in scores["per_seed"].items()]
