@@ -27,6 +27,7 @@ from fedgen.models.diffusion import (
     save_image_model,
     to_uint8,
 )
+import fedgen.privacy.conv_samplers  # noqa: F401  (registers fedgen's Conv2d grad sampler with Opacus)
 
 NUM_CLASSES = 3
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -366,7 +367,8 @@ def test_model_learns_the_class(one_thread):
 def test_opacus_hooks_give_exact_per_sample_grads(unet, config):
     """Every trainable tensor gets a per-sample gradient equal to that example's own gradient.
 
-    (Without fedgen's conv-input guard, the convs after an attention block got zeros.)
+    fedgen's Conv2d grad sampler must be registered (``fedgen.privacy`` imports it, as the
+    module-level import here does): Opacus' own gave zeros for the convs after an attention block.
     """
     images, noise, timesteps = fixed_draws(config, 4)
     labels = torch.tensor([0, 1, 2, 3])  # 3 is the null class: its embedding trains too
