@@ -225,7 +225,7 @@ def generate(
     class_name: Annotated[list[str] | None, typer.Option("--class", help="Only this class (repeatable).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (image).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (image).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm (ancestral), ddim or dpm (image; default: the run's image.sampler).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm (ancestral), dpm-sde (stochastic DPM-Solver++), ddim or dpm (image; default: the run's image.sampler).")] = None,
     round_: Annotated[int | None, typer.Option("--round", help="Checkpoint round (default: the last).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:

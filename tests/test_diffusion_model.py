@@ -170,7 +170,7 @@ class ExactNoisePredictor(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("ddpm", 10), ("ddpm", 1000)])
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("dpm-sde", 10), ("ddpm", 10), ("ddpm", 1000)])
 def test_samplers_recover_the_data_from_exact_noise(sampler, steps, prediction_type):
     config = tiny_config(prediction_type=prediction_type)
     model = ExactNoisePredictor(config, [-1.0, 0.5, 0.0])
@@ -216,9 +216,9 @@ def test_sampling_defaults_to_the_configs_sampler(unet, config):
                              generator=torch.Generator().manual_seed(3), **sampler)
 
     ddim_config = config.model_copy(update={"sampler": "ddim"})
-    assert config.sampler == "ddpm"
+    assert config.sampler == "dpm-sde"
     torch.testing.assert_close(draw(ddim_config), draw(config, sampler="ddim"), rtol=0, atol=0)
-    torch.testing.assert_close(draw(config), draw(ddim_config, sampler="ddpm"), rtol=0, atol=0)
+    torch.testing.assert_close(draw(config), draw(ddim_config, sampler="dpm-sde"), rtol=0, atol=0)
     assert not torch.allclose(draw(config), draw(ddim_config))
 
 
@@ -226,7 +226,9 @@ def test_make_sampler_kinds(config):
     ddim = make_sampler(config, "ddim")
     ddim.set_timesteps(10)
     assert isinstance(ddim, DDIMScheduler) and ddim.timesteps[0] == config.train_timesteps - 1
-    assert isinstance(make_sampler(config, "dpm"), DPMSolverMultistepScheduler)
+    for kind, algorithm in [("dpm", "dpmsolver++"), ("dpm-sde", "sde-dpmsolver++")]:
+        dpm = make_sampler(config, kind)
+        assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.algorithm_type == algorithm
     ddpm = make_sampler(config, "ddpm")
     assert isinstance(ddpm, DDPMScheduler)
     assert ddpm.config.num_train_timesteps == config.train_timesteps

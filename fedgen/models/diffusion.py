@@ -61,6 +61,8 @@ BETA_SCHEDULE = "squaredcos_cap_v2"
 DDIM_TIMESTEP_SPACING = "trailing"
 # DPM-Solver needs its log-SNR clipped with the cosine schedule (see diffusers' docstring).
 DPM_LAMBDA_MIN_CLIPPED = -5.1
+# fedgen's two DPM-Solver++ samplers (Lu et al. 2022), both second order: the ODE and the SDE.
+DPM_ALGORITHMS = {"dpm": "dpmsolver++", "dpm-sde": "sde-dpmsolver++"}
 
 SAMPLERS = get_args(Sampler)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -183,13 +185,13 @@ def make_noise_scheduler(config: ImageConfig) -> DDPMScheduler:
 
 
 def make_sampler(config: ImageConfig, kind: str) -> SchedulerMixin:
-    """A reverse-process scheduler on the training noise schedule: "ddim", "dpm" or "ddpm"."""
+    """A reverse-process scheduler on the training noise schedule, one of ``SAMPLERS``."""
     training = make_noise_scheduler(config).config
     if kind == "ddim":
         return DDIMScheduler.from_config(training, timestep_spacing=DDIM_TIMESTEP_SPACING)
-    if kind == "dpm":
+    if kind in DPM_ALGORITHMS:
         return DPMSolverMultistepScheduler.from_config(
-            training, lambda_min_clipped=DPM_LAMBDA_MIN_CLIPPED
+            training, algorithm_type=DPM_ALGORITHMS[kind], lambda_min_clipped=DPM_LAMBDA_MIN_CLIPPED
         )
     if kind == "ddpm":
         return DDPMScheduler.from_config(training)
