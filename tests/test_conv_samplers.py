@@ -38,6 +38,7 @@ CONV_SHAPES = {
         "padding": "same", "groups": 3, "padding_mode": "reflect",
     },
     "1x1 shortcut, unpadded": {"in_channels": 5, "out_channels": 3, "kernel_size": 1},
+    "'same', zeros": {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": "same"},
 }
 # Tiny UNet at 8x8: its convs run at 64 positions (direct) and 16 (ghost norm).
 TINY_UNET = ImageConfig(resolution=8, block_out_channels=[8, 16], norm_num_groups=4)

@@ -28,6 +28,7 @@ from fedgen.privacy.accounting import (
     planned_steps,
 )
 from fedgen.privacy.dp import train_local
+from fedgen.privacy.per_example_grads import per_example_grads
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
 
@@ -237,6 +238,40 @@ def test_clipping_bounds_each_examples_contribution():
     total_norm = torch.stack([g.norm() for g in seen[1]["grad"]]).norm()
     unclipped_norm = torch.stack([g.mean(0).norm() for g in per_example]).norm()
     assert total_norm <= 0.01 < unclipped_norm
+
+
+def test_per_example_hooks_leave_each_rows_own_gradient_of_the_summed_loss():
+    model, reference, data = _mlp(), _mlp(), _regression_data(5)
+    expected = _per_example_grads(reference, squared_error(reference, data.tensors))
+    with per_example_grads(model):
+        squared_error(model, data.tensors).sum().backward()
+        with torch.no_grad():  # an evaluation forward inside the context adds nothing
+            model(data.tensors[0])
+    for p, want in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad_sample, want)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_per_example_hooks_refuse_what_they_cannot_attribute():
+    shared = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    with per_example_grads(shared):  # two backward passes before a step
+        shared(x).sum().backward()
+        with pytest.raises(FedgenError, match="Linear got a second per-example gradient"):
+            shared(x).sum().backward()
+    twice = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    twice[2] = twice[0]  # one module used twice in a forward
+    with per_example_grads(twice), pytest.raises(FedgenError, match="second per-example"):
+        twice(x).sum().backward()
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = nn.Parameter(torch.ones(1))
+
+    with pytest.raises(FedgenError, match="no per-example gradient sampler for Scale"):
+        with per_example_grads(nn.Sequential(nn.Linear(4, 4), Scale())):
+            pass
 
 
 def test_ghost_clipping_gives_the_same_update_as_hooks():

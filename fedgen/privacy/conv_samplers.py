@@ -5,7 +5,8 @@ batch's input (``B x C_in·kh·kw x T`` floats: a copy ``kh·kw`` times the size
 and multiplies it with the output gradients. On a CPU that copy is most of DP-SGD's overhead for a
 small UNet. :func:`compute_conv2d_grad_sample` forms the same per-example gradients as the
 weight gradient of one convolution whose groups are the examples
-(``torch.nn.grad.conv2d_weight``), which never materialises the unfolded patches.
+(``torch.nn.grad.conv2d_weight``), which never materialises the unfolded patches, nor, for
+zero padding, a padded copy of the input.
 
 Per-example norms (ghost clipping). Opacus 1.6 has norm samplers for ``nn.Linear`` and
 ``nn.Embedding`` only. In ghost mode every other layer falls back to *fast gradient clipping*:
@@ -101,7 +102,8 @@ def compute_conv2d_grad_sample(
     inputs = activations[0].to(backprops.dtype)
     grads = {}
     if layer.weight.requires_grad:
-        grads[layer.weight] = _per_example_weight_grads(layer, _pad(layer, inputs), backprops)
+        inputs, padding = _input_and_padding(layer, inputs)
+        grads[layer.weight] = _per_example_weight_grads(layer, inputs, backprops, padding=padding)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = backprops.sum(dim=(2, 3))
     return grads
@@ -167,6 +169,14 @@ def _pad(layer: nn.Conv2d, inputs: Tensor) -> Tensor:
     return F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
 
 
+def _input_and_padding(layer: nn.Conv2d, inputs: Tensor) -> tuple[Tensor, int | tuple[int, ...]]:
+    """(input, padding) for ``conv2d_weight``: zero padding given as numbers is left to the
+    convolution, which saves a padded copy of every input; anything else is applied here."""
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return inputs, layer.padding
+    return _pad(layer, inputs), 0
+
+
 def _ghost_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor) -> Tensor:
     """``<Gᵀ G, Uᵀ U>`` summed over groups, per example: ``[b]``."""
     batch, groups = padded.shape[0], layer.groups
@@ -184,18 +194,20 @@ def _direct_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor
     return _per_example_weight_grads(layer, padded, output_grads).flatten(1).square().sum(dim=1)
 
 
-def _per_example_weight_grads(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor) -> Tensor:
+def _per_example_weight_grads(
+    layer: nn.Conv2d, inputs: Tensor, output_grads: Tensor, *, padding: int | tuple[int, ...] = 0
+) -> Tensor:
     """``[b, *weight.shape]``: the weight gradient of one convolution with the examples as
-    extra groups, on the padded input."""
-    batch = padded.shape[0]
+    extra groups; ``inputs`` already padded unless ``padding`` says otherwise."""
+    batch = inputs.shape[0]
     if batch == 0:
-        return padded.new_zeros((0, *layer.weight.shape))
+        return inputs.new_zeros((0, *layer.weight.shape))
     per_example = torch.nn.grad.conv2d_weight(
-        padded.reshape(1, batch * layer.in_channels, *padded.shape[2:]),
+        inputs.reshape(1, batch * layer.in_channels, *inputs.shape[2:]),
         (batch * layer.out_channels, *layer.weight.shape[1:]),
         output_grads.reshape(1, batch * layer.out_channels, *output_grads.shape[2:]),
         stride=layer.stride,
-        padding=0,
+        padding=padding,
         dilation=layer.dilation,
         groups=batch * layer.groups,
     )

@@ -41,23 +41,26 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedgen.errors import FedgenError
-from fedgen.privacy.conv_samplers import (  # importing registers the Conv2d samplers
-    without_summed_conv_grads,
-)
 from fedgen.privacy.accounting import (
     HistoryEntry,
     check_delta,
     epsilon_from_history,
     planned_steps,
 )
+from fedgen.privacy.conv_samplers import (  # importing registers the Conv2d samplers
+    without_summed_conv_grads,
+)
+from fedgen.privacy.per_example_grads import per_example_grads
 
 __all__ = ["GRAD_SAMPLE_MODES", "PerExampleLoss", "LocalTrainResult", "train_local"]
 
 PerExampleLoss = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
 ProgressCallback = Callable[[int, float], None]
 
-# "hooks": per-example gradients materialised (any layer, noise multiplicity possible).
-# "ghost": ghost clipping, per-example gradient norms only (Linear, Embedding, Conv2d: conv_samplers).
+# "hooks": per-example gradients materialised (fedgen.privacy.per_example_grads; noise
+#          multiplicity possible).
+# "ghost": Opacus' ghost clipping, per-example gradient norms only (Linear, Embedding, Conv2d:
+#          conv_samplers).
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 # Warnings Opacus raises on every round that fedgen has already handled (see module docstring).
@@ -235,7 +238,8 @@ def _train_private(
             poisson_sampling=True,
             clipping="flat",
             noise_generator=noise_generator,
-            grad_sample_mode=grad_sample_mode,
+            # hooks mode: Opacus' optimizer on the gradients per_example_grads sets
+            grad_sample_mode="ghost" if ghost else "no_op",
             wrap_model=False,  # hooks on the caller's module: no `_module.` wrapper
         )
         if ghost:
@@ -250,10 +254,8 @@ def _train_private(
                 per_sample_params=() if ghost else params,
                 ghost_criterion=ghost_criterion,
             )
-            # ghost clipping's second backward pass needs autograd's summed gradients
-            conv_grads = contextlib.nullcontext() if ghost else without_summed_conv_grads(model)
             physical = _physical_batches(dp_loader, dp_optimizer, max_physical_batch_size)
-            with conv_grads, physical as batches:
+            with _per_example_hooks(model, ghost), physical as batches:
                 loss_sum, rows, steps = _run_epochs(
                     batches, dp_optimizer, backward, params=params, epochs=epochs,
                     after_step=after_step, progress=progress,
@@ -263,6 +265,17 @@ def _train_private(
     (round_entry,) = engine.accountant.history
     assert round_entry[2] == steps, (round_entry, steps)
     return loss_sum, rows, round_entry
+
+
+@contextlib.contextmanager
+def _per_example_hooks(model: nn.Module, ghost: bool) -> Iterator[None]:
+    """fedgen's per-example gradient hooks for hooks mode; ghost mode has Opacus' own, and
+    its second backward pass needs autograd's summed gradients of the convolutions."""
+    if ghost:
+        yield
+        return
+    with per_example_grads(model), without_summed_conv_grads(model):
+        yield
 
 
 def _proximal_pull(params: list[Tensor], strength: float) -> Callable[[], None]:
@@ -317,9 +330,11 @@ def _run_epochs(
 class _BatchBackward:
     """Forward and backward of one physical batch, leaving what the optimizer consumes.
 
-    Returns the per-row losses. Without ``ghost_criterion`` the backward pass is the mean
-    loss's; ``per_sample_params`` then get their ``grad_sample`` averaged over the draws.
-    With it, Opacus runs ghost clipping's two passes (norms, then the clipped sum).
+    Returns the per-row losses. Without DP the backward pass is the mean loss's. In DP's
+    hooks mode (``per_sample_params`` given) it is the summed loss's, so that the
+    per-example gradient hooks see each row's own gradient; ``grad_sample`` is then averaged
+    over the draws. With ``ghost_criterion``, Opacus runs ghost clipping's two passes (norms,
+    then the clipped sum).
     """
 
     model: nn.Module
@@ -339,7 +354,7 @@ class _BatchBackward:
             f"per_example_loss must return one loss per row: got {tuple(losses.shape)} "
             f"for {len(batch[0])} rows"
         )
-        losses.mean().backward()
+        (losses.sum() if self.per_sample_params else losses.mean()).backward()
         _average_over_draws(self.per_sample_params, self.multiplicity)
         return losses.detach()
 
@@ -370,8 +385,8 @@ def _repeat_rows(batch: tuple[Tensor, ...], multiplicity: int) -> tuple[Tensor, 
 def _average_over_draws(params: Sequence[Tensor], multiplicity: int) -> None:
     """Per-example gradient = mean of its K rows' gradients: grad_sample [B*K,...] -> [B,...].
 
-    With loss_reduction="mean" Opacus multiplies backprops by the rows in the batch (B*K),
-    so ``grad_sample`` holds each row's own loss gradient; their mean over the K draws is the
+    The backward pass of the summed losses leaves each row's own loss gradient in
+    ``grad_sample``; their mean over the K draws is the
     gradient of the example's mean loss, which the optimizer then clips once per example
     and divides by the expected number of examples.
     """
