@@ -1,7 +1,9 @@
 """DP overhead of one site's local training: examples/s and peak memory, DP vs non-DP.
 
-Each configuration runs in a fresh subprocess so its peak resident memory is its own.
-    python -m benchmarks.dp_overhead [--steps 6] [--threads 2] [--image-batch 64] [--modality image]
+Each configuration runs in a fresh subprocess so its peak resident memory is its own; the
+cases take turns ``--repeats`` times and each reports its median run, because one epoch of a few
+steps on a shared 2-core machine moves by ±10% between runs.
+    python -m benchmarks.dp_overhead [--steps 6] [--repeats 3] [--threads 2] [--image-batch 64] [--modality image]
 
 "image DP (ghost)" is Opacus' ghost clipping with fedgen's Conv2d norm sampler
 (fedgen.privacy.conv_samplers): per-example gradient norms only, never the per-example
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -83,9 +86,19 @@ def measure(name: str, steps: int, threads: int, image_batch: int) -> dict:
     }
 
 
+def _median_run(case_runs: list[dict]) -> dict:
+    """The case's median throughput and median peak memory over its runs."""
+    return {
+        **case_runs[0],
+        "examples_per_s": statistics.median(run["examples_per_s"] for run in case_runs),
+        "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in case_runs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (median reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-batch", type=int, default=64)
     parser.add_argument("--modality", choices=MODALITIES, help="only this modality's cases")
@@ -95,14 +108,17 @@ def main() -> None:
         print(json.dumps(measure(args.case, args.steps, args.threads, args.image_batch)))
         return
     modalities = (args.modality,) if args.modality else MODALITIES
-    rows = {}
-    for name in (name for name, case in CASES.items() if case[0] in modalities):
-        out = subprocess.run(
-            [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads),
-             "--image-batch", str(args.image_batch)],
-            capture_output=True, text=True, check=True,
-        )
-        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    names = [name for name, case in CASES.items() if case[0] in modalities]
+    runs = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads),
+                 "--image-batch", str(args.image_batch)],
+                capture_output=True, text=True, check=True,
+            )
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = {name: _median_run(case_runs) for name, case_runs in runs.items()}
     print(f"{'case':<20} {'batch':>5} {'ex/s':>8} {'peak RSS MB':>12}")
     for row in rows.values():
         print(f"{row['case']:<20} {row['batch']:>5} {row['examples_per_s']:>8.1f} {row['peak_rss_mb']:>12.0f}")

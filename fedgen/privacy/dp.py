@@ -386,9 +386,9 @@ def _average_over_draws(params: Sequence[Tensor], multiplicity: int) -> None:
     """Per-example gradient = mean of its K rows' gradients: grad_sample [B*K,...] -> [B,...].
 
     The backward pass of the summed losses leaves each row's own loss gradient in
-    ``grad_sample``; their mean over the K draws is the
-    gradient of the example's mean loss, which the optimizer then clips once per example
-    and divides by the expected number of examples.
+    ``grad_sample``; their mean over the K draws is the gradient of the example's mean loss,
+    which the optimizer then clips once per example and divides by the expected number of
+    examples.
     """
     if multiplicity == 1:
         return
