@@ -269,8 +269,13 @@ def test_per_example_hooks_refuse_what_they_cannot_attribute():
             super().__init__()
             self.factor = nn.Parameter(torch.ones(1))
 
+    unsupported = nn.Sequential(nn.Linear(4, 4), Scale())
     with pytest.raises(FedgenError, match="no per-example gradient sampler for Scale"):
-        with per_example_grads(nn.Sequential(nn.Linear(4, 4), Scale())):
+        with per_example_grads(unsupported):
+            pass
+    assert not any(m._forward_hooks for m in unsupported.modules())
+    with pytest.raises(FedgenError, match="BatchNorm1d has trainable parameters and buffers"):
+        with per_example_grads(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))):
             pass
 
 

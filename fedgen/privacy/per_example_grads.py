@@ -17,7 +17,8 @@ unscaled; the optimizer's ``loss_reduction="mean"`` divides the noised sum by th
 
 A layer whose parameters would receive two per-example gradients in one step (a module called
 twice in a forward, or two backward passes before a step) is refused: summing them is right for
-the first case and a privacy bug for the second, and nothing here tells the two apart.
+the first case and a privacy bug for the second, and nothing here tells the two apart. Layers
+with buffers (BatchNorm's running statistics) are refused, as Opacus refuses them.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ def per_example_grads(model: nn.Module) -> Iterator[None]:
     """Within: every backward pass of a training forward sets ``grad_sample`` ``[B, *shape]``
     on each trainable parameter; ``grad_sample`` must be None before (the DP optimizer's
     ``zero_grad`` sets it so)."""
-    handles = [
-        module.register_forward_hook(functools.partial(_hook_output, _sampler(module)))
+    samplers = [  # every layer checked before any hook is added
+        (module, _sampler(module))
         for module in model.modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
+    ]
+    handles = [
+        module.register_forward_hook(functools.partial(_hook_output, sampler))
+        for module, sampler in samplers
     ]
     try:
         yield
@@ -52,6 +57,13 @@ def per_example_grads(model: nn.Module) -> Iterator[None]:
 
 
 def _sampler(module: nn.Module):
+    if any(True for _ in module.buffers(recurse=False)):
+        # As Opacus refuses them: buffers such as BatchNorm's running statistics are computed
+        # from the data and released with the weights, outside DP-SGD's clipping and noise.
+        raise FedgenError(
+            f"{type(module).__name__} has trainable parameters and buffers (e.g. running "
+            "statistics of the data), which DP-SGD does not privatise: freeze it or replace it"
+        )
     try:
         return GradSampleHooks.GRAD_SAMPLERS[type(module)]
     except KeyError:
