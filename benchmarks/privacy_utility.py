@@ -70,7 +70,9 @@ def pooled_heldout(sites, config, modality):
     return join(trains), join(tests)
 
 
-CLASSIFIER_SEEDS = 3
+# One set of 960 synthetic images scored 0.67-0.88 between classifier seeds (session 18), so the
+# mean of 3 had an sd of ~0.04 ratio points, as much as the distance to a 0.9 target; 10 halve it.
+CLASSIFIER_SEEDS = 10
 
 
 def classifier_scores(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[dict]:
