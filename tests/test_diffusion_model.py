@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from opacus import PrivacyEngine
 from safetensors.torch import load_file, save_file
 
 from fedgen.config import ImageConfig
@@ -27,7 +26,7 @@ from fedgen.models.diffusion import (
     save_image_model,
     to_uint8,
 )
-import fedgen.privacy.conv_samplers  # noqa: F401  (registers fedgen's Conv2d grad sampler with Opacus)
+from fedgen.privacy.per_example_grads import per_example_grads
 
 NUM_CLASSES = 3
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -366,31 +365,23 @@ def test_model_learns_the_class(one_thread):
     assert white - black > 0.5, (black, white)
 
 
-def test_opacus_hooks_give_exact_per_sample_grads(unet, config):
-    """Every trainable tensor gets a per-sample gradient equal to that example's own gradient.
-
-    fedgen's Conv2d grad sampler must be registered (``fedgen.privacy`` imports it, as the
-    module-level import here does): Opacus' own gave zeros for the convs after an attention block.
-    """
+def test_per_example_hooks_give_exact_per_sample_grads(unet, config):
+    """Every trainable tensor gets a per-sample gradient equal to that example's own gradient,
+    from the hooks DP training uses (with fedgen's Conv2d grad sampler: Opacus' own gave zeros
+    for the convs after an attention block)."""
     images, noise, timesteps = fixed_draws(config, 4)
     labels = torch.tensor([0, 1, 2, 3])  # 3 is the null class: its embedding trains too
     reference = copy.deepcopy(unet)
-    dataset = torch.utils.data.TensorDataset(images, labels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
-    private, _, _ = PrivacyEngine().make_private(
-        module=unet, optimizer=torch.optim.SGD(unet.parameters(), lr=0.1), data_loader=loader,
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-    )
     scheduler = make_noise_scheduler(config)
-    loss = denoising_loss(private, scheduler, images, labels, timesteps=timesteps, noise=noise)
-    loss.mean().backward()  # Opacus scales "mean" per-sample grads back to per-example grads
+    with per_example_grads(unet):
+        denoising_loss(unet, scheduler, images, labels, timesteps=timesteps, noise=noise).sum().backward()
     one = slice(1, 2)
     denoising_loss(
         reference, scheduler, images[one], labels[one], timesteps=timesteps[one], noise=noise[one]
     ).sum().backward()
-    trainable = [(n, p) for n, p in private.named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     assert all(p.grad_sample is not None and p.grad_sample.shape[0] == 4 for _, p in trainable)
     expected = dict(reference.named_parameters())
     for name, p in trainable:
-        reference_grad = expected[name.removeprefix("_module.")].grad
+        reference_grad = expected[name].grad
         torch.testing.assert_close(p.grad_sample[1], reference_grad, rtol=1e-3, atol=1e-5)

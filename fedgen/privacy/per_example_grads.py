@@ -31,6 +31,7 @@ from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 
 from fedgen.errors import FedgenError
+from fedgen.privacy import conv_samplers  # noqa: F401  (registers fedgen's Conv2d samplers)
 
 __all__ = ["per_example_grads"]
 
