@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from audits.features import FeatureExtractor, extract_features
+from fedgen.audits.features import FeatureExtractor, extract_features
 from fedgen.errors import FedgenError
 
 __all__ = [

@@ -62,7 +62,7 @@ class PhiPolicy(_Section):
     @field_validator("forbidden_entities")
     @classmethod
     def _known_entities(cls, value: list[str]) -> list[str]:
-        from audits.phi import PHI_ENTITIES  # heavy (Presidio): only when a policy is loaded
+        from fedgen.audits.phi import PHI_ENTITIES  # heavy (Presidio): only when a policy is loaded
 
         unknown = [name for name in value if name not in PHI_ENTITIES]
         if unknown:
@@ -129,7 +129,7 @@ def _first_error(err: ValidationError) -> str:
 def load_policy(path: str | Path | None = None) -> Policy:
     """The policy in ``path``, or the shipped default policy when ``path`` is None."""
     if path is None:
-        text = resources.files("audits").joinpath(_DEFAULT_POLICY_FILE).read_text(encoding="utf-8")
+        text = resources.files("fedgen.audits").joinpath(_DEFAULT_POLICY_FILE).read_text(encoding="utf-8")
         where, source = "default policy", DEFAULT_POLICY
     else:
         path = Path(path)
@@ -256,7 +256,7 @@ def _attack_figures(report: dict, modalities: list[str]) -> int:
 
 def _chance_bound(figure: str, summary: dict, confidence: float) -> float | None:
     """What a guessing attack stays at or below at the summary's counts (None: counts unknown)."""
-    from audits.mia import chance_auc_bound, chance_tpr_bound  # scipy: only when attacks are checked
+    from fedgen.audits.mia import chance_auc_bound, chance_tpr_bound  # scipy: only when attacks are checked
 
     n_members, n_nonmembers = summary.get("n_members"), summary.get("n_nonmembers")
     if not (_is_number(n_members) and _is_number(n_nonmembers) and n_members > 0 and n_nonmembers > 0):

@@ -23,7 +23,7 @@ import tomli_w
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from audits.gate import Policy, evaluate_gate
+from fedgen.audits.gate import Policy, evaluate_gate
 from fedgen.files import write_json, write_text
 
 __all__ = [
@@ -95,7 +95,7 @@ def _redacted_findings(report: dict) -> dict:
     findings = (report.get("phi") or {}).get("findings")
     if not findings:
         return report
-    from audits.phi import redact  # Presidio is heavy: imported only when there are findings
+    from fedgen.audits.phi import redact  # Presidio is heavy: imported only when there are findings
 
     cleaned = [
         {key: f[key] for key in FINDING_KEYS if key in f} | {"redacted": redact(str(f.get("redacted", "")))}
@@ -505,7 +505,7 @@ def _toml_safe(value):
 
 def _template() -> jinja2.Template:
     environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("audits", "templates"),
+        loader=jinja2.PackageLoader("fedgen.audits", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

@@ -47,8 +47,8 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 from torch import Tensor
 
-from audits.empirical_eps import empirical_epsilon_from_histograms
-from audits.features import (
+from fedgen.audits.empirical_eps import empirical_epsilon_from_histograms
+from fedgen.audits.features import (
     FeatureExtractor,
     FeatureNet,
     InceptionFeatures,
@@ -56,7 +56,7 @@ from audits.features import (
     load_inception,
     train_feature_net,
 )
-from audits.fidelity import (
+from fedgen.audits.fidelity import (
     NEAR_COPY_QUANTILE,
     fid_from_stats,
     pool_near_copies,
@@ -69,11 +69,11 @@ from audits.fidelity import (
     text_embedding_stats,
     text_fidelity,
 )
-from audits.gate import Policy
-from audits.mia import FPR_LEVEL_01PCT, FPR_LEVEL_1PCT, metrics_from_histograms
-from audits.report import record_decision, synthetic_manifest, write_report
-from audits.utility import pool_utility
-from clients.audit import (
+from fedgen.audits.gate import Policy
+from fedgen.audits.mia import FPR_LEVEL_01PCT, FPR_LEVEL_1PCT, metrics_from_histograms
+from fedgen.audits.report import record_decision, synthetic_manifest, write_report
+from fedgen.audits.utility import pool_utility
+from fedgen.clients.audit import (
     NGRAM_N,
     QUERY_AUDIT,
     QUERY_HISTOGRAMS,
@@ -456,7 +456,7 @@ MEMORISATION_COUNTS = ("canary_reproductions", "planted_phi_reproductions", "ngr
 
 
 def _phi(texts: list[str], sites: list[dict], *, progress: bool) -> dict:
-    from audits.phi import build_analyzer, redact, scan
+    from fedgen.audits.phi import build_analyzer, redact, scan
 
     _say(progress, f"scanning {len(texts)} synthetic texts for PHI")
     analyzer = build_analyzer()
@@ -601,7 +601,7 @@ def run_audit(
     run: RunDir, *, sites: list[Path] | None = None, inception: str | Path | None = None, progress: bool = True
 ) -> dict:
     """Audit a simulated run on its sites (default: the run's simulated sites); return report.json."""
-    from simulations.runner import run_on_simulated_sites
+    from fedgen.simulations.runner import run_on_simulated_sites
 
     site_dirs = run.simulated_sites() if sites is None else list(sites)
     sink: dict = {}

@@ -32,8 +32,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from torch import Tensor
 
-from audits.features import classify, train_feature_net
-from audits.fidelity import pool_weighted_mean, require_min_count
+from fedgen.audits.features import classify, train_feature_net
+from fedgen.audits.fidelity import pool_weighted_mean, require_min_count
 from fedgen.errors import FedgenError
 
 __all__ = [

@@ -37,10 +37,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from audits.features import extract_features, train_feature_net  # noqa: E402
-from audits.fidelity import fid_from_features  # noqa: E402
-from audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
-from audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
+from fedgen.audits.features import extract_features, train_feature_net  # noqa: E402
+from fedgen.audits.fidelity import fid_from_features  # noqa: E402
+from fedgen.audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
+from fedgen.audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
@@ -49,7 +49,7 @@ from fedgen.files import write_text  # noqa: E402
 from fedgen.generate import generate_images, generate_texts  # noqa: E402
 from fedgen.logs import quiet_libraries  # noqa: E402
 from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
-from simulations.runner import check_sites, simulate  # noqa: E402
+from fedgen.simulations.runner import check_sites, simulate  # noqa: E402
 
 
 def pooled_heldout(sites, config, modality):

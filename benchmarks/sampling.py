@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from audits.features import extract_features, train_feature_net
-from audits.fidelity import fid_from_features
+from fedgen.audits.features import extract_features, train_feature_net
+from fedgen.audits.fidelity import fid_from_features
 from benchmarks.privacy_utility import pooled_heldout
 from fedgen.artifacts import RunDir
 from fedgen.logs import quiet_libraries

@@ -14,7 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from audits.runner import load_synthetic_images
+from fedgen.audits.runner import load_synthetic_images
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, classifier_scores, image_scores, pooled_heldout
 from fedgen.artifacts import RunDir
 from fedgen.data.site import site_folders

@@ -16,13 +16,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from clients.local import SiteUpdate, train_site
+from fedgen.clients.local import SiteUpdate, train_site
 from fedgen.artifacts import SITE_STATE_DIR
 from fedgen.config import config_from_toml
 from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from server.secagg import secagg_mod, train_inputs, train_reply
+from fedgen.server.secagg import secagg_mod, train_inputs, train_reply
 
 __all__ = ["make_client_app", "app", "site_ledger"]
 
@@ -134,7 +134,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Site-side audit (clients/audit.py): aggregates of the site's own records only."""
-        from clients.audit import answer_query  # the audit libraries load only when audited
+        from fedgen.clients.audit import answer_query  # the audit libraries load only when audited
 
         torch.set_num_threads(TORCH_THREADS)
         root = site_path(context, site_dirs)

@@ -36,9 +36,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from audits.empirical_eps import empirical_epsilon
-from audits.features import FeatureExtractor, FeatureNet, extract_features, load_inception
-from audits.fidelity import (
+from fedgen.audits.empirical_eps import empirical_epsilon
+from fedgen.audits.features import FeatureExtractor, FeatureNet, extract_features, load_inception
+from fedgen.audits.fidelity import (
     kid_at_site,
     near_copy_count,
     nearest_real_similarity,
@@ -48,7 +48,7 @@ from audits.fidelity import (
     text_class_stats,
     text_embedding_stats,
 )
-from audits.mia import (
+from fedgen.audits.mia import (
     attack_metrics,
     canary_exposure,
     image_loss_scores,
@@ -56,8 +56,8 @@ from audits.mia import (
     score_histogram,
     text_attack_scores,
 )
-from audits.utility import image_utility, text_utility
-from clients.local import site_budget, site_delta
+from fedgen.audits.utility import image_utility, text_utility
+from fedgen.clients.local import site_budget, site_delta
 from fedgen.config import RunConfig, config_from_toml, config_to_toml
 from fedgen.data.site import SiteData, load_site, split_indices, text_splits
 from fedgen.errors import FedgenError

@@ -188,8 +188,8 @@ def simulate(
     from fedgen.config import load_config
     from fedgen.pretrain import create_run
     from fedgen.logs import quiet_libraries
-    from simulations.runner import check_sites
-    from simulations.runner import simulate as run_simulated
+    from fedgen.simulations.runner import check_sites
+    from fedgen.simulations.runner import simulate as run_simulated
 
     if not verbose:
         quiet_libraries()  # before the sites are checked: that loads the text base model
@@ -282,7 +282,7 @@ def server(
     """Coordinator: start a Flower SuperLink and submit the fedgen run (TLS, node auth)."""
     from fedgen.artifacts import RunDir
     from fedgen.config import load_config
-    from server.deploy import check_listen_address, serve
+    from fedgen.server.deploy import check_listen_address, serve
 
     if resume is not None and (config is not None or run_id is not None):
         raise FedgenError("--resume continues a run with its own config.toml; drop --config and --run-id")
@@ -315,7 +315,7 @@ def client(
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
 ) -> None:
     """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR."""
-    from clients.deploy import serve_site
+    from fedgen.clients.deploy import serve_site
     from fedgen.config import load_config
     from fedgen.data.site import check_site
 
@@ -407,8 +407,8 @@ def audit_run(
     """
     import json
 
-    from audits.gate import load_policy
-    from audits.report import REPORT_HTML, record_decision, synthetic_manifest, write_report
+    from fedgen.audits.gate import load_policy
+    from fedgen.audits.report import REPORT_HTML, record_decision, synthetic_manifest, write_report
     from fedgen.artifacts import RunDir
     from fedgen.logs import quiet_libraries
 
@@ -420,11 +420,11 @@ def audit_run(
     quiet_libraries()
     release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
     if inception is not None:  # likewise a missing or broken detector
-        from audits.features import load_inception
+        from fedgen.audits.features import load_inception
 
         load_inception(inception)
     if deployment:
-        from server.deploy import check_listen_address, serve_audit
+        from fedgen.server.deploy import check_listen_address, serve_audit
 
         consortium = _consortium(certs_dir, insecure)
         check_listen_address(host, port)
@@ -434,7 +434,7 @@ def audit_run(
         html_path = json_path.with_name(REPORT_HTML)
         report = json.loads(json_path.read_text(encoding="utf-8"))
     else:
-        from audits.runner import run_audit
+        from fedgen.audits.runner import run_audit
 
         audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
         report = record_decision(run_audit(run, sites=site or None, inception=inception), release_policy, audited_files=audited_files)
@@ -456,7 +456,7 @@ def audit_phi(
 
     from rich.table import Table
 
-    from audits.phi import build_analyzer, read_texts_jsonl, redact, scan
+    from fedgen.audits.phi import build_analyzer, read_texts_jsonl, redact, scan
 
     lines = read_texts_jsonl(texts)
     analyzer = build_analyzer(spacy_model=spacy_model)

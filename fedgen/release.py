@@ -20,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from audits.report import REPORT_HTML, REPORT_JSON, synthetic_manifest
+from fedgen.audits.report import REPORT_HTML, REPORT_JSON, synthetic_manifest
 from fedgen.artifacts import RunDir
 from fedgen.files import atomic_dir
 from fedgen.errors import FedgenError

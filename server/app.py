@@ -24,9 +24,9 @@ from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.models.diffusion import update_ema
 from fedgen.privacy.ledger import PrivacyLedger
-from server.deploy import INCEPTION_KEY, POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
-from server.secagg import start_secagg
-from server.strategy import BudgetSpent, make_strategy
+from fedgen.server.deploy import INCEPTION_KEY, POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
+from fedgen.server.secagg import start_secagg
+from fedgen.server.strategy import BudgetSpent, make_strategy
 
 __all__ = ["make_server_app", "run_federation", "audit_federation", "rounds_done", "app"]
 
@@ -156,8 +156,8 @@ def audit_federation(grid: Grid, run: RunDir, *, policy: str | None, inception: 
     ``policy`` is a policy file's path, or None for the shipped default policy; ``inception`` a
     TorchScript Inception file for the fidelity figures, or None for the FeatureNet.
     """
-    from audits.gate import load_policy  # the audit libraries load only when a run is audited
-    from audits.runner import audit_and_write
+    from fedgen.audits.gate import load_policy  # the audit libraries load only when a run is audited
+    from fedgen.audits.runner import audit_and_write
 
     audit_and_write(grid, run, policy=load_policy(policy), inception=inception)
 

@@ -88,8 +88,8 @@ FLEET_GATE_ENV = "FEDGEN_FLEET_GATE"  # file whose existence opens the Fleet API
 FLEET_GATE_FILE = "fleet-open"
 FLOWER_COMPLETED = "finished:completed"
 RUN_STARTED = re.compile(r"Successfully started run (\d+)")
-SERVER_APP = "server.app:app"
-CLIENT_APP = "clients.app:app"
+SERVER_APP = "fedgen.server.app:app"
+CLIENT_APP = "fedgen.clients.app:app"
 PUBLISHER = "fedgen"
 # The run config server/app.py reads (the app's defaults; Flower accepts only declared keys).
 RUN_DIR_KEY = "run-dir"  # the run folder, absolute: the ServerApp has its own working directory
@@ -153,7 +153,7 @@ def write_flower_config(flwr_home: Path, *, port: int, ca_cert: Path | None) -> 
 
 def superlink_command(*, certs: ConsortiumCerts | None, host: str, port: int) -> list[str]:
     """The guarded SuperLink's command line; certs None = insecure (no TLS, no node auth)."""
-    command = [sys.executable, "-m", "server.deploy", "--host", host, "--port", str(port)]
+    command = [sys.executable, "-m", "fedgen.server.deploy", "--host", host, "--port", str(port)]
     command.append("--disable-runtime-dependency-installation")
     if certs is None:
         return [*command, "--insecure"]
@@ -333,7 +333,7 @@ def serve(
 ) -> None:
     """Run the fedgen run in `run` on a fresh SuperLink; return when it ended, raise if unfinished."""
     # server.app imports torch: import it here, never in the SuperLink's own process
-    from server.app import rounds_done
+    from fedgen.server.app import rounds_done
 
     planned = run.config().federation.rounds
     if all(done >= planned for done in rounds_done(run).values()):
@@ -365,7 +365,7 @@ def serve_audit(
 
     ``policy`` None is the shipped default policy; ``inception`` None keeps the FeatureNet for fidelity.
     """
-    from audits.report import REPORT_JSON
+    from fedgen.audits.report import REPORT_JSON
 
     report = run.audit / REPORT_JSON
     before = _modified_ns(report)
@@ -387,7 +387,7 @@ def serve_audit(
 def check_outcome(run: RunDir, *, status: str, echo: Echo) -> None:
     """Return if every modality trained its planned rounds or ended early on purpose, else raise."""
     # server.app imports torch: import it here, never in the SuperLink's own process
-    from server.app import rounds_done
+    from fedgen.server.app import rounds_done
 
     planned = run.config().federation.rounds
     unfinished = {m: n for m, n in rounds_done(run).items() if n < planned}

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from flwr.serverapp import ServerApp
 
-from clients.app import make_client_app
+from fedgen.clients.app import make_client_app
 from fedgen.artifacts import SITE_STATE_DIR, RunDir
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.logs import quiet_libraries
 from fedgen.modalities import TextModality
-from server.app import make_server_app
+from fedgen.server.app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites"]
 

@@ -11,14 +11,14 @@ import pytest
 from flwr.common.config import fuse_dicts, parse_config_args
 from typer.testing import CliRunner
 
-import server.deploy
-from audits.gate import load_policy
-from audits.report import record_decision, synthetic_manifest, write_report
+import fedgen.server.deploy
+from fedgen.audits.gate import load_policy
+from fedgen.audits.report import record_decision, synthetic_manifest, write_report
 from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
-from server.deploy import FLOWER_COMPLETED, run_config_args, serve_audit, write_flower_app
+from fedgen.server.deploy import FLOWER_COMPLETED, run_config_args, serve_audit, write_flower_app
 from tests.test_gate import example_report
 
 runner = CliRunner()
@@ -65,7 +65,7 @@ def test_serve_audit_submits_task_audit_and_returns_the_new_report(run, monkeypa
         _write_audit(run_)
         return FLOWER_COMPLETED
 
-    monkeypatch.setattr(server.deploy, "_run_on_superlink", superlink)
+    monkeypatch.setattr(fedgen.server.deploy, "_run_on_superlink", superlink)
     policy = tmp_path / "p.toml"
     assert serve_audit(run, certs=None, policy=policy) == run.audit / "report.json"
     assert submitted == [{"task": "audit", "policy": str(policy.resolve()), "inception": ""}]
@@ -74,7 +74,7 @@ def test_serve_audit_submits_task_audit_and_returns_the_new_report(run, monkeypa
 @pytest.mark.parametrize("status", [FLOWER_COMPLETED, "finished:failed"])
 def test_an_audit_that_wrote_no_new_report_is_an_error(run, monkeypatch, status):
     _write_audit(run)  # an earlier audit's report stays: it is not this audit's
-    monkeypatch.setattr(server.deploy, "_run_on_superlink", lambda *args, **kwargs: status)
+    monkeypatch.setattr(fedgen.server.deploy, "_run_on_superlink", lambda *args, **kwargs: status)
     with pytest.raises(FedgenError, match=f"did not finish \\(Flower status {status}\\)"):
         serve_audit(run, certs=None)
 
@@ -87,7 +87,7 @@ def test_cli_deployment_prints_the_decision_the_server_app_wrote(run, monkeypatc
         _write_audit(run_)
         return run_.audit / "report.json"
 
-    monkeypatch.setattr(server.deploy, "serve_audit", fake_serve_audit)
+    monkeypatch.setattr(fedgen.server.deploy, "serve_audit", fake_serve_audit)
     args = ["audit", str(run.root), "--deployment", "--insecure", "--host", "127.0.0.1", "--port", "0", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

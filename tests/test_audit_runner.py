@@ -19,11 +19,11 @@ from flwr.serverapp import Grid, ServerApp
 from PIL import Image
 from typer.testing import CliRunner
 
-from audits.features import extract_features, load_inception
-from audits.fidelity import fid_from_features
-from audits.mia import attack_metrics, metrics_from_histograms
-from audits.report import synthetic_manifest
-from audits.runner import (
+from fedgen.audits.features import extract_features, load_inception
+from fedgen.audits.fidelity import fid_from_features
+from fedgen.audits.mia import attack_metrics, metrics_from_histograms
+from fedgen.audits.report import synthetic_manifest
+from fedgen.audits.runner import (
     HISTOGRAM_BINS,
     _error_line,
     load_synthetic_images,
@@ -32,7 +32,7 @@ from audits.runner import (
     shared_edges,
 )
 from fedgen.artifacts import SITE_STATE_DIR
-from clients.audit import (
+from fedgen.clients.audit import (
     QUERY_AUDIT,
     QUERY_HISTOGRAMS,
     REPLY_ARRAYS,
@@ -44,7 +44,7 @@ from clients.audit import (
     text_memorisation,
     unpack_reply,
 )
-from clients.local import train_site
+from fedgen.clients.local import train_site
 from fedgen.artifacts import RunDir
 from fedgen.cli import app as cli_app
 from fedgen.config import RunConfig
@@ -54,9 +54,9 @@ from fedgen.generate import generate_images
 from fedgen.modalities import get_modality
 from fedgen.models.text import generate_texts as sample_texts
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from server.app import app as deployed_server_app
-from server.app import save_checkpoint
-from simulations.runner import run_on_simulated_sites
+from fedgen.server.app import app as deployed_server_app
+from fedgen.server.app import save_checkpoint
+from fedgen.simulations.runner import run_on_simulated_sites
 from tests.test_fidelity import LinearDetector, scripted
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out

@@ -25,7 +25,7 @@ import tomli_w
 from PIL import Image
 from typer.testing import CliRunner
 
-from clients.deploy import failure_reason
+from fedgen.clients.deploy import failure_reason
 from fedgen.artifacts import RunDir
 from fedgen.files import write_json
 from fedgen.certs import make_certs
@@ -36,8 +36,8 @@ from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.processes import free_port
-from server.app import rounds_done
-from server.deploy import SuperLinkGuard, write_flower_app, write_flower_config
+from fedgen.server.app import rounds_done
+from fedgen.server.deploy import SuperLinkGuard, write_flower_app, write_flower_config
 
 FEDGEN = [sys.executable, "-m", "fedgen"]
 TINY = {
@@ -189,7 +189,7 @@ def test_the_flower_app_bundle_holds_no_code(tmp_path):
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert names == ["pyproject.toml", ".info/CONTENT"]
     text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
-    assert 'serverapp = "server.app:app"' in text and 'clientapp = "clients.app:app"' in text
+    assert 'serverapp = "fedgen.server.app:app"' in text and 'clientapp = "fedgen.clients.app:app"' in text
 
 
 def test_the_flower_connection_lives_in_our_flwr_home(tmp_path, monkeypatch):
@@ -250,7 +250,7 @@ def _reply(node_id: int, site: str):
 
 
 def _strategy(tmp_path, **federation):
-    from server.strategy import make_strategy
+    from fedgen.server.strategy import make_strategy
 
     config = RunConfig.model_validate({"federation": {"sites": 3, "min_sites": 2, **federation}})
     return make_strategy(config, ledger=PrivacyLedger(tmp_path / "ledger.sqlite"), modality="image")
@@ -280,7 +280,7 @@ def test_a_round_with_too_few_replies_fails_but_keeps_the_spent_epsilon(tmp_path
 def test_the_federation_ends_when_too_few_sites_have_budget_left(tmp_path, task_identity):
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from server.strategy import BudgetSpent
+    from fedgen.server.strategy import BudgetSpent
 
     strategy = _strategy(tmp_path)
     strategy.spent_nodes = {11, 12}
@@ -304,7 +304,7 @@ def test_flowers_failure_report_becomes_one_line():
 
 
 def test_a_site_key_that_is_not_an_ecdsa_openssh_key_is_named(tmp_path):
-    from clients.deploy import check_credentials
+    from fedgen.clients.deploy import check_credentials
 
     certs = make_certs(tmp_path / "certs", sites=1)
     check_credentials(key=certs.site_private_key(1), ca=certs.ca_cert)
@@ -412,8 +412,8 @@ version = "1.0.0"
 publisher = "someone"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "clients.app:app"
+serverapp = "fedgen.server.app:app"
+clientapp = "fedgen.clients.app:app"
 
 [tool.flwr.federations]
 default = "local"

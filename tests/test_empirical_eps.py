@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta
 
-from audits.empirical_eps import (
+from fedgen.audits.empirical_eps import (
     clopper_pearson_upper,
     empirical_epsilon,
     empirical_epsilon_from_histograms,
@@ -12,7 +12,7 @@ from audits.empirical_eps import (
     one_run_epsilon,
     one_run_p_value,
 )
-from audits.mia import score_histogram
+from fedgen.audits.mia import score_histogram
 from fedgen.errors import FedgenError
 
 DELTA = 1e-5

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from audits.features import FeatureNet, classify, extract_features, load_inception, train_feature_net
-from audits.fidelity import (
+from fedgen.audits.features import FeatureNet, classify, extract_features, load_inception, train_feature_net
+from fedgen.audits.fidelity import (
     MIN_AGGREGATE_COUNT,
     PSNR_CAP_DB,
     embed_texts,

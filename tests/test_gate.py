@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from audits.gate import DEFAULT_POLICY, evaluate_gate, load_policy
+from fedgen.audits.gate import DEFAULT_POLICY, evaluate_gate, load_policy
 from fedgen.errors import FedgenError
 
 SITES = ["site-1", "site-2"]
@@ -213,7 +213,7 @@ def test_a_forbidden_phi_finding_refuses(policy):
 def default_policy_text() -> str:
     from importlib import resources
 
-    return resources.files("audits").joinpath("policy.toml").read_text(encoding="utf-8")
+    return resources.files("fedgen.audits").joinpath("policy.toml").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from audits.gate import evaluate_gate, load_policy
-from audits.mia import allowed_false_positives, attack_metrics, chance_auc_bound, chance_tpr_bound
+from fedgen.audits.gate import evaluate_gate, load_policy
+from fedgen.audits.mia import allowed_false_positives, attack_metrics, chance_auc_bound, chance_tpr_bound
 from fedgen.errors import FedgenError
 from tests.test_gate import default_policy_text, example_report
 
@@ -172,7 +172,7 @@ def test_chance_confidence_is_optional_and_checked(tmp_path):
 
 
 def test_the_report_says_which_limit_applied(tmp_path, policy):
-    from audits.report import render_html
+    from fedgen.audits.report import render_html
 
     report = demo_report(DEMO_MEASURED)
     report["gate"] = evaluate_gate(report, policy)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from clients.local import BudgetExhausted, plan_privacy, train_site
+from fedgen.clients.local import BudgetExhausted, plan_privacy, train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site

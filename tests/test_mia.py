@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from scipy.stats import norm
 
-from audits.mia import (
+from fedgen.audits.mia import (
     attack_metrics,
     canary_exposure,
     image_loss_scores,

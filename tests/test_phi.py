@@ -6,7 +6,7 @@ import socket
 import pytest
 import spacy
 
-from audits.phi import (
+from fedgen.audits.phi import (
     MIN_SCORE,
     PHI_ENTITIES,
     PhiFinding,

@@ -12,9 +12,9 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from PIL import Image
 from typer.testing import CliRunner
 
-from audits.report import render_html
-from audits.runner import _pretraining
-from clients.local import train_site
+from fedgen.audits.report import render_html
+from fedgen.audits.runner import _pretraining
+from fedgen.clients.local import train_site
 from fedgen.cli import app
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms

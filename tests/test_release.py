@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from audits.gate import evaluate_gate, load_policy
-from audits.report import synthetic_manifest, write_report
+from fedgen.audits.gate import evaluate_gate, load_policy
+from fedgen.audits.report import synthetic_manifest, write_report
 from fedgen.artifacts import RunDir
 from fedgen.cli import EXIT_REFUSED, app
 from fedgen.config import RunConfig

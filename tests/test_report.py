@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from audits.gate import evaluate_gate, load_policy
-from audits.report import synthetic_manifest, write_report
+from fedgen.audits.gate import evaluate_gate, load_policy
+from fedgen.audits.report import synthetic_manifest, write_report
 from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import RunConfig
@@ -197,7 +197,7 @@ def _fake_runner(monkeypatch, report: dict) -> list:
         calls.append((run.root, sites))
         return json.loads(json.dumps(report))
 
-    monkeypatch.setitem(sys.modules, "audits.runner", types.SimpleNamespace(run_audit=run_audit))
+    monkeypatch.setitem(sys.modules, "fedgen.audits.runner", types.SimpleNamespace(run_audit=run_audit))
     return calls
 
 

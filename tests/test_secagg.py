@@ -9,15 +9,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import load_config
 from fedgen.privacy.ledger import PrivacyLedger
-from server.secagg import (
+from fedgen.server.secagg import (
     CLIPPING_RANGE,
     secagg_mod,
     start_secagg,
     train_inputs,
     train_reply,
 )
-from server.strategy import make_strategy
-from simulations.runner import CPUS_PER_SITE
+from fedgen.server.strategy import make_strategy
+from fedgen.simulations.runner import CPUS_PER_SITE
 
 SITES = 3
 MAX_WEIGHT = 30  # the largest site's examples: the finest weights SecAgg+ can quantise
@@ -114,7 +114,7 @@ def test_a_fedgen_image_federation_runs_under_secagg(tmp_path):
 
     from fedgen.artifacts import RunDir
     from fedgen.data.demo import make_demo_consortium
-    from simulations.runner import check_sites, simulate
+    from fedgen.simulations.runner import check_sites, simulate
 
     sites = make_demo_consortium(tmp_path / "sites", sites=2, seed=1, images_per_site=24, texts_per_site=10, resolution=16)
     config = load_config(None, {
@@ -161,7 +161,7 @@ def test_a_round_secagg_halted_is_an_error_not_a_checkpoint():
     from flwr.common import ndarrays_to_parameters
 
     from fedgen.errors import FedgenError
-    from server.secagg import _LedgerStrategyAdapter
+    from fedgen.server.secagg import _LedgerStrategyAdapter
 
     saved = []
     initial = ArrayRecord(torch_state_dict=GLOBAL)

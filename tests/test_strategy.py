@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, Error, ConfigRecord, Message, MetricRecord, Re
 from fedgen.config import RunConfig, load_config
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import PrivacyLedger
-from server.strategy import make_strategy
+from fedgen.server.strategy import make_strategy
 
 
 def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from audits.features import train_feature_net
-from audits.utility import CONFIGURATIONS, image_utility, pool_utility, smote_balance, text_utility
+from fedgen.audits.features import train_feature_net
+from fedgen.audits.utility import CONFIGURATIONS, image_utility, pool_utility, smote_balance, text_utility
 from fedgen.errors import FedgenError
 from tests.test_fidelity import ANXIOUS, CALM, bright_dark, corpus, one_torch_thread  # noqa: F401 (fixture)
 
@@ -43,7 +43,7 @@ def test_image_noise_with_random_labels_is_at_chance_while_real_is_high():
 
 def test_every_image_configuration_trains_for_the_same_number_of_steps(monkeypatch):
     """A synthetic set a third the size of the real one must not get a third of the steps."""
-    import audits.utility as utility
+    import fedgen.audits.utility as utility
 
     seen = {}
 
