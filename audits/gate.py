@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from fedgen.errors import FedgenError
 
-__all__ = ["Policy", "load_policy", "evaluate_gate", "DEFAULT_POLICY"]
+__all__ = ["Policy", "load_policy", "evaluate_gate", "record_decision", "DEFAULT_POLICY"]
 
 DEFAULT_POLICY = "default"  # what the report records as the policy's source when none is given
 _DEFAULT_POLICY_FILE = "policy.toml"
@@ -411,3 +411,10 @@ def evaluate_gate(report: dict, policy: Policy) -> dict:
         "policy": policy.source,
         "checks": checks,
     }
+
+
+def record_decision(report: dict, policy: Policy, *, audited_files: dict[str, str]) -> dict:
+    """The report with the fingerprints of the audited synthetic files (``synthetic_manifest``,
+    taken before the audit read them, fedgen.manifest) and the gate's decision on it."""
+    report = report | {"synthetic": (report.get("synthetic") or {}) | {"sha256": audited_files}}
+    return report | {"gate": evaluate_gate(report, policy)}

@@ -12,7 +12,6 @@ folder is embedded.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import math
 from collections.abc import Callable
@@ -23,7 +22,6 @@ import tomli_w
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedgen.audits.gate import Policy, evaluate_gate
 from fedgen.files import write_json, write_text
 
 __all__ = [
@@ -31,10 +29,7 @@ __all__ = [
     "REPORT_HTML",
     "MAX_FINDINGS_SHOWN",
     "render_html",
-    "record_decision",
     "write_report",
-    "synthetic_manifest",
-    "file_sha256",
 ]
 
 REPORT_JSON = "report.json"
@@ -42,31 +37,6 @@ REPORT_HTML = "report.html"
 MAX_FINDINGS_SHOWN = 200  # rows of the PHI findings table; the counts table covers them all
 PLOT_DPI = 100
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HASH_CHUNK = 1 << 20
-
-# --- hashes of the audited synthetic files ------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def synthetic_manifest(synthetic_dir: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``synthetic_dir``, keyed by its POSIX path relative to it.
-
-    The audit records it in ``report["synthetic"]["sha256"]`` so that ``fedgen release`` can
-    refuse files that changed after they were audited.
-    """
-    synthetic_dir = Path(synthetic_dir)
-    if not synthetic_dir.is_dir():
-        return {}
-    files = sorted(p for p in synthetic_dir.rglob("*") if p.is_file())
-    return {p.relative_to(synthetic_dir).as_posix(): file_sha256(p) for p in files}
-
 
 # --- formatting -------------------------------------------------------------------------------
 
@@ -537,13 +507,6 @@ def render_html(report: dict, *, run_root: Path) -> str:
         n_texts=_number(synthetic.get("n_texts")),
         n_hashed=len(synthetic.get("sha256") or {}),
     )
-
-
-def record_decision(report: dict, policy: Policy, *, audited_files: dict[str, str]) -> dict:
-    """The report with the fingerprints of the audited synthetic files (``synthetic_manifest``,
-    taken before the audit read them) and the gate's decision on it."""
-    report = report | {"synthetic": (report.get("synthetic") or {}) | {"sha256": audited_files}}
-    return report | {"gate": evaluate_gate(report, policy)}
 
 
 def write_report(audit_dir: str | Path, report: dict) -> tuple[Path, Path]:

@@ -24,11 +24,11 @@ from torch.utils.data import TensorDataset
 
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, parse_sets, synthetic_image_scores
 from fedgen.config import load_config
-from fedgen.data.site import site_folders
+from fedgen.data.check import site_folders
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import contact_sheet, sample_images
 from fedgen.privacy.accounting import calibrate_noise_multiplier, planned_steps
-from fedgen.privacy.dp import train_local
+from fedgen.training import train_local
 
 
 def main() -> None:

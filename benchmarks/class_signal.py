@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.privacy_utility import pooled_heldout
 from fedgen.config import load_config
-from fedgen.data.site import site_folders
+from fedgen.data.check import site_folders
 from fedgen.models.diffusion import denoising_loss, load_image_model, make_noise_scheduler, null_class
 
 

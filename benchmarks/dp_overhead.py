@@ -64,7 +64,7 @@ def _dataset(modality, batch_size: int, steps: int):
 def measure(name: str, steps: int, threads: int, image_batch: int) -> dict:
     import torch
 
-    from fedgen.privacy.dp import train_local
+    from fedgen.training import train_local
 
     torch.set_num_threads(threads)
     modality, sigma, mode = CASES[name]

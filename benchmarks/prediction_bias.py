@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.privacy_utility import parse_sets, pooled_heldout
 from fedgen.config import load_config
-from fedgen.data.site import site_folders
+from fedgen.data.check import site_folders
 from fedgen.models.diffusion import load_image_model, make_noise_scheduler, predicted_noise
 
 TIMESTEPS = (10, 100, 300, 500, 700, 850, 950, 990, 999)

@@ -19,7 +19,8 @@ import torch
 
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, synthetic_image_scores
 from fedgen.config import load_config
-from fedgen.data.site import load_images, site_folders
+from fedgen.data.check import site_folders
+from fedgen.data.site import load_images
 from fedgen.pretrain import read_public_images
 
 

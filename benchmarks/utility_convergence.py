@@ -14,10 +14,10 @@ import argparse
 import statistics
 from pathlib import Path
 
-from fedgen.audits.runner import load_synthetic_images
+from fedgen.audits.inputs import load_synthetic_images
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, classifier_scores, image_scores, pooled_heldout
 from fedgen.artifacts import RunDir
-from fedgen.data.site import site_folders
+from fedgen.data.check import site_folders
 
 
 def main() -> None:

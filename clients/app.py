@@ -22,7 +22,8 @@ from fedgen.config import config_from_toml
 from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.server.secagg import secagg_mod, train_inputs, train_reply
+from fedgen.protocol import RUN_DIR_KEY
+from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 
 __all__ = ["make_client_app", "app", "site_ledger"]
 
@@ -72,7 +73,7 @@ def site_ledger(root: Path, context: Context) -> PrivacyLedger | None:
     these can differ from the server's round numbers; each release is counted exactly once).
     In simulation (no run-dir in the run config) context.state lives as long as the run.
     """
-    run_dir = str(context.run_config.get("run-dir", ""))
+    run_dir = str(context.run_config.get(RUN_DIR_KEY, ""))
     if not run_dir:
         return None
     run_key = f"{Path(run_dir).name}-{hashlib.sha256(run_dir.encode()).hexdigest()[:8]}"
@@ -133,8 +134,8 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Site-side audit (clients/audit.py): aggregates of the site's own records only."""
-        from fedgen.clients.audit import answer_query  # the audit libraries load only when audited
+        """Site-side audit (fedgen.clients.site_audit): aggregates of the site's own records only."""
+        from fedgen.clients.site_audit import answer_query  # the audit libraries load only when audited
 
         torch.set_num_threads(TORCH_THREADS)
         root = site_path(context, site_dirs)

@@ -25,13 +25,14 @@ from torch.utils.data import Subset, TensorDataset
 
 from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
-from fedgen.data.site import IMAGE_SUFFIXES, load_images
+from fedgen.data.check import IMAGE_SUFFIXES
+from fedgen.data.site import load_images
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
 from fedgen.logs import progress_bar
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import update_ema
-from fedgen.privacy.dp import train_local
+from fedgen.training import train_local
 
 __all__ = [
     "PROVENANCE_NAME",

@@ -10,7 +10,7 @@ ends, so the same ledger strategy (server/strategy.py) and the same site trainin
 - `start_secagg` is `Strategy.start` with the training replies summed under SecAgg+; the
   ledger strategy still records every site (its metrics travel in the clear, its arrays never)
   and checkpoints still come from evaluate_fn.
-- `secagg_mod`, `train_inputs` and `train_reply` let one ClientApp train handler answer both.
+- on the sites, fedgen.clients.secagg lets one ClientApp train handler answer both.
 
 SecAgg+ itself computes the example-weighted mean (each site masks [n/max_weight,
 n/max_weight * params]); the ledger strategy then averages identical arrays, a no-op for FedAvg
@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -34,18 +33,13 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.client.mod import secaggplus_mod
 from flwr.common import (
-    Code,
     FitIns,
     FitRes,
     Parameters,
-    Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.compat import LegacyContext
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -55,13 +49,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgen.errors import FedgenError
+from fedgen.protocol import ARRAY_KEYS, SITE_KEY, TRAIN_ARRAYS, TRAIN_CONFIG, TRAIN_METRICS, TRAIN_SITE
 
-__all__ = ["start_secagg", "secagg_mod", "train_inputs", "train_reply"]
+__all__ = ["start_secagg"]
 
-ARRAY_KEYS = "array-keys"  # config entry: legacy Parameters carry no array names
-SITE_KEY = "site"  # legacy FitRes metrics carry the site name (the plain reply has a record)
-LEGACY_PARAMS = "fitins.parameters"
-LEGACY_CONFIG = "fitins.config"
 NUM_SHARES = 1.0  # every sampled site holds a share of every other site's keys
 RECONSTRUCTION_THRESHOLD = 0.5  # half the shares rebuild a dropped site's mask (at least 2)
 CLIPPING_RANGE = 8.0  # |parameter| above this is clipped before quantisation
@@ -101,7 +92,7 @@ class _LedgerStrategyAdapter(LegacyStrategy):
         return [
             (
                 GridClientProxy(node_id=node, grid=self.grid, run_id=run_id),
-                FitIns(parameters, {**m.content["config"], ARRAY_KEYS: self.keys}),
+                FitIns(parameters, {**m.content[TRAIN_CONFIG], ARRAY_KEYS: self.keys}),
             )
             for node, m in self.sent.items()
         ]
@@ -124,9 +115,9 @@ class _LedgerStrategyAdapter(LegacyStrategy):
         site = str(metrics.pop(SITE_KEY))
         content = RecordDict(
             {
-                "arrays": self._arrays(fitres.parameters),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord({"name": site}),
+                TRAIN_ARRAYS: self._arrays(fitres.parameters),
+                TRAIN_METRICS: MetricRecord(metrics),
+                TRAIN_SITE: ConfigRecord({"name": site}),
             }
         )
         return Message(content=content, reply_to=self.sent[node])
@@ -176,47 +167,3 @@ def start_secagg(
         timeout=timeout,
     )
     DefaultWorkflow(fit_workflow=fit)(grid, legacy)
-
-
-# --- site side -------------------------------------------------------------------------------
-
-
-def secagg_mod(msg: Message, context: Context, call_next) -> Message:
-    """secaggplus_mod for the server's SecAgg+ rounds; plain rounds go straight to the handler."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-def _is_secagg(content: RecordDict) -> bool:
-    return LEGACY_PARAMS in content.array_records
-
-
-def train_inputs(content: RecordDict) -> tuple[dict[str, torch.Tensor], ConfigRecord]:
-    """The global state and the round's settings, from a plain or a SecAgg+ train message."""
-    if not _is_secagg(content):
-        return content["arrays"].to_torch_state_dict(), content["config"]
-    settings = content[LEGACY_CONFIG]
-    ndarrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(content[LEGACY_PARAMS], keep_input=True))
-    state = {k: torch.from_numpy(np.array(a)) for k, a in zip(settings[ARRAY_KEYS], ndarrays, strict=True)}
-    return state, settings
-
-
-def train_reply(content: RecordDict, state: dict[str, torch.Tensor], metrics: dict[str, float], site: str) -> RecordDict:
-    """The reply to a train message in the format it came in (secaggplus_mod masks the arrays)."""
-    if not _is_secagg(content):
-        return RecordDict(
-            {
-                "arrays": ArrayRecord(torch_state_dict=state),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord({"name": site}),
-            }
-        )
-    keys = content[LEGACY_CONFIG][ARRAY_KEYS]
-    fitres = FitRes(
-        status=Status(code=Code.OK, message=""),
-        parameters=ndarrays_to_parameters([state[k].detach().cpu().numpy() for k in keys]),
-        num_examples=int(metrics["num-examples"]),
-        metrics={**metrics, SITE_KEY: site},
-    )
-    return compat.fitres_to_recorddict(fitres, keep_input=False)

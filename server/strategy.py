@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedgen.protocol import TRAIN_METRICS, TRAIN_SITE
 
 __all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport", "BudgetSpent"]
 
@@ -115,8 +116,8 @@ class LedgerMixin:
         return aggregated
 
     def _record(self, server_round: int, msg: Message) -> None:
-        site = str(msg.content["site"]["name"])
-        m = {k: float(v) for k, v in msg.content["metrics"].items()}
+        site = str(msg.content[TRAIN_SITE]["name"])
+        m = {k: float(v) for k, v in msg.content[TRAIN_METRICS].items()}
         self.ledger.record(
             LedgerEntry(
                 site=site,
@@ -157,7 +158,7 @@ class ClientDPMixin:
         if len(ok) < self.strategy.min_train_nodes:  # the ledger strategy records them and fails
             return self.strategy.aggregate_train(server_round, replies)
         for msg in ok:
-            msg.content["metrics"][UNIFORM_WEIGHT_KEY] = UNIFORM_WEIGHT
+            msg.content[TRAIN_METRICS][UNIFORM_WEIGHT_KEY] = UNIFORM_WEIGHT
         self.num_sampled_clients = len(ok)
         aggregated = super().aggregate_train(server_round, ok)
         self.strategy.failures = sorted({m.error.reason for m in replies if m.has_error()})

@@ -13,12 +13,16 @@ from typer.testing import CliRunner
 
 import fedgen.server.deploy
 from fedgen.audits.gate import load_policy
-from fedgen.audits.report import record_decision, synthetic_manifest, write_report
+from fedgen.audits.gate import record_decision
+from fedgen.audits.report import write_report
+from fedgen.manifest import synthetic_manifest
 from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
-from fedgen.server.deploy import FLOWER_COMPLETED, run_config_args, serve_audit, write_flower_app
+from fedgen.server.deploy import serve_audit
+from fedgen.protocol import AUDIT_RUN_CONFIG
+from fedgen.server.flower_cli import AUDIT_SERVER_APP, FLOWER_COMPLETED, run_config_args, write_flower_app
 from tests.test_gate import example_report
 
 runner = CliRunner()
@@ -41,14 +45,16 @@ def _write_audit(run: RunDir, policy=None) -> None:
 
 
 def test_flower_accepts_the_audit_run_config_the_coordinator_sends(tmp_path):
-    """Flower drops nothing silently but refuses keys the app does not declare: all four are."""
-    pyproject = tomllib.loads((write_flower_app(tmp_path / "app") / "pyproject.toml").read_text())
+    """Flower drops nothing silently but refuses keys the app does not declare: all three are."""
+    app_dir = write_flower_app(tmp_path / "app", server_app=AUDIT_SERVER_APP, run_config=AUDIT_RUN_CONFIG)
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedgen.server.audit_app:app"
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
-    assert defaults == {"run-dir": "", "task": "train", "policy": "", "inception": ""}
-    args = run_config_args({"run-dir": "/runs/my run", "task": "audit", "policy": "", "inception": "/w/i.pt"})
-    assert args[::2] == ["--run-config"] * 4
+    assert defaults == {"run-dir": "", "policy": "", "inception": ""}
+    args = run_config_args({"run-dir": "/runs/my run", "policy": "", "inception": "/w/i.pt"})
+    assert args[::2] == ["--run-config"] * 3
     assert fuse_dicts(defaults, parse_config_args(args[1::2])) == {
-        "run-dir": "/runs/my run", "task": "audit", "policy": "", "inception": "/w/i.pt"
+        "run-dir": "/runs/my run", "policy": "", "inception": "/w/i.pt"
     }  # fmt: skip
 
 
@@ -57,18 +63,18 @@ def test_a_value_flower_cannot_quote_is_one_line():
         run_config_args({"policy": "/tmp/o'brien.toml"})
 
 
-def test_serve_audit_submits_task_audit_and_returns_the_new_report(run, monkeypatch, tmp_path):
+def test_serve_audit_submits_the_audit_app_and_returns_the_new_report(run, monkeypatch, tmp_path):
     submitted = []
 
-    def superlink(run_, task_config, **options):
-        submitted.append(task_config)
+    def superlink(run_, app_, task_config, **options):
+        submitted.append((app_[1], task_config))
         _write_audit(run_)
         return FLOWER_COMPLETED
 
     monkeypatch.setattr(fedgen.server.deploy, "_run_on_superlink", superlink)
     policy = tmp_path / "p.toml"
     assert serve_audit(run, certs=None, policy=policy) == run.audit / "report.json"
-    assert submitted == [{"task": "audit", "policy": str(policy.resolve()), "inception": ""}]
+    assert submitted == [(AUDIT_SERVER_APP, {"policy": str(policy.resolve()), "inception": ""})]
 
 
 @pytest.mark.parametrize("status", [FLOWER_COMPLETED, "finished:failed"])

@@ -1,7 +1,7 @@
 """The federated audit: sites answer on their own records, the coordinator pools report.json.
 
 One tiny run (2 sites, both modalities, 1 round of real DP training per site through
-clients.local, checkpoints through server.app, synthetic data through fedgen.generate) and one
+clients.local, checkpoints through server.train_app, synthetic data through fedgen.generate) and one
 Flower simulation of the audit, shared by the module.
 """
 
@@ -22,28 +22,11 @@ from typer.testing import CliRunner
 from fedgen.audits.features import extract_features, load_inception
 from fedgen.audits.fidelity import fid_from_features
 from fedgen.audits.mia import attack_metrics, metrics_from_histograms
-from fedgen.audits.report import synthetic_manifest
-from fedgen.audits.runner import (
-    HISTOGRAM_BINS,
-    _error_line,
-    load_synthetic_images,
-    prepare_inputs,
-    run_audit,
-    shared_edges,
-)
+from fedgen.audits.inputs import load_synthetic_images, prepare_inputs
+from fedgen.audits.pooling import HISTOGRAM_BINS, shared_edges
 from fedgen.artifacts import SITE_STATE_DIR
-from fedgen.clients.audit import (
-    QUERY_AUDIT,
-    QUERY_HISTOGRAMS,
-    REPLY_ARRAYS,
-    REPLY_SUMMARY,
-    _candidate_secrets,
-    answer_query,
-    make_query,
-    pack_reply,
-    text_memorisation,
-    unpack_reply,
-)
+from fedgen.clients.site_audit import answer_query
+from fedgen.clients.text_audit import _candidate_secrets, text_memorisation
 from fedgen.clients.local import train_site
 from fedgen.artifacts import RunDir
 from fedgen.cli import app as cli_app
@@ -54,9 +37,20 @@ from fedgen.generate import generate_images
 from fedgen.modalities import get_modality
 from fedgen.models.text import generate_texts as sample_texts
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.server.app import app as deployed_server_app
-from fedgen.server.app import save_checkpoint
-from fedgen.simulations.runner import run_on_simulated_sites
+from fedgen.manifest import synthetic_manifest
+from fedgen.protocol import (
+    QUERY_AUDIT,
+    QUERY_HISTOGRAMS,
+    REPLY_ARRAYS,
+    REPLY_SUMMARY,
+    make_query,
+    pack_reply,
+    unpack_reply,
+)
+from fedgen.server.audit_app import _error_line
+from fedgen.server.audit_app import app as deployed_audit_app
+from fedgen.server.train_app import save_checkpoint
+from fedgen.simulations.engine import run_audit, run_on_simulated_sites
 from tests.test_fidelity import LinearDetector, scripted
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
@@ -366,8 +360,8 @@ def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_p
         (Path(__file__).parents[1] / "audits" / "policy.toml").read_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 1000.0")
     )
     detector = scripted(tmp_path, LinearDetector())
-    run_config = {"run-dir": str(run.root), "task": "audit", "policy": str(strict), "inception": str(detector)}
-    run_on_simulated_sites(with_run_config(deployed_server_app, run_config), site_dirs)
+    run_config = {"run-dir": str(run.root), "policy": str(strict), "inception": str(detector)}
+    run_on_simulated_sites(with_run_config(deployed_audit_app, run_config), site_dirs)
 
     report = json.loads((run.audit / "report.json").read_text())
     assert set(report) == set(simulated) | {"gate"}
@@ -395,11 +389,10 @@ def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_p
     assert report["image_memorisation"] == json.loads(json.dumps(simulated["image_memorisation"]))
 
 
-def test_an_unknown_task_in_the_run_config_is_one_line(audited):
-    run, _, _ = audited
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"run-dir": str(run.root), "task": "trian"})
-    with pytest.raises(FedgenError, match="task = 'trian': must be 'train' or 'audit'"):
-        deployed_server_app(None, context)
+def test_the_deployed_audit_app_without_a_run_folder_is_one_line():
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={"policy": ""})
+    with pytest.raises(FedgenError, match="no run folder: pass run-dir in the run config"):
+        deployed_audit_app(None, context)
 
 
 def test_a_site_without_the_inception_file_answers_with_one_line(audited, tmp_path):

@@ -24,7 +24,7 @@ from fedgen.privacy.conv_samplers import (
     prefers_ghost_norm,
     without_summed_conv_grads,
 )
-from fedgen.privacy.dp import train_local
+from fedgen.training import train_local
 
 BATCH = 5
 CONV_SHAPES = {

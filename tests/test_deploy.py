@@ -36,8 +36,9 @@ from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.processes import free_port
-from fedgen.server.app import rounds_done
-from fedgen.server.deploy import SuperLinkGuard, write_flower_app, write_flower_config
+from fedgen.server.flower_cli import TRAIN_SERVER_APP, write_flower_app, write_flower_config
+from fedgen.server.superlink import SuperLinkGuard
+from fedgen.server.train_app import rounds_done
 
 FEDGEN = [sys.executable, "-m", "fedgen"]
 TINY = {
@@ -185,11 +186,11 @@ def test_the_flower_app_bundle_holds_no_code(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     (tmp_path / "app" / "secret.py").parent.mkdir()
-    fab = build_fab_from_disk(write_flower_app(tmp_path / "app"))
+    fab = build_fab_from_disk(write_flower_app(tmp_path / "app", server_app=TRAIN_SERVER_APP, run_config={"run-dir": ""}))
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert names == ["pyproject.toml", ".info/CONTENT"]
     text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
-    assert 'serverapp = "fedgen.server.app:app"' in text and 'clientapp = "fedgen.clients.app:app"' in text
+    assert 'serverapp = "fedgen.server.train_app:app"' in text and 'clientapp = "fedgen.clients.app:app"' in text
 
 
 def test_the_flower_connection_lives_in_our_flwr_home(tmp_path, monkeypatch):
@@ -412,7 +413,7 @@ version = "1.0.0"
 publisher = "someone"
 
 [tool.flwr.app.components]
-serverapp = "fedgen.server.app:app"
+serverapp = "fedgen.server.train_app:app"
 clientapp = "fedgen.clients.app:app"
 
 [tool.flwr.federations]

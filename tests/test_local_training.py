@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from fedgen.clients.local import BudgetExhausted, plan_privacy, train_site
+from fedgen.clients.local import BudgetExhausted, train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site
 from fedgen.modalities import ImageModality, TextModality
 from fedgen.privacy.accounting import epsilon_from_history
+from fedgen.privacy.plan import plan_privacy
 
 TINY = {
     "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,

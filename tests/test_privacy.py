@@ -1,4 +1,4 @@
-"""DP-SGD local training and privacy accounting (fedgen.privacy.dp, fedgen.privacy.accounting).
+"""DP-SGD local training and privacy accounting (fedgen.training, fedgen.privacy.accounting).
 
 Tiny MLPs on random tensors; every check compares against a computation that does not go
 through the code under test (Opacus' RDP analysis called directly, per-example gradients by
@@ -27,7 +27,7 @@ from fedgen.privacy.accounting import (
     epsilon_from_history,
     planned_steps,
 )
-from fedgen.privacy.dp import train_local
+from fedgen.training import train_local
 from fedgen.privacy.per_example_grads import per_example_grads
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")

@@ -6,8 +6,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-import types
 
 import pytest
 import torch
@@ -15,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedgen.audits.gate import evaluate_gate, load_policy
-from fedgen.audits.report import synthetic_manifest, write_report
+from fedgen.audits.report import write_report
+from fedgen.manifest import synthetic_manifest
 from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import RunConfig
@@ -190,14 +189,14 @@ runner = CliRunner()
 
 
 def _fake_runner(monkeypatch, report: dict) -> list:
-    """Stand in for the federated audit (audits.runner needs trained models and sites)."""
+    """Stand in for the federated audit (it needs trained models and sites)."""
     calls = []
 
     def run_audit(run, *, sites=None, inception=None, progress=True):
         calls.append((run.root, sites))
         return json.loads(json.dumps(report))
 
-    monkeypatch.setitem(sys.modules, "fedgen.audits.runner", types.SimpleNamespace(run_audit=run_audit))
+    monkeypatch.setattr("fedgen.simulations.engine.run_audit", run_audit)
     return calls
 
 

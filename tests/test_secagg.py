@@ -9,15 +9,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedgen.config import load_config
 from fedgen.privacy.ledger import PrivacyLedger
-from fedgen.server.secagg import (
-    CLIPPING_RANGE,
-    secagg_mod,
-    start_secagg,
-    train_inputs,
-    train_reply,
-)
+from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
+from fedgen.server.secagg import CLIPPING_RANGE, start_secagg
 from fedgen.server.strategy import make_strategy
-from fedgen.simulations.runner import CPUS_PER_SITE
+from fedgen.simulations.engine import CPUS_PER_SITE
 
 SITES = 3
 MAX_WEIGHT = 30  # the largest site's examples: the finest weights SecAgg+ can quantise
@@ -71,7 +66,7 @@ def secure_run(tmp_path_factory):
             grid=grid,
             initial_arrays=ArrayRecord(torch_state_dict=GLOBAL),
             num_rounds=1,
-            timeout=60.0,
+            timeout=180.0,  # per SecAgg+ stage: three Ray workers start on two busy cores
             train_config=ConfigRecord({"modality": "image"}),
             evaluate_fn=keep,
             max_weight=config.federation.secagg_max_weight,
@@ -114,7 +109,7 @@ def test_a_fedgen_image_federation_runs_under_secagg(tmp_path):
 
     from fedgen.artifacts import RunDir
     from fedgen.data.demo import make_demo_consortium
-    from fedgen.simulations.runner import check_sites, simulate
+    from fedgen.simulations.engine import check_sites, simulate
 
     sites = make_demo_consortium(tmp_path / "sites", sites=2, seed=1, images_per_site=24, texts_per_site=10, resolution=16)
     config = load_config(None, {

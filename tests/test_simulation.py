@@ -14,7 +14,7 @@ from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import PrivacyLedger
-from fedgen.simulations.runner import check_sites, simulate
+from fedgen.simulations.engine import check_sites, simulate
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 TINY = {

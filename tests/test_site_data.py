@@ -15,7 +15,9 @@ from PIL import Image
 from rich.console import Console
 
 from fedgen.config import DataConfig
-from fedgen.data.site import check_site, image_splits, load_images, load_site, split_indices, text_splits
+from fedgen.cli.data import site_table
+from fedgen.data.check import check_site
+from fedgen.data.site import image_splits, load_images, load_site, split_indices, text_splits
 from fedgen.errors import FedgenError
 
 DATA = DataConfig()  # image classes: DR grades; text classes: mental-health classes
@@ -115,7 +117,7 @@ def test_good_site_has_no_problems_and_summarises(tmp_path):
 def test_table_shows_counts_sizes_and_lengths(tmp_path):
     root = make_site(tmp_path / "site-1")
     console = Console(record=True, width=150)
-    table = check_site(root, DATA).table()
+    table = site_table(check_site(root, DATA))
     console.print(table)
     text = console.export_text()
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if "│" in line]

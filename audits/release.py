@@ -20,14 +20,13 @@ import json
 import shutil
 from pathlib import Path
 
-from fedgen.audits.report import REPORT_HTML, REPORT_JSON, synthetic_manifest
 from fedgen.artifacts import RunDir
-from fedgen.files import atomic_dir
+from fedgen.audits.report import REPORT_HTML, REPORT_JSON
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir
+from fedgen.manifest import synthetic_manifest, write_manifest
 
-__all__ = ["MANIFEST_NAME", "ReleaseRefused", "release", "write_manifest"]
-
-MANIFEST_NAME = "MANIFEST.sha256"
+__all__ = ["ReleaseRefused", "release"]
 SYNTHETIC_DIR = "synthetic"
 AUDIT_DIR = "audit"
 
@@ -86,17 +85,6 @@ def _check_destination(run: RunDir, to: Path) -> None:
         raise FedgenError(f"release folder {to} already exists and is not empty: choose another --to")
     if to.resolve().is_relative_to(run.synthetic.resolve()) or to.resolve().is_relative_to(run.audit.resolve()):
         raise FedgenError(f"release folder {to} is inside the run's synthetic or audit folder: choose another --to")
-
-
-def write_manifest(folder: Path) -> Path:
-    """``folder/MANIFEST.sha256`` in sha256sum's format, one line per file below ``folder``."""
-    hashes = synthetic_manifest(folder)
-    bad = [name for name in hashes if "\n" in name or "\\" in name]
-    if bad:
-        raise FedgenError(f"file name {bad[0]!r} cannot be listed in a sha256sum manifest (newline or backslash)")
-    manifest = folder / MANIFEST_NAME
-    manifest.write_text("".join(f"{digest}  {name}\n" for name, digest in hashes.items()), encoding="utf-8")
-    return manifest
 
 
 def release(run: RunDir, to: str | Path | None = None) -> Path:

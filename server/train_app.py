@@ -1,10 +1,8 @@
-"""The fedgen ServerApp: one federation per modality, checkpointed every round.
+"""The training ServerApp: one federation per modality, checkpointed every round.
 
 The run folder comes from the caller (simulation) or from the run config key `run-dir`
-(deployment, where the ServerApp does not inherit the caller's environment). The run config key
-`task` chooses what the app does with it: "train" (the default) or "audit" (the pre-release
-audit, with the policy file named by the key `policy`, empty for the default policy, and the
-Inception file for the fidelity figures named by the key `inception`, empty for the FeatureNet).
+(deployment, where the ServerApp does not inherit the caller's environment). The pre-release
+audit is a ServerApp of its own (fedgen.server.audit_app).
 """
 
 from __future__ import annotations
@@ -24,11 +22,11 @@ from fedgen.errors import FedgenError
 from fedgen.modalities import Modality, get_modality
 from fedgen.models.diffusion import update_ema
 from fedgen.privacy.ledger import PrivacyLedger
-from fedgen.server.deploy import INCEPTION_KEY, POLICY_KEY, RUN_DIR_KEY, TASK_AUDIT, TASK_KEY, TASK_TRAIN
+from fedgen.protocol import RUN_DIR_KEY
 from fedgen.server.secagg import start_secagg
 from fedgen.server.strategy import BudgetSpent, make_strategy
 
-__all__ = ["make_server_app", "run_federation", "audit_federation", "rounds_done", "app"]
+__all__ = ["make_server_app", "run_federation", "rounds_done", "app"]
 
 console = Console(stderr=True)
 
@@ -150,20 +148,8 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         console.print(f"[bold yellow]{stop}[/]")
 
 
-def audit_federation(grid: Grid, run: RunDir, *, policy: str | None, inception: str | None = None) -> None:
-    """The pre-release audit on the sites connected to ``grid``; writes RUN/audit/report.{json,html}.
-
-    ``policy`` is a policy file's path, or None for the shipped default policy; ``inception`` a
-    TorchScript Inception file for the fidelity figures, or None for the FeatureNet.
-    """
-    from fedgen.audits.gate import load_policy  # the audit libraries load only when a run is audited
-    from fedgen.audits.runner import audit_and_write
-
-    audit_and_write(grid, run, policy=load_policy(policy), inception=inception)
-
-
 def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
-    """The ServerApp; the run config's `task` chooses training (default) or the audit."""
+    """The training ServerApp for ``run_dir``, or for the run config's `run-dir` (deployment)."""
     app = ServerApp()
 
     @app.main()
@@ -172,19 +158,8 @@ def make_server_app(run_dir: str | Path | None = None) -> ServerApp:
         if not root:
             raise FedgenError(f"no run folder: pass {RUN_DIR_KEY} in the run config")
         run = RunDir.open(root)
-        task = context.run_config.get(TASK_KEY, TASK_TRAIN)
-        if task == TASK_AUDIT:
-            audit_federation(
-                grid,
-                run,
-                policy=str(context.run_config.get(POLICY_KEY, "")) or None,
-                inception=str(context.run_config.get(INCEPTION_KEY, "")) or None,
-            )
-        elif task == TASK_TRAIN:
-            for modality_name in run.config().modalities:
-                run_federation(grid, run, modality_name)
-        else:
-            raise FedgenError(f"run config {TASK_KEY} = {task!r}: must be {TASK_TRAIN!r} or {TASK_AUDIT!r}")
+        for modality_name in run.config().modalities:
+            run_federation(grid, run, modality_name)
 
     return app
 

@@ -1,4 +1,9 @@
-"""Run a consortium of simulated hospitals on Flower's simulation engine (Ray backend)."""
+"""Run a consortium of simulated hospitals on Flower's simulation engine (Ray backend).
+
+The same ServerApps and ClientApp as a real deployment: training (fedgen.server.train_app)
+and the pre-release audit (fedgen.server.audit_app), against simulated sites whose folders
+are on this machine.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.logs import quiet_libraries
 from fedgen.modalities import TextModality
-from fedgen.server.app import make_server_app
+from fedgen.server.train_app import make_server_app
 
-__all__ = ["simulate", "check_sites", "run_on_simulated_sites"]
+__all__ = ["simulate", "check_sites", "run_on_simulated_sites", "run_audit"]
 
 # Each simulated site gets one core: on a 2-core machine two sites train at once.
 CPUS_PER_SITE = 1
@@ -69,3 +74,16 @@ def simulate(run: RunDir, site_dirs: Sequence[Path], *, verbose: bool = False) -
     """
     run.record_simulated_sites(site_dirs)
     run_on_simulated_sites(make_server_app(run.root), site_dirs, verbose=verbose)
+
+
+def run_audit(
+    run: RunDir, *, sites: list[Path] | None = None, inception: str | Path | None = None, progress: bool = True
+) -> dict:
+    """Audit a simulated run on its sites (default: the run's simulated sites); return report.json."""
+    from fedgen.server.audit_app import make_audit_app  # the audit libraries load only when audited
+
+    site_dirs = run.simulated_sites() if sites is None else list(sites)
+    sink: dict = {}
+    app = make_audit_app(run, expected_sites=len(site_dirs), sink=sink, inception=inception, progress=progress)
+    run_on_simulated_sites(app, site_dirs)
+    return sink["report"]

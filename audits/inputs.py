@@ -1,0 +1,140 @@
+"""What the coordinator holds for an audit: the final models, the synthetic data, the shared extractor.
+
+Everything is read from the run folder, so the audit runs the same on either engine. The image
+feature extractor is a FeatureNet the coordinator trains on the synthetic images only (their
+labels are known): no real record, no download, and the same weights at every site, so the
+sites' feature statistics pool into one FID. With ``inception`` (``fedgen audit RUN --inception
+PATH``) the fidelity figures (FID, KID, precision/recall/density/coverage) use a local
+TorchScript Inception detector instead, loaded from the same path at the coordinator and at
+every site; near copies and utility keep the FeatureNet (they need its classifier, or must not
+change with the fidelity extractor). FeatureNet FID and Inception FID are not comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch import Tensor
+
+from fedgen.artifacts import RunDir
+from fedgen.audits.features import FeatureExtractor, FeatureNet, InceptionFeatures, load_inception, train_feature_net
+from fedgen.config import RunConfig
+from fedgen.data.check import IMAGE_SUFFIXES
+from fedgen.data.site import load_images
+from fedgen.errors import FedgenError
+from fedgen.files import read_text_records
+from fedgen.modalities import get_modality
+
+__all__ = [
+    "FEATURE_NET_EPOCHS",
+    "FEATURE_NET_TRAINED_ON",
+    "AuditInputs",
+    "load_synthetic_images",
+    "load_synthetic_texts",
+    "prepare_inputs",
+    "say",
+]
+
+FEATURE_NET_EPOCHS = 10
+FEATURE_NET_TRAINED_ON = "the run's synthetic images only, no real data"
+
+console = Console(stderr=True)
+
+
+def say(progress: bool, text: str) -> None:
+    """An audit progress line on stderr (when ``progress``)."""
+    if progress:
+        console.print(f"audit: {text}", highlight=False)
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """What the coordinator holds for the audit: model states and synthetic data per modality."""
+
+    run: RunDir
+    config: RunConfig
+    model_states: dict[str, dict[str, Tensor]]
+    synthetic_images: tuple[Tensor, Tensor] | None = None  # [N, C, H, W] in [-1, 1], labels [N]
+    synthetic_texts: tuple[list[str], list[int]] | None = None
+    feature_net: FeatureNet | None = None
+    inception: InceptionFeatures | None = None  # the fidelity extractor, if the user chose Inception
+
+    @property
+    def fidelity_extractor(self) -> FeatureExtractor | None:
+        return self.feature_net if self.inception is None else self.inception
+
+
+def _generate_first(run: RunDir, modality: str) -> FedgenError:
+    return FedgenError(f"{run.root} has no synthetic {modality} data: run `fedgen generate {run.root} --modality {modality}` first")
+
+
+def load_synthetic_images(run: RunDir, config: RunConfig) -> tuple[Tensor, Tensor]:
+    """synthetic/images/<class>/*.png as [N, C, H, W] in [-1, 1] (like the sites' images) + labels."""
+    root = run.synthetic / "images"
+    classes = config.data.image_classes
+    paths, labels = [], []
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if folder.name not in classes:
+                raise FedgenError(f"{folder}: {folder.name!r} is not one of the run's image classes {classes}")
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [classes.index(folder.name)] * len(files)
+    if not paths:
+        raise _generate_first(run, "image")
+    images = load_images(paths, resolution=config.image.resolution, channels=config.image.channels)
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+def load_synthetic_texts(run: RunDir, config: RunConfig) -> tuple[list[str], list[int]]:
+    """synthetic/texts.jsonl as (texts, class indices)."""
+    path = run.synthetic / "texts.jsonl"
+    if not path.is_file():
+        raise _generate_first(run, "text")
+    classes = config.data.text_classes
+    texts, labels = [], []
+    for number, record in enumerate(read_text_records(path), start=1):
+        if record.get("label") not in classes:
+            raise FedgenError(f"{path} line {number}: label {record.get('label')!r} is not in the class list {classes}")
+        texts.append(record["text"])
+        labels.append(classes.index(record["label"]))
+    if not texts:
+        raise _generate_first(run, "text")
+    return texts, labels
+
+
+def _checkpoint_state(run: RunDir, config: RunConfig, modality_name: str) -> dict[str, Tensor]:
+    """The trained tensors of the last complete checkpoint, keyed as the sites' models expect."""
+    modality = get_modality(modality_name, config, work_dir=run.base_models)
+    expected = modality.get_state(modality.build_model()).keys()
+    saved = modality.load(run.checkpoint(modality_name)).state_dict()
+    return {key: saved[key].detach().clone() for key in expected}
+
+
+def prepare_inputs(run: RunDir, *, inception: str | Path | None = None, progress: bool = False) -> AuditInputs:
+    """Load checkpoints and synthetic data, and train the shared image feature extractor.
+
+    ``inception``: a local TorchScript Inception file for the image fidelity figures.
+    """
+    config = run.config()
+    modalities = config.modalities
+    synthetic_images = load_synthetic_images(run, config) if "image" in modalities else None
+    synthetic_texts = load_synthetic_texts(run, config) if "text" in modalities else None
+    detector = None
+    if inception is not None and synthetic_images is not None:
+        detector = load_inception(Path(inception).resolve())  # the sites get this absolute path
+    states = {name: _checkpoint_state(run, config, name) for name in modalities}
+    feature_net = None
+    if synthetic_images is not None:
+        say(progress, f"training the feature extractor on {len(synthetic_images[1])} synthetic images")
+        feature_net = train_feature_net(
+            *synthetic_images,
+            num_classes=len(config.data.image_classes),
+            trained_on=FEATURE_NET_TRAINED_ON,
+            epochs=FEATURE_NET_EPOCHS,
+            seed=config.seed,
+        )
+    return AuditInputs(run, config, states, synthetic_images, synthetic_texts, feature_net, detector)

@@ -1,0 +1,106 @@
+"""`fedgen certs`, `fedgen server` and `fedgen client`: a real consortium on Flower's deployment engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedgen.cli.common import (
+    EXIT_USER_ERROR,
+    INSECURE_WARNING,
+    ConfigOption,
+    console,
+    coordinator_certs,
+    echo_line,
+    err_console,
+)
+from fedgen.errors import FedgenError
+
+__all__ = ["server", "client", "certs"]
+
+
+def server(
+    config: ConfigOption = None,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs` (ca.crt, server.crt, server.key, authorized-keys).")] = None,
+    port: Annotated[int, typer.Option(help="Port of the SuperLink (sites connect to HOST:PORT).")] = 9092,
+    host: Annotated[str, typer.Option(help="0.0.0.0 serves the sites (only the Fleet API is served to other hosts); 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
+    run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last complete round.")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+) -> None:
+    """Coordinator: start a Flower SuperLink and submit the fedgen run (TLS, node auth)."""
+    from fedgen.artifacts import RunDir
+    from fedgen.config import load_config
+    from fedgen.server.deploy import serve
+    from fedgen.server.superlink import check_listen_address
+
+    if resume is not None and (config is not None or run_id is not None):
+        raise FedgenError("--resume continues a run with its own config.toml; drop --config and --run-id")
+    consortium = coordinator_certs(certs_dir, insecure)
+    check_listen_address(host, port)
+    if resume is not None:
+        run = RunDir.open(resume)
+    else:
+        from fedgen.pretrain import create_run
+
+        run = create_run(runs_dir, load_config(config), run_id)
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    if not run.config().privacy.enabled:
+        err_console.print("[bold yellow]WARNING: ε = inf — training WITHOUT differential privacy.[/]")
+    console.print(f"run folder: {run.root}")
+    serve(run, certs=consortium, port=port, host=host, echo=echo_line)
+    console.print(f"run finished: {run.root}")
+
+
+def client(
+    server_address: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
+    data: Annotated[Path, typer.Option(help="This site's folder (images/<class>/*, texts.jsonl, site.toml).")],
+    key: Annotated[Path | None, typer.Option(help="This site's node private key (site-K.key from `fedgen certs`).")] = None,
+    ca: Annotated[Path | None, typer.Option(help="The consortium CA certificate (ca.crt) that signed the coordinator's.")] = None,
+    config: ConfigOption = None,
+    runtime_port: Annotated[int | None, typer.Option(help="Local port of the SuperNode's runtime API (default: a free one).")] = None,
+    max_wait: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds (default: keep trying).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+) -> None:
+    """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR."""
+    from fedgen.clients.deploy import serve_site
+    from fedgen.config import load_config
+    from fedgen.data.check import check_site
+
+    if not insecure and (key is None or ca is None):
+        raise FedgenError("give --key site-K.key and --ca ca.crt (from `fedgen certs`), or --insecure for a local test")
+    if insecure and (key is not None or ca is not None):
+        raise FedgenError("--insecure runs without TLS and node keys; drop --key and --ca")
+    run_config = load_config(config)
+    result = check_site(data, run_config.data, channels=run_config.image.channels)
+    for problem in result.problems:
+        err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+    if result.problems:
+        raise typer.Exit(EXIT_USER_ERROR)
+    if insecure:
+        err_console.print(INSECURE_WARNING)
+    serve_site(
+        data, server=server_address, key=key, ca=ca, runtime_port=runtime_port, max_wait=max_wait,
+        echo=echo_line,
+    )
+
+
+def certs(
+    out: Annotated[Path, typer.Argument(help="Folder to create (must be absent or empty).")],
+    sites: Annotated[int, typer.Option(help="Number of sites: one node key pair each.")] = 3,
+    host: Annotated[list[str] | None, typer.Option(help="Name or IP the sites use for the coordinator (repeatable); localhost and 127.0.0.1 are always in.")] = None,
+    valid_days: Annotated[int, typer.Option(help="Validity of the CA and server certificates.")] = 365,
+) -> None:
+    """Make a consortium CA, a server certificate and per-site node keys."""
+    from fedgen.certs import make_certs
+
+    if valid_days < 1:
+        raise FedgenError(f"--valid-days must be at least 1, got {valid_days}")
+    made = make_certs(out, sites=sites, hosts=host or [], valid_days=valid_days)
+    console.print(f"wrote the consortium credentials to {made.root}")
+    console.print("  coordinator: ca.crt, server.crt, server.key, authorized-keys (move ca.key offline)")
+    console.print("  site K:      ca.crt and site-K.key (keep it at the site only)")
