@@ -39,17 +39,18 @@ import torch  # noqa: E402
 
 from fedgen.audits.features import extract_features, train_feature_net  # noqa: E402
 from fedgen.audits.fidelity import fid_from_features  # noqa: E402
-from fedgen.audits.runner import load_synthetic_images, load_synthetic_texts  # noqa: E402
+from fedgen.audits.inputs import load_synthetic_images, load_synthetic_texts  # noqa: E402
 from fedgen.audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
-from fedgen.data.site import image_splits, load_site, site_folders, text_splits  # noqa: E402
+from fedgen.data.check import site_folders  # noqa: E402
+from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
 from fedgen.files import write_text  # noqa: E402
 from fedgen.generate import generate_images, generate_texts  # noqa: E402
 from fedgen.logs import quiet_libraries  # noqa: E402
 from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
-from fedgen.simulations.runner import check_sites, simulate  # noqa: E402
+from fedgen.simulations.engine import check_sites, simulate  # noqa: E402
 
 
 def pooled_heldout(sites, config, modality):
@@ -70,8 +71,8 @@ def pooled_heldout(sites, config, modality):
     return join(trains), join(tests)
 
 
-# One set of 960 synthetic images scored 0.67-0.91 between classifier seeds (session 18), so the
-# mean of 3 had an sd of ~0.04 ratio points, as much as the distance to a 0.9 target; 10 halve it.
+# One set of 960 synthetic images scored 0.67-0.91 between classifier seeds, so the mean of 3
+# has an sd of ~0.04 ratio points; 10 seeds halve it.
 CLASSIFIER_SEEDS = 10
 
 

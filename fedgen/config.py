@@ -37,7 +37,7 @@ MENTAL_HEALTH_CLASSES = ["Normal", "Anxiety", "Depression", "Stress", "Suicidal"
 
 # `fedgen pretrain`'s defaults (public pretraining is not part of a run): the pretraining of the
 # best-measured small-site combination, with ImageConfig's defaults and an init_checkpoint
-# (BENCHMARKS.md, "Privacy-utility on small sites"). 4,000 images x 30 epochs is 16-25 min on 2 cores.
+# (BENCHMARKS.md, "Quality at privacy").
 PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.999}
 
 
@@ -68,9 +68,8 @@ class ImageConfig(_Section):
     norm_num_groups: int = Field(8, ge=1)
     train_timesteps: int = Field(1000, ge=10)
     # What the UNet predicts. An epsilon model's small constant error is multiplied by
-    # 1/sqrt(alpha_bar) at the noisy end of the cosine schedule, so its samples drift bright
-    # (measured: BENCHMARKS.md "Prediction type"); v = sqrt(a) eps - sqrt(1-a) x0 stays well
-    # conditioned at every timestep (Salimans & Ho 2022).
+    # 1/sqrt(alpha_bar) at the noisy end of the cosine schedule, so its samples drift bright;
+    # v = sqrt(a) eps - sqrt(1-a) x0 stays well conditioned at every timestep (Salimans & Ho 2022).
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)  # label dropout for classifier-free guidance
     noise_multiplicity: int = Field(1, ge=1)  # K noise/timestep draws per example (DPDM)
@@ -87,19 +86,16 @@ class ImageConfig(_Section):
     max_physical_batch_size: int | None = Field(None, ge=1)
     local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
-    # Adam's step size for the sites' DP fine-tuning. On the small-site benchmark at eps = 10,
-    # 4e-3 scored 0.02 above 2e-3 on average (6 seeds, inside their sd) and 5e-4 0.08 below
-    # (BENCHMARKS.md, lever rows): the best-measured mean, not a resolved gain.
+    # Adam's step size for the sites' DP fine-tuning (the small-site benchmark's best-measured
+    # mean, BENCHMARKS.md "Quality at privacy").
     lr: float = Field(4e-3, gt=0)
     # Server-side EMA of the global model over rounds, used for sampling; 0 = off (sample the
-    # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away; every
-    # best-measured small-site run used it (BENCHMARKS.md, lever rows).
+    # last round). Per round, so 0.5 averages roughly the last two rounds' DP noise away.
     ema_decay: float = Field(0.5, ge=0.0, lt=1.0)
     # "dpm-sde" (DPM-Solver++ SDE, second order) and "ddpm" (ancestral, first order) draw fresh
-    # noise at every step, "ddim" and "dpm" are deterministic. On the small-site benchmark's six
-    # ε = 10 checkpoints, dpm-sde at guidance 1.25 trains a classifier to 0.91 of real on average,
-    # ddpm at guidance 2 to 0.78 (BENCHMARKS.md, "The stochastic DPM-Solver++"): at 50 steps ddpm's images
-    # lose the fine texture that tells No_DR from Mild, and guidance 2 overdraws Severe's.
+    # noise at every step, "ddim" and "dpm" are deterministic. At 50 steps ddpm's images lose the
+    # fine texture that tells the low grades apart, and guidance 2 overdraws Severe's
+    # (BENCHMARKS.md, "Quality at privacy").
     sampler: Sampler = "dpm-sde"
     sample_steps: int = Field(50, ge=1)
     guidance: float = Field(1.25, ge=0.0)
@@ -122,8 +118,7 @@ class TextConfig(_Section):
     aggregation: Literal["fedavg", "ffa"] = "fedavg"  # ffa: A frozen at its shared init, B averaged
     load_in_bits: Literal[16, 8, 4] = 16  # 8/4-bit need bitsandbytes and a GPU
     # Opacus per-sample gradients: "hooks" stores them for the LoRA layers only; "ghost" (fast
-    # gradient clipping) never forms them but runs two backward passes. Measured on the tiny
-    # model (BENCHMARKS.md) hooks is faster at the same memory; ghost pays off for wide layers.
+    # gradient clipping) never forms them but runs two backward passes (it pays off for wide layers).
     grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
     max_physical_batch_size: int | None = Field(None, ge=1)  # Opacus' BatchMemoryManager
     local_epochs: int = Field(1, ge=1)

@@ -1,4 +1,4 @@
-"""Public pretraining and DP fine-tuning levers (issue #7): what trains, what ε is spent."""
+"""Public pretraining and DP fine-tuning levers: what trains, what ε is spent."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedgen.audits.report import render_html
-from fedgen.audits.runner import _pretraining
+from fedgen.audits.pooling import _pretraining
 from fedgen.clients.local import train_site
 from fedgen.cli import app
 from fedgen.config import load_config
@@ -22,7 +22,7 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality
 from fedgen.pretrain import PROVENANCE_NAME, class_balanced_draws, create_run, pretrain_image_model, read_public_images
-from fedgen.privacy.dp import train_local
+from fedgen.training import train_local
 from tests.test_gate import example_report
 
 TINY = {
