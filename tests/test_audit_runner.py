@@ -183,6 +183,7 @@ def audited(tmp_path_factory):
     return run, site_dirs, report
 
 
+@pytest.mark.e2e
 def test_report_has_every_section_for_both_modalities(audited):
     _, _, report = audited
     assert set(report) == {
@@ -200,6 +201,7 @@ def test_report_has_every_section_for_both_modalities(audited):
     json.loads(json.dumps(report))  # JSON all the way down
 
 
+@pytest.mark.e2e
 def test_pooled_histograms_count_every_member_and_non_member(audited):
     _, _, report = audited
     for modality in ("image", "text"):
@@ -210,6 +212,7 @@ def test_pooled_histograms_count_every_member_and_non_member(audited):
             assert len(pooled["roc"]["fpr"]) <= 200 and pooled["roc"]["tpr"][-1] == 1.0
 
 
+@pytest.mark.e2e
 def test_guaranteed_epsilon_is_the_ledgers(audited):
     run, _, report = audited
     ledger = PrivacyLedger(run.ledger_path)
@@ -222,6 +225,7 @@ def test_guaranteed_epsilon_is_the_ledgers(audited):
     assert report["privacy"]["epsilon_max"] == max(e.epsilon for e in ledger.entries())
 
 
+@pytest.mark.e2e
 def test_canary_exposure_and_memorisation_are_reported_per_site(audited):
     _, _, report = audited
     exposure = report["membership"]["text"]["canary_exposure"]
@@ -246,6 +250,7 @@ def site_answer(run: RunDir, root, modality: str, query: str, **extra):
     return answer_query(content, root, work_dir=root / SITE_STATE_DIR)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_site_reply_holds_no_record(audited, modality):
     run, site_dirs, _ = audited
@@ -263,6 +268,7 @@ def test_site_reply_holds_no_record(audited, modality):
     assert set(answer["attacks"]) == ({"loss", "pia"} if modality == "image" else {"loss", "zlib", "min_k"})
 
 
+@pytest.mark.e2e
 def test_histogram_query_recomputes_scores_without_node_state(audited):
     run, site_dirs, _ = audited
     edges = {a: shared_edges([[-3.0, -1.0]]) for a in ("loss", "zlib", "min_k")}
@@ -301,6 +307,7 @@ def test_canary_candidates_keep_the_secret_format():
     assert all(c[:2].isupper() and c[2] == "-" and c[3:6].isdigit() and c[6].islower() for c in candidates)
 
 
+@pytest.mark.e2e
 def test_memorisation_counts_only_train_split_copies(audited):
     run, site_dirs, _ = audited
     config = run.config()
@@ -352,6 +359,7 @@ def real_images(run: RunDir, site_dirs) -> torch.Tensor:
     return torch.cat(splits)
 
 
+@pytest.mark.e2e
 def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_path):
     """Policy and Inception detector both come through the run config."""
     run, site_dirs, simulated = audited
@@ -395,6 +403,7 @@ def test_the_deployed_audit_app_without_a_run_folder_is_one_line():
         deployed_audit_app(None, context)
 
 
+@pytest.mark.e2e
 def test_a_site_without_the_inception_file_answers_with_one_line(audited, tmp_path):
     run, site_dirs, _ = audited
     missing = tmp_path / "inception.pt"

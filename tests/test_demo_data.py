@@ -271,6 +271,7 @@ def _phantoms(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images).astype(np.float32) / 255.0, grades
 
 
+@pytest.mark.slow
 def test_a_plain_classifier_tells_the_five_grades_apart():
     """The sanity check that the demo images carry their labels: logistic regression on
     position-free spot histograms, trained and tested on different phantoms and styles."""

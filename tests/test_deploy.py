@@ -366,6 +366,7 @@ def client_args(port: int, site: Path, key: Path, ca: Path, config: Path, *extra
             "--ca", str(ca), "--config", str(config), *extra]
 
 
+@pytest.mark.e2e
 def test_tls_and_node_keys_keep_strangers_out(consortium, processes, tmp_path):
     certs, sites = consortium
     coordinator = tmp_path / "coordinator"  # knows sites 1 and 2 only
@@ -424,6 +425,7 @@ options.num-supernodes = 3
 """
 
 
+@pytest.mark.e2e
 def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, processes, tmp_path):
     certs, sites = consortium
     (tmp_path / "pyproject.toml").write_text(LEGACY_PYPROJECT)  # the working directory's, not ours
@@ -470,6 +472,7 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     assert (tmp_path / "pyproject.toml").read_text() == LEGACY_PYPROJECT
 
 
+@pytest.mark.e2e
 def test_a_deployed_consortium_is_audited_at_its_sites(processes, tmp_path):
     """`fedgen audit RUN --deployment`: two SuperNodes answer the audit on their own records."""
     from fedgen.data.demo import make_demo_consortium

@@ -339,6 +339,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_model_learns_the_class(one_thread):
     """Black (class 0) vs white (class 1) images: guided samples must follow the label."""
     config = tiny_config(resolution=8, attention=False)

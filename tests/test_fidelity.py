@@ -117,6 +117,7 @@ def gray(levels: torch.Tensor) -> torch.Tensor:
 SHIFT = 20  # gray levels added to every pixel of the "synthetic" set
 
 
+@pytest.mark.slow
 def test_a_torchscript_inception_file_feeds_fid(tmp_path):
     inception = load_inception(scripted(tmp_path, LinearDetector()))
     weight = LinearDetector().weight.double()

@@ -24,6 +24,7 @@ def site_dir(tmp_path_factory):
     return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[0]
 
 
+@pytest.mark.slow
 def test_a_site_refuses_the_round_that_would_overspend_its_budget(site_dir, tmp_path):
     config = load_config(None, TINY)
     site = load_site(site_dir, config.data, modalities=("image",), channels=1)

@@ -203,6 +203,7 @@ def memorising_model():
     return unet, scheduler, members, nonmembers, labels
 
 
+@pytest.mark.slow
 def test_loss_attack_detects_a_memorising_model(memorising_model):
     unet, scheduler, members, nonmembers, labels = memorising_model
     result = attack_metrics(
@@ -213,6 +214,7 @@ def test_loss_attack_detects_a_memorising_model(memorising_model):
     assert result.auc >= 0.8
 
 
+@pytest.mark.slow
 def test_pia_detects_a_memorising_model(memorising_model):
     unet, scheduler, members, nonmembers, labels = memorising_model
     result = attack_metrics(

@@ -154,6 +154,7 @@ def test_missing_figures_read_not_measured_and_a_bare_report_still_renders(tmp_p
     assert "No privacy accounting was recorded" in html
 
 
+@pytest.mark.e2e
 def test_a_real_headless_browser_renders_the_page(tmp_path, policy):
     chromium = shutil.which(CHROMIUM)
     assert chromium, "chromium is not on PATH: install it (Debian: apt-get install -y chromium)"

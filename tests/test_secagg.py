@@ -81,6 +81,7 @@ def secure_run(tmp_path_factory):
     return checkpoints, ledger
 
 
+@pytest.mark.e2e
 def test_the_secure_aggregate_is_fedavg_of_the_site_updates(secure_run):
     checkpoints, _ = secure_run
     updates = [site_update(pid) for pid in range(SITES)]
@@ -97,12 +98,14 @@ def test_the_secure_aggregate_is_fedavg_of_the_site_updates(secure_run):
         assert not np.allclose(got, updates[0][0][key].numpy(), atol=1e-2)  # not one site's update
 
 
+@pytest.mark.e2e
 def test_every_site_is_ledgered_under_secagg(secure_run):
     _, ledger = secure_run
     rows = sorted((r.site, r.round, r.epsilon, r.num_examples) for r in ledger.entries())
     assert rows == [("site-1", 1, 1.0, 10), ("site-2", 1, 2.0, 20), ("site-3", 1, 3.0, 30)]
 
 
+@pytest.mark.e2e
 def test_a_fedgen_image_federation_runs_under_secagg(tmp_path):
     """The real ClientApp and ServerApp: every round checkpointed and ledgered per site."""
     from safetensors.torch import load_file

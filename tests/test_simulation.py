@@ -53,6 +53,7 @@ def independent_epsilon(history, delta):
     return get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_every_round_is_checkpointed_and_ledgered_once_per_site(run, modality):
     assert run.completed_rounds(modality) == [1, 2]
@@ -62,6 +63,7 @@ def test_every_round_is_checkpointed_and_ledgered_once_per_site(run, modality):
     assert set(metrics["sites"]) == {"site-1", "site-2"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_ledger_epsilon_matches_an_independent_accountant_and_the_target(run, modality):
     ledger = PrivacyLedger(run.ledger_path)
@@ -77,6 +79,7 @@ def test_ledger_epsilon_matches_an_independent_accountant_and_the_target(run, mo
         assert all(r.loss is None for r in rows)  # under DP the loss stays at the site
 
 
+@pytest.mark.e2e
 def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
     result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "image", "--per-class", "2", "--steps", "3"])
     assert result.exit_code == 0, result.output
@@ -91,6 +94,7 @@ def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
     assert sheet.width > sheet.height / 2  # one column per class
 
 
+@pytest.mark.e2e
 def test_generate_writes_labelled_texts(run):
     result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "text", "--per-class", "2", "--class", "Anxiety", "--class", "Stress"])
     assert result.exit_code == 0, result.output
@@ -103,6 +107,7 @@ def test_generate_writes_labelled_texts(run):
     (["--class", "Glaucoma"], "unknown class 'Glaucoma'"),
     (["--sampler", "euler"], "unknown sampler 'euler': choose one of ddim, dpm, ddpm"),
 ])
+@pytest.mark.e2e
 def test_an_unknown_class_or_sampler_is_refused_and_nothing_is_written(run, option, error):
     before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
     result = CliRunner().invoke(app, ["generate", str(run.root), *option])
@@ -111,6 +116,7 @@ def test_an_unknown_class_or_sampler_is_refused_and_nothing_is_written(run, opti
     assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
 
 
+@pytest.mark.e2e
 def test_a_missing_checkpoint_round_is_one_line(run):
     result = CliRunner().invoke(app, ["generate", str(run.root), "--round", "7"])
     assert result.exit_code == 1
@@ -124,6 +130,7 @@ def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
         check_sites(config, sites)
 
 
+@pytest.mark.e2e
 def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
     from safetensors.torch import load_file
 
@@ -138,6 +145,7 @@ def test_the_image_checkpoint_keeps_the_ema_of_the_global_model(run):
     assert run.sampling_checkpoint("image") == run.round_dir(2) / "image" / "ema"  # what generate samples
 
 
+@pytest.mark.e2e
 def test_each_checkpoint_records_round_time_and_the_sites_training_time(run):
     info = json.loads((run.checkpoint("image") / "metrics.json").read_text())
     assert set(info["site_train_seconds"]) == {"site-1", "site-2"}
