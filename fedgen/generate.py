@@ -1,4 +1,5 @@
-"""Synthetic data from a run's checkpoint: images per class (+ a contact sheet) or texts."""
+"""Synthetic data from a run's checkpoint: images per class (+ a contact sheet) or texts; and
+the readers of what it wrote."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from PIL import Image
 from rich.progress import Progress
 
 from fedgen.artifacts import RunDir
-from fedgen.files import atomic_dir, atomic_file, write_text
+from fedgen.data.site import IMAGE_SUFFIXES
+from fedgen.files import atomic_dir, atomic_file, read_text_records, write_text
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality, TextModality
 
-__all__ = ["generate_images", "generate_texts", "choose_classes"]
+__all__ = ["generate_images", "generate_texts", "choose_classes", "synthetic_image_files", "synthetic_text_records"]
 
 CONTACT_SHEET_ROWS = 8  # samples per class shown on the contact sheet
 
@@ -109,3 +111,40 @@ def generate_texts(
     target = run.synthetic / "texts.jsonl"
     write_text(target, "\n".join(lines) + "\n")
     return target
+
+
+def _generate_first(run: RunDir, modality: str) -> FedgenError:
+    return FedgenError(f"{run.root} has no synthetic {modality} data: run `fedgen generate {run.root} --modality {modality}` first")
+
+
+def synthetic_image_files(run: RunDir, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """synthetic/images/<class>/* image files (class folder order, then name) and their labels,
+    indices into ``classes``; a FedgenError when there are none or a folder is not a class."""
+    root = run.synthetic / "images"
+    paths, labels = [], []
+    if root.is_dir():
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if folder.name not in classes:
+                raise FedgenError(f"{folder}: {folder.name!r} is not one of the run's image classes {list(classes)}")
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [classes.index(folder.name)] * len(files)
+    if not paths:
+        raise _generate_first(run, "image")
+    return paths, labels
+
+
+def synthetic_text_records(run: RunDir, classes: Sequence[str]) -> tuple[list[str], list[int]]:
+    """synthetic/texts.jsonl as (texts, labels as indices into ``classes``)."""
+    path = run.synthetic / "texts.jsonl"
+    if not path.is_file():
+        raise _generate_first(run, "text")
+    texts, labels = [], []
+    for number, record in enumerate(read_text_records(path), start=1):
+        if record.get("label") not in classes:
+            raise FedgenError(f"{path} line {number}: label {record.get('label')!r} is not in the class list {list(classes)}")
+        texts.append(record["text"])
+        labels.append(classes.index(record["label"]))
+    if not texts:
+        raise _generate_first(run, "text")
+    return texts, labels
