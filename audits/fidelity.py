@@ -12,6 +12,7 @@ The coordinator never holds real records. Every measure is therefore split in tw
 | FID | ``real_feature_stats`` (n, Σx, Σxxᵀ) | ``pool_sums`` + ``fid_from_stats`` | exact |
 | KID | ``kid_at_site`` | ``pool_weighted_mean`` (by n_real) | mean of site KIDs |
 | PRDC | ``prdc`` | ``pool_weighted_mean`` (by n_real) | recall exact, the rest approximate |
+| PRDC per class | ``prdc_per_class`` | ``pool_prdc_per_class`` (by n_real) | as PRDC, within each class |
 | SSIM / PSNR | ``nearest_real_similarity`` | ``pool_weighted_mean`` (by n) | mean of site means (nearest real per site, not in the union) |
 | near copies | ``near_copy_count`` | ``pool_near_copies`` (sums) | flags summed over sites |
 | text embedding | ``text_embedding_stats`` | ``pool_sums`` + ``text_fidelity`` | exact |
@@ -50,6 +51,9 @@ __all__ = [
     "fid_from_features",
     "kid_at_site",
     "prdc",
+    "PRDC_KEYS",
+    "prdc_per_class",
+    "pool_prdc_per_class",
     "pool_weighted_mean",
     "nearest_distances",
     "nearest_real_similarity",
@@ -283,6 +287,45 @@ def prdc(
         "n_real": len(real),
         "n_fake": len(fake),
     }
+
+
+PRDC_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def prdc_per_class(
+    real_features: Tensor,
+    real_labels: Tensor,
+    fake_features: Tensor,
+    fake_labels: Tensor,
+    *,
+    class_names: Sequence[str],
+    k: int = PRDC_K,
+) -> dict:
+    """Site-side ``prdc`` of each class: its synthetic features against the site's real
+    features of the same class. ``{class: {"precision", ..., "n_real", "n_fake"}}``; a class
+    with fewer than MIN_AGGREGATE_COUNT real records, or at most ``k`` of either, reports only
+    ``n_real`` and ``n_fake``."""
+    result = {}
+    for index, name in enumerate(class_names):
+        real, fake = real_features[real_labels == index], fake_features[fake_labels == index]
+        if len(real) < MIN_AGGREGATE_COUNT or min(len(real), len(fake)) <= k:
+            result[name] = {"n_real": len(real), "n_fake": len(fake)}
+        else:
+            result[name] = prdc(real, fake, k=k)
+    return result
+
+
+def pool_prdc_per_class(site_results: Sequence[dict]) -> dict:
+    """Coordinator: per class, ``prdc`` averaged over the sites that measured it, weighted by
+    ``n_real``; a class no site measured keeps only the summed ``n_real``."""
+    pooled = {}
+    for name in dict.fromkeys(c for r in site_results for c in r):
+        measured = [r[name] for r in site_results if "precision" in r.get(name, {})]
+        if measured:
+            pooled[name] = pool_weighted_mean(measured, keys=PRDC_KEYS, weight_key="n_real") | {"n_fake": measured[0]["n_fake"]}
+        else:
+            pooled[name] = {"n_real": sum(r[name]["n_real"] for r in site_results if name in r)}
+    return pooled
 
 
 def pool_weighted_mean(site_aggregates: Sequence[dict], *, keys: Sequence[str], weight_key: str) -> dict:

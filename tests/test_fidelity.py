@@ -23,7 +23,9 @@ from fedgen.audits.fidelity import (
     pool_sums,
     pool_text_class_stats,
     pool_weighted_mean,
+    pool_prdc_per_class,
     prdc,
+    prdc_per_class,
     summarise_text_class_stats,
     synthetic_feature_stats,
     text_class_stats,
@@ -254,6 +256,24 @@ def test_prdc_tells_off_manifold_samples_from_missed_modes():
 def test_prdc_does_not_depend_on_the_chunk_size():
     real, fake = gaussian(90, 5, seed=10), gaussian(70, 5, seed=11, shift=0.3)
     assert prdc(real, fake, chunk=7) == prdc(real, fake, chunk=4096)
+
+
+def test_prdc_per_class_scores_each_class_against_its_own_real_records_and_pools_by_count():
+    # class 0: the synthetic set copies the real one; class 1: far from it; class 2: too few real records
+    real0, real1, real2 = gaussian(30, 4, seed=20), gaussian(40, 4, seed=21), gaussian(5, 4, seed=22)
+    fake1 = gaussian(30, 4, seed=23, shift=100.0)
+    real = torch.cat([real0, real1, real2])
+    real_labels = torch.tensor([0] * 30 + [1] * 40 + [2] * 5)
+    fake = torch.cat([real0.clone(), fake1, gaussian(10, 4, seed=24)])
+    fake_labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 10)
+    site = prdc_per_class(real, real_labels, fake, fake_labels, class_names=["a", "b", "c"])
+    assert (site["a"]["precision"], site["a"]["recall"], site["a"]["coverage"]) == (1.0, 1.0, 1.0)
+    assert (site["b"]["precision"], site["b"]["recall"], site["b"]["coverage"]) == (0.0, 0.0, 0.0)
+    assert site["c"] == {"n_real": 5, "n_fake": 10}  # below MIN_AGGREGATE_COUNT: counts only
+    other = {"a": {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0, "n_real": 90, "n_fake": 30}, "c": {"n_real": 7, "n_fake": 10}}
+    pooled = pool_prdc_per_class([site, other])
+    assert pooled["a"]["precision"] == pytest.approx(30 / 120) and pooled["a"]["n_real"] == 120
+    assert pooled["b"]["n_real"] == 40 and pooled["c"] == {"n_real": 12}
 
 
 def test_pool_weighted_mean_weights_by_count():
