@@ -22,10 +22,8 @@ from torch import Tensor
 from fedgen.artifacts import RunDir
 from fedgen.audits.features import FeatureExtractor, FeatureNet, InceptionFeatures, load_inception, train_feature_net
 from fedgen.config import RunConfig
-from fedgen.data.check import IMAGE_SUFFIXES
 from fedgen.data.site import load_images
-from fedgen.errors import FedgenError
-from fedgen.files import read_text_records
+from fedgen.generate import synthetic_image_files, synthetic_text_records
 from fedgen.modalities import get_modality
 
 __all__ = [
@@ -67,43 +65,16 @@ class AuditInputs:
         return self.feature_net if self.inception is None else self.inception
 
 
-def _generate_first(run: RunDir, modality: str) -> FedgenError:
-    return FedgenError(f"{run.root} has no synthetic {modality} data: run `fedgen generate {run.root} --modality {modality}` first")
-
-
 def load_synthetic_images(run: RunDir, config: RunConfig) -> tuple[Tensor, Tensor]:
     """synthetic/images/<class>/*.png as [N, C, H, W] in [-1, 1] (like the sites' images) + labels."""
-    root = run.synthetic / "images"
-    classes = config.data.image_classes
-    paths, labels = [], []
-    if root.is_dir():
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if folder.name not in classes:
-                raise FedgenError(f"{folder}: {folder.name!r} is not one of the run's image classes {classes}")
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files
-            labels += [classes.index(folder.name)] * len(files)
-    if not paths:
-        raise _generate_first(run, "image")
+    paths, labels = synthetic_image_files(run, config.data.image_classes)
     images = load_images(paths, resolution=config.image.resolution, channels=config.image.channels)
     return images, torch.tensor(labels, dtype=torch.long)
 
 
 def load_synthetic_texts(run: RunDir, config: RunConfig) -> tuple[list[str], list[int]]:
     """synthetic/texts.jsonl as (texts, class indices)."""
-    path = run.synthetic / "texts.jsonl"
-    if not path.is_file():
-        raise _generate_first(run, "text")
-    classes = config.data.text_classes
-    texts, labels = [], []
-    for number, record in enumerate(read_text_records(path), start=1):
-        if record.get("label") not in classes:
-            raise FedgenError(f"{path} line {number}: label {record.get('label')!r} is not in the class list {classes}")
-        texts.append(record["text"])
-        labels.append(classes.index(record["label"]))
-    if not texts:
-        raise _generate_first(run, "text")
-    return texts, labels
+    return synthetic_text_records(run, config.data.text_classes)
 
 
 def _checkpoint_state(run: RunDir, config: RunConfig, modality_name: str) -> dict[str, Tensor]:

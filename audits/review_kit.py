@@ -55,7 +55,8 @@ from fedgen.audits.review import (
     SOURCES,
     SYNTHETIC,
 )
-from fedgen.data.site import IMAGES_DIR, SiteData, load_images, load_site, split_indices
+from fedgen.data.check import IMAGES_DIR
+from fedgen.data.site import SiteData, load_images, load_site, split_indices
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
 from fedgen.generate import synthetic_image_files, synthetic_text_records

@@ -12,7 +12,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from fedgen.artifacts import RunDir
-from fedgen.data.site import IMAGE_SUFFIXES
+from fedgen.data.check import IMAGE_SUFFIXES
 from fedgen.files import atomic_dir, atomic_file, read_text_records, write_text
 from fedgen.errors import FedgenError
 from fedgen.modalities import ImageModality, TextModality
