@@ -17,7 +17,7 @@ balanced by ``fedgen generate --per-class`` no longer has the mix of the real re
 - whether the synthetic mix of classes differs from the training records' mix, and why.
 
 Inputs (report.json keys): ``records[modality][site] = {"train": {class: n}, "heldout":
-{class: n}}`` (the sites' counts), ``synthetic["per_class"][modality] = {class: n}``,
+{class: n}}`` (the sites' counts, ``record_counts`` at each site), ``synthetic["per_class"][modality] = {class: n}``,
 ``utility[modality]`` (``configs`` pooled and ``sites``), and, when the audit measured them,
 ``fidelity[modality]["per_class"]`` and ``fidelity[modality]["sites"]``.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MIN_TRAINING_RECORDS", "SERVED_WORSE_RATIO", "MIX_TOLERANCE", "bias_view", "mix_difference"]
+__all__ = ["MIN_TRAINING_RECORDS", "SERVED_WORSE_RATIO", "MIX_TOLERANCE", "record_counts", "bias_view", "mix_difference"]
 
 # A class or site whose synthetic-trained F1 is below this share of its real-trained F1 is
 # served clearly worse than its own records could serve it.
@@ -43,6 +43,15 @@ MIX_TOLERANCE = 0.1
 IMAGE_FIDELITY = ("precision", "recall", "coverage")
 TEXT_SITE_FIDELITY = ("frechet_distance",)
 TEXT_CLASS_FIDELITY = ("chars_mean", "type_token_ratio")
+
+
+def record_counts(train_labels: Sequence[int], heldout_labels: Sequence[int], *, class_names: Sequence[str]) -> dict:
+    """Site-side: ``{"train": {class: n}, "heldout": {class: n}}`` of the site's split (counts
+    only, as the utility audit's per-class support already says of the held-out split)."""
+    return {
+        part: {name: sum(1 for label in labels if int(label) == index) for index, name in enumerate(class_names)}
+        for part, labels in (("train", train_labels), ("heldout", heldout_labels))
+    }
 
 
 def _share(n: int, total: int) -> float | None:

@@ -23,11 +23,14 @@ from importlib import metadata
 import numpy as np
 
 from fedgen.artifacts import RunDir
+from fedgen.audits.bias import bias_view
 from fedgen.audits.empirical_eps import empirical_epsilon_from_histograms
 from fedgen.audits.fidelity import (
     NEAR_COPY_QUANTILE,
+    PRDC_KEYS,
     fid_from_stats,
     pool_near_copies,
+    pool_prdc_per_class,
     pool_sums,
     pool_text_class_stats,
     pool_weighted_mean,
@@ -54,7 +57,6 @@ HISTOGRAM_BINS = 200
 HISTOGRAM_MARGIN = 0.5
 MAX_ROC_POINTS = 200
 VERSIONED_PACKAGES = ("fedgen", "torch", "flwr", "opacus", "diffusers", "transformers", "peft", "presidio-analyzer")
-IMAGE_FIDELITY_KEYS = ("precision", "recall", "density", "coverage")
 
 
 def shared_edges(ranges: Sequence[Sequence[float]], *, bins: int = HISTOGRAM_BINS) -> np.ndarray:
@@ -151,15 +153,21 @@ def _image_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
     fidelity = [site["fidelity"] for site in sites]
     synthetic = extract_features(inputs.fidelity_extractor, inputs.synthetic_images[0]).numpy()
     real_stats = pool_sums([f["feature_stats"] for f in fidelity])
-    prdc = pool_weighted_mean([f["prdc"] for f in fidelity], keys=IMAGE_FIDELITY_KEYS, weight_key="n_real")
+    prdc = pool_weighted_mean([f["prdc"] for f in fidelity], keys=PRDC_KEYS, weight_key="n_real")
     result = {
         "extractor": _extractor_description(inputs),
         "fid_name": "FeatureNet FID" if inputs.inception is None else "Inception FID",
         "fid": fid_from_stats(real_stats, synthetic_feature_stats(synthetic)),
         "kid": pool_weighted_mean([f["kid"] for f in fidelity], keys=("kid_mean",), weight_key="n_real")["kid_mean"],
-        **{key: prdc[key] for key in IMAGE_FIDELITY_KEYS},
+        **{key: prdc[key] for key in PRDC_KEYS},
         "n_real": int(real_stats["n"]),
         "n_synthetic": len(synthetic),
+        "per_class": pool_prdc_per_class([f["per_class"] for f in fidelity]),
+        "sites": {
+            site["site"]: {key: site["fidelity"]["prdc"][key] for key in (*PRDC_KEYS, "n_real")}
+            | {"kid": site["fidelity"]["kid"]["kid_mean"]}
+            for site in sites
+        },
     }
     scored = [f["similarity"] for f in fidelity if f["similarity"]["n"] > 0]
     if scored:
@@ -176,9 +184,11 @@ def _text_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
     real = pool_sums([site["fidelity"]["embedding_stats"] for site in sites])
     real_classes = summarise_text_class_stats(pool_text_class_stats([site["fidelity"]["class_stats"] for site in sites]))
     synthetic_classes = summarise_text_class_stats(text_class_stats(texts, labels, class_names=names, real=False))
+    synthetic = text_embedding_stats(texts, real=False)
     return {
-        **text_fidelity(real, text_embedding_stats(texts, real=False)),
+        **text_fidelity(real, synthetic),
         "per_class": {name: {"real": real_classes[name], "synthetic": synthetic_classes[name]} for name in names},
+        "sites": {site["site"]: text_fidelity(site["fidelity"]["embedding_stats"], synthetic) for site in sites},
     }
 
 
@@ -257,15 +267,26 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def _class_counts(labels, names: list[str]) -> dict[str, int]:
+    labels = [int(label) for label in labels]
+    return {name: labels.count(index) for index, name in enumerate(names)}
+
+
 def _synthetic(inputs: AuditInputs) -> dict:
     run = inputs.run
     sheet = run.synthetic / "contact-sheet.png"
+    per_class = {}
+    if inputs.synthetic_images is not None:
+        per_class["image"] = _class_counts(inputs.synthetic_images[1].tolist(), inputs.config.data.image_classes)
+    if inputs.synthetic_texts is not None:
+        per_class["text"] = _class_counts(inputs.synthetic_texts[1], inputs.config.data.text_classes)
     return {
         "images_dir": str(run.synthetic / "images") if inputs.synthetic_images is not None else None,
         "contact_sheet": str(sheet) if inputs.synthetic_images is not None and sheet.is_file() else None,
         "texts": str(run.synthetic / "texts.jsonl") if inputs.synthetic_texts is not None else None,
         "n_images": 0 if inputs.synthetic_images is None else len(inputs.synthetic_images[1]),
         "n_texts": 0 if inputs.synthetic_texts is None else len(inputs.synthetic_texts[0]),
+        "per_class": per_class,
     }
 
 
@@ -308,6 +329,7 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
         "fidelity": {},
         "utility": {name: _utility(sites) for name, sites in answers.items()},
         "synthetic": _synthetic(inputs),
+        "records": {name: {site["site"]: site["records"] for site in sites} for name, sites in answers.items()},
     }
     if "image" in answers:
         report["image_memorisation"] = _image_memorisation(answers["image"])
@@ -315,6 +337,7 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
     if "text" in answers:
         report["phi"] = _phi(inputs.synthetic_texts[0], answers["text"], progress=progress)
         report["fidelity"]["text"] = _text_fidelity(inputs, answers["text"])
+    report["bias"] = bias_view(report)
     return report
 
 

@@ -12,8 +12,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedgen.audits.bias import record_counts
 from fedgen.audits.features import FeatureExtractor, FeatureNet, extract_features
-from fedgen.audits.fidelity import kid_at_site, near_copy_count, nearest_real_similarity, prdc, real_feature_stats
+from fedgen.audits.fidelity import (
+    kid_at_site,
+    near_copy_count,
+    nearest_real_similarity,
+    prdc,
+    prdc_per_class,
+    real_feature_stats,
+)
 from fedgen.audits.mia import image_loss_scores, image_pia_scores
 from fedgen.audits.site_answers import Scores, attack_summaries
 from fedgen.audits.utility import image_utility
@@ -73,11 +81,15 @@ def image_site_audit(
         **facts,
         "n_train": len(train[0]),
         "n_heldout": len(heldout[0]),
+        "records": record_counts(train[1].tolist(), heldout[1].tolist(), class_names=config.data.image_classes),
         "attacks": attack_summaries(scores, delta=facts["delta"]),
         "fidelity": {
             "feature_stats": real_feature_stats(real_features.numpy()),
             "kid": kid_at_site(real_features, synthetic_features, seed=config.seed),
             "prdc": prdc(real_features, synthetic_features),
+            "per_class": prdc_per_class(
+                real_features, real_labels, synthetic_features, synthetic_labels, class_names=config.data.image_classes
+            ),
             "similarity": nearest_real_similarity(synthetic, synthetic_labels, real, real_labels),
         },
         # Counts only: the thresholds are distances between two of the site's images.

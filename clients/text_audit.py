@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedgen.audits.bias import record_counts
 from fedgen.audits.fidelity import text_class_stats, text_embedding_stats
 from fedgen.audits.mia import canary_exposure, text_attack_scores
 from fedgen.audits.site_answers import Scores, attack_summaries
@@ -212,6 +213,7 @@ def text_site_audit(
         **facts,
         "n_train": len(train),
         "n_heldout": len(heldout),
+        "records": record_counts([label for _, label in train], [label for _, label in heldout], class_names=names),
         "attacks": attack_summaries(scores, delta=facts["delta"]),
         "canary_exposure": canary_exposure_at_site(modality, site, model),
         "memorisation": text_memorisation(synthetic_texts, site, config),

@@ -187,7 +187,7 @@ def audited(tmp_path_factory):
 def test_report_has_every_section_for_both_modalities(audited):
     _, _, report = audited
     assert set(report) == {
-        "run", "privacy", "membership", "phi", "image_memorisation", "fidelity", "utility", "synthetic"
+        "run", "privacy", "membership", "phi", "image_memorisation", "fidelity", "utility", "synthetic", "records", "bias"
     }
     assert report["run"]["modalities"] == ["image", "text"] and report["run"]["dp"] is True
     assert set(report["membership"]["image"]["attacks"]) == {"loss", "pia"}
@@ -199,6 +199,26 @@ def test_report_has_every_section_for_both_modalities(audited):
     assert report["fidelity"]["image"]["fid_name"] == "FeatureNet FID"
     assert math.isfinite(report["fidelity"]["image"]["fid"])
     json.loads(json.dumps(report))  # JSON all the way down
+
+
+@pytest.mark.e2e
+def test_report_counts_records_per_site_and_class_for_the_bias_view(audited):
+    _, _, report = audited
+    classes = report["run"]["config"]["data"]["image_classes"]
+    for modality in ("image", "text"):
+        for site in SITES:  # half of each class's 10 records per site train
+            counts = report["records"][modality][site]
+            assert counts["train"] == counts["heldout"] == dict.fromkeys(counts["train"], PER_CLASS // 2)
+        bias = report["bias"]["modalities"][modality]
+        assert [row["site"] for row in bias["sites"]] == list(SITES) and bias["sites"][0]["train_share"] == 0.5
+        assert all(row["synthetic"] == SYNTHETIC_PER_CLASS for row in bias["classes"])
+        assert bias["mix"]["differs"] is False  # balanced sites, balanced synthetic set
+    assert report["synthetic"]["per_class"]["image"] == dict.fromkeys(classes, SYNTHETIC_PER_CLASS)
+    # per class: 2 sites x 10 real images, too few for a per-class PRDC at either site
+    assert report["fidelity"]["image"]["per_class"] == {c: {"n_real": 2 * PER_CLASS} for c in classes}
+    assert set(report["fidelity"]["image"]["sites"]) == set(SITES)
+    assert report["fidelity"]["image"]["sites"]["site-a"]["n_real"] == 5 * PER_CLASS
+    assert all(math.isfinite(s["frechet_distance"]) for s in report["fidelity"]["text"]["sites"].values())
 
 
 @pytest.mark.e2e
