@@ -415,6 +415,123 @@ def _utility_section(report: dict) -> list[dict]:
     return blocks
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _fidelity_headers(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row["fidelity"]))
+
+
+def _bias_rows(rows: list[dict], label: str, headers: list[str]) -> list[dict]:
+    return [
+        {
+            "name": row[label],
+            "counts": [
+                f"{_number(row[part])} ({_share(row[f'{part}_share'])})"
+                for part in ("train", "synthetic", "heldout")
+                if part in row
+            ],
+            "f1": [_number(row["f1_real"]), _number(row["f1_synthetic"]), _number(row["f1_ratio"])],
+            "fidelity": [_number(row["fidelity"].get(key)) for key in headers],
+            "flagged": bool(row["warnings"]),
+        }
+        for row in rows
+    ]
+
+
+def _bias_section(report: dict) -> dict | None:
+    bias = report.get("bias")
+    if not bias:
+        return None
+    blocks = []
+    for modality, view in sorted((bias.get("modalities") or {}).items()):
+        class_headers, site_headers = _fidelity_headers(view["classes"]), _fidelity_headers(view["sites"])
+        pooled = view["pooled"]
+        mix = view["mix"]
+        blocks.append({
+            "modality": modality,
+            "warnings": view["warnings"],
+            "mix": {"differs": mix["differs"], "distance": _number(mix["distance"], 2), "reason": mix["reason"]},
+            "class_fidelity": [key.replace("_", " ") for key in class_headers],
+            "classes": _bias_rows(view["classes"], "class", class_headers),
+            "site_fidelity": [key.replace("_", " ") for key in site_headers],
+            "sites": _bias_rows(view["sites"], "site", site_headers),
+            "pooled": {
+                "counts": [_number(pooled["train"]), _number(pooled["synthetic"]), _number(pooled["heldout"])],
+                "f1": [_number(pooled["f1_real"]), _number(pooled["f1_synthetic"]), _number(pooled["f1_ratio"])],
+                "class_fidelity": [_number(pooled["fidelity"].get(key)) for key in class_headers],
+                "site_fidelity": [_number(pooled["fidelity"].get(key)) for key in site_headers],
+            },
+        })  # fmt: skip
+    thresholds = bias.get("thresholds") or {}
+    return {
+        "blocks": blocks,
+        "ratio": _number(thresholds.get("served_worse_ratio")),
+        "min_records": _number(thresholds.get("min_training_records")),
+        "mix_tolerance": _number(thresholds.get("mix_tolerance")),
+    }
+
+
+def _estimate(share: dict | None, *, test: bool = False) -> str:
+    """"0.62 (0.55–0.69), 120 answers" from a review proportion; with the chance test's p."""
+    if not share or share.get("value") is None:
+        return "no answers"
+    low, high = share["ci"]
+    text = f"{share['value']:.2f} ({low:.2f}–{high:.2f}), {share['k']} of {share['n']}"
+    if test and share.get("p_value") is not None:
+        text += f"; p = {_number(share['p_value'], 2)} against 0.5"
+    return text
+
+
+def _kappa(agreement: dict, what: str) -> str:
+    if not agreement.get("method"):
+        return agreement.get("note") or "not measured"
+    measured = agreement[what]
+    return f"{_number(measured['kappa'], 2)} ({agreement['method']}, {measured['n_items']} items)"
+
+
+def _review_section(report: dict) -> dict | None:
+    review = report.get("review")
+    if not review:
+        return None
+    blocks = []
+    for modality, section in sorted((review.get("modalities") or {}).items()):
+        pooled = section["pooled"]
+        reading = pooled["reading"]
+        blocks.append({
+            "modality": modality,
+            "n_items": _number(section["n_items"]),
+            "n_reviewers": _number(section["n_reviewers"]),
+            "detection": _estimate(pooled["detection"], test=True),
+            "synthetic_called_synthetic": _estimate(pooled["synthetic_called_synthetic"]),
+            "real_called_real": _estimate(pooled["real_called_real"]),
+            "reading": [("synthetic items read as the class they were generated for", _estimate(reading["synthetic"])),
+                        ("real items read as their recorded class", _estimate(reading["real"]))],
+            "per_class": [
+                (name, _estimate(share, test=True),
+                 _estimate((reading["per_class"].get(name) or {}).get("synthetic")),
+                 _estimate((reading["per_class"].get(name) or {}).get("real")))
+                for name, share in pooled["per_class"].items()
+            ],
+            "by_confidence": [(level, _estimate(share)) for level, share in sorted(pooled["by_confidence"].items())],
+            "sites": [
+                {
+                    "site": site,
+                    "n_items": _number(entry["n_items"]),
+                    "n_reviewers": _number(entry["n_reviewers"]),
+                    "detection": _estimate(entry["detection"], test=True),
+                    "reviewers": [(label, _estimate(share, test=True)) for label, share in entry["reviewers"].items()],
+                    "source_kappa": _kappa(entry["agreement"], "source"),
+                    "reading_kappa": _kappa(entry["agreement"], "reading"),
+                }
+                for site, entry in sorted(section["sites"].items())
+            ],
+        })  # fmt: skip
+    confidence = review.get("confidence")
+    return {"blocks": blocks, "sites": ", ".join(review.get("sites") or []), "confidence": _confidence(None if confidence is None else 1 - confidence)}
+
+
 def _contact_sheet(report: dict, run_root: Path) -> tuple[str | None, str]:
     """The synthetic contact sheet as a data URI — only a PNG inside the run's synthetic folder."""
     recorded = (report.get("synthetic") or {}).get("contact_sheet")
@@ -501,6 +618,8 @@ def render_html(report: dict, *, run_root: Path) -> str:
         image_memorisation=_image_memorisation_section(report),
         fidelity=_fidelity_section(report),
         utility=_utility_section(report),
+        bias=_bias_section(report),
+        review=_review_section(report),
         contact_sheet=contact_sheet,
         contact_sheet_caption=contact_sheet_caption,
         n_images=_number(synthetic.get("n_images")),

@@ -59,6 +59,7 @@ __all__ = [
     "read_key",
     "read_answers",
     "score_kit",
+    "read_scores",
     "pool_scores",
 ]
 
@@ -371,6 +372,14 @@ def _pool_figures(figures: list[dict]) -> dict:
             "per_class": per_class_reading,
         },
     }
+
+
+def read_scores(path: str | Path) -> dict:
+    """A site's SCORES.json (written by ``fedgen review score``)."""
+    path = Path(path)
+    scores = _read_json(path, "a site's review scores")
+    _check_scores(scores, str(path))
+    return scores
 
 
 def _check_scores(scores: dict, where: str) -> None:

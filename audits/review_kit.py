@@ -7,6 +7,9 @@
       answer-key.json  which item is real and of which class: stays with the site
       README.txt       what to hand to whom
 
+The kit goes inside the site folder, or inside the folder its site.toml names as
+``review_dir`` (e.g. a share reserved for the site's clinicians): nowhere else.
+
 The page shows a shuffled mix of the site's HELD-OUT real records (the split the federation
 did not train on) and the run's synthetic records, the same number of each per class, and
 asks per item: real or synthetic, how confident, and which class the reviewer reads. It
@@ -45,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from fedgen.artifacts import RunDir
+from fedgen.audits.report import REPORT_JSON
 from fedgen.audits.review import (
     ANSWERS_FORMAT,
     CONFIDENCE_LEVELS,
@@ -55,13 +59,14 @@ from fedgen.audits.review import (
     SOURCES,
     SYNTHETIC,
 )
+from fedgen.config import RunConfig
 from fedgen.data.check import IMAGES_DIR
 from fedgen.data.site import SiteData, load_images, load_site, split_indices
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
 from fedgen.generate import synthetic_image_files, synthetic_text_records
 
-__all__ = ["DEFAULT_PER_CLASS", "KIT_README", "Kit", "build_kit", "kit_location", "blind_png", "blind_text"]
+__all__ = ["DEFAULT_PER_CLASS", "KIT_README", "Kit", "build_kit", "open_synthetic", "kit_location", "blind_png", "blind_text"]
 
 DEFAULT_PER_CLASS = 10  # real items per class (and as many synthetic): 2 x 10 x 5 classes = 100 items
 KIT_README = "README.txt"
@@ -73,7 +78,7 @@ run {run}, site {site}, made {created}
 
 {page}
     Give this page to the reviewers. It holds real held-out records of this site: keep it
-    where this site's records may be (it was written inside the site folder for that reason).
+    where this site's records may be (it was written inside the site's folders for that reason).
     Each reviewer opens it in a browser (no network is used), answers every item and presses
     "Save answers", which downloads one answers file per reviewer.
 
@@ -125,15 +130,18 @@ def _uint8(images) -> np.ndarray:
 
 def kit_location(site: SiteData, out: str | Path) -> Path:
     """``out``, resolved, after checking that real records may go there: inside the site folder
-    (not its images/ folder, which holds the site's data) and not an existing folder."""
+    (not its images/ folder, which holds the site's data) or inside the folder the site names
+    in site.toml as ``review_dir``; and not an existing folder with content."""
     out = Path(out).resolve()
     root = site.root.resolve()
-    if out == root:
-        raise FedgenError(f"{out} is the site folder itself: name a new folder inside it (e.g. --out {root / 'review-kit'})")
-    if not out.is_relative_to(root):
+    allowed = [root] + ([site.review_dir.resolve()] if site.review_dir is not None else [])
+    if out in allowed:
+        raise FedgenError(f"{out} is the site's own folder: name a new folder inside it (e.g. --out {out / 'review-kit'})")
+    if not any(out.is_relative_to(folder) for folder in allowed):
+        named = f" or the review_dir of its site.toml ({allowed[1]})" if len(allowed) > 1 else " (or a review_dir the site names in site.toml)"
         raise FedgenError(
-            f"{out} is outside the site folder {root}: a review kit holds real records and is written "
-            f"only inside the site folder (e.g. --out {root / 'review-kit'})"
+            f"{out} is outside the site folder {root}: a review kit holds real records and is written only "
+            f"inside the site folder{named}; e.g. --out {root / 'review-kit'}"
         )
     if out.is_relative_to(root / IMAGES_DIR):
         raise FedgenError(f"{out} is inside the site's {IMAGES_DIR}/ folder: choose a folder beside it")
@@ -174,8 +182,7 @@ def _heldout(labels: list[int], site: SiteData, split_seed: int) -> list[int]:
     return heldout.tolist()
 
 
-def _image_items(run: RunDir, site: SiteData, rng: np.random.Generator, limit: int) -> list[_Item]:
-    config = run.config()
+def _image_items(run: RunDir, config: RunConfig, site: SiteData, rng: np.random.Generator, limit: int) -> list[_Item]:
     classes = config.data.image_classes
     synthetic_paths, synthetic_labels = synthetic_image_files(run, classes)
     heldout = _heldout(site.image_labels, site, config.data.split_seed)
@@ -198,8 +205,7 @@ def _image_items(run: RunDir, site: SiteData, rng: np.random.Generator, limit: i
     ]
 
 
-def _text_items(run: RunDir, site: SiteData, rng: np.random.Generator, limit: int) -> list[_Item]:
-    config = run.config()
+def _text_items(run: RunDir, config: RunConfig, site: SiteData, rng: np.random.Generator, limit: int) -> list[_Item]:
     synthetic_texts, synthetic_labels = synthetic_text_records(run, config.data.text_classes)
     heldout = _heldout(site.text_labels, site, config.data.split_seed)
     real_labels = [site.text_labels[i] for i in heldout]
@@ -250,8 +256,28 @@ def render_page(kit_id: str, sections: dict[str, dict]) -> str:
 # --------------------------------------------------------------------------- building
 
 
+def open_synthetic(folder: str | Path) -> tuple[RunDir, RunConfig, str]:
+    """(folder, run configuration, run id) of a run folder or of a release of one.
+
+    A release (``fedgen release``: synthetic/ and audit/report.json, no config.toml) is what a
+    site should review: its synthetic data passed the audit. The configuration and the run id
+    then come from the report.
+    """
+    run = RunDir(folder)
+    if run.config_path.is_file():
+        return run, run.config(), run.root.name
+    report_path = run.root / "audit" / REPORT_JSON
+    if not report_path.is_file():
+        raise FedgenError(f"{run.root} is neither a fedgen run folder (no config.toml) nor a release of one (no audit/{REPORT_JSON})")
+    try:
+        recorded = json.loads(report_path.read_text(encoding="utf-8"))["run"]
+        return run, RunConfig.model_validate(recorded["config"]), str(recorded["id"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FedgenError(f"{report_path}: not an audit report with the run's configuration ({err})") from None
+
+
 def build_kit(
-    run: RunDir,
+    source: str | Path,
     site_dir: str | Path,
     out: str | Path,
     *,
@@ -259,20 +285,21 @@ def build_kit(
     modalities: Sequence[str] | None = None,
     seed: int | None = None,
 ) -> Kit:
-    """Write a review kit for ``run``'s synthetic data and the site's held-out records into ``out``.
+    """Write a review kit for the synthetic data of ``source`` (a run folder, or a release of one)
+    and the site's held-out records into ``out``.
 
-    ``out`` must be a new folder inside the site folder (``kit_location``). ``per_class``: real
+    ``out`` must be a new folder inside the site folder or its ``review_dir`` (``kit_location``). ``per_class``: real
     items per class, at most (each class gets as many real as synthetic items: the smaller of
     its held-out and synthetic counts, capped). ``seed`` fixes the choice and the order (tests);
     by default both come from the operating system's randomness.
     """
     if per_class < 1:
         raise FedgenError(f"--per-class must be at least 1, got {per_class}")
-    config = run.config()
+    run, config, run_id = open_synthetic(source)
     wanted = list(modalities) if modalities else list(config.modalities)
     unknown = [m for m in wanted if m not in config.modalities]
     if unknown:
-        raise FedgenError(f"run {run.root.name} has no {unknown[0]} model (its modalities: {', '.join(config.modalities)})")
+        raise FedgenError(f"run {run_id} has no {unknown[0]} model (its modalities: {', '.join(config.modalities)})")
     site = load_site(site_dir, config.data, modalities=wanted, channels=config.image.channels if "image" in wanted else None)
     target = kit_location(site, out)
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
@@ -281,7 +308,7 @@ def build_kit(
     sections, key_sections, items_per_class = {}, {}, {}
     for modality in wanted:
         classes = config.data.image_classes if modality == "image" else config.data.text_classes
-        items = ITEM_BUILDERS[modality](run, site, rng, per_class)
+        items = ITEM_BUILDERS[modality](run, config, site, rng, per_class)
         if not items:
             continue
         order = rng.permutation(len(items))
@@ -312,13 +339,13 @@ def build_kit(
     key = {
         "format": KEY_FORMAT,
         "kit": kit_id,
-        "run": run.root.name,
+        "run": run_id,
         "site": site.name,
         "created_at": created,
         "page_sha256": hashlib.sha256(page.encode("utf-8")).hexdigest(),
         "modalities": key_sections,
     }
-    readme = README_TEXT.format(kit=kit_id, run=run.root.name, site=site.name, created=created, page=KIT_PAGE, key=KIT_KEY, kit_dir=target)
+    readme = README_TEXT.format(kit=kit_id, run=run_id, site=site.name, created=created, page=KIT_PAGE, key=KIT_KEY, kit_dir=target)
     with atomic_dir(target) as staging:
         (staging / KIT_PAGE).write_text(page, encoding="utf-8")
         (staging / KIT_KEY).write_text(json.dumps(key, indent=2), encoding="utf-8")

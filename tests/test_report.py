@@ -269,3 +269,73 @@ def test_audit_phi_names_a_bad_line(tmp_path):
     result = runner.invoke(app, ["audit", "phi", "--texts", str(texts)])
     assert result.exit_code == 1
     assert "line 2" in result.output
+
+
+# --- the bias view and the clinical review --------------------------------------------------------
+
+
+def _bias_and_review(tmp_path) -> tuple[dict, list]:
+    """A bias view with a badly served class and site, and two sites' review scores of run r1."""
+    from fedgen.audits.bias import bias_view
+    from fedgen.audits.review import score_kit
+    from tests.test_bias import constructed_report
+    from tests.test_review import FIRST, SECOND, write_answers, write_key
+
+    constructed = constructed_report(
+        train={"site-a": {"No_DR": 400, "Mild": 150, "Severe": 20}, "site-b": {"No_DR": 300, "Mild": 100, "Severe": 10}},
+        synthetic={"No_DR": 100, "Mild": 100, "Severe": 100},
+        class_f1={"No_DR": (0.9, 0.8), "Mild": (0.8, 0.55), "Severe": (0.6, 0.18)},
+        site_f1={"site-a": (0.8, 0.6), "site-b": (0.9, 0.4)},
+    )
+    scores = []
+    for n, (site, plan) in enumerate((("site-a", FIRST), ("site-b", SECOND))):
+        kit = write_key(tmp_path / f"kit-{site}", kit=f"k{n}", site=site)
+        answers = [write_answers(tmp_path / f"{site}-{r}.json", f"Dr {r}", plan, kit=f"k{n}") for r in ("X", "Y")]
+        scores.append(score_kit(kit, answers))
+    return constructed | {"bias": bias_view(constructed)}, scores
+
+
+def test_the_report_shows_who_is_served_badly_and_the_clinical_review(tmp_path, policy):
+    from fedgen.audits.review import pool_scores
+
+    run = _run_with_sheet(tmp_path)
+    extra, scores = _bias_and_review(tmp_path)
+    report = _refused_report(run, policy) | extra | {"review": pool_scores(scores, run_id="r1")}
+    _, html_path = write_report(run.audit, report)
+    html = html_path.read_text()
+    bias = html[html.index("7. Who the synthetic data serves") : html.index("8. Clinical review")]
+    assert "3 warning(s) for the image data" in bias  # Severe twice, site-b once
+    assert "class Severe: a classifier trained on synthetic data scores F1 0.18" in bias
+    assert "site site-b: a classifier trained on synthetic data scores macro-F1 0.40" in bias
+    assert "The synthetic mix of classes differs from the real one" in bias and "--per-class" in bias
+    assert "700 (71%)" in bias and "<td class=\"num\">980</td>" in bias  # pooled over sites, with the share
+    review = html[html.index("8. Clinical review") : html.index("9. Synthetic data")]
+    assert "What this shows" in review and "What it does not show" in review
+    # both sites' reviewers answered every item twice (two reviewers each): 2 x 6 + 2 x 5 of 32
+    assert "0.69 (0.50–0.84), 22 of 32; p = 0.05 against 0.5" in review
+    assert "Cohen&#39;s kappa, 8 items" in review and "site-a" in review and "site-b" in review
+
+
+def test_a_report_without_review_says_how_to_run_one(tmp_path, policy):
+    run = _run_with_sheet(tmp_path)
+    _, html_path = write_report(run.audit, _refused_report(run, policy))
+    html = html_path.read_text()
+    assert "No clinical review was recorded" in html and "fedgen review kit" in html
+
+
+def test_audit_review_pools_the_sites_scores_into_the_report(tmp_path, monkeypatch):
+    run = _run_with_sheet(tmp_path)
+    _fake_runner(monkeypatch, example_report())
+    _, scores = _bias_and_review(tmp_path)
+    files = []
+    for n, site_scores in enumerate(scores):
+        files.append(tmp_path / f"scores-{n}.json")
+        files[-1].write_text(json.dumps(site_scores | {"run": run.root.name}))
+    result = runner.invoke(app, ["audit", str(run.root), "--review", str(files[0]), "--review", str(files[1])])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run.audit / "report.json").read_text())
+    assert saved["review"]["sites"] == ["site-a", "site-b"]
+    assert saved["review"]["modalities"]["image"]["pooled"]["detection"]["k"] == 22
+    # a kit of another run is refused before the audit starts
+    result = runner.invoke(app, ["audit", str(run.root), "--review", str(tmp_path / "scores-0.json"), "--review", str(tmp_path / "site-a-X.json")])
+    assert result.exit_code == 1 and "not a fedgen review scores file" in result.output

@@ -27,7 +27,7 @@ def wait_until(browser: Chromium, expression: str, value, *, tries: int = 100) -
 def kit(tmp_path):
     run = make_run(tmp_path / "runs")
     site = make_site(tmp_path)
-    return build_kit(run, site, site / "review-kit", per_class=2, seed=0)
+    return build_kit(run.root, site, site / "review-kit", per_class=2, seed=0)
 
 
 def test_a_reviewer_answers_every_item_in_chromium_and_the_saved_file_scores(tmp_path, kit):

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import struct
 import unicodedata
 from pathlib import Path
@@ -82,7 +83,7 @@ def make_site(root: Path) -> Path:
 def made(tmp_path):
     run = make_run(tmp_path / "runs")
     site = make_site(tmp_path)
-    kit = build_kit(run, site, site / "review-kit", per_class=3, seed=0)
+    kit = build_kit(run.root, site, site / "review-kit", per_class=3, seed=0)
     return run, site, kit
 
 
@@ -126,7 +127,7 @@ def test_every_file_of_the_kit_is_inside_the_site_folder(tmp_path):
     run = make_run(tmp_path / "runs")
     site = make_site(tmp_path)
     before = {p for p in tmp_path.rglob("*")}
-    kit = build_kit(run, site, site / "kits" / "first", per_class=3, seed=0)
+    kit = build_kit(run.root, site, site / "kits" / "first", per_class=3, seed=0)
     written = {p for p in tmp_path.rglob("*")} - before
     assert written and all(p.resolve().is_relative_to(site.resolve()) for p in written)
     assert {p.name for p in kit.root.iterdir()} == {KIT_PAGE, KIT_KEY, KIT_README}
@@ -138,9 +139,27 @@ def test_every_file_of_the_kit_is_inside_the_site_folder(tmp_path):
     assert base64.b64decode(shown[real]) == blind_png(((view[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
     # refused, writing nothing: outside the site, in the run folder, inside images/, an existing kit
     for out in (tmp_path / "elsewhere", run.root / "kit", site / "images" / "kit", site, kit.root, site / ".." / "x"):
-        with pytest.raises(FedgenError, match="outside the site folder|site folder itself|images/|already exists"):
-            build_kit(run, site, out, per_class=3, seed=0)
+        with pytest.raises(FedgenError, match="outside the site folder|site.s own folder|images/|already exists"):
+            build_kit(run.root, site, out, per_class=3, seed=0)
     assert {p for p in tmp_path.rglob("*")} - before == written
+
+
+def test_a_kit_may_go_to_the_review_dir_the_site_names_and_nowhere_else(tmp_path):
+    run = make_run(tmp_path / "runs")
+    site = make_site(tmp_path)
+    share = tmp_path / "clinicians-share"
+    with (site / "site.toml").open("a", encoding="utf-8") as toml:
+        toml.write(f'review_dir = "{share}"\n')
+    before = {p for p in tmp_path.rglob("*")}
+    kit = build_kit(run.root, site, share / "kit-1", per_class=2, seed=0)
+    written = {p for p in tmp_path.rglob("*")} - before
+    assert kit.root == (share / "kit-1").resolve()
+    assert written and all(p.resolve().is_relative_to(share.resolve()) for p in written)
+    with pytest.raises(FedgenError, match="or the review_dir of its site.toml"):
+        build_kit(run.root, site, tmp_path / "elsewhere", per_class=2, seed=0)
+    (site / "site.toml").write_text('name = "site-a"\nreview_dir = 3\n', encoding="utf-8")
+    with pytest.raises(FedgenError, match="review_dir = 3 must be a folder path"):
+        build_kit(run.root, site, share / "kit-2", per_class=2, seed=0)
 
 
 def test_no_file_name_metadata_size_or_encoding_tells_real_from_synthetic(made):
@@ -198,7 +217,51 @@ def test_a_site_without_held_out_records_of_the_run_classes_gets_a_clear_error(t
         path.unlink()
     run_synthetic.rmdir()
     with pytest.raises(FedgenError, match="nothing to review"):
-        build_kit(run, site, site / "kit", seed=0)
+        build_kit(run.root, site, site / "kit", seed=0)
     assert not (site / "kit").exists()
     with pytest.raises(FedgenError, match="no text model"):
-        build_kit(run, site, site / "kit", modalities=["text"], seed=0)
+        build_kit(run.root, site, site / "kit", modalities=["text"], seed=0)
+
+
+def test_the_review_commands_make_a_kit_and_score_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedgen.audits.review import ANSWERS_FORMAT, SCORES_FORMAT
+    from fedgen.cli import app
+
+    runner = CliRunner()
+    run = make_run(tmp_path / "runs")
+    site = make_site(tmp_path)
+    made = runner.invoke(app, ["review", "kit", str(run.root), "--data", str(site), "--out", str(site / "kit"), "--per-class", "2"])
+    assert made.exit_code == 0, made.output
+    assert "image: 8 items" in made.output and "text: 8 items" in made.output and KIT_PAGE in made.output
+    refused = runner.invoke(app, ["review", "kit", str(run.root), "--data", str(site), "--out", str(tmp_path / "out")])
+    assert refused.exit_code == 1 and "outside the site folder" in refused.output and not (tmp_path / "out").exists()
+
+    key = json.loads((site / "kit" / KIT_KEY).read_text(encoding="utf-8"))
+    truth = {i: t for section in key["modalities"].values() for i, t in section["items"].items()}
+    answers = {i: {"source": "real", "confidence": 2, "reading": t["class"]} for i, t in truth.items()}  # always "real"
+    path = tmp_path / "answers.json"
+    path.write_text(json.dumps({"format": ANSWERS_FORMAT, "kit": key["kit"], "reviewer": "Dr R", "answers": answers}))
+    scored = runner.invoke(app, ["review", "score", str(site / "kit"), str(path)], env={"COLUMNS": "200"})
+    assert scored.exit_code == 0, scored.output
+    scores = json.loads((site / "kit" / "SCORES.json").read_text(encoding="utf-8"))
+    assert scores["format"] == SCORES_FORMAT and scores["site"] == "site-a"
+    assert scores["modalities"]["image"]["pooled"]["detection"]["value"] == 0.5
+    # 4 of 8 right per modality: Clopper-Pearson (0.157, 0.843), p = 1
+    assert "0.50 (0.16-0.84)" in scored.output and f"reviewer 1: {path}" in scored.output
+
+
+def test_a_release_of_the_run_serves_as_well_as_the_run_folder(tmp_path):
+    """A site reviews the released synthetic data: synthetic/ and audit/report.json, no config.toml."""
+    run = make_run(tmp_path / "runs")
+    site = make_site(tmp_path)
+    release = tmp_path / "release"
+    shutil.copytree(run.synthetic, release / "synthetic")
+    (release / "audit").mkdir()
+    report = {"run": {"id": "r1", "config": json.loads(json.dumps(run.config().model_dump()))}}
+    (release / "audit" / "report.json").write_text(json.dumps(report), encoding="utf-8")
+    kit = build_kit(release, site, site / "kit", per_class=2, seed=0)
+    assert read_key(kit.root).run == "r1" and kit.items_per_class["image"] == {"No_DR": 2, "Mild": 2}
+    with pytest.raises(FedgenError, match="neither a fedgen run folder"):
+        build_kit(tmp_path / "nothing", site, site / "kit-2", seed=0)

@@ -1,6 +1,6 @@
 """The `fedgen` command line. Commands validate their input, then call plain functions.
 
-Each group of commands lives in its own module (data, run, consortium, audit); this module
+Each group of commands lives in its own module (data, run, consortium, audit, review); this module
 builds the command tree. A user mistake (FedgenError) is shown as one line on stderr with exit
 code 1 (fedgen.cli.common.Group); anything else is a bug and stays loud.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from fedgen.cli import audit, consortium, data, run
+from fedgen.cli import audit, consortium, data, review, run
 from fedgen.cli.common import EXIT_REFUSED, EXIT_USER_ERROR, Group
 
 __all__ = ["app", "EXIT_USER_ERROR", "EXIT_REFUSED"]
@@ -43,3 +43,10 @@ audit_app.command(audit.AUDIT_RUN_COMMAND)(audit.audit_run)
 audit_app.command("phi")(audit.audit_phi)
 app.add_typer(audit_app, name="audit")
 app.command()(audit.release)
+
+review_app = typer.Typer(
+    cls=Group, help="A blinded real-or-synthetic review by clinicians, run at a site.", no_args_is_help=True
+)
+review_app.command("kit")(review.review_kit)
+review_app.command("score")(review.review_score)
+app.add_typer(review_app, name="review")

@@ -55,6 +55,7 @@ def audit_run(
     port: Annotated[int, typer.Option(help="With --deployment: port of the SuperLink.")] = 9092,
     host: Annotated[str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
     inception: Annotated[Path | None, typer.Option(help="A local TorchScript Inception-v3 detector (like inception-2015-12-05.pt) for FID, KID and precision/recall instead of the audit's FeatureNet; every site must hold it at the same path. Never downloaded.")] = None,
+    review: Annotated[list[Path] | None, typer.Option(help="A site's SCORES.json from `fedgen review score` (repeatable): the sites' blinded clinical review, pooled into the report.")] = None,
 ) -> None:
     """Run the pre-release audits, apply the release gate, write audit/report.{json,html}.
 
@@ -79,6 +80,7 @@ def audit_run(
         from fedgen.audits.features import load_inception
 
         load_inception(inception)
+    clinical_review = _pooled_review(review, run.root.name) if review else None  # and a bad scores file
     if deployment:
         from fedgen.server.deploy import serve_audit
         from fedgen.server.superlink import check_listen_address
@@ -90,16 +92,29 @@ def audit_run(
         json_path = serve_audit(run, certs=consortium, policy=policy, inception=inception, port=port, host=host, echo=echo_line)
         html_path = json_path.with_name(REPORT_HTML)
         report = json.loads(json_path.read_text(encoding="utf-8"))
+        if clinical_review is not None:  # not part of the gate: added beside its decision
+            report["review"] = clinical_review
+            json_path, html_path = write_report(run.audit, report)
     else:
         from fedgen.simulations.engine import run_audit
 
         audited_files = synthetic_manifest(run.synthetic)  # fingerprints of what is audited
-        report = record_decision(run_audit(run, sites=site or None, inception=inception), release_policy, audited_files=audited_files)
+        report = run_audit(run, sites=site or None, inception=inception)
+        if clinical_review is not None:
+            report["review"] = clinical_review
+        report = record_decision(report, release_policy, audited_files=audited_files)
         json_path, html_path = write_report(run.audit, report)
     if json_output:
         print(json.dumps(report["gate"] | {"report_json": str(json_path), "report_html": str(html_path)}))
     else:
         _print_decision(report["gate"], json_path, html_path)
+
+
+def _pooled_review(paths: list[Path], run_id: str) -> dict:
+    """The sites' review scores pooled for the report (each file must score a kit of this run)."""
+    from fedgen.audits.review import pool_scores, read_scores
+
+    return pool_scores([read_scores(path) for path in paths], run_id=run_id, sources=[str(path) for path in paths])
 
 
 def audit_phi(

@@ -5,7 +5,7 @@ The site folder (see DESIGN.md)::
     SITE_DIR/
       images/<class name>/*.png|*.jpg|*.jpeg   any size, gray or RGB
       texts.jsonl   one {"text": ..., "label": <class name>} per line (extra keys ignored)
-      site.toml     optional: name, heldout_fraction, epsilon_budget
+      site.toml     optional: name, heldout_fraction, epsilon_budget, review_dir
 
 `check_site` reads everything once and reports every problem it finds; it never writes
 anything. fedgen.data.site loads a site only when this finds nothing wrong. Labels are indices
@@ -48,7 +48,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGES_DIR = "images"
 TEXTS_FILE = "texts.jsonl"
 SITE_TOML = "site.toml"
-SITE_TOML_KEYS = ("name", "heldout_fraction", "epsilon_budget")
+SITE_TOML_KEYS = ("name", "heldout_fraction", "epsilon_budget", "review_dir")
 MODALITIES = ("image", "text")
 
 GRAY, RGB = "gray", "RGB"
@@ -208,6 +208,8 @@ def _site_setting_problem(key: str, value: object) -> str | None:
         return f"heldout_fraction = {value!r} must be a number between 0 and 1 (exclusive)"
     if key == "epsilon_budget" and not (_is_number(value) and value > 0):
         return f"epsilon_budget = {value!r} must be a number greater than 0"
+    if key == "review_dir" and not (isinstance(value, str) and value.strip()):
+        return f"review_dir = {value!r} must be a folder path (absolute, or relative to the site folder)"
     return None
 
 

@@ -48,6 +48,8 @@ class SiteData:
     text_labels: list[int]
     heldout_fraction: float
     epsilon_budget: float | None
+    # Where the site keeps review kits (they hold real records) besides its own folder; None: none.
+    review_dir: Path | None = None
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -79,6 +81,7 @@ def load_site(
         text_labels=[label for _, label in scan.texts],
         heldout_fraction=scan.settings.get("heldout_fraction", data.heldout_fraction),
         epsilon_budget=scan.settings.get("epsilon_budget"),
+        review_dir=root / scan.settings["review_dir"] if "review_dir" in scan.settings else None,
     )
 
 
