@@ -34,7 +34,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from scipy.stats import beta, binomtest
@@ -334,7 +334,7 @@ def score_kit(kit_dir: str | Path, answer_files: Sequence[str | Path]) -> dict:
         "site": key.site,
         "n_reviewers": len(reviewers),
         "confidence": CONFIDENCE,
-        "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scored_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "modalities": modalities,
     }
 

@@ -40,7 +40,7 @@ import secrets
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jinja2
@@ -335,7 +335,7 @@ def build_kit(
         )
 
     page = render_page(kit_id, sections)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     key = {
         "format": KEY_FORMAT,
         "kit": kit_id,

@@ -184,7 +184,7 @@ class Chromium:
             os.close(self._commands)
             os.close(self._replies)
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -30,6 +30,7 @@ def kit(tmp_path):
     return build_kit(run.root, site, site / "review-kit", per_class=2, seed=0)
 
 
+@pytest.mark.e2e
 def test_a_reviewer_answers_every_item_in_chromium_and_the_saved_file_scores(tmp_path, kit):
     key = json.loads(kit.key.read_text(encoding="utf-8"))
     truth = {i: t for section in key["modalities"].values() for i, t in section["items"].items()}

@@ -109,7 +109,7 @@ def test_the_kit_pairs_each_class_with_as_many_synthetic_as_held_out_real_items(
     # held-out real images: No_DR 4 of 8, Mild 3 of 6 (heldout_fraction 0.5); capped at 3 per class;
     # Severe has no real image, so it is left out rather than shown unpaired
     assert kit.items_per_class == {"image": {"No_DR": 3, "Mild": 3}, "text": {"Normal": 3, "Anxiety": 3}}
-    for modality, section in key["modalities"].items():
+    for section in key["modalities"].values():
         truths = list(section["items"].values())
         for name, n in section["items_per_class"].items():
             assert sum(t["source"] == "real" and t["class"] == name for t in truths) == n
