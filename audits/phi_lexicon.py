@@ -228,8 +228,8 @@ def build_lexicon() -> Lexicon:
     # Lower case with and without accents: the patterns match the text as written ("tänav", "tanav").
     street_types = faker_street_types | {w.casefold() for w in EXTRA_STREET_TYPES} | {fold(w) for w in EXTRA_STREET_TYPES}
     return Lexicon(
-        first_names=frozenset(first),
-        last_names=frozenset(last),
+        first_names=frozenset(first - STOP_WORDS),  # "She", "He", "An" are names somewhere, and pronouns here
+        last_names=frozenset(last - STOP_WORDS),
         cities=frozenset(cities),
         city_words=frozenset(city_words),
         not_phi_places=frozenset(not_phi),

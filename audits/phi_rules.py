@@ -69,6 +69,7 @@ PERSON_CUES_AFTER = {
     "walked", "smokes", "drinks", "admits", "admitted", "endorses", "endorsed", "wants", "wishes", "asked",
 }  # fmt: skip
 MAX_RUN = 5
+MIN_CITY_CHARS = 3  # "Tel", "Ely": a city this short is a place only after a place cue
 # A proper noun right before one of these names a test, scale or disease, not a person or place:
 # "Columbia scale", "Glasgow Coma Scale", "Beck Depression Inventory", "Parkinson's disease".
 EPONYM_NEXT = {"scale", "score", "criteria", "test", "questionnaire", "inventory", "index", "syndrome",
@@ -148,18 +149,28 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         unknown_or_name = all(n or not w for n, w in zip(names, known))
         cue = self._cue_before(doc, start)
         cue_after = doc[end].lower_ if end < len(doc) else None
+        if all(t.text.isupper() for t in words):
+            # Capitals only ("COPD", "IBAN", "BINSTED"): a known name or city after a cue, nothing else.
+            known_proper = all(lex.is_name(f) or f in lex.city_words for f in folded)
+            unknown_place = cue in PLACE_CUES and len(whole) > MIN_CITY_CHARS and not any(known)
+            if unknown_place:
+                return "LOCATION", CUE_SCORE
+            if not (known_proper and cue in PERSON_CUES | PLACE_CUES):
+                return None
         title_before = cue in TITLES
         first_is_name = folded[0] in lex.first_names or not known[0]
         city = whole in lex.cities
-        if title_before:
-            return ("PERSON", CUE_SCORE) if unknown_or_name or any(names) else None
+        if title_before:  # "Dr. Wynn", "Mrs. Baker": whatever is capitalised after a title
+            return "PERSON", CUE_SCORE
         if cue in PLACE_CUES and (city or not any(names)) and (unknown_or_name or city and not all(known)):
             return "LOCATION", CUE_SCORE
+        if cue in PLACE_CUES and any(names) and not all(known) and not city:  # "the transfer of Ava"
+            return "PERSON", CUE_SCORE
         if cue in PERSON_CUES and (unknown_or_name or first_is_name and cue not in PLACE_CUES):
             return "PERSON", CUE_SCORE
         if cue_after in PERSON_CUES_AFTER and unknown_or_name and not city:
             return "PERSON", CUE_SCORE
-        if city and not all(known) and not any(names):
+        if city and not all(known) and not any(names) and len(whole) > MIN_CITY_CHARS:
             return "LOCATION", GAZETTEER_SCORE
         if len(folded) >= 2 and any(names) and unknown_or_name:
             return "PERSON", GAZETTEER_SCORE
@@ -167,7 +178,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             return "PERSON", GAZETTEER_SCORE
         if len(folded) == 1 and names[0] and not known[0] and not city:  # "Florence", "Columbia": a cue decides
             return "PERSON", GAZETTEER_SCORE
-        if city and not all(known):
+        if city and not all(known) and len(whole) > MIN_CITY_CHARS:
             return "LOCATION", GAZETTEER_SCORE
         if len(folded) >= 2 and not any(known) and start > 0:
             return "PERSON", UNKNOWN_PAIR_SCORE
@@ -186,6 +197,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         (sentence-initial "Sleeps", "Broken", "Columbia scale")."""
         folded = [fold(t.text) for t in ent if t.is_alpha]
         lex = self.lexicon
+        if any(c.isdigit() for c in ent.text):  # "KT-482-XZ" is an identifier
+            return False
         return not folded or any(lex.is_name(f) or not (lex.is_word(f) or f in lex.cities) for f in folded)
 
     def _run_span(self, doc, start: int, end: int) -> tuple[int, int]:
@@ -204,13 +217,20 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         results = []
         if self.use_ner:
             for ent in doc.ents:
-                if not _is_capitalised(ent.text) or self._eponym(doc, ent.end):  # "DL", "ED"; "Columbia scale"
+                # Not "DL", "Tel", "COPD", "IBAN" (abbreviations the NER calls people or places),
+                # nor "Columbia scale" (an eponym).
+                if not _is_capitalised(ent.text) or len(ent.text) <= 3 or self._eponym(doc, ent.end):
+                    continue
+                if len(ent) == 1 and ent.text.isupper() and not self.lexicon.is_name(fold(ent.text)):
                     continue
                 if ent.label_ == "PERSON" and "PERSON" in entities and self._plausible_person(ent):
                     results.append(RecognizerResult("PERSON", ent.start_char, ent.end_char, NER_SCORE))
                 elif ent.label_ in NER_PLACE_LABELS and "LOCATION" in entities:
-                    if fold(ent.text.removeprefix("the ")) not in self.lexicon.not_phi_places:
-                        results.append(RecognizerResult("LOCATION", ent.start_char, ent.end_char, NER_SCORE))
+                    name = ent.text.rstrip(" ,;:.")
+                    if fold(name.removeprefix("the ")) not in self.lexicon.not_phi_places:
+                        # A "place" with a number in it is a street address ("Lindenstraße 42").
+                        kind = "STREET_ADDRESS" if any(c.isdigit() for c in name) else "LOCATION"
+                        results.append(RecognizerResult(kind, ent.start_char, ent.start_char + len(name), NER_SCORE))
         for start, end in self._runs(doc):
             if self._eponym(doc, end):
                 continue
@@ -254,7 +274,7 @@ ID_CUES = {
     ],
     "US_SSN": [r"ssn", r"social\s+security", r"soc\.?\s+sec\.?", r"ss#"],
 }
-ID_FILLERS = r"(?:\s*(?:number|num|no\.?|nr\.?|#|id|code|is|of|was|=|:|on\s+file|details?|ending\s+in)\b\.?)*\s*[:#=]?\s*"
+ID_FILLERS = r"(?:\s*(?i:number|num|no\.?|nr\.?|#|id|code|is|of|was|=|:|on\s+file|details?|ending\s+in)\b\.?)*\s*[:#=]?\s*"
 ID_GROUP = r"\(?[A-Z0-9][A-Za-z0-9()/.\-]*[A-Za-z0-9)]|[0-9]"
 ID_VALUE = rf"(?:{ID_GROUP})(?:[ ](?:{ID_GROUP})){{0,5}}"
 MIN_ID_DIGITS = 2
@@ -372,6 +392,8 @@ _CAP = r"\p{Lu}[\p{L}'’.\-]*"
 _LINK = r"(?:de|da|do|dos|das|del|della|di|la|le|du|des|von|van|der|den|y|e|i|al|el|of|the|and|St\.?)"
 _NAME_WORDS = rf"(?:(?:{_CAP}|{_LINK}|\d+(?:st|nd|rd|th)?)[ \t]+){{0,4}}{_CAP}"
 _NUMBER = r"\d{1,5}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?"
+# A house number after the street name has at most 4 digits: ", 69003" after it is a postal code.
+_HOUSE = r"\d{1,4}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?(?!\d)"
 _UNIT = r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|Rm\.?|\#|Bus|Box|Whg\.?|Stock|piso|esc\.?|bte)[ \t]*[A-Za-z0-9\-]+)?"
 
 
@@ -383,7 +405,7 @@ ADDRESS_CUES = (
 _WORD = r"[\p{L}][\p{L}'’.\-]*"
 _CUED_ADDRESS = (
     rf"(?:{_NUMBER},?[ \t]+(?:{_WORD}[ \t]+){{0,4}}{_WORD}"  # number first
-    rf"|(?:{_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_NUMBER}\b){_UNIT}"  # number last
+    rf"|(?:{_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_HOUSE}\b){_UNIT}"  # number last
 )
 
 
@@ -401,11 +423,11 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         # "274 Impasse Frederic Chopin", "12 rue de la Paix"
         Pattern("number, type, name", rf"\b{_NUMBER},?[ \t]+{street_type}[ \t]+{_NAME_WORDS}{_UNIT}", 0.7),
         # "Calle Miguel Zazo, 284", "Via Roma 1", "ul. Długa 5", "Rua General Cardoso 454"
-        Pattern("type, name, number", rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_NUMBER}\b{_UNIT}", 0.7),
+        Pattern("type, name, number", rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_HOUSE}\b{_UNIT}", 0.7),
         # "Levetzowstraße 1058", "Högtoftavägen 969", "Heinrich-Heine-Str. 12", "Kloosterkoolhof 1304"
-        Pattern("name+suffix, number", rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_NUMBER}\b{_UNIT}", 0.7),
+        Pattern("name+suffix, number", rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
         # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12"
-        Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_NUMBER}\b{_UNIT}", 0.7),
+        Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
         # Any number-bearing run of words after an address cue: "lives at 1097 Melshorn", "Address: Am Sack 689".
         Pattern("after an address cue", rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*){_CUED_ADDRESS}", 0.6),
         # "60 Hauptplatz", "1161 Strømstadgata"
@@ -465,7 +487,7 @@ def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
 
 _BESIDE_AFTER = regex.compile(
     r"\G(?P<sep>,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
-    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?:[ \t-](?:de|la|le|am|an|der|sur|di|del|\p{Lu}[\p{L}'’.\-]+)){0,3})?"
+    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])(?:[ \t-](?:(?:de|la|le|am|an|der|sur|di|del|i|í|á|aan|nad)[ \t-])?\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])){0,3})?"
     r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
 )
 _CODE_BEFORE = regex.compile(r"(?P<code>\b[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,3})?)[ \t]+\Z")

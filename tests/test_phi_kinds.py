@@ -1,0 +1,146 @@
+"""Every Safe Harbor kind the scanner covers, found at its exact span in sentences written here
+(no value comes from the demo generator or from the scanner's own lists on purpose)."""
+
+import pytest
+
+from fedgen.audits.phi import build_analyzer, scan
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return build_analyzer()
+
+
+def found(analyzer, text):
+    return [(f.entity_type, text[f.start : f.end]) for f in scan(analyzer, [text])]
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("Seen today with her son Chidubem Okonkwo, who drove her in.", "Chidubem Okonkwo"),  # Igbo
+        ("Dr. Siddharth Raghunathan reviewed the ECG.", "Dr. Siddharth Raghunathan"),  # Tamil
+        ("Interpreter requested for Nguyễn Thị Hương at the next visit.", "Nguyễn Thị Hương"),  # Vietnamese
+        ("Patient Wojciech Brzęczyszczykiewicz reports better sleep.", "Wojciech Brzęczyszczykiewicz"),  # Polish
+        ("Her daughter Aroha Ngata will collect the prescription.", "Aroha Ngata"),  # Māori
+        ("Discussed the plan with Mr. Kwabena Asante by phone.", "Mr. Kwabena Asante"),  # Akan
+        ("Spoke with his wife, Ayşegül Yılmazoğlu, about the dose.", "Ayşegül Yılmazoğlu"),  # Turkish
+        ("Referred by Dr. Xiaoming Zhou of the memory service.", "Dr. Xiaoming Zhou"),  # Chinese
+        ("Next of kin: Oluwaseun Adeyemi (brother).", "Oluwaseun Adeyemi"),  # Yoruba
+        ("Emergency contact: Saoirse Ní Bhriain, sister.", "Saoirse Ní Bhriain"),  # Irish
+        ("Ms. Björk Guðmundsdóttir attended alone.", "Ms. Björk Guðmundsdóttir"),  # Icelandic
+        ("Her husband Tupac Quispe Mamani stayed overnight.", "Tupac Quispe Mamani"),  # Quechua
+    ],
+)
+def test_names_of_many_origins(analyzer, text, name):
+    assert found(analyzer, text) == [("PERSON", name)]
+
+
+def test_a_first_name_alone_after_a_cue_or_before_a_clinical_verb(analyzer):
+    assert found(analyzer, "Teodora presented with palpitations.") == [("PERSON", "Teodora")]
+    assert found(analyzer, "Her grandson Ikaika drove her to clinic.") == [("PERSON", "Ikaika")]
+
+
+@pytest.mark.parametrize(
+    "date",
+    [
+        "March 14, 2024", "14 March 2024", "14th of March", "Mar 14", "Tuesday, March 14th",
+        "14-Mar-2024", "03/14/2024", "14.03.2024", "2024-03-14", "14/3/2024",
+    ],
+)  # fmt: skip
+def test_dates_in_many_formats(analyzer, date):
+    assert found(analyzer, f"Admitted on {date} after a fall at home.") == [("DATE_TIME", date)]
+
+
+def test_a_bare_year_is_not_a_date(analyzer):
+    assert found(analyzer, "Symptoms began in 2019 and worsened over the winter.") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "phone"),
+    [
+        ("Call her daughter on +44 20 7946 0958 after six.", "+44 20 7946 0958"),
+        ("Mobile: +49 151 23456789.", "+49 151 23456789"),
+        ("Fax results to +33 1 45 67 89 10 today.", "+33 1 45 67 89 10"),
+        ("Tel. 0049 30 1234567 (home).", "0049 30 1234567"),
+        ("Callback number +81-3-5555-0199.", "+81-3-5555-0199"),
+        ("Phone (415) 555-2671 for the pharmacy.", "(415) 555-2671"),
+        ("Reach him on 020 7946 0321.", "020 7946 0321"),
+    ],
+)
+def test_international_and_national_phones(analyzer, text, phone):
+    assert found(analyzer, text) == [("PHONE_NUMBER", phone)]
+
+
+@pytest.mark.parametrize(
+    ("text", "pieces"),
+    [
+        ("She lives at Lindenstraße 42, 10969 Berlin, with her sister.",
+         [("STREET_ADDRESS", "Lindenstraße 42"), ("POSTAL_CODE", "10969"), ("LOCATION", "Berlin")]),
+        ("Home address: 17 rue des Lilas, 69003 Lyon.",
+         [("STREET_ADDRESS", "17 rue des Lilas"), ("POSTAL_CODE", "69003"), ("LOCATION", "Lyon")]),
+        ("Moved to Via Garibaldi 8, 40124 Bologna last spring.",
+         [("STREET_ADDRESS", "Via Garibaldi 8"), ("POSTAL_CODE", "40124"), ("LOCATION", "Bologna")]),
+        ("Address: Calle de Alcalá 120, 28009 Madrid.",
+         [("STREET_ADDRESS", "Calle de Alcalá 120"), ("POSTAL_CODE", "28009"), ("LOCATION", "Madrid")]),
+        ("Letters go to 221B Baker Street, London NW1 6XE.",
+         [("STREET_ADDRESS", "221B Baker Street"), ("LOCATION", "London"), ("POSTAL_CODE", "NW1 6XE")]),
+        ("Lives at Kungsgatan 12, 111 43 Stockholm.",
+         [("STREET_ADDRESS", "Kungsgatan 12"), ("POSTAL_CODE", "111 43"), ("LOCATION", "Stockholm")]),
+        ("Address: ul. Marszałkowska 84, 00-514 Warszawa.",
+         [("STREET_ADDRESS", "ul. Marszałkowska 84"), ("POSTAL_CODE", "00-514"), ("LOCATION", "Warszawa")]),
+        ("Resides at 350 Bloor Street West, Toronto, ON M5S 1W9.",
+         [("STREET_ADDRESS", "350 Bloor Street West"), ("LOCATION", "Toronto"), ("POSTAL_CODE", "M5S 1W9")]),
+    ],
+)  # fmt: skip
+def test_addresses_of_many_countries(analyzer, text, pieces):
+    assert found(analyzer, text) == pieces
+
+
+def test_a_city_after_a_place_cue(analyzer):
+    assert found(analyzer, "She grew up in Tromsø and moved here in 2010.") == [("LOCATION", "Tromsø")]
+
+
+@pytest.mark.parametrize(
+    ("text", "age"),
+    [
+        ("A 92-year-old woman with a hip fracture.", "92"),
+        ("Mr. Dlamini, aged 97, lives with family.", "97"),
+        ("103 y/o male, alert and oriented.", "103"),
+        ("Age: 91. Allergies: none.", "91"),
+        ("She is 95 years old and walks with a frame.", "95"),
+    ],
+)
+def test_ages_over_89(analyzer, text, age):
+    assert ("AGE", age) in found(analyzer, text)
+
+
+def test_ages_up_to_89_are_not_phi(analyzer):
+    assert found(analyzer, "A 67-year-old man, aged 67, with COPD.") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "entity_type", "value"),
+    [
+        ("MRN: 00482917 on admission.", "MEDICAL_RECORD_NUMBER", "00482917"),
+        ("Hospital number RX-2291-774 on the wristband.", "MEDICAL_RECORD_NUMBER", "RX-2291-774"),
+        ("Member ID XQH834920137 for the claim.", "HEALTH_PLAN_NUMBER", "XQH834920137"),
+        ("Medicare number 1EG4-TE5-MK73 verified.", "HEALTH_PLAN_NUMBER", "1EG4-TE5-MK73"),
+        ("Billing account 0048213-77 is overdue.", "ACCOUNT_NUMBER", "0048213-77"),
+        ("Card 4111 1111 1111 1111 declined.", "ACCOUNT_NUMBER", "4111 1111 1111 1111"),
+        ("IBAN DE89 3704 0044 0532 0130 00 for refunds.", "ACCOUNT_NUMBER", "DE89 3704 0044 0532 0130 00"),
+        ("Driver's licence D1234-56789-01234 copied.", "LICENSE_NUMBER", "D1234-56789-01234"),
+        ("DEA number BK7284913 on the prescription.", "LICENSE_NUMBER", "BK7284913"),
+        ("VIN 1HGCM82633A004352 recorded by the police.", "VEHICLE_ID", "1HGCM82633A004352"),
+        ("Licence plate KT-482-XZ seen leaving.", "VEHICLE_ID", "KT-482-XZ"),
+        ("Pacemaker serial number PJN829103S checked.", "DEVICE_ID", "PJN829103S"),
+        ("UDI (01)00884838012345(17)251231(10)A213B1 logged.", "DEVICE_ID", "(01)00884838012345(17)251231(10)A213B1"),
+        ("SSN 536-22-1234 on file.", "US_SSN", "536-22-1234"),
+        ("Social security number 536 22 1234 confirmed.", "US_SSN", "536 22 1234"),
+        ("Portal https://portal.example.org/patients/123, then home.", "URL", "https://portal.example.org/patients/123"),
+        ("Logged in from 10.20.30.40 at night.", "IP_ADDRESS", "10.20.30.40"),
+        ("Write to k.mensah@clinic.co.uk for copies.", "EMAIL_ADDRESS", "k.mensah@clinic.co.uk"),
+    ],
+)  # fmt: skip
+def test_each_identifier_kind(analyzer, text, entity_type, value):
+    assert found(analyzer, text) == [(entity_type, value)]
