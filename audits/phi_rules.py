@@ -58,9 +58,11 @@ PERSON_CUES = TITLES | {
 # tokens that are not English words (as every cue does), never an English word alone.
 PLACE_CUES = {"in", "from", "to", "near", "at", "of", "visiting", "towards", "outside", "around"}
 PARTICLES = {"van", "von", "de", "der", "den", "da", "di", "del", "della", "dos", "das", "du", "des", "la",
-             "le", "bin", "ibn", "al", "el", "ter", "ten", "te", "op", "het", "y", "zu", "af", "av", "st", "st.",
-             "i", "í", "á", "aan", "nad", "pod", "am", "an", "im", "en", "sur", "sous", "upon", "on", "les",
-             "do", "bei", "ob", "unter", "ad", "na"}  # fmt: skip
+             "le", "bin", "ibn", "al", "el", "ter", "ten", "te", "op", "het", "zu", "af", "av", "st", "st."}  # fmt: skip
+# Joining words of place names that are also everyday words ("Frankfurt am Main", "Vilanova i la
+# Geltrú", "Nes aan de Amstel"): they join only a word that is not English ("... on March" stays apart).
+WEAK_PARTICLES = {"i", "í", "á", "aan", "nad", "pod", "am", "an", "im", "en", "sur", "sous", "upon", "on",
+                  "les", "do", "bei", "ob", "unter", "ad", "na", "y"}  # fmt: skip
 # Verbs whose subject is a person: "Yulian presented", "Ayna reports".
 PERSON_CUES_AFTER = {
     "presented", "presents", "reports", "reported", "denies", "denied", "states", "stated", "says", "said",
@@ -119,9 +121,10 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                 if token.text in "-'’" and not previous.whitespace_ and j + 1 < n and not token.whitespace_ and doc[j + 1].is_alpha:
                     j += 2
                     continue
-                if (token.lower_ in PARTICLES and previous.whitespace_ and j + 1 < n and _name_like(doc[j + 1])):
-                    j += 2
-                    continue
+                if token.lower_ in PARTICLES | WEAK_PARTICLES and previous.whitespace_ and j + 1 < n and _name_like(doc[j + 1]):
+                    if token.lower_ in PARTICLES or not self.lexicon.is_word(fold(doc[j + 1].text)):
+                        j += 2
+                        continue
                 if _name_like(token) and previous.whitespace_ == " " and fold(token.text).rstrip(".") not in TITLES:
                     j += 1
                     continue
