@@ -31,11 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from fedgen.errors import FedgenError
 
-__all__ = ["Policy", "load_policy", "evaluate_gate", "record_decision", "DEFAULT_POLICY"]
+__all__ = ["Policy", "load_policy", "evaluate_gate", "record_decision", "phi_release_plan", "DEFAULT_POLICY"]
 
 DEFAULT_POLICY = "default"  # what the report records as the policy's source when none is given
 _DEFAULT_POLICY_FILE = "policy.toml"
 FPR_1PCT = 0.01
+PHI_REPLAY_MAX = 0  # a synthetic text holding a site's own identifier refuses the release, whatever the policy
 DEFAULT_CHANCE_CONFIDENCE = 0.95
 MEMBERSHIP_FIGURES = ("auc", "tpr_at_1pct_fpr")  # the attack figures held to a limit
 
@@ -58,6 +59,9 @@ class MembershipPolicy(_Section):
 class PhiPolicy(_Section):
     max_findings: int = Field(ge=0)
     forbidden_entities: list[str]
+    # What the release does with findings of forbidden_entities: "refuse" holds them to
+    # max_findings; "placeholder" / "surrogate" replace them (fedgen.audits.phi_redaction).
+    action: Literal["refuse", "placeholder", "surrogate"] = "refuse"
 
     @field_validator("forbidden_entities")
     @classmethod
@@ -320,19 +324,38 @@ def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *,
 
 
 def _phi_checks(report: dict, policy: PhiPolicy) -> list[dict]:
+    """One check per forbidden entity type: refused above max_findings, or (placeholder,
+    surrogate) passed with the number the release replaces. Nothing passes unscanned."""
     n_texts, note = _lookup(report, "phi", "n_texts")
     counts, _ = _lookup(report, "phi", "counts")
     if not _is_number(n_texts) or n_texts < 1 or not isinstance(counts, dict):
         return [_unmeasured("phi.scan", "PHI in the synthetic texts (no texts were scanned)", note)]
+    if policy.action == "refuse":
+        return [
+            _bound(f"phi.{entity}", f"{entity} findings in {n_texts} synthetic texts", counts.get(entity, 0),
+                   policy.max_findings, at_most=True)
+            for entity in policy.forbidden_entities
+        ]  # fmt: skip
+    done = "typed placeholders" if policy.action == "placeholder" else "consistent surrogates"
     return [
-        _bound(f"phi.{entity}", f"{entity} findings in {n_texts} synthetic texts", counts.get(entity, 0),
-               policy.max_findings, at_most=True)
+        _check(f"phi.{entity}", True, counts.get(entity, 0),
+               f"{entity} findings in {n_texts} synthetic texts = {counts.get(entity, 0)}: replaced by {done} at release")
         for entity in policy.forbidden_entities
     ]  # fmt: skip
 
 
+def phi_release_plan(report: dict, policy: Policy) -> dict:
+    """What the release does with the synthetic texts' PHI findings: the policy's action, the
+    entity types it applies to and how many findings of each it replaces (none under refuse)."""
+    counts = (report.get("phi") or {}).get("counts") or {}
+    kinds = list(policy.phi.forbidden_entities)
+    replaced = {} if policy.phi.action == "refuse" else {k: counts[k] for k in kinds if counts.get(k)}
+    return {"action": policy.phi.action, "entities": kinds, "replaced": replaced}
+
+
 MEMORISATION_WHAT = {
     "canary_reproductions": "canary records reproduced in synthetic texts",
+    "phi_replay": "synthetic texts holding an identifier the detector found in a site's own training notes",
     "planted_phi_reproductions": "identifiers of training notes reproduced in synthetic texts",
     "ngram_copies": "n-grams of training notes copied into synthetic texts",
     "near_copies_pixel": "synthetic images that are near copies of training images (raw pixels)",
@@ -354,6 +377,7 @@ def _memorisation_checks(report: dict, modality: str, policy: MemorisationPolicy
     if modality == "text":
         limits = {
             "canary_reproductions": policy.canary_reproductions_max,
+            "phi_replay": PHI_REPLAY_MAX,  # not the policy's: replay of a site's own PHI is always refused
             "planted_phi_reproductions": policy.planted_phi_reproductions_max,
             "ngram_copies": policy.ngram_copies_max,
         }
@@ -417,4 +441,6 @@ def record_decision(report: dict, policy: Policy, *, audited_files: dict[str, st
     """The report with the fingerprints of the audited synthetic files (``synthetic_manifest``,
     taken before the audit read them, fedgen.manifest) and the gate's decision on it."""
     report = report | {"synthetic": (report.get("synthetic") or {}) | {"sha256": audited_files}}
+    if report.get("phi") is not None:
+        report = report | {"phi": report["phi"] | {"release": phi_release_plan(report, policy)}}
     return report | {"gate": evaluate_gate(report, policy)}

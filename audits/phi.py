@@ -63,6 +63,7 @@ __all__ = [
     "PhiAnalyzer",
     "PhiFinding",
     "build_analyzer",
+    "default_analyzer",
     "scan",
     "resolve_overlaps",
     "read_texts_jsonl",
@@ -241,6 +242,13 @@ def build_analyzer(*, spacy_model: str | None = None, statistical_ner: bool = Tr
     return PhiAnalyzer(analyzer, engine)
 
 
+@functools.cache
+def default_analyzer() -> PhiAnalyzer:
+    """The default analyzer, built once per process: the audit's scan of the synthetic texts and
+    every site's scan of its own notes use the same detector."""
+    return build_analyzer()
+
+
 # --- scanning ---------------------------------------------------------------------------------
 
 
@@ -382,7 +390,8 @@ def score_against_truth(findings: Sequence[PhiFinding], truth: Sequence[dict]) -
     DATE_TIME, PHONE_NUMBER, EMAIL_ADDRESS, STREET_ADDRESS, MEDICAL_RECORD_NUMBER, ...), except
     that a street address and the city or postal code in it are the same kind
     (``COMPATIBLE_TYPES``). A type with no truth spans has recall None; a type with no findings
-    has precision None.
+    has precision None. The counts behind both (``n_found`` of ``n_truth``, ``n_correct`` of
+    ``n_findings``) come along, so scores of several sites can be pooled.
     """
     by_index: dict[int, list[PhiFinding]] = {}
     for finding in findings:
@@ -402,6 +411,9 @@ def score_against_truth(findings: Sequence[PhiFinding], truth: Sequence[dict]) -
             "recall": hits / len(spans) if spans else None,
             "precision": correct / len(found) if found else None,
             "n_truth": len(spans),
+            "n_found": hits,
+            "n_findings": len(found),
+            "n_correct": correct,
         }
     return scores
 

@@ -32,8 +32,6 @@ import unicodedata
 from importlib import metadata, resources
 from pathlib import Path
 
-from spacy.lang.en.stop_words import STOP_WORDS
-
 __all__ = ["Lexicon", "lexicon", "fold"]
 
 MIN_NAME_CHARS = 2
@@ -148,9 +146,16 @@ def _faker_names() -> tuple[set[str], set[str]]:
     return first, last
 
 
+def _stop_words() -> frozenset[str]:
+    from spacy.lang.en.stop_words import STOP_WORDS  # spaCy is heavy: only when the lists are built
+
+    return frozenset(STOP_WORDS)
+
+
 def _faker_address_words() -> tuple[set[str], set[str]]:
     cities: set[str] = set()
     street_types: set[str] = set()
+    stop_words = _stop_words()
     for module in _faker_modules("faker.providers.address"):
         provider = getattr(module, "Provider", None)
         for attr in ("cities", "city_names", "real_city_names"):
@@ -160,7 +165,7 @@ def _faker_address_words() -> tuple[set[str], set[str]]:
                 for word in _strings(getattr(provider, attr, None)):
                     word = word.strip().rstrip(".").casefold()
                     # Single words only (some locales list whole name stems here), never "to" or "de".
-                    if _latin(word) and " " not in word and 3 <= len(word) <= 12 and word not in STOP_WORDS:
+                    if _latin(word) and " " not in word and 3 <= len(word) <= 12 and word not in stop_words:
                         street_types.update({word, fold(word)})
     return cities, street_types
 
@@ -228,8 +233,8 @@ def build_lexicon() -> Lexicon:
     # Lower case with and without accents: the patterns match the text as written ("tänav", "tanav").
     street_types = faker_street_types | {w.casefold() for w in EXTRA_STREET_TYPES} | {fold(w) for w in EXTRA_STREET_TYPES}
     return Lexicon(
-        first_names=frozenset(first - STOP_WORDS),  # "She", "He", "An" are names somewhere, and pronouns here
-        last_names=frozenset(last - STOP_WORDS),
+        first_names=frozenset(first - _stop_words()),  # "She", "He", "An" are names somewhere, and pronouns here
+        last_names=frozenset(last - _stop_words()),
         cities=frozenset(cities),
         city_words=frozenset(city_words),
         not_phi_places=frozenset(not_phi),

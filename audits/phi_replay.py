@@ -135,12 +135,12 @@ class SitePhi:
     keys: frozenset[ReplayKey]
 
     @classmethod
-    def from_values(cls, values: Iterable[tuple[str, str]]) -> "SitePhi":
+    def from_values(cls, values: Iterable[tuple[str, str]]) -> SitePhi:
         """From (kind, value) pairs."""
         return cls(frozenset(k for kind, value in values for k in replay_keys(kind, value)))
 
     @classmethod
-    def from_findings(cls, texts: Sequence[str], findings: Iterable) -> "SitePhi":
+    def from_findings(cls, texts: Sequence[str], findings: Iterable) -> SitePhi:
         """From a scan's findings (``index``, ``entity_type``, ``start``, ``end``) of ``texts``."""
         return cls.from_values((f.entity_type, texts[f.index][f.start : f.end]) for f in findings)
 

@@ -125,7 +125,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                     if token.lower_ in PARTICLES or not self.lexicon.is_word(fold(doc[j + 1].text)):
                         j += 2
                         continue
-                if _name_like(token) and previous.whitespace_ == " " and fold(token.text).rstrip(".") not in TITLES:
+                cue_word = token.lower_ in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(token.lower_)
+                if _name_like(token) and previous.whitespace_ == " " and fold(token.text).rstrip(".") not in TITLES and not cue_word:
                     j += 1
                     continue
                 break
@@ -195,6 +196,16 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             k += 1
         return k < len(doc) and doc[k].lower_ in EPONYM_NEXT
 
+    def _name_end(self, doc, start: int, end: int) -> int:
+        """``end`` without trailing English words that are not names ("Maria Lopez Patient")."""
+        lex = self.lexicon
+        while end - start > 1:
+            word = fold(doc[end - 1].text)
+            if not doc[end - 1].is_alpha or not lex.is_word(word) or lex.is_name(word):
+                break
+            end -= 1
+        return end
+
     def _plausible_person(self, ent) -> bool:
         """The NER's PERSON, unless every word is an English word or a city and none is a name
         (sentence-initial "Sleeps", "Broken", "Columbia scale")."""
@@ -227,7 +238,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                 if len(ent) == 1 and ent.text.isupper() and not self.lexicon.is_name(fold(ent.text)):
                     continue
                 if ent.label_ == "PERSON" and "PERSON" in entities and self._plausible_person(ent):
-                    results.append(RecognizerResult("PERSON", ent.start_char, ent.end_char, NER_SCORE))
+                    last = doc[ent.start : self._name_end(doc, ent.start, ent.end)][-1]
+                    results.append(RecognizerResult("PERSON", ent.start_char, last.idx + len(last.text), NER_SCORE))
                 elif ent.label_ in NER_PLACE_LABELS and "LOCATION" in entities:
                     name = ent.text.rstrip(" ,;:.")
                     if fold(name.removeprefix("the ")) not in self.lexicon.not_phi_places:
@@ -240,6 +252,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             decided = self._classify(doc, start, end)
             if decided is None or decided[0] not in entities:
                 continue
+            if decided[0] == "PERSON":
+                end = self._name_end(doc, start, end)
             begin, finish = self._run_span(doc, start, end)
             results.append(RecognizerResult(decided[0], begin, finish, decided[1]))
         return results
@@ -286,10 +300,10 @@ MIN_ID_CHARS = 4
 
 def _id_value(value: str) -> str | None:
     """The identifier at the start of ``value``: groups after the first need a digit or are short
-    upper-case codes followed by one ("SN AA999999"); at least 2 digits and 4 letters/digits."""
+    upper-case codes ("SN AA999999", "CX17 RLI"); at least 2 digits and 4 letters/digits."""
     groups = value.split(" ")
     kept = [groups[0]]
-    for k, group in enumerate(groups[1:], start=1):
+    for group in groups[1:]:
         has_digit = any(c.isdigit() for c in group)
         short_code = group.isupper() and len(group) <= 4  # "SN AA999999", "CX17 RLI"
         if not (has_digit or short_code):
@@ -333,7 +347,7 @@ class CueIdentifierRecognizer(EntityRecognizer):
             if not any(k[0] <= cue[0] and cue[1] <= k[1] for k in kept):
                 kept.append(cue)
         results = []
-        for start, end, kind in kept:
+        for _, end, kind in kept:
             if kind not in entities:
                 continue
             match = self._value.match(text, end)

@@ -229,14 +229,41 @@ def _image_memorisation(sites: list[dict]) -> dict:
     }
 
 
-MEMORISATION_COUNTS = ("canary_reproductions", "planted_phi_reproductions", "ngram_copies")
+MEMORISATION_COUNTS = ("canary_reproductions", "phi_replay", "planted_phi_reproductions", "ngram_copies")
+DETECTOR_COUNTS = ("n_truth", "n_found", "n_findings", "n_correct")
+
+
+def _sum_by_kind(dicts: list[dict]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in dicts:
+        for kind, n in counts.items():
+            total[kind] = total.get(kind, 0) + n
+    return dict(sorted(total.items()))
+
+
+def _detector_at_sites(sites: list[dict]) -> dict | None:
+    """The detector's recall and precision per kind pooled over the sites with a truth file
+    (sums of their counts), or None when no site has one."""
+    scored = [s["memorisation"]["phi_detector_at_site"] for s in sites if "phi_detector_at_site" in s["memorisation"]]
+    if not scored:
+        return None
+    pooled: dict[str, dict] = {}
+    for scores in scored:
+        for kind, counts in scores.items():
+            total = pooled.setdefault(kind, dict.fromkeys(DETECTOR_COUNTS, 0))
+            for key in DETECTOR_COUNTS:
+                total[key] += counts[key]
+    for counts in pooled.values():
+        counts["recall"] = counts["n_found"] / counts["n_truth"] if counts["n_truth"] else None
+        counts["precision"] = counts["n_correct"] / counts["n_findings"] if counts["n_findings"] else None
+    return {"n_sites": len(scored), "kinds": dict(sorted(pooled.items()))}
 
 
 def _phi(texts: list[str], sites: list[dict], *, progress: bool) -> dict:
-    from fedgen.audits.phi import build_analyzer, redact, scan
+    from fedgen.audits.phi import default_analyzer, redact, scan
 
     say(progress, f"scanning {len(texts)} synthetic texts for PHI")
-    analyzer = build_analyzer()
+    analyzer = default_analyzer()
     findings = scan(analyzer, texts)
     counts: dict[str, int] = {}
     for finding in findings:
@@ -251,9 +278,11 @@ def _phi(texts: list[str], sites: list[dict], *, progress: bool) -> dict:
         "counts": counts,
         "memorisation": {
             **{key: sum(s[key] for s in per_site.values()) for key in MEMORISATION_COUNTS},
+            "phi_replay_by_kind": _sum_by_kind([s["memorisation"]["phi_replay_by_kind"] for s in sites]),
             "ngram_n": sites[0]["memorisation"]["ngram_n"],  # as the sites counted
             "sites": per_site,
         },
+        "detector_at_sites": _detector_at_sites(sites),
     }
 
 

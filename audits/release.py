@@ -5,10 +5,15 @@ as it is. What is checked is that the files being released are the files that we
 the audit recorded the SHA-256 of every synthetic file, and a file changed, added or removed
 since then refuses the release. The release folder holds::
 
-    synthetic/...            the audited synthetic data
+    synthetic/...            the audited synthetic data, PHI findings replaced as the policy says
     audit/report.json        the audit and the gate's decision
     audit/report.html
     MANIFEST.sha256          SHA-256 of every file above (`sha256sum -c MANIFEST.sha256` checks it)
+
+When the policy's PHI action is "placeholder" or "surrogate" (``report["phi"]["release"]``,
+recorded by the gate), the released texts.jsonl has the audit's findings of the policy's entity
+types replaced (fedgen.audits.phi_redaction): the spans the audit recorded, in the texts it
+fingerprinted, and nothing else. The manifest lists the files as released.
 
 It is written in a temporary sibling folder and renamed into place, so a refused or failed
 release leaves nothing behind.
@@ -19,16 +24,19 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 from fedgen.artifacts import RunDir
+from fedgen.audits.phi_redaction import redact_texts
 from fedgen.audits.report import REPORT_HTML, REPORT_JSON
 from fedgen.errors import FedgenError
-from fedgen.files import atomic_dir
+from fedgen.files import atomic_dir, read_text_records
 from fedgen.manifest import synthetic_manifest, write_manifest
 
 __all__ = ["ReleaseRefused", "release"]
 SYNTHETIC_DIR = "synthetic"
 AUDIT_DIR = "audit"
+TEXTS_FILE = "texts.jsonl"
 
 
 class ReleaseRefused(FedgenError):
@@ -87,6 +95,29 @@ def _check_destination(run: RunDir, to: Path) -> None:
         raise FedgenError(f"release folder {to} is inside the run's synthetic or audit folder: choose another --to")
 
 
+def _replace_phi(report: dict, synthetic: Path) -> dict[str, int] | None:
+    """Apply the recorded PHI plan to ``synthetic/texts.jsonl`` (in the staging folder); returns
+    the spans replaced per type, or None when the plan replaces nothing."""
+    phi = report.get("phi") or {}
+    plan = phi.get("release")
+    path = synthetic / TEXTS_FILE
+    if not plan or plan.get("action") == "refuse" or not path.is_file():
+        return None
+    records = read_text_records(path)
+    texts = [record["text"] for record in records]
+    findings = [SimpleNamespace(**f) for f in phi.get("findings") or []]
+    if any(f.index >= len(texts) or f.end > len(texts[f.index]) for f in findings):
+        raise ReleaseRefused("release refused: the audit's PHI findings do not fit the synthetic texts",
+                             [f"{SYNTHETIC_DIR}/{TEXTS_FILE}: run `fedgen audit` again"])  # fmt: skip
+    redacted, counts = redact_texts(texts, findings, action=plan["action"], kinds=plan["entities"])
+    if counts != plan.get("replaced"):
+        raise ReleaseRefused("release refused: the audit's PHI findings disagree with its release plan",
+                             [f"phi.release: plan {plan.get('replaced')}, findings {counts}"])  # fmt: skip
+    lines = [json.dumps(record | {"text": text}, ensure_ascii=False) for record, text in zip(records, redacted)]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return counts
+
+
 def release(run: RunDir, to: str | Path | None = None) -> Path:
     """Copy the audited synthetic data, the report and a SHA-256 manifest to ``to`` (default:
     ``RUN/release``), only if the recorded gate decision passed and the synthetic files are the
@@ -109,6 +140,7 @@ def release(run: RunDir, to: str | Path | None = None) -> Path:
         changed = _changed_files(audited, synthetic_manifest(staging / SYNTHETIC_DIR))
         if changed:
             raise ReleaseRefused(f"release refused: {len(changed)} synthetic file(s) differ from the audited ones", changed)
+        _replace_phi(report, staging / SYNTHETIC_DIR)  # after the check: the audited texts, redacted
         (staging / AUDIT_DIR).mkdir()
         for name in (REPORT_JSON, REPORT_HTML):
             shutil.copy2(run.audit / name, staging / AUDIT_DIR / name)

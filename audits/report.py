@@ -281,7 +281,8 @@ def _count_table(totals: dict, labels: dict[str, str]) -> dict:
 
 TEXT_MEMORISATION_LABELS = {
     "canary_reproductions": "canary records reproduced",
-    "planted_phi_reproductions": "training-note identifiers reproduced",
+    "phi_replay": "identifiers of the site's training notes replayed (any site)",
+    "planted_phi_reproductions": "planted identifiers reproduced (demo sites)",
     "ngram_copies": "n-gram copies of training notes",
 }
 IMAGE_MEMORISATION_LABELS = {
@@ -316,7 +317,40 @@ def _phi_section(report: dict, forbidden: set[str]) -> dict | None:
         "memorisation": _count_table(memorisation, TEXT_MEMORISATION_LABELS),
         "ngram_n": _number(memorisation.get("ngram_n")),
         "note": phi.get("note"),
+        "release": _phi_release_sentence(phi.get("release")),
+        "detector_at_sites": _detector_sentence(phi.get("detector_at_sites")),
     }
+
+
+PHI_ACTIONS = {
+    "refuse": "refused above the policy's limit",
+    "placeholder": "replaced by typed placeholders ([NAME], [DATE], ...) in the released texts",
+    "surrogate": "replaced by consistent fake values in the released texts",
+}
+
+
+def _phi_release_sentence(plan: dict | None) -> str | None:
+    """What the release does with the findings, in one sentence."""
+    if not plan:
+        return None
+    replaced = plan.get("replaced") or {}
+    what = ", ".join(f"{_number(n)} {kind}" for kind, n in sorted(replaced.items())) or "none found"
+    action = PHI_ACTIONS.get(plan.get("action"), str(plan.get("action")))
+    if plan.get("action") == "refuse":
+        return f"Findings of the forbidden types are {action}."
+    return f"Findings of the forbidden types are {action}: {what}."
+
+
+def _detector_sentence(pooled: dict | None) -> str | None:
+    """The detector's recall on the planted PHI of the sites that have a truth file."""
+    if not pooled:
+        return None
+    parts = [
+        f"{kind} {_number(c['recall'], 2)} ({_number(c['n_found'])}/{_number(c['n_truth'])})"
+        for kind, c in pooled["kinds"].items()
+        if c.get("recall") is not None
+    ]
+    return f"Detector recall on the planted PHI of {_number(pooled['n_sites'])} site(s): " + ", ".join(parts) + "."
 
 
 def _image_memorisation_section(report: dict) -> dict | None:

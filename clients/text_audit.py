@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 from fedgen.audits.bias import record_counts
 from fedgen.audits.fidelity import text_class_stats, text_embedding_stats
 from fedgen.audits.mia import canary_exposure, text_attack_scores
+from fedgen.audits.phi_replay import site_replay_audit
 from fedgen.audits.site_answers import Scores, attack_summaries
 from fedgen.audits.utility import text_utility
 from fedgen.config import RunConfig
@@ -36,6 +37,7 @@ __all__ = [
     "text_note_logprobs",
     "text_member_scores",
     "canary_exposure_at_site",
+    "phi_replay_at_site",
     "text_memorisation",
     "text_site_audit",
 ]
@@ -163,14 +165,43 @@ def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
+def _train_truth(site: SiteData, train_index: Sequence[int]) -> list[dict] | None:
+    """The site's phi_truth.jsonl rows of train notes, re-indexed into the train list (None: no file)."""
+    path = site.root / PHI_TRUTH_FILE
+    if not path.is_file():
+        return None
+    position = {index: k for k, index in enumerate(train_index)}
+    return [row | {"index": position[row["index"]]} for row in _read_jsonl(path) if row["index"] in position]
+
+
+def phi_replay_at_site(synthetic_texts: Sequence[str], site: SiteData, config: RunConfig) -> dict:
+    """The site's own PHI replayed in the synthetic texts (fedgen.audits.phi_replay): its train
+    notes scanned with the audit's detector, with or without a truth file. Counts only."""
+    from fedgen.audits.phi import default_analyzer  # spaCy and Presidio: only when a site audits text
+
+    train_index = sorted(_train_indices(site, config))
+    texts = [site.texts[i] for i in train_index]
+    replay = site_replay_audit(texts, synthetic_texts, default_analyzer(), truth=_train_truth(site, train_index))
+    result = {
+        "phi_replay": replay["texts_with_replay"],
+        "phi_replay_by_kind": replay["by_kind"],
+        "phi_values_per_kind": replay["values_per_kind"],
+    }
+    if "detector_at_site" in replay:
+        result["phi_detector_at_site"] = replay["detector_at_site"]
+    return result
+
+
 def text_memorisation(
     synthetic_texts: Sequence[str], site: SiteData, config: RunConfig, *, ngram_n: int = NGRAM_N
 ) -> dict:
     """How many synthetic texts reproduce something of this site's TRAIN split.
 
     - ``canary_reproductions``: texts containing the secret of a trained canary;
+    - ``phi_replay``: texts containing an identifier the detector finds in the site's train
+      notes, normalised (``phi_replay_at_site``; every site, no truth file needed);
     - ``planted_phi_reproductions``: texts containing a planted PHI value (phi_truth.jsonl) of a
-      train record, of at least MIN_MATCH_CHARS characters;
+      train record verbatim, of at least MIN_MATCH_CHARS characters (demo sites only);
     - ``ngram_copies``: texts sharing a ``ngram_n``-word sequence with a training note that no
       held-out note contains (phrases every note shares are style, not memorisation).
     """
@@ -188,6 +219,7 @@ def text_memorisation(
     copied = train_grams - heldout_grams
     return {
         "canary_reproductions": sum(any(s in t for s in secrets) for t in synthetic_texts),
+        **phi_replay_at_site(synthetic_texts, site, config),
         "planted_phi_reproductions": sum(any(v in t for v in phi_values) for t in synthetic_texts),
         "ngram_copies": sum(bool(_ngrams(t, ngram_n) & copied) for t in synthetic_texts),
         "ngram_n": ngram_n,

@@ -344,6 +344,10 @@ def test_memorisation_counts_only_train_split_copies(audited):
     counts = text_memorisation(synthetic, site, config)
     assert counts["canary_reproductions"] == 1 and counts["planted_phi_reproductions"] == 1
     assert counts["ngram_copies"] == 1 and counts["n_synthetic"] == 5
+    # Replay from what the site's detector finds in its own train notes (the truth file only scores it):
+    # the canary's chart number and the planted name; the held-out note holds neither.
+    assert counts["phi_replay"] == 2 and counts["phi_replay_by_kind"] == {"MEDICAL_RECORD_NUMBER": 1, "PERSON": 1}
+    assert counts["phi_detector_at_site"]["PERSON"]["recall"] == 1.0
 
 
 def test_a_site_error_becomes_one_line():

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fedgen.audits.gate import DEFAULT_POLICY, evaluate_gate, load_policy
+from fedgen.audits.gate import DEFAULT_POLICY, evaluate_gate, load_policy, record_decision
 from fedgen.errors import FedgenError
 
 SITES = ["site-1", "site-2"]
@@ -89,8 +89,10 @@ def example_report(*, modalities=("image", "text")) -> dict:
             "findings": [{"index": 3, "entity_type": "DATE_TIME", "start": 10, "end": 24, "score": 0.6, "redacted": "M**** 1*, 2***"}],
             "counts": {"DATE_TIME": 1},
             "memorisation": {
-                "canary_reproductions": 0, "planted_phi_reproductions": 0, "ngram_copies": 4, "ngram_n": 8,
-                "sites": {site: {"canary_reproductions": 0, "planted_phi_reproductions": 0, "ngram_copies": 2} for site in SITES},
+                "canary_reproductions": 0, "phi_replay": 0, "planted_phi_reproductions": 0, "ngram_copies": 4,
+                "ngram_n": 8,
+                "sites": {site: {"canary_reproductions": 0, "phi_replay": 0, "planted_phi_reproductions": 0,
+                                 "ngram_copies": 2} for site in SITES},
             },
         }  # fmt: skip
         report["fidelity"]["text"] = {
@@ -115,8 +117,10 @@ def test_default_policy_is_the_shipped_file(policy):
     assert policy.source == DEFAULT_POLICY
     assert policy.membership.auc_max == 0.6
     assert policy.membership.tpr_at_1pct_fpr_max == 0.03
-    assert "DATE_TIME" not in policy.phi.forbidden_entities
-    assert set(policy.phi.forbidden_entities) >= {"PERSON", "US_SSN", "MEDICAL_RECORD_NUMBER"}
+    assert policy.phi.action == "placeholder"  # findings are replaced at release, not refused
+    from fedgen.audits.phi import PHI_ENTITIES
+
+    assert policy.phi.forbidden_entities == list(PHI_ENTITIES)  # every Safe Harbor kind the scanner sees
     assert policy.privacy.allow_no_dp is False
 
 
@@ -130,9 +134,11 @@ def test_a_report_within_policy_passes_every_check(policy):
     assert {"privacy.dp", "privacy.site-1.image.budget", "privacy.site-2.text.budget", "privacy.max_epsilon"} <= names
     assert {"membership.image.loss.auc", "membership.text.loss.tpr_at_1pct_fpr", "membership.text.loss.empirical_epsilon"} <= names
     assert {"phi.PERSON", "phi.US_SSN", "memorisation.text.canary_reproductions", "memorisation.image.near_copies_feature"} <= names
+    assert {"memorisation.text.phi_replay"} <= names
     assert {"fidelity.image.precision", "utility.image.synthetic_to_real_ratio", "utility.text.synthetic_to_real_ratio"} <= names
-    # DATE_TIME is allowed by the default policy, so its finding is not a check
-    assert "phi.DATE_TIME" not in names
+    # the default policy replaces the DATE_TIME finding at release: a passed check that says so
+    date = next(c for c in decision["checks"] if c["name"] == "phi.DATE_TIME")
+    assert date["passed"] and date["value"] == 1 and "replaced by typed placeholders" in date["detail"]
 
 
 def test_a_canary_reproduction_refuses_and_names_the_check(policy):
@@ -202,12 +208,32 @@ def test_an_empirical_bound_above_the_accountant_refuses(policy):
     assert list(failed) == ["membership.image.loss.empirical_epsilon"]
 
 
-def test_a_forbidden_phi_finding_refuses(policy):
+def test_a_forbidden_phi_finding_refuses_under_a_refusing_policy(policy):
+    refusing = policy.model_copy(update={"phi": policy.phi.model_copy(update={"action": "refuse"})})
     report = example_report(modalities=("text",))
     report["phi"]["counts"]["PERSON"] = 2
-    failed = _failed(evaluate_gate(report, policy))
-    assert list(failed) == ["phi.PERSON"]
+    failed = _failed(evaluate_gate(report, refusing))
+    assert list(failed) == ["phi.PERSON", "phi.DATE_TIME"]
     assert failed["phi.PERSON"]["value"] == 2
+    assert _failed(evaluate_gate(report, policy)) == {}  # the default replaces them instead
+
+
+def test_replay_of_a_sites_own_phi_refuses_whatever_the_policy(policy):
+    report = example_report(modalities=("text",))
+    report["phi"]["memorisation"]["phi_replay"] = 1
+    failed = _failed(evaluate_gate(report, policy))
+    assert list(failed) == ["memorisation.text.phi_replay"]
+    del report["phi"]["memorisation"]["phi_replay"]
+    assert "was not measured" in _failed(evaluate_gate(report, policy))["memorisation.text.phi_replay"]["detail"]
+
+
+def test_the_decision_records_what_the_release_does_with_phi(policy):
+    report = example_report(modalities=("text",))
+    report["phi"]["counts"] = {"DATE_TIME": 1, "PERSON": 3}
+    recorded = record_decision(report, policy, audited_files={"texts.jsonl": "0" * 64})
+    assert recorded["phi"]["release"] == {
+        "action": "placeholder", "entities": policy.phi.forbidden_entities, "replaced": {"PERSON": 3, "DATE_TIME": 1},
+    }  # fmt: skip
 
 
 def default_policy_text() -> str:

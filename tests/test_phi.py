@@ -231,9 +231,9 @@ def test_score_against_truth_counts_overlaps_of_the_same_type():
         PhiFinding(2, "PERSON", 0, 9, 0.85),  # no truth there
     ]
     assert score_against_truth(findings, truth) == {
-        "DATE_TIME": {"recall": 0.0, "precision": None, "n_truth": 1},
-        "PERSON": {"recall": 0.5, "precision": 0.5, "n_truth": 2},
-        "PHONE_NUMBER": {"recall": None, "precision": 0.0, "n_truth": 0},
+        "DATE_TIME": {"recall": 0.0, "precision": None, "n_truth": 1, "n_found": 0, "n_findings": 0, "n_correct": 0},
+        "PERSON": {"recall": 0.5, "precision": 0.5, "n_truth": 2, "n_found": 1, "n_findings": 2, "n_correct": 1},
+        "PHONE_NUMBER": {"recall": None, "precision": 0.0, "n_truth": 0, "n_found": 0, "n_findings": 1, "n_correct": 0},
     }
 
 

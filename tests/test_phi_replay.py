@@ -8,7 +8,14 @@ from fedgen.audits.phi import PhiFinding, build_analyzer, scan
 from fedgen.audits.phi_redaction import PLACEHOLDERS, Surrogates, redact_texts, replace_spans
 from fedgen.audits.phi_replay import SitePhi, count_replays, replay_keys, site_replay_audit
 from fedgen.config import TextConfig
-from fedgen.models.text import add_lora, encode_examples, generate_texts, load_base_model, make_tiny_llama, sequence_loss
+from fedgen.models.text import (
+    add_lora,
+    encode_examples,
+    generate_texts,
+    load_base_model,
+    make_tiny_llama,
+    sequence_loss,
+)
 
 
 @pytest.fixture(scope="module")

@@ -158,3 +158,77 @@ def test_cli_release_of_a_folder_that_is_not_a_run_exits_1(tmp_path):
     result = runner.invoke(app, ["release", str(tmp_path)])
     assert result.exit_code == 1
     assert "is not a fedgen run folder" in result.output
+
+
+PHI_NOTES = [
+    ("Seen with Chidubem Okonkwo on 14 March 2024, call +44 20 7946 0958.", "Anxiety"),
+    ("No identifiers here at all.", "Normal"),
+    ("Ms. Aroha Ngata moved to Wellington.", "Depression"),
+]
+
+
+def _phi_findings() -> list[dict]:
+    found = []
+    for index, (text, _) in enumerate(PHI_NOTES):
+        for kind, value in [("PERSON", "Chidubem Okonkwo"), ("DATE_TIME", "14 March 2024"),
+                            ("PHONE_NUMBER", "+44 20 7946 0958"), ("PERSON", "Ms. Aroha Ngata"), ("LOCATION", "Wellington")]:  # fmt: skip
+            if value in text:
+                start = text.index(value)
+                found.append({"index": index, "entity_type": kind, "start": start, "end": start + len(value),
+                              "score": 0.85, "redacted": "x"})  # fmt: skip
+    return found
+
+
+def _run_with_phi(tmp_path, policy) -> RunDir:
+    from fedgen.audits.gate import record_decision
+
+    run = RunDir.create(tmp_path / "runs", RunConfig(modality="text"), "r1")
+    run.synthetic.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": text, "label": label}, ensure_ascii=False) for text, label in PHI_NOTES]
+    (run.synthetic / "texts.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    report = example_report(modalities=("text",))
+    findings = _phi_findings()
+    report["phi"]["findings"] = findings
+    report["phi"]["counts"] = {k: sum(f["entity_type"] == k for f in findings) for k in {f["entity_type"] for f in findings}}
+    write_report(run.audit, record_decision(report, policy, audited_files=synthetic_manifest(run.synthetic)))
+    return run
+
+
+def test_placeholders_replace_only_the_audited_spans_and_the_manifest_lists_the_released_files(tmp_path, policy):
+    run = _run_with_phi(tmp_path, policy)
+    out = release(run, tmp_path / "out")
+    released = [json.loads(line) for line in (out / "synthetic/texts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert released == [
+        {"text": "Seen with [NAME] on [DATE], call [PHONE].", "label": "Anxiety"},
+        {"text": "No identifiers here at all.", "label": "Normal"},
+        {"text": "[NAME] moved to [PLACE].", "label": "Depression"},
+    ]
+    # the run's own synthetic files are untouched: the audited texts stay as they were audited
+    assert synthetic_manifest(run.synthetic) == json.loads((run.audit / "report.json").read_text())["synthetic"]["sha256"]
+    # the manifest lists exactly the files released, with their released hashes
+    listed = dict(reversed(line.split("  ", 1)) for line in (out / MANIFEST_NAME).read_text().splitlines())
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    assert set(listed) == on_disk
+    assert listed["synthetic/texts.jsonl"] == hashlib.sha256((out / "synthetic/texts.jsonl").read_bytes()).hexdigest()
+    check = subprocess.run(["sha256sum", "--check", "--strict", MANIFEST_NAME], cwd=out, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    plan = json.loads((out / "audit/report.json").read_text())["phi"]["release"]
+    assert plan["action"] == "placeholder" and plan["replaced"] == {"PERSON": 2, "DATE_TIME": 1, "PHONE_NUMBER": 1, "LOCATION": 1}
+
+
+def test_surrogates_keep_every_character_outside_the_spans(tmp_path, policy):
+    surrogate = policy.model_copy(update={"phi": policy.phi.model_copy(update={"action": "surrogate"})})
+    run = _run_with_phi(tmp_path, surrogate)
+    out = release(run, tmp_path / "out")
+    released = [json.loads(line)["text"] for line in (out / "synthetic/texts.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert released[1] == PHI_NOTES[1][0]
+    assert released[0].startswith("Seen with ") and " on " in released[0] and released[0].endswith(".")
+    assert "Chidubem" not in released[0] and "7946" not in released[0] and "Wellington" not in released[2]
+    assert released[2].endswith(" moved to " + released[2].rsplit(" moved to ", 1)[1])
+
+
+def test_a_refusing_phi_policy_releases_the_texts_as_audited(tmp_path, policy):
+    refusing = policy.model_copy(update={"phi": policy.phi.model_copy(update={"action": "refuse", "max_findings": 10})})
+    run = _run_with_phi(tmp_path, refusing)
+    out = release(run, tmp_path / "out")
+    assert (out / "synthetic/texts.jsonl").read_bytes() == (run.synthetic / "texts.jsonl").read_bytes()

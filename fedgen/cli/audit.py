@@ -120,9 +120,9 @@ def _pooled_review(paths: list[Path], run_id: str) -> dict:
 def audit_phi(
     texts: Annotated[Path, typer.Option(help='A JSONL file of {"text": ...} lines, e.g. synthetic/texts.jsonl.')],
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per finding per line.")] = False,
-    spacy_model: Annotated[str | None, typer.Option(help="spaCy pipeline (directory or installed package). Default: the offline blank pipeline with name lists.")] = None,
+    spacy_model: Annotated[str | None, typer.Option(help="spaCy pipeline whose NER the scan uses (directory or installed package). Default: spaCy's en_core_web_sm, installed with fedgen.")] = None,
 ) -> None:
-    """Scan texts for PHI offline (Presidio) and list the findings, values redacted."""
+    """Scan texts for PHI offline (NER, Presidio and fedgen's rules) and list the findings, values redacted."""
     import json
 
     from rich.table import Table
