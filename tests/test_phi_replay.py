@@ -105,6 +105,7 @@ def memorised_notes(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_model_trained_without_dp_replays_site_phi_found_without_a_truth_file(analyzer, memorised_notes):
     training_texts = [text for _, text in TRAINING]
     replay = site_replay_audit(training_texts, memorised_notes, analyzer)  # no truth: the detector's values
