@@ -50,7 +50,7 @@ EXTRA_STREET_TYPES = [
     "praça", "largo", "estrada", "alameda", "ladeira", "strada", "bulevardul", "calea", "aleea",
     # Polish, Czech, Slovak, Croatian, Slovenian, Hungarian, Baltic, Turkish
     "ul", "ulica", "al", "aleja", "os", "osiedle", "pl", "plac", "ulice", "ulica", "nám", "náměstí",
-    "trieda", "námestie", "cesta", "trg", "ulica", "utca", "út", "tér", "körút", "iela", "gatvė", "tänav",
+    "trieda", "námestie", "cesta", "trg", "ulica", "utca", "u", "út", "útja", "tér", "körút", "iela", "gatvė", "tänav",
     "põik", "maantee", "sokak", "sokağı", "sk", "cadde", "caddesi", "cd", "bulvarı", "mahallesi", "mah",
     # Russian and Ukrainian, romanised
     "ulitsa", "ul.", "prospekt", "pr", "pereulok", "per", "shosse", "bulvar", "naberezhnaya", "vulytsia",

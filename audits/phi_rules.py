@@ -200,10 +200,11 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         """``end`` without trailing English words that are not names ("Maria Lopez Patient")."""
         lex = self.lexicon
         while end - start > 1:
-            word = fold(doc[end - 1].text)
-            if not doc[end - 1].is_alpha or not lex.is_word(word) or lex.is_name(word):
+            token = doc[end - 1]
+            word = fold(token.text)
+            if any(c.isalnum() for c in token.text) and (not token.is_alpha or not lex.is_word(word) or lex.is_name(word)):
                 break
-            end -= 1
+            end -= 1  # punctuation or line breaks the NER took in, or an English word
         return end
 
     def _plausible_person(self, ent) -> bool:
@@ -420,6 +421,8 @@ ADDRESS_CUES = (
     r"lives?[ \t]+in|located[ \t]+at|home[ \t]+at|staying[ \t]+at"
 )
 _WORD = r"[\p{L}][\p{L}'’.\-]*"
+# Words that end a street name: "Mail to PSC 2076" is not a street.
+_NOT_STREET = r"(?i:to|at|in|on|from|for|is|it|was|are|by|with|my|your|our|his|her|their|and|or)"
 _CUED_ADDRESS = (
     rf"(?:{_NUMBER},?[ \t]+(?:{_WORD}[ \t]+){{0,4}}{_WORD}"  # number first
     rf"|(?:{_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_HOUSE}\b){_UNIT}"  # number last
@@ -446,7 +449,11 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12"
         Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
         # Any number-bearing run of words after an address cue: "lives at 1097 Melshorn", "Address: Am Sack 689".
-        Pattern("after an address cue", rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*){_CUED_ADDRESS}", 0.6),
+        Pattern("after an address cue", rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}){_CUED_ADDRESS}", 0.6),
+        # "Melum 64, Finnbogastaðir 523": a street and its number, then a town and its postal code.
+        Pattern("street number, town code", rf"(?<![\p{{L}}\d])\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+(?!{_NOT_STREET}\b){_WORD}){{0,3}}[ \t]+{_HOUSE}(?=,[ \t]+\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+[\p{{L}}'’.\-]+){{0,3}}[ \t]+(?:[A-Z]{{1,2}}-?)?(?:\d{{3,6}}(?:[ \t-]\d{{2,4}})?|\d{{2}}-\d{{3}})\b)", 0.6),
+        # An address label's street line: a number and words alone on their line ("2250 Brisas").
+        Pattern("label line", r"(?m)(?<=^[ \t>?*•\-]*)\d{1,5}[A-Za-z]?[ \t]+\p{Lu}[\p{L}'’.\-]*(?:[ \t]+[\p{L}'’.\-]+){0,4}\.?(?=[ \t]*$)", 0.5),
         # "60 Hauptplatz", "1161 Strømstadgata"
         Pattern("number, name+suffix", rf"\b{_NUMBER},?[ \t]+\p{{Lu}}[\p{{L}}\-]*(?i:{fused})(?![\p{{L}}])\.?{_UNIT}", 0.7),
         # A unit on its own ("Apt. 442", "Suite 824"), as on an address label's second line.
@@ -503,9 +510,9 @@ def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
 # --- postal codes and cities beside an address ------------------------------------------------
 
 _BESIDE_AFTER = regex.compile(
-    r"\G(?P<sep>,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
+    r"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
     r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])(?:[ \t-](?:(?:de|la|le|am|an|der|sur|di|del|i|í|á|aan|nad)[ \t-])?\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])){0,3})?"
-    r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
+    r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3}|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
 )
 _CODE_BEFORE = regex.compile(r"(?P<code>\b[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,3})?)[ \t]+\Z")
 
