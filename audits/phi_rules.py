@@ -292,7 +292,8 @@ ID_CUES = {
     ],
     "US_SSN": [r"ssn", r"social\s+security", r"soc\.?\s+sec\.?", r"ss#"],
 }
-ID_FILLERS = r"(?:\s*(?i:number|num|no\.?|nr\.?|#|id|code|is|of|was|=|:|on\s+file|details?|ending\s+in)\b\.?)*\s*[:#=]?\s*"
+# Words and signs between a label and its identifier: "Member ID:", "Health plan #:", "SSN on file:".
+ID_FILLERS = r"(?:\s*(?:(?i:number|num|no\.?|nr\.?|id|code|is|of|was|on\s+file|details?|ending\s+in)\b\.?|[#:=]))*\s*"
 ID_GROUP = r"\(?[A-Z0-9][A-Za-z0-9()/.\-]*[A-Za-z0-9)]|[0-9]"
 ID_VALUE = rf"(?:{ID_GROUP})(?:[ ](?:{ID_GROUP})){{0,5}}"
 MIN_ID_DIGITS = 2

@@ -126,6 +126,8 @@ def test_ages_up_to_89_are_not_phi(analyzer):
         ("Hospital number RX-2291-774 on the wristband.", "MEDICAL_RECORD_NUMBER", "RX-2291-774"),
         ("Member ID XQH834920137 for the claim.", "HEALTH_PLAN_NUMBER", "XQH834920137"),
         ("Medicare number 1EG4-TE5-MK73 verified.", "HEALTH_PLAN_NUMBER", "1EG4-TE5-MK73"),
+        ("Health plan #: QXH-829-10-4417 on the card.", "HEALTH_PLAN_NUMBER", "QXH-829-10-4417"),
+        ("Policy # 55-2910-883 lapsed.", "HEALTH_PLAN_NUMBER", "55-2910-883"),
         ("Billing account 0048213-77 is overdue.", "ACCOUNT_NUMBER", "0048213-77"),
         ("Card 4111 1111 1111 1111 declined.", "ACCOUNT_NUMBER", "4111 1111 1111 1111"),
         ("IBAN DE89 3704 0044 0532 0130 00 for refunds.", "ACCOUNT_NUMBER", "DE89 3704 0044 0532 0130 00"),
