@@ -90,15 +90,15 @@ class ImageModality(Modality):
         return unet
 
     def initial_model(self) -> nn.Module:
-        """The pretrained checkpoint (image.init_checkpoint) if there is one, else random."""
+        """The pretrained checkpoint (image.init_checkpoint) if there is one, checked against its
+        record and the run (``fedgen.models.pretrained``), else random weights."""
         checkpoint = self.config.image.init_checkpoint
         if checkpoint is None:
             return self.build_model()
-        from fedgen.models.diffusion import check_same_architecture
+        from fedgen.models.pretrained import load_pretrained
 
         model = self.build_model()
-        pretrained = self.load(Path(checkpoint))
-        check_same_architecture(pretrained, model, source=checkpoint)
+        pretrained = load_pretrained(checkpoint, self.config.image, self.config.data.image_classes)
         model.load_state_dict(pretrained.state_dict())
         return model
 

@@ -30,8 +30,10 @@ from fedgen.data.site import load_images
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
 from fedgen.logs import progress_bar
+from fedgen.manifest import file_sha256
 from fedgen.modalities import ImageModality
-from fedgen.models.diffusion import update_ema
+from fedgen.models.diffusion import WEIGHTS_NAME, update_ema
+from fedgen.models.pretrained import RECORD_NAME, SHIPPED_PREFIX, checkpoint_folder
 from fedgen.training import train_local
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
     "create_run",
 ]
 
-PROVENANCE_NAME = "pretraining.json"
+PROVENANCE_NAME = RECORD_NAME
 
 
 class PublicImages:
@@ -165,10 +167,12 @@ def pretrain_image_model(
         "final_mean_loss": result.mean_loss,
         "seconds": round(time.perf_counter() - started, 1),
         "image_config": image.model_dump(),
+        "classes": list(config.data.image_classes),  # the class embeddings' order
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
+        provenance["weights_sha256"] = file_sha256(staging / WEIGHTS_NAME)  # checked on every load
         write_json(staging / PROVENANCE_NAME, provenance)
     return provenance
 
@@ -196,32 +200,30 @@ def start_classes_from_null(unet: torch.nn.Module) -> None:
 
 
 def pretraining_of(config: RunConfig) -> dict | None:
-    """The run's pretraining record (None without image.init_checkpoint), after checking that
-    the checkpoint loads and has the run's architecture."""
+    """The run's pretraining record (None without image.init_checkpoint), after checking the
+    checkpoint against its own record and the run (``fedgen.models.pretrained``)."""
     checkpoint = config.image.init_checkpoint
     if checkpoint is None or "image" not in config.modalities:
         return None
-    ImageModality(config, work_dir=Path(checkpoint)).initial_model()  # one-line error if unusable
-    path = Path(checkpoint)
-    record_file = path / PROVENANCE_NAME
+    ImageModality(config, work_dir=Path(".")).initial_model()  # one-line error if unusable
+    folder = checkpoint_folder(checkpoint)
+    record_file = folder / PROVENANCE_NAME
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {
         "note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"
     }
-    # The weights do not say what they predict; the record does (before the option: epsilon).
-    trained_for = record.get("image_config", {}).get("prediction_type", "epsilon")
-    if "image_config" in record and trained_for != config.image.prediction_type:
-        raise FedgenError(
-            f"{path} was pretrained to predict {trained_for!r} but the run's image.prediction_type "
-            f"is {config.image.prediction_type!r}: set it to match or pretrain again"
-        )
-    weights = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.glob("*.safetensors"))))
-    return {**record, "checkpoint": str(path.resolve()), "weights_sha256": weights.hexdigest()}
+    shipped = checkpoint.startswith(SHIPPED_PREFIX)  # a name that resolves wherever fedgen is installed
+    return {
+        **record,
+        "checkpoint": checkpoint if shipped else str(folder.resolve()),
+        "weights_sha256": file_sha256(folder / WEIGHTS_NAME),
+    }
 
 
 def create_run(runs_dir: str | Path, config: RunConfig, run_id: str | None = None) -> RunDir:
     """A new run folder, its pretraining (if any) checked first and recorded beside the config.
 
-    The checkpoint path is stored absolute: the ServerApp may run from another directory.
+    The checkpoint path is stored absolute, as the ServerApp may run from another directory; a
+    shipped checkpoint keeps its ``fedgen:`` name, which resolves wherever fedgen is installed.
     """
     pretraining = pretraining_of(config)
     if pretraining is not None:

@@ -132,14 +132,14 @@ def test_the_federation_starts_from_the_pretrained_weights(pretrained, tmp_path)
 
 def test_a_pretrained_model_of_another_architecture_is_refused(pretrained, tmp_path):
     config = load_config(None, {**TINY, "image.block_out_channels": [16, 64], "image.init_checkpoint": str(pretrained)})
-    with pytest.raises(FedgenError, match=r"has block_out_channels=\[16, 32\] but the run's image config builds"):
+    with pytest.raises(FedgenError, match=r"trained with image.block_out_channels = \[16, 32\] but the run sets \[16, 64\]"):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_pretrained_model_of_another_prediction_type_is_refused(pretrained, tmp_path):
     config = load_config(None, {**TINY, "image.prediction_type": "epsilon", "image.init_checkpoint": str(pretrained)})
-    with pytest.raises(FedgenError, match="pretrained to predict 'v_prediction' but the run's image.prediction_type is 'epsilon'"):
+    with pytest.raises(FedgenError, match="trained with image.prediction_type = 'v_prediction' but the run sets 'epsilon'"):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 

@@ -38,6 +38,7 @@ __all__ = [
     "build_unet",
     "select_trainable",
     "check_same_architecture",
+    "first_config_difference",
     "null_class",
     "update_ema",
     "make_noise_scheduler",
@@ -143,18 +144,27 @@ def select_trainable(unet: torch.nn.Module, patterns: list[str]) -> None:
         param.requires_grad_(any(p in name for p in patterns))
 
 
-def check_same_architecture(saved: UNet2DModel, built: UNet2DModel, *, source: str | Path) -> None:
-    """A pretrained UNet must have the run's architecture: name the first setting that differs."""
+def first_config_difference(saved: UNet2DModel, built: UNet2DModel) -> tuple[str, object, object] | None:
+    """The first UNet setting of ``built`` that ``saved`` does not share: (key, saved's, built's)."""
     ignored = {"_name_or_path", "_use_default_values", "_diffusers_version", "_class_name"}
     for key, value in built.config.items():
         if key in ignored:
             continue
         theirs = saved.config.get(key)
         if _as_list(theirs) != _as_list(value):
-            raise FedgenError(
-                f"pretrained image model {source} has {key}={theirs!r} but the run's image "
-                f"config builds {key}={value!r}; pretrain with the run's config"
-            )
+            return key, theirs, value
+    return None
+
+
+def check_same_architecture(saved: UNet2DModel, built: UNet2DModel, *, source: str | Path) -> None:
+    """A pretrained UNet must have the run's architecture: name the first setting that differs."""
+    difference = first_config_difference(saved, built)
+    if difference is not None:
+        key, theirs, value = difference
+        raise FedgenError(
+            f"pretrained image model {source} has {key}={theirs!r} but the run's image "
+            f"config builds {key}={value!r}; pretrain with the run's config"
+        )
 
 
 def _as_list(value):

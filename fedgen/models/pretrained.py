@@ -1,0 +1,168 @@
+"""Pretrained image models a run starts from (``image.init_checkpoint``), checked before use.
+
+A checkpoint is a folder: the UNet as diffusers writes it (``config.json`` + safetensors
+weights) and ``pretraining.json``, the record ``fedgen pretrain`` writes: which public data, how
+it trained, and what a loader checks, namely the SHA-256 of the weights file, the architecture
+(the ``[image]`` settings that shape the UNet and what it predicts) and the ordered class names.
+
+fedgen also ships checkpoints, named ``fedgen:<name>`` in a configuration. Their record is the
+one in ``SHIPPED`` below, in the code, so a weights file or config.json changed inside the
+installed package is refused as well; ``recipe`` is the command that made the checkpoint.
+
+On load a checkpoint must match its record (weights digest; the architecture its config.json
+builds) and the run (architecture, prediction type, class names). Each mismatch is one line.
+When the run names the same classes in another order (a consortium's classes come sorted from
+its site folders), the class embeddings are reordered to the run's order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from fedgen.config import ImageConfig
+from fedgen.errors import FedgenError
+from fedgen.manifest import file_sha256
+from fedgen.models.diffusion import (
+    WEIGHTS_NAME,
+    build_unet,
+    check_same_architecture,
+    first_config_difference,
+    load_image_model,
+)
+
+__all__ = [
+    "RECORD_NAME",
+    "SHIPPED_PREFIX",
+    "SHIPPED",
+    "ARCHITECTURE_KEYS",
+    "architecture_of",
+    "checkpoint_folder",
+    "checkpoint_record",
+    "load_pretrained",
+]
+
+RECORD_NAME = "pretraining.json"
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "checkpoints"  # package data: fedgen/checkpoints/
+SHIPPED_PREFIX = "fedgen:"
+# The [image] settings a pretrained UNet is made of: a run must use the same to start from it.
+# train_timesteps and prediction_type shape no tensor, but the weights learned them.
+ARCHITECTURE_KEYS = (
+    "resolution", "channels", "block_out_channels", "layers_per_block", "attention",
+    "norm_num_groups", "train_timesteps", "prediction_type",
+)
+
+# Checkpoints installed with fedgen (fedgen/checkpoints/<name>/), each with the record it is
+# checked against on every load.
+SHIPPED: dict[str, dict] = {}
+
+
+def architecture_of(image: ImageConfig | dict) -> dict:
+    """The ``ARCHITECTURE_KEYS`` of an image configuration (or of a recorded one)."""
+    values = image.model_dump() if isinstance(image, ImageConfig) else image
+    return {key: values.get(key) for key in ARCHITECTURE_KEYS}
+
+
+def _shipped_name(checkpoint: str) -> str | None:
+    return checkpoint.removeprefix(SHIPPED_PREFIX) if checkpoint.startswith(SHIPPED_PREFIX) else None
+
+
+def checkpoint_folder(checkpoint: str) -> Path:
+    """The folder of ``checkpoint``: a path, or ``fedgen:<name>`` for a shipped checkpoint."""
+    name = _shipped_name(checkpoint)
+    if name is None:
+        return Path(checkpoint)
+    if name not in SHIPPED:
+        shipped = ", ".join(SHIPPED_PREFIX + n for n in SHIPPED) or "none"
+        raise FedgenError(f"image.init_checkpoint {checkpoint!r}: fedgen ships no such checkpoint (it ships {shipped})")
+    return SHIPPED_ROOT / name
+
+
+def checkpoint_record(checkpoint: str) -> dict | None:
+    """What ``checkpoint`` is checked against: the code's record of a shipped checkpoint, else
+    the folder's pretraining.json (None if it has none: not made by ``fedgen pretrain``)."""
+    name = _shipped_name(checkpoint)
+    if name is not None:
+        checkpoint_folder(checkpoint)  # an unknown name is one line
+        return SHIPPED[name]
+    path = Path(checkpoint) / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedgenError(f"pretraining record {path} is not valid JSON: {err}") from None
+
+
+def _check_against_record(checkpoint: str, folder: Path, record: dict) -> None:
+    """The weights file has the recorded digest and config.json builds the recorded architecture."""
+    expected = record.get("weights_sha256")
+    weights = folder / WEIGHTS_NAME
+    if expected is not None and weights.is_file():
+        actual = file_sha256(weights)
+        if actual != expected:
+            raise FedgenError(
+                f"pretrained image model {checkpoint}: {WEIGHTS_NAME} has SHA-256 {actual[:12]}..., "
+                f"its record {expected[:12]}...: the weights were changed or damaged"
+            )
+    if "image_config" not in record or record.get("classes") is None:
+        return
+    recorded = build_unet(ImageConfig(**architecture_of(record["image_config"])), len(record["classes"]))
+    difference = first_config_difference(load_image_model(folder), recorded)
+    if difference is not None:
+        key, theirs, value = difference
+        raise FedgenError(
+            f"pretrained image model {checkpoint}: config.json has {key}={theirs!r} but the recorded "
+            f"architecture builds {key}={value!r}: the model folder was changed"
+        )
+
+
+def _check_against_run(checkpoint: str, record: dict, image: ImageConfig, classes: list[str]) -> None:
+    """The run asks for the recorded architecture and the recorded classes (in any order)."""
+    if "image_config" in record:
+        recorded, run = architecture_of(record["image_config"]), architecture_of(image)
+        for key, value in recorded.items():
+            if _as_list(value) != _as_list(run[key]):
+                raise FedgenError(
+                    f"pretrained image model {checkpoint} was trained with image.{key} = {value!r} "
+                    f"but the run sets {run[key]!r}: use the checkpoint's setting or pretrain with the run's"
+                )
+    names = record.get("classes")
+    if names is not None and record.get("labelled", True) and sorted(names) != sorted(classes):
+        raise FedgenError(
+            f"pretrained image model {checkpoint} learned the classes {', '.join(names)} but the "
+            f"run's image classes are {', '.join(classes)}"
+        )
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+@torch.no_grad()
+def _reorder_classes(unet: UNet2DModel, recorded: list[str], classes: list[str]) -> None:
+    """Row i of the class embedding becomes the recorded row of the run's class i (null last)."""
+    order = [recorded.index(name) for name in classes] + [len(recorded)]
+    weight = unet.class_embedding.weight
+    weight.copy_(weight[order].clone())
+
+
+def load_pretrained(checkpoint: str, image: ImageConfig, classes: list[str]) -> UNet2DModel:
+    """The UNet in ``checkpoint``, after checking it against its record and against the run
+    (``image`` settings, ``classes`` in the run's order); class rows follow the run's order."""
+    folder = checkpoint_folder(checkpoint)
+    if not folder.is_dir():
+        raise FedgenError(f"pretrained image model not found: {checkpoint}")
+    record = checkpoint_record(checkpoint)
+    if record is not None:
+        _check_against_record(checkpoint, folder, record)
+        _check_against_run(checkpoint, record, image, classes)
+    unet = load_image_model(folder)
+    check_same_architecture(unet, build_unet(image, len(classes)), source=checkpoint)
+    recorded = (record or {}).get("classes")
+    if recorded is not None and recorded != classes and sorted(recorded) == sorted(classes):
+        _reorder_classes(unet, recorded, classes)
+    return unet
