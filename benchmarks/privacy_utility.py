@@ -43,6 +43,7 @@ from fedgen.audits.inputs import load_synthetic_images, load_synthetic_texts  # 
 from fedgen.audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
+from fedgen.data.check import classes_from_sites  # noqa: E402
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
 from fedgen.data.check import site_folders  # noqa: E402
 from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
@@ -183,6 +184,8 @@ def scoring(args) -> str:
 def one_epsilon(epsilon: float, sites, reals: RealSides, overrides: dict, args) -> dict:
     overrides = {**overrides, "modality": args.modality, "privacy.epsilon": epsilon, "federation.sites": len(sites)}
     config = load_config(args.config, overrides)
+    if args.sites_dir is not None:  # your own consortium: its classes unless the config lists them
+        config = classes_from_sites(config, sites)
     check_sites(config, sites)
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", args.label).strip("-")
     run = create_run(args.out / "runs", config, f"{slug}-eps-{epsilon:g}-{int(time.time())}")

@@ -46,7 +46,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    """The consortium's class lists (fixed for the whole run) and the site split."""
+    """The consortium's class lists (fixed for the whole run) and the site split.
+
+    A class list that a configuration leaves out comes from the sites when a run is created:
+    the sorted union of their class folders (images) or labels (texts), recorded in the run's
+    config.toml (``fedgen.data.check.classes_from_sites``). The demo's lists below are only
+    what a configuration built in code, without sites, starts from.
+    """
 
     image_classes: list[str] = Field(default_factory=lambda: list(DR_GRADES))
     text_classes: list[str] = Field(default_factory=lambda: list(MENTAL_HEALTH_CLASSES))

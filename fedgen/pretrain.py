@@ -40,6 +40,7 @@ __all__ = [
     "PROVENANCE_NAME",
     "PublicImages",
     "read_public_images",
+    "public_class_names",
     "class_balanced_draws",
     "pretrain_image_model",
     "pretraining_of",
@@ -74,16 +75,30 @@ class PublicImages:
         }
 
 
+def public_class_names(folder: str | Path) -> list[str] | None:
+    """The class folders of a labelled public set, sorted; None when some image sits elsewhere."""
+    root = Path(folder)
+    paths = _image_files(root)
+    parts = [p.relative_to(root).parts for p in paths]
+    if not paths or any(len(part) != 2 for part in parts):
+        return None
+    return sorted({part[0] for part in parts})
+
+
+def _image_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
 def read_public_images(folder: str | Path, classes: list[str]) -> PublicImages:
     """Every image under ``folder``; labelled when all sit in folders named after ``classes``."""
     root = Path(folder)
     if not root.is_dir():
         raise FedgenError(f"public data folder not found: {root}")
-    paths = sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    paths = _image_files(root)
     if not paths:
         raise FedgenError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     folders = {p.relative_to(root).parts[0] if len(p.relative_to(root).parts) == 2 else None for p in paths}

@@ -11,7 +11,12 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/pretrain-phantoms}
 FEDGEN=${FEDGEN:-.venv/bin/fedgen}
 export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+cat > "$OUT/grades.toml" <<'TOML'
+[data]  # the class embeddings in grade order
+image_classes = ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"]
+TOML
 $FEDGEN demo-public "$OUT/public" --images 8000 --labelled --seed 1000
-$FEDGEN pretrain --public "$OUT/public" --out "$OUT/fundus-phantoms-32" \
+$FEDGEN pretrain --public "$OUT/public" --out "$OUT/fundus-phantoms-32" --config "$OUT/grades.toml" \
   --epochs 30 --batch-size 32 --lr 2e-3 --ema-decay 0.999 --seed 0
 sha256sum "$OUT/fundus-phantoms-32/diffusion_pytorch_model.safetensors"

@@ -30,7 +30,7 @@ from fedgen.artifacts import RunDir
 from fedgen.files import write_json
 from fedgen.certs import make_certs
 from fedgen.cli import app
-from fedgen.config import RunConfig, load_config
+from fedgen.config import DR_GRADES, RunConfig, load_config
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import epsilon_from_history
@@ -43,6 +43,7 @@ from fedgen.server.train_app import rounds_done
 FEDGEN = [sys.executable, "-m", "fedgen"]
 TINY = {
     "modality": "image",
+    "data": {"image_classes": DR_GRADES},  # the coordinator cannot see the sites' class folders
     "image": {
         "resolution": 16,
         "block_out_channels": [16, 32],
@@ -341,9 +342,10 @@ def test_a_bad_site_is_refused_before_anything_starts(tmp_path):
     site = tmp_path / "site"
     (site / "images" / "Not_A_Grade").mkdir(parents=True)
     Image.new("L", (8, 8)).save(site / "images" / "Not_A_Grade" / "a.png")
+    (site / "images" / "Not_A_Grade" / "b.png").write_bytes(b"not a png")
     result = CliRunner().invoke(app, ["client", "--server", "127.0.0.1:1", "--data", str(site), "--insecure"])
     assert result.exit_code == 1
-    assert "problem:" in result.output and "Not_A_Grade" in result.output
+    assert "problem:" in result.output and "b.png: not a readable image" in result.output
     assert not (site / ".fedgen").exists()  # no SuperNode ever started for it
 
 

@@ -32,6 +32,7 @@ app.command()(consortium.certs)
 
 data_app = typer.Typer(cls=Group, help="Inspect and validate site data.", no_args_is_help=True)
 data_app.command("check")(data.data_check)
+data_app.command("heldout")(data.data_heldout)
 app.add_typer(data_app, name="data")
 
 audit_app = typer.Typer(

@@ -44,9 +44,16 @@ def server(
     if resume is not None:
         run = RunDir.open(resume)
     else:
+        from fedgen.data.check import CLASS_LISTS
         from fedgen.pretrain import create_run
 
-        run = create_run(runs_dir, load_config(config), run_id)
+        run_config = load_config(config)
+        unset = [CLASS_LISTS[m] for m in run_config.modalities if CLASS_LISTS[m] not in run_config.data.model_fields_set]
+        if unset:
+            raise FedgenError(
+                f"list data.{' and data.'.join(unset)} in --config: the coordinator cannot see the sites' folders"
+            )
+        run = create_run(runs_dir, run_config, run_id)
     if insecure:
         err_console.print(INSECURE_WARNING)
     if not run.config().privacy.enabled:
@@ -69,13 +76,15 @@ def client(
     """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR."""
     from fedgen.clients.deploy import serve_site
     from fedgen.config import load_config
-    from fedgen.data.check import check_site
+    from fedgen.data.check import check_site, classes_from_sites, site_class_names
 
     if not insecure and (key is None or ca is None):
         raise FedgenError("give --key site-K.key and --ca ca.crt (from `fedgen certs`), or --insecure for a local test")
     if insecure and (key is not None or ca is not None):
         raise FedgenError("--insecure runs without TLS and node keys; drop --key and --ca")
-    run_config = load_config(config)
+    run_config = load_config(config)  # class lists it leaves out: this site's own, until the run's arrive
+    found = [m for m, names in site_class_names(data).items() if names]
+    run_config = classes_from_sites(run_config, [data], modalities=found)
     result = check_site(data, run_config.data, channels=run_config.image.channels)
     for problem in result.problems:
         err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)

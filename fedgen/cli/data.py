@@ -1,4 +1,5 @@
-"""`fedgen demo-data`, `fedgen demo-public` and `fedgen data check`: making and checking site data."""
+"""`fedgen demo-data`, `fedgen demo-public`, `fedgen data check` and `fedgen data heldout`: making and
+checking site data, and listing what a site holds out."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from rich.table import Table
 
 from fedgen.cli.common import EXIT_USER_ERROR, ConfigOption, console, err_console
-from fedgen.data.check import SiteCheck
+from fedgen.data.check import TEXTS_FILE, SiteCheck
+from fedgen.errors import FedgenError
 
-__all__ = ["demo_data", "demo_public", "data_check"]
+__all__ = ["demo_data", "demo_public", "data_check", "data_heldout"]
 
 
 def demo_data(
@@ -63,18 +64,76 @@ def data_check(
     site_dir: Annotated[Path, typer.Argument(help="A site folder: images/<class>/*, texts.jsonl, site.toml.")],
     config: ConfigOption = None,
 ) -> None:
-    """Validate a site folder against the consortium's class lists and print a summary."""
-    from fedgen.config import load_config
-    from fedgen.data.check import check_site
+    """Validate a site folder against the consortium's class lists and print a summary.
 
-    run_config = load_config(config)
-    result = check_site(site_dir, run_config.data, channels=run_config.image.channels)
+    Class lists the configuration leaves out are the site's own (its class folders and text
+    labels, sorted), as a consortium of this site alone would use. A held-out split too small
+    for a figure the release policy needs is a warning (the check still passes).
+    """
+    from fedgen.audits.sample_sizes import site_heldout_warnings
+    from fedgen.config import load_config
+    from fedgen.data.check import CLASS_LISTS, classes_from_sites, scan_site, site_class_names
+    from fedgen.data.site import heldout_size
+
+    given = load_config(config)
+    found = [m for m, names in site_class_names(site_dir).items() if names]
+    run_config = classes_from_sites(given, [site_dir], modalities=found)
+    scan = scan_site(site_dir, run_config.data, modalities=("image", "text"), channels=run_config.image.channels)
+    result = scan.check
     if site_dir.is_dir():  # a missing folder has nothing to summarise
         console.print(site_table(result))
+        fraction = scan.settings.get("heldout_fraction", run_config.data.heldout_fraction)
+        for modality in found:
+            field = CLASS_LISTS[modality]
+            source = "the configuration" if field in given.data.model_fields_set else "this site's folders"
+            names = ", ".join(getattr(run_config.data, field))
+            console.print(f"{modality} classes (from {source}): {names}", highlight=False, soft_wrap=True)
+            counts = result.image_counts if modality == "image" else result.text_counts
+            heldout = {name: heldout_size(n, fraction) for name, n in counts.items()}
+            for warning in site_heldout_warnings(modality, heldout, site=result.name):
+                err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
     for problem in result.problems:
         err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
     if result.problems:
         raise typer.Exit(EXIT_USER_ERROR)
+
+
+def data_heldout(
+    site_dir: Annotated[Path, typer.Argument(help="A site folder.")],
+    run: Annotated[Path | None, typer.Option(help="A run folder: list what that run held out (its classes, split seed and fraction).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the site's held-out records: the ones the audit scores as non-members, never trained on.
+
+    One line per record on stdout (an image file, or a line number of texts.jsonl). The split
+    depends on the consortium's class lists: give --run to list exactly what a run held out.
+    """
+    from fedgen.config import load_config
+    from fedgen.data.check import classes_from_sites, site_class_names
+    from fedgen.data.site import heldout_records, load_site
+
+    if run is not None and config is not None:
+        raise FedgenError("--run uses the run's own config.toml; drop --config")
+    if run is not None:
+        from fedgen.artifacts import RunDir
+
+        run_config = RunDir.open(run).config()
+        modalities = run_config.modalities
+    else:
+        modalities = [m for m, names in site_class_names(site_dir).items() if names]
+        run_config = classes_from_sites(load_config(config), [site_dir], modalities=modalities)
+    site = load_site(site_dir, run_config.data, modalities=modalities, channels=run_config.image.channels)
+    held = heldout_records(site, seed=run_config.data.split_seed)
+    for path in held["image"]:
+        console.print(f"image  {path.relative_to(site.root).as_posix()}", highlight=False, soft_wrap=True)
+    for line in held["text"]:
+        console.print(f"text   {TEXTS_FILE} line {line}", highlight=False, soft_wrap=True)
+    counts = [f"{len(held[m])} of {len(site.image_paths if m == 'image' else site.texts)} {m} records" for m in modalities]
+    err_console.print(
+        f"{site.name} holds out {' and '.join(counts)} (fraction {site.heldout_fraction:g}, split seed "
+        f"{run_config.data.split_seed}{'' if run is not None else '; a consortium of more sites may split otherwise: give --run RUN'})",
+        highlight=False, soft_wrap=True,
+    )
 
 
 def site_table(check: SiteCheck) -> Table:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +15,8 @@ from fedgen.config import PRETRAIN_DEFAULTS
 from fedgen.errors import FedgenError
 
 __all__ = ["pretrain", "simulate", "generate"]
+
+DEMO_SITES = "demo-sites"  # where `fedgen simulate` without sites puts its fresh demo consortium
 
 
 def pretrain(
@@ -29,12 +34,22 @@ def pretrain(
 
     The federation starts from it when the run config sets image.init_checkpoint = OUT; set
     image.trainable to fine-tune only part of it. The model folder carries pretraining.json
-    (which data, how trained), which the run folder and the audit report record.
+    (which data, how trained, the weights' SHA-256), which the run folder and the audit report
+    record. Without data.image_classes in --config the classes are the public set's class
+    folders, sorted; an unlabelled (flat) public folder needs them in --config.
     """
     from fedgen.config import load_config
-    from fedgen.pretrain import pretrain_image_model
+    from fedgen.pretrain import pretrain_image_model, public_class_names
 
     run_config = load_config(config)
+    if "image_classes" not in run_config.data.model_fields_set and public.is_dir():
+        names = public_class_names(public)
+        if names is None:
+            raise FedgenError(
+                f"{public} has images outside class folders (unlabelled): list the consortium's "
+                "data.image_classes in --config, the model needs one embedding per class"
+            )
+        run_config = run_config.model_copy(update={"data": run_config.data.model_copy(update={"image_classes": names})})
     record = pretrain_image_model(public, out, run_config, epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, balance_classes=balance_classes, seed=seed, progress=True)
     labels = "labelled" if record["labelled"] else "unlabelled (null class)"
     console.print(
@@ -67,8 +82,13 @@ def simulate(
     run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp).")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
-    """Run the consortium on one machine with simulated hospitals (Flower simulation engine)."""
+    """Run the consortium on one machine with simulated hospitals (Flower simulation engine).
+
+    Class lists the configuration leaves out are the sorted union of the sites' class folders
+    and text labels, recorded in the run's config.toml.
+    """
     from fedgen.config import load_config
+    from fedgen.data.check import classes_from_sites
     from fedgen.logs import quiet_libraries
     from fedgen.pretrain import create_run
     from fedgen.simulations.engine import check_sites
@@ -85,15 +105,22 @@ def simulate(
     }
     run_config = load_config(config, overrides)
     if sites:
+        run_config = classes_from_sites(run_config, sites)
         check_sites(run_config, sites)
         run = create_run(runs_dir, run_config, run_id)
-    else:
+    else:  # a fresh demo consortium, made first so that its classes are the run's
         from fedgen.data.demo import make_demo_consortium
 
-        run = create_run(runs_dir, run_config, run_id)
-        sites = make_demo_consortium(
-            run.root / "demo-sites", sites=num_sites, seed=run_config.seed, progress=True
-        )
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo-sites-", dir=runs_dir))
+        try:
+            made = make_demo_consortium(staging / "sites", sites=num_sites, seed=run_config.seed, progress=True)
+            run_config = classes_from_sites(run_config, made)
+            run = create_run(runs_dir, run_config, run_id)
+            os.replace(staging / "sites", run.root / DEMO_SITES)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        sites = [run.root / DEMO_SITES / path.name for path in made]
     if not run_config.privacy.enabled:
         err_console.print("[bold yellow]WARNING: ε = inf — training WITHOUT differential privacy.[/]")
     run_simulated(run, sites, verbose=verbose)

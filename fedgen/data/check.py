@@ -32,7 +32,8 @@ from pathlib import Path
 
 from PIL import Image, ImageMode, UnidentifiedImageError
 
-from fedgen.config import DataConfig
+from fedgen.config import DataConfig, RunConfig
+from fedgen.errors import FedgenError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -42,6 +43,9 @@ __all__ = [
     "check_site",
     "scan_site",
     "site_folders",
+    "CLASS_LISTS",
+    "site_class_names",
+    "classes_from_sites",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -269,6 +273,56 @@ def _visible(folder: Path) -> list[Path]:
 def site_folders(sites_dir: Path) -> list[Path]:
     """The site folders in a consortium folder (hidden folders, e.g. a state folder, are not sites)."""
     return [path for path in _visible(sites_dir) if path.is_dir()]
+
+
+# --- the consortium's classes ---------------------------------------------------------------
+
+CLASS_LISTS = {"image": "image_classes", "text": "text_classes"}  # modality -> DataConfig field
+
+
+def site_class_names(root: str | Path) -> dict[str, set[str]]:
+    """The class names a site folder uses, per modality: its image class folders that hold a
+    visible file, and the string labels of texts.jsonl. Whatever else is wrong with the folder
+    is left to ``check_site``."""
+    root = Path(root)
+    images_dir, texts_file = root / IMAGES_DIR, root / TEXTS_FILE
+    image_names = set()
+    if images_dir.is_dir():
+        image_names = {
+            entry.name for entry in _visible(images_dir)
+            if entry.is_dir() and any(path.is_file() for path in _visible(entry))
+        }
+    text_names = set()
+    if texts_file.is_file():
+        for raw in texts_file.read_bytes().removeprefix(b"\xef\xbb\xbf").split(b"\n"):
+            try:
+                record = json.loads(raw)
+            except ValueError:  # not JSON, or not UTF-8
+                continue
+            if isinstance(record, dict) and isinstance(record.get("label"), str):
+                text_names.add(record["label"])
+    return {"image": image_names, "text": text_names}
+
+
+def classes_from_sites(
+    config: RunConfig, site_dirs: Sequence[str | Path], *, modalities: Sequence[str] | None = None
+) -> RunConfig:
+    """``config`` with each class list it leaves out, for ``modalities`` (default: the ones it
+    trains), set to the sorted union of the sites' class names: the consortium's classes, one
+    list for every site (a site may lack some). A list the configuration gives is kept."""
+    wanted = config.modalities if modalities is None else modalities
+    missing = [m for m in wanted if CLASS_LISTS[m] not in config.data.model_fields_set]
+    if not missing:
+        return config
+    found = [site_class_names(root) for root in site_dirs]
+    update = {}
+    for modality in missing:
+        names = sorted(set().union(*(site[modality] for site in found)))
+        if not names:
+            where = f"{IMAGES_DIR}/<class>/ folders" if modality == "image" else f"labels in {TEXTS_FILE}"
+            raise FedgenError(f"no site has {where}: no {modality} classes to train")
+        update[CLASS_LISTS[modality]] = names
+    return config.model_copy(update={"data": config.data.model_copy(update=update)})
 
 
 def _inspect_image(path: Path) -> tuple[tuple[int, int], str]:

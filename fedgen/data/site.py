@@ -24,6 +24,8 @@ __all__ = [
     "SiteData",
     "load_site",
     "split_indices",
+    "heldout_size",
+    "heldout_records",
     "load_images",
     "image_splits",
     "text_splits",
@@ -85,6 +87,20 @@ def load_site(
     )
 
 
+def heldout_size(n: int, heldout_fraction: float) -> int:
+    """How many of a class's ``n`` records the split holds out: ``round(n * heldout_fraction)``,
+    at least one and at most ``n - 1`` (a class of a single record trains)."""
+    return min(max(round(n * heldout_fraction), 1), n - 1) if n else 0
+
+
+def heldout_records(site: SiteData, *, seed: int) -> dict[str, list]:
+    """What the split of ``site`` holds out: per modality, the image files and the 1-based
+    line numbers of texts.jsonl (the records the audit scores as non-members)."""
+    _, images = split_indices(site.image_labels, heldout_fraction=site.heldout_fraction, seed=seed)
+    _, texts = split_indices(site.text_labels, heldout_fraction=site.heldout_fraction, seed=seed)
+    return {"image": [site.image_paths[i] for i in images], "text": [int(i) + 1 for i in texts]}
+
+
 def split_indices(
     labels: Sequence[int], *, heldout_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -99,8 +115,7 @@ def split_indices(
     train, heldout = [], []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        n = len(members)
-        n_heldout = min(max(round(n * heldout_fraction), 1), n - 1)
+        n_heldout = heldout_size(len(members), heldout_fraction)
         shuffled = np.random.default_rng([seed, int(label)]).permutation(members)
         heldout.append(shuffled[:n_heldout])
         train.append(shuffled[n_heldout:])
