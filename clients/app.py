@@ -16,14 +16,15 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedgen.clients.local import SiteUpdate, train_site
 from fedgen.artifacts import SITE_STATE_DIR
+from fedgen.clients.local import SiteUpdate, train_site
+from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 from fedgen.config import config_from_toml
 from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.protocol import RUN_DIR_KEY
-from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
+from fedgen.site_progress import progress_path, progress_writer
 
 __all__ = ["make_client_app", "app", "site_ledger"]
 
@@ -118,13 +119,23 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
             history = ledger.history(site.name, modality_name)
         else:
             history = load_history(context, modality_name)
+        server_round = int(settings["server-round"])
+
+        def progress_for(epochs: int, steps_per_epoch: int):
+            path = progress_path(root / SITE_STATE_DIR, modality_name)
+            return progress_writer(
+                path, site=site.name, modality=modality_name, round=server_round, epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+            )
+
         update = train_site(
             modality,
             site,
             global_state,
             history=history,
-            seed=round_seed(config.seed, int(settings["server-round"]), site.name),
+            seed=round_seed(config.seed, server_round, site.name),
             proximal_mu=float(settings.get("proximal-mu", 0.0)),  # sent by FedProx only
+            progress_for=progress_for,
         )
         save_history(context, modality_name, update.history)
         if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted

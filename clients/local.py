@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +15,9 @@ import torch
 from fedgen.data.site import SiteData
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality
-from fedgen.privacy.accounting import epsilon_from_history
-from fedgen.training import train_local
+from fedgen.privacy.accounting import epsilon_from_history, planned_steps
 from fedgen.privacy.plan import plan_privacy
+from fedgen.training import ProgressCallback, train_local
 
 __all__ = ["SiteUpdate", "train_site", "BudgetExhausted"]
 
@@ -43,12 +44,13 @@ def train_site(
     history: list[tuple[float, float, int]],
     seed: int,
     proximal_mu: float = 0.0,
-    progress=None,
+    progress_for: Callable[[int, int], ProgressCallback] | None = None,
 ) -> SiteUpdate:
     """One local round: refuse if the budget would be overspent, else train under DP.
 
     `seed` only seeds non-private training (reproducible comparisons); DP noise and Poisson
-    sampling always draw from the operating system.
+    sampling always draw from the operating system. ``progress_for(epochs, steps_per_epoch)``,
+    once the round is planned, returns the training loop's ``progress(step, loss)`` callback.
     """
     train_set, _ = modality.datasets(site)
     plan = plan_privacy(modality.config, site, modality=modality.name, n_train=len(train_set))
@@ -62,6 +64,12 @@ def train_site(
     model = modality.build_model()
     modality.set_state(model, global_state)
     section = modality.section
+    progress = None
+    if progress_for is not None:
+        _, steps_per_epoch = planned_steps(
+            n_records=len(train_set), batch_size=section.batch_size, epochs_per_round=1, rounds=1
+        )
+        progress = progress_for(section.local_epochs, steps_per_epoch)
     started = time.perf_counter()
     result = train_local(
         model,

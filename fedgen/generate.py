@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from rich.progress import Progress
 
 from fedgen.artifacts import RunDir
 from fedgen.data.check import IMAGE_SUFFIXES
-from fedgen.files import atomic_dir, atomic_file, read_text_records, write_text
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir, atomic_file, read_text_records, write_text
+from fedgen.logs import progress_bar
 from fedgen.modalities import ImageModality, TextModality
 
 __all__ = ["generate_images", "generate_texts", "choose_classes", "synthetic_image_files", "synthetic_text_records"]
@@ -52,8 +52,8 @@ def generate_images(
     generator = torch.Generator().manual_seed(seed)
     target = run.synthetic / "images"
     samples: dict[str, torch.Tensor] = {}
-    with atomic_dir(target) as tmp, Progress(transient=True) as bar:
-        task = bar.add_task("sampling images", total=per_class * len(chosen))
+    total = per_class * len(chosen)
+    with atomic_dir(target) as tmp, progress_bar(True, total=total, description="sampling images", unit="images") as advance:
         for name in chosen:
             labels = torch.full((per_class,), all_classes.index(name), dtype=torch.long)
             images = sample_images(
@@ -64,7 +64,7 @@ def generate_images(
                 guidance=guidance,
                 sampler=sampler,
                 generator=generator,
-                progress=lambda n: bar.advance(task, n),
+                progress=advance,
             )
             samples[name] = images[:CONTACT_SHEET_ROWS]
             (tmp / name).mkdir()
@@ -92,9 +92,15 @@ def generate_texts(
     model = modality.load(run.checkpoint("text", server_round))
     tokenizer = modality.tokenizer()
     lines = []
-    with Progress(transient=True) as bar:
-        task = bar.add_task("sampling texts", total=per_class * len(chosen))
+    with progress_bar(True, total=per_class * len(chosen), description="sampling texts", unit="texts") as advance:
         for k, name in enumerate(chosen):
+            written = 0
+
+            def advance_to(done: int, _total: int) -> None:
+                nonlocal written
+                advance(done - written)
+                written = done
+
             texts = sample_texts(
                 model,
                 tokenizer,
@@ -105,7 +111,7 @@ def generate_texts(
                 top_p=config.text.top_p,
                 max_new_tokens=config.text.max_new_tokens,
                 seed=seed + k,
-                progress=lambda done, _total, k=k: bar.update(task, completed=k * per_class + done),
+                progress=advance_to,
             )
             lines += [json.dumps({"text": t, "label": name}) for t in texts]
     target = run.synthetic / "texts.jsonl"

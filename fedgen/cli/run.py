@@ -87,6 +87,7 @@ def simulate(
     Class lists the configuration leaves out are the sorted union of the sites' class folders
     and text labels, recorded in the run's config.toml.
     """
+    from fedgen.cli.site_watch import showing_site_progress
     from fedgen.config import load_config
     from fedgen.data.check import classes_from_sites
     from fedgen.logs import quiet_libraries
@@ -123,7 +124,8 @@ def simulate(
         sites = [run.root / DEMO_SITES / path.name for path in made]
     if not run_config.privacy.enabled:
         err_console.print("[bold yellow]WARNING: ε = inf — training WITHOUT differential privacy.[/]")
-    run_simulated(run, sites, verbose=verbose)
+    with showing_site_progress(sites, run_config.modalities, console):
+        run_simulated(run, sites, verbose=verbose)
     console.print(f"run folder: {run.root}")
 
 
