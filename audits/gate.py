@@ -104,7 +104,7 @@ class Policy(_Section):
     _source: str = PrivateAttr(DEFAULT_POLICY)
 
     @model_validator(mode="after")
-    def _no_dp_needs_no_cap(self) -> "Policy":
+    def _no_dp_needs_no_cap(self) -> Policy:
         if self.privacy.allow_no_dp and self.privacy.max_epsilon is not None:
             raise ValueError(
                 f"privacy.allow_no_dp = true but privacy.max_epsilon = {self.privacy.max_epsilon} "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from fedgen.artifacts import RunDir
 from fedgen.audits.bias import bias_view
 from fedgen.audits.empirical_eps import empirical_epsilon_from_histograms
+from fedgen.audits.features import extract_features
 from fedgen.audits.fidelity import (
     NEAR_COPY_QUANTILE,
     PRDC_KEYS,
@@ -40,7 +41,6 @@ from fedgen.audits.fidelity import (
     text_embedding_stats,
     text_fidelity,
 )
-from fedgen.audits.features import extract_features
 from fedgen.audits.inputs import FEATURE_NET_EPOCHS, FEATURE_NET_TRAINED_ON, AuditInputs, say
 from fedgen.audits.mia import FPR_LEVEL_01PCT, FPR_LEVEL_1PCT, metrics_from_histograms
 from fedgen.audits.utility import pool_utility
@@ -351,7 +351,7 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
             "versions": _versions(),
             "dp": config.privacy.enabled,
             "pretraining": _pretraining(run),
-            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
         "privacy": _privacy(run, config, budgets),
         "membership": {name: _membership(name, sites) for name, sites in answers.items()},

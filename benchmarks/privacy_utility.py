@@ -37,15 +37,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.audits.features import extract_features, train_feature_net  # noqa: E402
 from fedgen.audits.fidelity import fid_from_features  # noqa: E402
 from fedgen.audits.inputs import load_synthetic_images, load_synthetic_texts  # noqa: E402
 from fedgen.audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
-from fedgen.artifacts import RunDir  # noqa: E402
 from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
-from fedgen.data.check import classes_from_sites  # noqa: E402
+from fedgen.data.check import (
+    classes_from_sites,  # noqa: E402
+    site_folders,  # noqa: E402
+)
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms  # noqa: E402
-from fedgen.data.check import site_folders  # noqa: E402
 from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
 from fedgen.files import write_text  # noqa: E402
 from fedgen.generate import generate_images, generate_texts  # noqa: E402

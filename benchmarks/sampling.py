@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from fedgen.audits.features import extract_features, train_feature_net
-from fedgen.audits.fidelity import fid_from_features
 from benchmarks.privacy_utility import pooled_heldout
 from fedgen.artifacts import RunDir
+from fedgen.audits.features import extract_features, train_feature_net
+from fedgen.audits.fidelity import fid_from_features
 from fedgen.logs import quiet_libraries
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import SAMPLERS, sample_images

@@ -14,9 +14,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from fedgen.audits.inputs import load_synthetic_images
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, classifier_scores, image_scores, pooled_heldout
 from fedgen.artifacts import RunDir
+from fedgen.audits.inputs import load_synthetic_images
 from fedgen.data.check import site_folders
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedgen.config import RunConfig, load_config, save_config
@@ -37,8 +37,8 @@ class RunDir:
         self.root = Path(root)
 
     @classmethod
-    def create(cls, runs_root: str | Path, config: RunConfig, run_id: str | None = None) -> "RunDir":
-        run_id = run_id or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    def create(cls, runs_root: str | Path, config: RunConfig, run_id: str | None = None) -> RunDir:
+        run_id = run_id or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run = cls(Path(runs_root) / run_id)
         if run.config_path.exists():
             raise FedgenError(f"run folder {run.root} already holds a run; choose another --run-id")
@@ -47,7 +47,7 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, root: str | Path) -> "RunDir":
+    def open(cls, root: str | Path) -> RunDir:
         run = cls(root)
         if not run.config_path.is_file():
             raise FedgenError(f"{run.root} is not a fedgen run folder (no config.toml)")

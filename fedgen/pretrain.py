@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -183,7 +183,7 @@ def pretrain_image_model(
         "seconds": round(time.perf_counter() - started, 1),
         "image_config": image.model_dump(),
         "classes": list(config.data.image_classes),  # the class embeddings' order
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     with atomic_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)

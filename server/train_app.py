@@ -16,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedgen.artifacts import EMA_DIR, RunDir
-from fedgen.files import atomic_dir, write_json
 from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
+from fedgen.files import atomic_dir, write_json
 from fedgen.modalities import Modality, get_modality
 from fedgen.models.diffusion import update_ema
 from fedgen.privacy.ledger import PrivacyLedger

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from flwr.serverapp import ServerApp
 
-from fedgen.clients.app import make_client_app
 from fedgen.artifacts import SITE_STATE_DIR, RunDir
+from fedgen.clients.app import make_client_app
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError

@@ -12,16 +12,15 @@ from flwr.common.config import fuse_dicts, parse_config_args
 from typer.testing import CliRunner
 
 import fedgen.server.deploy
-from fedgen.audits.gate import load_policy
-from fedgen.audits.gate import record_decision
-from fedgen.audits.report import write_report
-from fedgen.manifest import synthetic_manifest
 from fedgen.artifacts import RunDir
+from fedgen.audits.gate import load_policy, record_decision
+from fedgen.audits.report import write_report
 from fedgen.cli import app
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
-from fedgen.server.deploy import serve_audit
+from fedgen.manifest import synthetic_manifest
 from fedgen.protocol import AUDIT_RUN_CONFIG
+from fedgen.server.deploy import serve_audit
 from fedgen.server.flower_cli import AUDIT_SERVER_APP, FLOWER_COMPLETED, run_config_args, write_flower_app
 from tests.test_gate import example_report
 

@@ -19,25 +19,24 @@ from flwr.serverapp import Grid, ServerApp
 from PIL import Image
 from typer.testing import CliRunner
 
+from fedgen.artifacts import SITE_STATE_DIR, RunDir
 from fedgen.audits.features import extract_features, load_inception
 from fedgen.audits.fidelity import fid_from_features
-from fedgen.audits.mia import attack_metrics, metrics_from_histograms
 from fedgen.audits.inputs import load_synthetic_images, prepare_inputs
+from fedgen.audits.mia import attack_metrics, metrics_from_histograms
 from fedgen.audits.pooling import HISTOGRAM_BINS, shared_edges
-from fedgen.artifacts import SITE_STATE_DIR
+from fedgen.cli import app as cli_app
+from fedgen.clients.local import train_site
 from fedgen.clients.site_audit import answer_query
 from fedgen.clients.text_audit import _candidate_secrets, text_memorisation
-from fedgen.clients.local import train_site
-from fedgen.artifacts import RunDir
-from fedgen.cli import app as cli_app
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site, split_indices
 from fedgen.errors import FedgenError
 from fedgen.generate import generate_images
+from fedgen.manifest import synthetic_manifest
 from fedgen.modalities import get_modality
 from fedgen.models.text import generate_texts as sample_texts
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.manifest import synthetic_manifest
 from fedgen.protocol import (
     QUERY_AUDIT,
     QUERY_HISTOGRAMS,

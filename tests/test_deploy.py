@@ -25,14 +25,14 @@ import tomli_w
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedgen.clients.deploy import failure_reason
 from fedgen.artifacts import RunDir
-from fedgen.files import write_json
 from fedgen.certs import make_certs
 from fedgen.cli import app
+from fedgen.clients.deploy import failure_reason
 from fedgen.config import DR_GRADES, RunConfig, load_config
 from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
+from fedgen.files import write_json
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.processes import free_port

@@ -5,8 +5,8 @@ import socket
 import tomllib
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 

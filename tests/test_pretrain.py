@@ -12,10 +12,10 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedgen.audits.report import render_html
 from fedgen.audits.pooling import _pretraining
-from fedgen.clients.local import train_site
+from fedgen.audits.report import render_html
 from fedgen.cli import app
+from fedgen.clients.local import train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium, make_public_phantoms
 from fedgen.data.site import load_site

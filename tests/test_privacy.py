@@ -27,8 +27,8 @@ from fedgen.privacy.accounting import (
     epsilon_from_history,
     planned_steps,
 )
-from fedgen.training import train_local
 from fedgen.privacy.per_example_grads import per_example_grads
+from fedgen.training import train_local
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
 

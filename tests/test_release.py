@@ -7,13 +7,13 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from fedgen.audits.gate import evaluate_gate, load_policy
-from fedgen.audits.report import write_report
 from fedgen.artifacts import RunDir
+from fedgen.audits.gate import evaluate_gate, load_policy
+from fedgen.audits.release import ReleaseRefused, release
+from fedgen.audits.report import write_report
 from fedgen.cli import EXIT_REFUSED, app
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
-from fedgen.audits.release import ReleaseRefused, release
 from fedgen.manifest import MANIFEST_NAME, synthetic_manifest
 from tests.test_gate import example_report
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from fedgen.artifacts import RunDir
 from fedgen.audits.gate import evaluate_gate, load_policy
 from fedgen.audits.report import write_report
-from fedgen.manifest import synthetic_manifest
-from fedgen.artifacts import RunDir
 from fedgen.cli import app
 from fedgen.config import RunConfig
+from fedgen.manifest import synthetic_manifest
 from fedgen.models.diffusion import contact_sheet
 from tests.test_gate import default_policy_text, example_report
 

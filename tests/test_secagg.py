@@ -7,9 +7,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 from fedgen.config import load_config
 from fedgen.privacy.ledger import PrivacyLedger
-from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 from fedgen.server.secagg import CLIPPING_RANGE, start_secagg
 from fedgen.server.strategy import make_strategy
 from fedgen.simulations.engine import CPUS_PER_SITE

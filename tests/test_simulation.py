@@ -98,9 +98,9 @@ def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
 def test_generate_writes_labelled_texts(run):
     result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "text", "--per-class", "2", "--class", "Anxiety", "--class", "Stress"])
     assert result.exit_code == 0, result.output
-    lines = [json.loads(l) for l in (run.synthetic / "texts.jsonl").read_text().splitlines()]
-    assert [l["label"] for l in lines] == ["Anxiety", "Anxiety", "Stress", "Stress"]
-    assert all(isinstance(l["text"], str) for l in lines)
+    lines = [json.loads(line) for line in (run.synthetic / "texts.jsonl").read_text().splitlines()]
+    assert [note["label"] for note in lines] == ["Anxiety", "Anxiety", "Stress", "Stress"]
+    assert all(isinstance(note["text"], str) for note in lines)
 
 
 @pytest.mark.parametrize(("option", "error"), [

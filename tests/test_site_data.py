@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from fedgen.config import DataConfig
 from fedgen.cli.data import site_table
+from fedgen.config import DataConfig
 from fedgen.data.check import check_site
 from fedgen.data.site import image_splits, load_images, load_site, split_indices, text_splits
 from fedgen.errors import FedgenError

@@ -14,9 +14,9 @@ memorisation (exposure) tests; their template is the note with ``{secret}`` in i
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Sequence
 
 import numpy as np
 from faker import Faker
