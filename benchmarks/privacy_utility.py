@@ -328,9 +328,12 @@ def main() -> None:
     if args.sites_dir is not None and not args.sites_dir.is_dir():
         raise SystemExit(f"--sites-dir {args.sites_dir} is not a folder of site folders")
     sites_root = args.sites_dir or args.out / "sites"
-    sites = site_folders(sites_root) if sites_root.is_dir() else make_demo_consortium(
-        sites_root, sites=args.sites, seed=0, images_per_site=args.images_per_site
-    )
+    if not sites_root.is_dir():
+        make_demo_consortium(sites_root, sites=args.sites, seed=0, images_per_site=args.images_per_site)
+        for site in site_folders(sites_root):  # the benchmark's own sites allow its no-DP baseline
+            with (site / "site.toml").open("a", encoding="utf-8") as toml:
+                toml.write("require_dp = false\n")
+    sites = site_folders(sites_root)
     if args.public:
         overrides["image.init_checkpoint"] = str(pretrained_checkpoint(args, overrides).resolve())
     results = args.out / "results.jsonl"

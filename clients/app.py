@@ -7,9 +7,10 @@ indexed by Flower's `partition-id`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,13 +21,15 @@ from fedgen.artifacts import SITE_STATE_DIR
 from fedgen.clients.local import SiteUpdate, train_site
 from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 from fedgen.config import config_from_toml
-from fedgen.data.site import load_site
+from fedgen.data.site import SiteData, load_site
+from fedgen.errors import FedgenError
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.protocol import RUN_DIR_KEY
+from fedgen.site_policy import policy_from_settings
 from fedgen.site_progress import progress_path, progress_writer
 
-__all__ = ["make_client_app", "app", "site_ledger"]
+__all__ = ["make_client_app", "app", "site_ledger", "with_node_policy"]
 
 # One thread per simulated site: the simulation runs as many sites as there are cores.
 TORCH_THREADS = 1
@@ -36,6 +39,16 @@ def site_path(context: Context, site_dirs: Sequence[str] | None) -> Path:
     if site_dirs is not None:
         return Path(site_dirs[int(context.node_config["partition-id"])])
     return Path(str(context.node_config["data-path"]))
+
+
+def with_node_policy(site: SiteData, node_config: Mapping[str, object]) -> SiteData:
+    """The site with the policy settings of its SuperNode's node config (`fedgen client` flags)
+    applied over its site.toml."""
+    try:
+        policy = policy_from_settings(node_config, base=site.policy)
+    except ValueError as err:
+        raise FedgenError(f"{site.name}: node config: {err}") from None
+    return dataclasses.replace(site, policy=policy, epsilon_budget=policy.epsilon_budget)
 
 
 def round_seed(run_seed: int, server_round: int, site_name: str) -> int:
@@ -113,6 +126,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         site = load_site(
             root, config.data, modalities=(modality_name,), channels=config.image.channels
         )
+        site = with_node_policy(site, context.node_config)
         modality = get_modality(modality_name, config, work_dir=root / SITE_STATE_DIR)
         ledger = site_ledger(root, context)
         if ledger is not None:

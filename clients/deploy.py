@@ -4,7 +4,8 @@
 
 - TLS with the consortium CA (the site verifies the coordinator) and the site's node key (the
   coordinator verifies the site; Flower refuses node keys without TLS);
-- `--node-config data-path=SITE_DIR`: clients/app.py reads the site folder from there;
+- `--node-config data-path=SITE_DIR` and the policy flags of `fedgen client` (fedgen.site_policy
+  keys): clients/app.py reads the site folder and the policy overrides from there;
 - its own Runtime API port (each SuperNode on one host needs one; a free port by default);
 - FLWR_HOME in SITE_DIR/.fedgen/flwr, where Flower unpacks the (code-less) app bundles.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fedgen.artifacts import SITE_STATE_DIR
@@ -72,13 +73,25 @@ def supernode_command(
     ca: Path | None,
     runtime_port: int,
     max_wait: float | None = None,
+    policy: Mapping[str, bool | int | float | str] | None = None,
 ) -> list[str]:
-    """The SuperNode's command line; key and ca None = insecure (no TLS, no node auth)."""
+    """The SuperNode's command line; key and ca None = insecure (no TLS, no node auth).
+
+    ``policy`` holds site policy settings (fedgen.site_policy keys) that override site.toml.
+    """
     data_path = toml_literal(str(site_dir.resolve()), what="site folder")
+    node_config = [f"data-path={data_path}"]
+    for key, value in (policy or {}).items():
+        if isinstance(value, bool):
+            node_config.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, str):
+            node_config.append(f"{key}={toml_literal(value, what=key)}")
+        else:
+            node_config.append(f"{key}={value!r}")
     command = [
         flower_command("flower-supernode"),
         "--superlink", server,
-        "--node-config", f"data-path={data_path}",
+        "--node-config", " ".join(node_config),
         "--host", LOOPBACK,
         "--port", str(runtime_port),
     ]
@@ -101,6 +114,7 @@ def serve_site(
     ca: Path | None,
     runtime_port: int | None = None,
     max_wait: float | None = None,
+    policy: Mapping[str, bool | int | float | str] | None = None,
     restart_delay: float = RESTART_DELAY,
     echo: Echo = print,
 ) -> None:
@@ -115,7 +129,7 @@ def serve_site(
     site_dir = site_dir.resolve()
     command = supernode_command(
         server=server, site_dir=site_dir, key=key, ca=ca,
-        runtime_port=runtime_port or free_port(), max_wait=max_wait,
+        runtime_port=runtime_port or free_port(), max_wait=max_wait, policy=policy,
     )
     env = flower_env(site_dir / SITE_FLOWER_HOME)
     with process_group() as group:

@@ -15,11 +15,12 @@ import torch
 from fedgen.data.site import SiteData
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality
-from fedgen.privacy.accounting import epsilon_from_history, planned_steps
-from fedgen.privacy.plan import plan_privacy
+from fedgen.privacy.accounting import default_delta, epsilon_from_history, planned_steps
+from fedgen.privacy.plan import PrivacyPlan, plan_privacy
+from fedgen.site_policy import SitePolicy
 from fedgen.training import ProgressCallback, train_local
 
-__all__ = ["SiteUpdate", "train_site", "BudgetExhausted"]
+__all__ = ["SiteUpdate", "train_site", "BudgetExhausted", "PolicyRefused", "check_policy"]
 
 # How far past its budget a site may land from calibration tolerance alone.
 BUDGET_SLACK = 1e-6
@@ -27,6 +28,27 @@ BUDGET_SLACK = 1e-6
 
 class BudgetExhausted(FedgenError):
     """The site refuses to train: one more round would overspend its privacy budget."""
+
+
+class PolicyRefused(FedgenError):
+    """The site refuses to train: the run asks for less privacy than its policy accepts."""
+
+
+def check_policy(policy: SitePolicy, plan: PrivacyPlan, *, site: str, modality: str, n_train: int) -> None:
+    """Refuse, in one line the coordinator sees, a plan below the site's privacy floor."""
+    refuse = f"{site} refuses to train {modality}"
+    sigma = plan.noise_multiplier
+    if sigma is None:
+        if policy.require_dp:
+            raise PolicyRefused(f"{refuse}: its policy requires DP and the run asks for ε = inf (require_dp)")
+        return
+    if sigma < policy.min_noise_multiplier:
+        raise PolicyRefused(
+            f"{refuse}: σ = {sigma:.3g} is below its floor min_noise_multiplier = {policy.min_noise_multiplier:g}"
+        )
+    max_delta = policy.max_delta if policy.max_delta is not None else default_delta(n_train)
+    if plan.delta > max_delta * (1 + BUDGET_SLACK):
+        raise PolicyRefused(f"{refuse}: δ = {plan.delta:.3g} is above its max_delta = {max_delta:.3g}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +68,8 @@ def train_site(
     proximal_mu: float = 0.0,
     progress_for: Callable[[int, int], ProgressCallback] | None = None,
 ) -> SiteUpdate:
-    """One local round: refuse if the budget would be overspent, else train under DP.
+    """One local round: refuse a plan below the site's policy or one that would overspend its
+    budget, else train under DP.
 
     `seed` only seeds non-private training (reproducible comparisons); DP noise and Poisson
     sampling always draw from the operating system. ``progress_for(epochs, steps_per_epoch)``,
@@ -54,6 +77,7 @@ def train_site(
     """
     train_set, _ = modality.datasets(site)
     plan = plan_privacy(modality.config, site, modality=modality.name, n_train=len(train_set))
+    check_policy(site.policy, plan, site=site.name, modality=modality.name, n_train=len(train_set))
     spent = epsilon_from_history(history, delta=plan.delta) if history else 0.0
     after = epsilon_from_history([*history, plan.round_entry()], delta=plan.delta)
     if after > plan.budget * (1 + BUDGET_SLACK):

@@ -58,6 +58,7 @@ __all__ = [
     "make_query",
     "pack_reply",
     "unpack_reply",
+    "error_line",
 ]
 
 # --- run config ---------------------------------------------------------------------------
@@ -181,3 +182,11 @@ def unpack_reply(content: RecordDict) -> dict:
         return node
 
     return restore(json.loads(str(content[REPLY_SUMMARY]["json"])))
+
+
+def error_line(reason: str) -> str:
+    """One line from the reason of a site's error reply (in simulation the exception text
+    follows "Message: " at the end of a traceback)."""
+    last = reason.rsplit("Message: ", 1)[-1]
+    lines = [line.strip() for line in last.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given").removesuffix("'>")

@@ -31,6 +31,7 @@ from fedgen.protocol import (
     QUERY_AUDIT,
     QUERY_HISTOGRAMS,
     RUN_DIR_KEY,
+    error_line,
     make_query,
     unpack_reply,
 )
@@ -52,13 +53,6 @@ def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
     return nodes
 
 
-def _error_line(reason: str) -> str:
-    """One line from a Flower error reason (in simulation the exception text follows "Message: ")."""
-    last = reason.rsplit("Message: ", 1)[-1]
-    lines = [line.strip() for line in last.splitlines() if line.strip()]
-    return (lines[-1] if lines else "no reason given").removesuffix("'>")
-
-
 def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: float, what: str) -> list[dict]:
     messages = [
         Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
@@ -66,7 +60,7 @@ def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: floa
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [r for r in replies if r.has_error()]
     if failed:
-        raise FedgenError(f"a site could not answer the {what}: {_error_line(failed[0].error.reason)}")
+        raise FedgenError(f"a site could not answer the {what}: {error_line(failed[0].error.reason)}")
     if len(replies) < len(nodes):
         raise FedgenError(f"{len(nodes) - len(replies)} of {len(nodes)} sites did not answer the {what} within {timeout:.0f} s")
     answers = sorted((unpack_reply(r.content) for r in replies), key=lambda r: r["site"])

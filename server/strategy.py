@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.protocol import TRAIN_METRICS, TRAIN_SITE
+from fedgen.protocol import TRAIN_METRICS, TRAIN_SITE, error_line
 
 __all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport", "BudgetSpent"]
 
@@ -102,7 +102,7 @@ class LedgerMixin:
         ok = [m for m in replies if not m.has_error()]
         for msg in ok:
             self._record(server_round, msg)
-        self.failures = sorted({m.error.reason for m in replies if m.has_error()})
+        self.failures = sorted({error_line(m.error.reason) for m in replies if m.has_error()})
         reasons = "; ".join(self.failures) or "no reply"
         if replies and not ok:
             raise FedgenError(f"every site failed round {server_round}: {reasons}")
@@ -161,7 +161,7 @@ class ClientDPMixin:
             msg.content[TRAIN_METRICS][UNIFORM_WEIGHT_KEY] = UNIFORM_WEIGHT
         self.num_sampled_clients = len(ok)
         aggregated = super().aggregate_train(server_round, ok)
-        self.strategy.failures = sorted({m.error.reason for m in replies if m.has_error()})
+        self.strategy.failures = sorted({error_line(m.error.reason) for m in replies if m.has_error()})
         return aggregated
 
     def __getattr__(self, name: str):

@@ -42,11 +42,11 @@ from fedgen.protocol import (
     QUERY_HISTOGRAMS,
     REPLY_ARRAYS,
     REPLY_SUMMARY,
+    error_line,
     make_query,
     pack_reply,
     unpack_reply,
 )
-from fedgen.server.audit_app import _error_line
 from fedgen.server.audit_app import app as deployed_audit_app
 from fedgen.server.train_app import save_checkpoint
 from fedgen.simulations.engine import run_audit, run_on_simulated_sites
@@ -351,8 +351,8 @@ def test_memorisation_counts_only_train_split_copies(audited):
 
 def test_a_site_error_becomes_one_line():
     reason = "<class 'RayTaskError'>:<'ray::ClientAppActor.run()\n  File x\nException ClientAppException occurred. Message: site-b: KID: 3 records, but ...'>"
-    assert _error_line(reason) == "site-b: KID: 3 records, but ..."
-    assert _error_line("site-b: plain reason") == "site-b: plain reason"
+    assert error_line(reason) == "site-b: KID: 3 records, but ..."
+    assert error_line("site-b: plain reason") == "site-b: plain reason"
 
 
 # --- the same audit from the run config alone (what a SuperLink starts) -------------------------
@@ -434,7 +434,7 @@ def test_a_site_without_the_inception_file_answers_with_one_line(audited, tmp_pa
         site_answer(run, site_dirs[0], "image", QUERY_AUDIT, inception=missing)
     message = str(raised.value)
     assert message == f"site-a: Inception file not found: {missing} (fedgen never downloads weights)"
-    assert _error_line(f"Exception ClientAppException occurred. Message: {message}") == message
+    assert error_line(f"Exception ClientAppException occurred. Message: {message}") == message
 
 
 def test_cli_refuses_a_missing_inception_file_before_anything_starts(tmp_path):

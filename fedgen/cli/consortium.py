@@ -72,11 +72,21 @@ def client(
     runtime_port: Annotated[int | None, typer.Option(help="Local port of the SuperNode's runtime API (default: a free one).")] = None,
     max_wait: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds (default: keep trying).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+    allow_no_dp: Annotated[bool | None, typer.Option("--allow-no-dp/--require-dp", help="Train a run without DP (ε = inf), or refuse it (site.toml require_dp; default: refuse).")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option(help="This site's ε for the whole run; caps the consortium's target (site.toml epsilon_budget).")] = None,
+    max_delta: Annotated[float | None, typer.Option(help="The largest δ this site trains with (site.toml max_delta; default 1/(10 x its train records)).")] = None,
+    min_noise_multiplier: Annotated[float | None, typer.Option(help="The smallest noise multiplier σ this site trains with (site.toml min_noise_multiplier).")] = None,
+    audit_answers: Annotated[int | None, typer.Option(help="How many times this site answers each audit query about one trained model (site.toml audit_answers).")] = None,
 ) -> None:
-    """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR."""
+    """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR.
+
+    The policy flags override the site's site.toml for this SuperNode; a run asking for less
+    privacy than the policy accepts is refused, in one line the coordinator sees.
+    """
     from fedgen.clients.deploy import serve_site
     from fedgen.config import load_config
     from fedgen.data.check import check_site, classes_from_sites, site_class_names
+    from fedgen.site_policy import policy_from_settings
 
     if not insecure and (key is None or ca is None):
         raise FedgenError("give --key site-K.key and --ca ca.crt (from `fedgen certs`), or --insecure for a local test")
@@ -90,11 +100,23 @@ def client(
         err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
     if result.problems:
         raise typer.Exit(EXIT_USER_ERROR)
+    flags = {
+        "require_dp": None if allow_no_dp is None else not allow_no_dp,
+        "epsilon_budget": epsilon_budget,
+        "max_delta": max_delta,
+        "min_noise_multiplier": min_noise_multiplier,
+        "audit_answers": audit_answers,
+    }
+    policy = {key: value for key, value in flags.items() if value is not None}
+    try:
+        policy_from_settings(policy)
+    except ValueError as err:
+        raise FedgenError(f"--{str(err).split(' ', 1)[0].replace('_', '-')}: {err}") from None
     if insecure:
         err_console.print(INSECURE_WARNING)
     serve_site(
         data, server=server_address, key=key, ca=ca, runtime_port=runtime_port, max_wait=max_wait,
-        echo=echo_line,
+        policy=policy, echo=echo_line,
     )
 
 

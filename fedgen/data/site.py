@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from fedgen.config import DataConfig
 from fedgen.data.check import MODALITIES, scan_site
 from fedgen.errors import FedgenError
+from fedgen.site_policy import SitePolicy, policy_from_settings
 
 __all__ = [
     "SiteData",
@@ -49,9 +50,10 @@ class SiteData:
     texts: list[str]
     text_labels: list[int]
     heldout_fraction: float
-    epsilon_budget: float | None
+    epsilon_budget: float | None  # the policy's, kept here for the privacy plan
     # Where the site keeps review kits (they hold real records) besides its own folder; None: none.
     review_dir: Path | None = None
+    policy: SitePolicy = SitePolicy()  # what the site accepts (fedgen.site_policy)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ def load_site(
         heldout_fraction=scan.settings.get("heldout_fraction", data.heldout_fraction),
         epsilon_budget=scan.settings.get("epsilon_budget"),
         review_dir=root / scan.settings["review_dir"] if "review_dir" in scan.settings else None,
+        policy=policy_from_settings(scan.settings),
     )
 
 
