@@ -4,11 +4,14 @@ import json
 import socket
 
 import pytest
+import regex
 import spacy
+from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 
 from fedgen.audits.phi import (
     MIN_SCORE,
     PHI_ENTITIES,
+    PhiAnalyzer,
     PhiFinding,
     build_analyzer,
     read_texts_jsonl,
@@ -17,6 +20,7 @@ from fedgen.audits.phi import (
     scan,
     score_against_truth,
 )
+from fedgen.audits.phi_rules import _alternation
 from fedgen.data.demo import make_demo_consortium
 from fedgen.errors import FedgenError
 
@@ -98,10 +102,37 @@ def test_recall_and_precision_on_a_demo_site(analyzer, tmp_path):
 
 def test_context_words_raise_scores_in_the_blank_pipeline(analyzer):
     # Bare digit runs are PHI only after a context word ("mrn", "phone"): that needs the lemmas
-    # the blank pipeline sets, since Presidio matches context words against lemmas.
+    # the scan's NLP engine sets, since Presidio matches context words against lemmas.
     assert found(analyzer, "The MRN on file is 48291734.") == [("MEDICAL_RECORD_NUMBER", "48291734")]
     assert found(analyzer, "Invoice total was 48291734.") == []
     assert found(analyzer, "Order 2757157125 shipped.") == []
+
+
+def test_the_faster_context_step_scores_as_presidios_own(analyzer):
+    # Context words decide the weak shapes (digit runs, SSN, IMEI, phone groups): the fedgen
+    # enhancer must give every result the score Presidio's stock enhancer gives it.
+    texts = [
+        "MRN 48291734, phone 0176 2345 6789, fax 617.555.0143; SSN 123-45-6789.",
+        "Device IMEI 490154203237518 paired. Invoice total was 48291734 and order 2757157125.",
+        "Call me back on 020 7946 0958 or text 07700 900123; member number 1EG4-TE5-MK73.",
+        "",
+        "zip 02139, postal code SW1A 1AA, vehicle VIN 1HGCM82633A004352",
+    ]
+    engine = analyzer.analyzer
+    stock_engine = type(engine).__new__(type(engine))
+    stock_engine.__dict__.update(engine.__dict__, context_aware_enhancer=LemmaContextAwareEnhancer())
+    fast = [f.to_dict() for f in scan(analyzer, texts)]
+    stock = [f.to_dict() for f in scan(PhiAnalyzer(stock_engine, analyzer.engine), texts)]
+    assert fast == stock
+    assert len(fast) >= 10
+
+
+@pytest.mark.parametrize("words", [["st", "str", "street", "strasse", "ave", "avenue"], ["via", "viale", "v", "rue", "ru"]])
+def test_street_type_trie_matches_what_the_longest_first_alternation_matches(words):
+    text = "12 Street 4 str. Strasse avenue ave viale vi rue RU Rue via V streets"
+    plain = "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))
+    spans = [[m.span() for m in regex.finditer(rf"(?i:{p})\.?", text)] for p in (plain, _alternation(words))]
+    assert spans[0] == spans[1] and spans[0]
 
 
 def test_clean_clinical_notes_have_no_phi(analyzer):
