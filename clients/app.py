@@ -83,8 +83,8 @@ def site_ledger(root: Path, context: Context) -> PrivacyLedger | None:
     context.state forgets everything when a SuperNode restarts or a run is resumed (a resume
     is a new Flower run), so in deployment the site also keeps its DP history on its own disk:
     SITE_DIR/.fedgen/runs/<coordinator run>/ledger.sqlite. One row per update the site
-    released, numbered 1, 2, ... in the order they were released (after a coordinator crash
-    these can differ from the server's round numbers; each release is counted exactly once).
+    released, numbered 1, 2, ... per modality in the order they were released (a coordinator
+    crash can make it answer one server round twice; each release is counted exactly once).
     In simulation (no run-dir in the run config) context.state lives as long as the run.
     """
     run_dir = str(context.run_config.get(RUN_DIR_KEY, ""))
@@ -94,22 +94,8 @@ def site_ledger(root: Path, context: Context) -> PrivacyLedger | None:
     return PrivacyLedger(root / SITE_STATE_DIR / "runs" / run_key / "ledger.sqlite")
 
 
-def record_release(ledger: PrivacyLedger, site: str, modality: str, update: SiteUpdate) -> None:
-    m = update.metrics
-    ledger.record(
-        LedgerEntry(
-            site=site,
-            modality=modality,
-            round=len(ledger.entries(site=site, modality=modality)) + 1,
-            epsilon=float(m["epsilon"]),
-            delta=float(m["delta"]),
-            noise_multiplier=float(m["noise-multiplier"]),
-            sample_rate=float(m["sample-rate"]),
-            steps=int(m["steps"]),
-            num_examples=int(m["num-examples"]),
-            loss=float(m["loss"]),
-        )
-    )
+def record_release(ledger: PrivacyLedger, site: str, modality: str, server_round: int, update: SiteUpdate, *, accountant: str) -> None:
+    ledger.record(LedgerEntry.from_metrics(site, modality, server_round, update.metrics, accountant=accountant))
 
 
 def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
@@ -123,16 +109,15 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         config = config_from_toml(str(settings["run-config"]))
         modality_name = str(settings["modality"])
         root = site_path(context, site_dirs)
-        site = load_site(
-            root, config.data, modalities=(modality_name,), channels=config.image.channels
-        )
+        # Every modality of the run: the site's budget and δ cover all of them.
+        site = load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
         site = with_node_policy(site, context.node_config)
         modality = get_modality(modality_name, config, work_dir=root / SITE_STATE_DIR)
         ledger = site_ledger(root, context)
         if ledger is not None:
-            history = ledger.history(site.name, modality_name)
+            histories = ledger.histories(site.name)
         else:
-            history = load_history(context, modality_name)
+            histories = {name: load_history(context, name) for name in config.modalities}
         server_round = int(settings["server-round"])
 
         def progress_for(epochs: int, steps_per_epoch: int):
@@ -146,14 +131,14 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
             modality,
             site,
             global_state,
-            history=history,
+            histories=histories,
             seed=round_seed(config.seed, server_round, site.name),
             proximal_mu=float(settings.get("proximal-mu", 0.0)),  # sent by FedProx only
             progress_for=progress_for,
         )
         save_history(context, modality_name, update.history)
         if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted
-            record_release(ledger, site.name, modality_name, update)
+            record_release(ledger, site.name, modality_name, server_round, update, accountant=config.privacy.accountant)
         content = train_reply(msg.content, update.state, update.metrics, site.name)
         return Message(content=content, reply_to=msg)
 

@@ -76,7 +76,7 @@ def image_site_audit(
     real_features = extract_features(extractor, real)
     synthetic_features = extract_features(extractor, synthetic)
     copies = near_copy_count(synthetic, train[0], heldout[0], extractor=feature_net)
-    facts = privacy_facts(config, site, n_train=len(train[0]))
+    facts = privacy_facts(config, site)
     result = {
         **facts,
         "n_train": len(train[0]),

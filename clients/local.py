@@ -15,8 +15,8 @@ import torch
 from fedgen.data.site import SiteData
 from fedgen.errors import FedgenError
 from fedgen.modalities import Modality
-from fedgen.privacy.accounting import default_delta, epsilon_from_history, planned_steps
-from fedgen.privacy.plan import PrivacyPlan, plan_privacy
+from fedgen.privacy.accounting import default_delta, planned_steps
+from fedgen.privacy.plan import DIFFERENT_PEOPLE, Histories, PrivacyPlan, plan_privacy, site_account
 from fedgen.site_policy import SitePolicy
 from fedgen.training import ProgressCallback, train_local
 
@@ -63,7 +63,7 @@ def train_site(
     site: SiteData,
     global_state: dict[str, torch.Tensor],
     *,
-    history: list[tuple[float, float, int]],
+    histories: Histories,
     seed: int,
     proximal_mu: float = 0.0,
     progress_for: Callable[[int, int], ProgressCallback] | None = None,
@@ -71,19 +71,24 @@ def train_site(
     """One local round: refuse a plan below the site's policy or one that would overspend its
     budget, else train under DP.
 
-    `seed` only seeds non-private training (reproducible comparisons); DP noise and Poisson
-    sampling always draw from the operating system. ``progress_for(epochs, steps_per_epoch)``,
-    once the round is planned, returns the training loop's ``progress(step, loss)`` callback.
+    ``histories`` holds the (σ, q, steps) of every round the site already released in this
+    run, per modality: its ε is all of them composed (fedgen.privacy.plan). ``site`` is loaded
+    with all of the run's modalities. `seed` only seeds non-private training (reproducible
+    comparisons); DP noise and Poisson sampling always draw from the operating system.
+    ``progress_for(epochs, steps_per_epoch)``, once the round is planned, returns the training
+    loop's ``progress(step, loss)`` callback.
     """
     train_set, _ = modality.datasets(site)
-    plan = plan_privacy(modality.config, site, modality=modality.name, n_train=len(train_set))
+    config = modality.config
+    plan = plan_privacy(config, site, modality=modality.name)
     check_policy(site.policy, plan, site=site.name, modality=modality.name, n_train=len(train_set))
-    spent = epsilon_from_history(history, delta=plan.delta) if history else 0.0
-    after = epsilon_from_history([*history, plan.round_entry()], delta=plan.delta)
+    account = site_account(config, site)
+    history = list(histories.get(modality.name, ()))
+    after = account.epsilon_after(histories, modality.name, plan.round_entry())
     if after > plan.budget * (1 + BUDGET_SLACK):
         raise BudgetExhausted(
-            f"{site.name} refuses to train {modality.name}: ε would reach {after:.3g} "
-            f"(spent {spent:.3g}) past its budget {plan.budget:.3g}"
+            f"{site.name} refuses to train {modality.name}: its ε would reach {after:.3g} "
+            f"(spent {account.epsilon(histories):.3g}, all modalities) past its budget {plan.budget:.3g}"
         )
     model = modality.build_model()
     modality.set_state(model, global_state)
@@ -103,9 +108,10 @@ def train_site(
         batch_size=section.batch_size,
         lr=section.lr,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=modality.config.privacy.max_grad_norm,
+        max_grad_norm=config.privacy.max_grad_norm,
         delta=plan.delta,
         history=history,
+        accountant=account.accountant,
         noise_multiplicity=getattr(section, "noise_multiplicity", 1),
         grad_sample_mode=section.grad_sample_mode,
         max_physical_batch_size=section.max_physical_batch_size,
@@ -114,16 +120,19 @@ def train_site(
         proximal_mu=proximal_mu,
         progress=progress,
     )
-    next_round = epsilon_from_history([*result.history, plan.round_entry()], delta=plan.delta)
+    released = {**histories, modality.name: list(result.history)}
     metrics = {
         "num-examples": len(train_set),
         # The training loss is a statistic of private records outside the DP guarantee:
         # under DP it stays at the site (NaN on the wire).
         "loss": math.nan if plan.noise_multiplier else result.mean_loss,
-        "epsilon": result.epsilon,
-        "epsilon-next": next_round,
+        "site-epsilon": account.epsilon(released),  # the site's ε, all modalities
+        "epsilon": result.epsilon,  # this modality's rounds alone
+        "epsilon-next": account.epsilon_after(released, modality.name, plan.round_entry()),
         "budget": plan.budget,
         "delta": plan.delta,
+        "different-people": float(account.composition == DIFFERENT_PEOPLE),
+        "release": len(result.history),  # this update is the site's n-th of this modality
         "noise-multiplier": result.noise_multiplier,
         "sample-rate": result.sample_rate,
         "steps": result.steps,

@@ -64,7 +64,8 @@ def answer_query(
     settings = content[CONFIG]
     config = config_from_toml(str(settings["run-config"]))
     modality_name, query = str(settings["modality"]), str(settings["query"])
-    site = load_site(site_dir, config.data, modalities=(modality_name,), channels=config.image.channels)
+    # Every modality of the run: the site's budget and δ cover all of them (fedgen.privacy.plan).
+    site = load_site(site_dir, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
     modality = get_modality(modality_name, config, work_dir=work_dir)
     try:
         if query == QUERY_AUDIT:

@@ -240,7 +240,7 @@ def text_site_audit(
     def unzip(records):
         return [text for text, _ in records], [label for _, label in records]
 
-    facts = privacy_facts(config, site, n_train=len(train))
+    facts = privacy_facts(config, site)
     result = {
         **facts,
         "n_train": len(train),

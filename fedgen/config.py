@@ -142,13 +142,31 @@ class TextConfig(_Section):
         return value
 
 
+MODALITY_NAMES = ("image", "text")
+
+
 class PrivacyConfig(_Section):
     """Sample-level DP per site. epsilon = inf trains without DP (and the report says so)."""
 
-    epsilon: float = Field(10.0, gt=0)  # target ε per site for the whole run
-    delta: float | None = None  # None: 1 / (10 x the site's training records)
+    # Target ε per site for the whole run, all modalities together (fedgen.privacy.plan): a
+    # site's image and note records are the same people unless its site.toml says otherwise.
+    epsilon: float = Field(10.0, gt=0)
+    delta: float | None = None  # None: 1 / (10 x the site's training records, largest modality)
     noise_multiplier: float | None = None  # given σ overrides calibration to epsilon
     max_grad_norm: float = Field(1.0, gt=0)
+    # Opacus' accountant that calibrates σ and reports ε: "rdp" (Rényi DP) or "prv" (privacy
+    # random variables: a tighter ε for the same noise, so less noise for the same ε).
+    accountant: Literal["rdp", "prv"] = "rdp"
+    # How a site's budget is shared by its modalities when both train on the same people: the
+    # noise of each is set as if it had its share alone, then all are scaled to spend the budget.
+    split: dict[str, float] = Field(default_factory=lambda: {"image": 0.5, "text": 0.5})
+
+    @field_validator("split")
+    @classmethod
+    def _split_covers_the_modalities(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) != set(MODALITY_NAMES) or any(not share > 0 for share in value.values()):
+            raise ValueError(f"split needs a share greater than 0 for each of {', '.join(MODALITY_NAMES)}")
+        return value
 
     @property
     def enabled(self) -> bool:

@@ -8,7 +8,8 @@ it:
 - Poisson sampling at ``q = 1 / ceil(n / batch_size)`` (see :mod:`fedgen.privacy.accounting`),
 - per-example gradients (hooks, or ghost clipping that only forms their norms), flat clipping
   to ``max_grad_norm`` and Gaussian noise ``σ · max_grad_norm`` on the summed gradient,
-- an RDP accountant whose round entry ``(σ, q, steps)`` composes with earlier rounds' history.
+- an accountant (RDP or PRV, fedgen.privacy.accounting) whose round entry ``(σ, q, steps)``
+  composes with earlier rounds' history.
 
 Noise multiplicity K (DPDM, Dockhorn et al. 2023): every example is repeated K times in the
 batch so the loss sees K independent noise/timestep draws; the K per-row gradients are
@@ -72,6 +73,7 @@ def train_local(
     max_grad_norm: float,
     delta: float,
     history: Sequence[HistoryEntry] = (),
+    accountant: str = "rdp",
     noise_multiplicity: int = 1,
     grad_sample_mode: str = "hooks",
     seed: int | None = None,
@@ -85,6 +87,7 @@ def train_local(
     a number runs DP-SGD with that σ (0 is allowed for tests: clipping without noise, ε = inf).
     ``per_example_loss(model, batch)`` returns one loss per batch row; ``batch`` is the
     dataset's tuple of tensors, each with rows repeated ``noise_multiplicity`` times.
+    ``accountant`` ("rdp" or "prv") composes ``history`` and this round into ``epsilon``.
     ``max_physical_batch_size`` splits DP's logical (Poisson) batches to bound memory.
     ``progress(step, loss)`` is called after each optimizer step, before gradients are
     cleared, with the step's mean per-row loss (nan for an empty Poisson batch).
@@ -153,7 +156,7 @@ def train_local(
         steps=round_entry[2],
         sample_rate=round_entry[1],
         noise_multiplier=round_entry[0],
-        epsilon=epsilon_from_history(full_history, delta=delta),
+        epsilon=epsilon_from_history(full_history, delta=delta, accountant=accountant),
         history=full_history,
     )
 

@@ -39,7 +39,7 @@ SiteReport = Callable[[int, str, dict[str, float]], None]
 
 
 def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean loss, but the worst (largest) ε: a budget is not an average.
+    """Example-weighted mean loss, but the worst (largest) site ε: a budget is not an average.
 
     Under DP sites send NaN for the loss, so the mean is NaN too: nothing is inferred from it.
     """
@@ -48,7 +48,7 @@ def aggregate_site_metrics(records: list[RecordDict], weight_key: str) -> Metric
     return MetricRecord(
         {
             "loss": sum(float(m["loss"]) * float(m[weight_key]) for m in metrics) / total,
-            "epsilon-max": max(float(m["epsilon"]) for m in metrics),
+            "epsilon-max": max(float(m["site-epsilon"]) for m in metrics),
             "sites": len(metrics),
         }
     )
@@ -61,10 +61,11 @@ class BudgetSpent(Exception):
 class LedgerMixin:
     """Mixed in front of a Flower strategy class (see make_strategy)."""
 
-    def __init__(self, *, ledger: PrivacyLedger, modality: str, report: SiteReport | None, **kwargs):
+    def __init__(self, *, ledger: PrivacyLedger, modality: str, accountant: str, report: SiteReport | None, **kwargs):
         super().__init__(train_metrics_aggr_fn=aggregate_site_metrics, **kwargs)
         self.ledger = ledger
         self.modality = modality
+        self.accountant = accountant
         self.report = report
         self.round_offset = 0  # rounds already done before a resume
         self.spent_nodes: set[int] = set()
@@ -118,20 +119,7 @@ class LedgerMixin:
     def _record(self, server_round: int, msg: Message) -> None:
         site = str(msg.content[TRAIN_SITE]["name"])
         m = {k: float(v) for k, v in msg.content[TRAIN_METRICS].items()}
-        self.ledger.record(
-            LedgerEntry(
-                site=site,
-                modality=self.modality,
-                round=server_round,
-                epsilon=m["epsilon"],
-                delta=m["delta"],
-                noise_multiplier=m["noise-multiplier"],
-                sample_rate=m["sample-rate"],
-                steps=int(m["steps"]),
-                num_examples=int(m["num-examples"]),
-                loss=m["loss"],
-            )
-        )
+        self.ledger.record(LedgerEntry.from_metrics(site, self.modality, server_round, m, accountant=self.accountant))
         if m["epsilon-next"] > m["budget"]:
             self.spent_nodes.add(msg.metadata.src_node_id)
         self.site_train_seconds[site] = m.get("train-seconds", math.nan)
@@ -199,7 +187,7 @@ def make_strategy(config: RunConfig, *, ledger: PrivacyLedger, modality: str, re
     if fed.client_dp != "off":
         kwargs.update(weighted_by_key=UNIFORM_WEIGHT_KEY)
     strategy_class = type(f"Ledger{base.__name__}", (LedgerMixin, base), {})
-    strategy = strategy_class(ledger=ledger, modality=modality, report=report, **kwargs)
+    strategy = strategy_class(ledger=ledger, modality=modality, accountant=config.privacy.accountant, report=report, **kwargs)
     if fed.client_dp == "off":
         return strategy
     sampled = max(int(fed.sites * fed.fraction_train), kwargs["min_train_nodes"])

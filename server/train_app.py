@@ -32,11 +32,12 @@ console = Console(stderr=True)
 
 
 def _print_site(server_round: int, site: str, metrics: dict[str, float]) -> None:
-    eps, loss = metrics["epsilon"], metrics["loss"]
-    eps_text = "inf (NO DP)" if math.isinf(eps) else f"{eps:.3f}"
+    eps, own, loss = metrics["site-epsilon"], metrics["epsilon"], metrics["loss"]
+    eps_text = "inf (NO DP)" if math.isinf(eps) else f"{eps:.3f} of {metrics['budget']:g}"
+    own_text = "" if math.isinf(eps) or own == eps else f" (this modality alone {own:.3f})"
     loss_text = "kept at site (DP)" if math.isnan(loss) else f"{loss:.4f}"
     console.print(
-        f"  round {server_round:>3}  {site:<12} ε {eps_text:<12} loss {loss_text}  "
+        f"  round {server_round:>3}  {site:<12} site ε {eps_text}{own_text}  loss {loss_text}  "
         f"examples {int(metrics['num-examples'])}"
     )
 
@@ -60,14 +61,16 @@ def save_checkpoint(
         if ema is not None:
             modality.set_state(model, ema)
             modality.save(model, tmp / EMA_DIR)
-        rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round]
+        rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round and not e.lost]
         write_json(
             tmp / "metrics.json",
             {
                 "round": server_round,
                 "modality": modality.name,
                 "sites": {
-                    e.site: {"loss": e.loss, "epsilon": e.epsilon, "num_examples": e.num_examples}
+                    e.site: {
+                        "loss": e.loss, "site_epsilon": e.site_epsilon, "epsilon": e.epsilon, "num_examples": e.num_examples
+                    }
                     for e in rows
                 },
                 **(round_info or {}),  # wall time, sites' training seconds, failures

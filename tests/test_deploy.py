@@ -211,7 +211,7 @@ def test_a_round_recorded_but_not_checkpointed_counts_as_done(tmp_path):
     write_json(run.round_dir(1) / "image" / "metrics.json", {})
     ledger = PrivacyLedger(run.ledger_path)
     for round_ in (1, 2):
-        ledger.record(LedgerEntry("site-1", "image", round_, 1.0, 1e-5, 1.0, 0.1, 5, 10, float("nan")))
+        ledger.record(LedgerEntry("site-1", "image", round_, round_, 1.0, 1.0, 1e-5, 1.0, 0.1, 5, 10, float("nan")))
     assert run.completed_rounds("image") == [1]
     assert rounds_done(run) == {"image": 2}  # resume starts from checkpoint 1 as round 3
 
@@ -241,8 +241,9 @@ def _reply(node_id: int, site: str):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    metrics = {"num-examples": 10, "loss": float("nan"), "epsilon": 1.0, "epsilon-next": 2.0, "budget": 10.0,
-               "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 5}
+    metrics = {"num-examples": 10, "loss": float("nan"), "site-epsilon": 1.0, "epsilon": 1.0, "epsilon-next": 2.0,
+               "budget": 10.0, "delta": 1e-5, "different-people": 0.0, "release": 1, "noise-multiplier": 1.0,
+               "sample-rate": 0.1, "steps": 5}
     content = RecordDict({
         "arrays": ArrayRecord(numpy_ndarrays=[np.ones(2, dtype=np.float32)]),
         "metrics": MetricRecord(metrics),

@@ -29,13 +29,13 @@ def test_a_site_refuses_the_round_that_would_overspend_its_budget(site_dir, tmp_
     config = load_config(None, TINY)
     site = load_site(site_dir, config.data, modalities=("image",), channels=1)
     task = ImageModality(config, work_dir=tmp_path)
-    plan = plan_privacy(config, site, modality="image", n_train=len(task.datasets(site)[0]))
+    plan = plan_privacy(config, site, modality="image")
     spent = [plan.round_entry(), plan.round_entry()]  # both planned rounds already trained
     assert epsilon_from_history(spent, delta=plan.delta) <= 4.0
     state = task.get_state(task.build_model())
-    with pytest.raises(BudgetExhausted, match=r"site-1 refuses to train image: ε would reach .* past its budget 4"):
-        train_site(task, site, state, history=spent, seed=0)
-    update = train_site(task, site, state, history=spent[:1], seed=0)
+    with pytest.raises(BudgetExhausted, match=r"site-1 refuses to train image: its ε would reach .* past its budget 4"):
+        train_site(task, site, state, histories={"image": spent}, seed=0)
+    update = train_site(task, site, state, histories={"image": spent[:1]}, seed=0)
     assert update.metrics["epsilon"] == pytest.approx(epsilon_from_history(spent, delta=plan.delta), rel=1e-6)
     assert update.metrics["epsilon-next"] > 4.0  # the server learns it cannot ask again
 
@@ -57,6 +57,6 @@ def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_p
     site = load_site(site_dir, config.data, modalities=("text",))
     task = TextModality(config, work_dir=tmp_path)
     before = task.get_state(task.build_model())
-    update = train_site(task, site, before, history=[], seed=0)
+    update = train_site(task, site, before, histories={}, seed=0)
     assert update.metrics["epsilon"] == pytest.approx(epsilon_from_history(update.history, delta=update.metrics["delta"]))
     assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved

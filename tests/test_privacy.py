@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedgen.config import RunConfig
+from fedgen.data.site import SiteData
 from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
@@ -28,6 +31,7 @@ from fedgen.privacy.accounting import (
     planned_steps,
 )
 from fedgen.privacy.per_example_grads import per_example_grads
+from fedgen.privacy.plan import DIFFERENT_PEOPLE, SAME_PEOPLE, plan_privacy, site_account
 from fedgen.training import train_local
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample")
@@ -126,6 +130,78 @@ def test_epsilon_composes_over_rounds_like_an_independent_rdp_computation():
         expected = _independent_epsilon([(1.1, 0.25, 8 * rounds)], delta=1e-3)
         assert epsilon == pytest.approx(expected, rel=0.01)
     assert epsilons[0] < epsilons[1] < epsilons[2]
+
+
+def _both_modalities_site(**settings) -> SiteData:
+    """A site of 250 images and 100 notes (200 and 80 train), without files: plans need counts only."""
+    return SiteData(
+        root=Path("site-1"), name="site-1", image_classes=["a", "b"], text_classes=["a", "b"],
+        image_paths=[Path(f"{i}.png") for i in range(250)], image_labels=[i % 2 for i in range(250)],
+        texts=["note"] * 100, text_labels=[i % 2 for i in range(100)], heldout_fraction=0.2,
+        epsilon_budget=None, **settings,
+    )  # fmt: skip
+
+
+def _both_modalities_config(**privacy) -> RunConfig:
+    return RunConfig.model_validate({
+        "modality": "both", "federation": {"rounds": 3},
+        "image": {"batch_size": 20, "local_epochs": 2}, "text": {"batch_size": 10, "local_epochs": 1},
+        "privacy": {"epsilon": 4.0, **privacy},
+    })  # fmt: skip
+
+
+def _planned_histories(config: RunConfig, site: SiteData) -> dict:
+    rounds = config.federation.rounds
+    return {m: [plan_privacy(config, site, modality=m).round_entry()] * rounds for m in config.modalities}
+
+
+def test_one_budget_covers_every_modality_trained_on_the_same_people():
+    config, site = _both_modalities_config(), _both_modalities_site()
+    histories = _planned_histories(config, site)
+    account = site_account(config, site)
+    assert account.composition == SAME_PEOPLE and account.delta == pytest.approx(0.1 / 200)
+    everything = [entry for history in histories.values() for entry in history]
+    composed = _independent_epsilon(everything, delta=account.delta)
+    assert 0.98 * 4.0 <= composed <= 4.0 * 1.01  # the whole budget, once
+    assert account.epsilon(histories) == pytest.approx(composed, rel=0.01)
+    alone = {m: _independent_epsilon(h, delta=account.delta) for m, h in histories.items()}
+    assert alone["image"] == pytest.approx(alone["text"], rel=0.05)  # split 0.5 / 0.5
+    assert all(epsilon < 0.8 * 4.0 for epsilon in alone.values())
+
+
+def test_the_split_sets_each_modalitys_share():
+    config, site = _both_modalities_config(split={"image": 0.75, "text": 0.25}), _both_modalities_site()
+    histories = _planned_histories(config, site)
+    delta = site_account(config, site).delta
+    alone = {m: _independent_epsilon(h, delta=delta) for m, h in histories.items()}
+    assert alone["image"] > 2 * alone["text"]
+    assert _independent_epsilon([e for h in histories.values() for e in h], delta=delta) <= 4.0 * 1.01
+
+
+def test_a_site_of_different_people_gives_each_modality_the_whole_budget():
+    config, site = _both_modalities_config(), _both_modalities_site(different_people=True)
+    histories = _planned_histories(config, site)
+    account = site_account(config, site)
+    assert account.composition == DIFFERENT_PEOPLE
+    alone = {m: _independent_epsilon(h, delta=account.delta) for m, h in histories.items()}
+    assert all(0.98 * 4.0 <= epsilon <= 4.0 * 1.01 for epsilon in alone.values())
+    assert account.epsilon(histories) == pytest.approx(max(alone.values()), rel=0.01)
+
+
+def test_prv_epsilon_is_opacus_prv_and_needs_less_noise_than_rdp():
+    history = [(1.2, 0.05, 40), (0.9, 0.1, 20), (1.2, 0.05, 40)]
+    independent = PRVAccountant()
+    independent.history = [(1.2, 0.05, 80), (0.9, 0.1, 20)]
+    expected = independent.get_epsilon(delta=1e-5)
+    assert epsilon_from_history(history, delta=1e-5, accountant="prv") == pytest.approx(expected, rel=0.01)
+    assert expected < epsilon_from_history(history, delta=1e-5, accountant="rdp")
+    target = dict(target_epsilon=3.0, delta=1e-5, sample_rate=0.05, steps=120)
+    prv_sigma = calibrate_noise_multiplier(**target, accountant="prv")
+    rdp_sigma = calibrate_noise_multiplier(**target, accountant="rdp")
+    assert prv_sigma < rdp_sigma
+    check = PRVAccountant()
+    check.history = [(prv_sigma, 0.05, 120)]
+    assert 0.99 * 3.0 <= check.get_epsilon(delta=1e-5) <= 3.0 * 1.01
 
 
 def test_calibrated_sigma_meets_the_target_over_the_planned_rounds():

@@ -36,8 +36,9 @@ def make_client_app() -> ClientApp:
         pid = int(context.node_config["partition-id"])
         update, n = site_update(pid)
         metrics = {
-            "num-examples": n, "loss": 0.5, "epsilon": 1.0 + pid, "epsilon-next": 2.0, "budget": 10.0,
-            "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 3,
+            "num-examples": n, "loss": 0.5, "site-epsilon": 1.0 + pid, "epsilon": 1.0 + pid, "epsilon-next": 2.0,
+            "budget": 10.0, "delta": 1e-5, "different-people": 0.0, "release": 1, "noise-multiplier": 1.0,
+            "sample-rate": 0.1, "steps": 3,
         }
         return Message(content=train_reply(msg.content, update, metrics, f"site-{pid + 1}"), reply_to=msg)
 

@@ -275,7 +275,7 @@ PROBLEMS = {
         "name = site-1\n", "invalid TOML (Invalid value (at line 1, column 8))"
     ),
     "unknown toml key": _site_toml(
-        'nmae = "x"\n', "unknown key 'nmae' (known keys: name, heldout_fraction, review_dir, require_dp, epsilon_budget, max_delta, min_noise_multiplier, audit_queries, audit_answers)"
+        'nmae = "x"\n', "unknown key 'nmae' (known keys: name, heldout_fraction, different_people, review_dir, require_dp, epsilon_budget, max_delta, min_noise_multiplier, audit_queries, audit_answers)"
     ),
     "heldout zero": _site_toml(
         "heldout_fraction = 0\n", "heldout_fraction = 0 must be a number between 0 and 1 (exclusive)"
@@ -288,6 +288,9 @@ PROBLEMS = {
         "epsilon_budget = -1\n", "epsilon_budget = -1 must be a number greater than 0"
     ),
     "empty name": _site_toml('name = ""\n', "name = '' must be a non-empty string"),
+    "different people not a boolean": _site_toml(
+        'different_people = "yes"\n', "different_people = 'yes' must be true or false"
+    ),
 }
 
 

@@ -1,5 +1,7 @@
 """Server-side aggregation: Flower's FedAvg weighted by examples, ε kept as a maximum."""
 
+import itertools
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
@@ -9,12 +11,15 @@ from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import PrivacyLedger
 from fedgen.server.strategy import make_strategy
 
+RELEASES = itertools.count(1)  # every reply is a new update of its site
+
 
 def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0):
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = {
-        "num-examples": n, "loss": 0.1 * node_id, "epsilon": eps, "epsilon-next": eps_next,
-        "budget": budget, "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
+        "num-examples": n, "loss": 0.1 * node_id, "site-epsilon": eps, "epsilon": eps, "epsilon-next": eps_next,
+        "budget": budget, "delta": 1e-5, "different-people": 0.0, "release": next(RELEASES),
+        "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
     }
     content = RecordDict({
         "arrays": ArrayRecord(numpy_ndarrays=[np.asarray(w, dtype=np.float32) for w in weights]),

@@ -5,8 +5,8 @@ The site folder (see DESIGN.md)::
     SITE_DIR/
       images/<class name>/*.png|*.jpg|*.jpeg   any size, gray or RGB
       texts.jsonl   one {"text": ..., "label": <class name>} per line (extra keys ignored)
-      site.toml     optional: name, heldout_fraction, review_dir and the site's policy
-                    (fedgen.site_policy: require_dp, epsilon_budget, max_delta, ...)
+      site.toml     optional: name, heldout_fraction, different_people, review_dir and the
+                    site's policy (fedgen.site_policy: require_dp, epsilon_budget, max_delta, ...)
 
 `check_site` reads everything once and reports every problem it finds; it never writes
 anything. fedgen.data.site loads a site only when this finds nothing wrong. Labels are indices
@@ -54,7 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGES_DIR = "images"
 TEXTS_FILE = "texts.jsonl"
 SITE_TOML = "site.toml"
-SITE_TOML_KEYS = ("name", "heldout_fraction", "review_dir", *POLICY_KEYS)
+SITE_TOML_KEYS = ("name", "heldout_fraction", "different_people", "review_dir", *POLICY_KEYS)
 MODALITIES = ("image", "text")
 
 GRAY, RGB = "gray", "RGB"
@@ -212,6 +212,8 @@ def _site_setting_problem(key: str, value: object) -> str | None:
         return f"name = {value!r} must be a non-empty string"
     if key == "heldout_fraction" and not (_is_number(value) and 0 < value < 1):
         return f"heldout_fraction = {value!r} must be a number between 0 and 1 (exclusive)"
+    if key == "different_people" and not isinstance(value, bool):
+        return f"different_people = {value!r} must be true or false"
     if key == "review_dir" and not (isinstance(value, str) and value.strip()):
         return f"review_dir = {value!r} must be a folder path (absolute, or relative to the site folder)"
     return policy_setting_problem(key, value)

@@ -51,6 +51,9 @@ class SiteData:
     text_labels: list[int]
     heldout_fraction: float
     epsilon_budget: float | None  # the policy's, kept here for the privacy plan
+    # site.toml's declaration that its image and note records are of different people (the
+    # modalities then compose in parallel, fedgen.privacy.plan); otherwise they are the same.
+    different_people: bool = False
     # Where the site keeps review kits (they hold real records) besides its own folder; None: none.
     review_dir: Path | None = None
     policy: SitePolicy = SitePolicy()  # what the site accepts (fedgen.site_policy)
@@ -85,6 +88,7 @@ def load_site(
         text_labels=[label for _, label in scan.texts],
         heldout_fraction=scan.settings.get("heldout_fraction", data.heldout_fraction),
         epsilon_budget=scan.settings.get("epsilon_budget"),
+        different_people=scan.settings.get("different_people", False),
         review_dir=root / scan.settings["review_dir"] if "review_dir" in scan.settings else None,
         policy=policy_from_settings(scan.settings),
     )
