@@ -212,19 +212,20 @@ def _dp_check(report: dict, policy: PrivacyPolicy) -> dict:
 
 
 def _budget_checks(report: dict) -> list[dict]:
+    """One check per site: its ε over every modality it trained against its one budget."""
     sites, _ = _lookup(report, "privacy", "sites")
     if not sites:
         return [_unmeasured("privacy.sites", "the accountant ε of any site")]
     checks = []
-    for site, modalities in sorted(sites.items()):
-        for modality, spent in sorted(modalities.items()):
-            name = f"privacy.{site}.{modality}.budget"
-            budget = spent.get("budget")
-            if not _is_number(budget):
-                checks.append(_unmeasured(name, f"the privacy budget of {site} {modality}"))
-                continue
-            what = f"{site} {modality} accountant ε (its budget is {_fmt(budget)})"
-            checks.append(_bound(name, what, spent.get("epsilon"), budget, at_most=True, note=spent.get("note")))
+    for site, spent in sorted(sites.items()):
+        name = f"privacy.{site}.budget"
+        budget = spent.get("budget")
+        if not _is_number(budget):
+            checks.append(_unmeasured(name, f"the privacy budget of {site}"))
+            continue
+        modalities = " and ".join(sorted(spent.get("modalities") or {})) or "no modality"
+        what = f"{site} accountant ε, {modalities} ({spent.get('composition')}; its budget is {_fmt(budget)})"
+        checks.append(_bound(name, what, spent.get("epsilon"), budget, at_most=True, note=spent.get("note")))
     return checks
 
 
@@ -238,8 +239,9 @@ def _privacy_checks(report: dict, policy: PrivacyPolicy) -> list[dict]:
 
 
 def _accountant_epsilon(report: dict, modality: str) -> float | None:
+    """The largest ε of one modality's updates alone: what an attack on that model is held to."""
     sites, _ = _lookup(report, "privacy", "sites")
-    spent = [m[modality].get("epsilon") for m in (sites or {}).values() if modality in m]
+    spent = [s["modalities"][modality].get("epsilon") for s in (sites or {}).values() if modality in s.get("modalities", {})]
     spent = [e for e in spent if _is_number(e)]
     return max(spent) if spent else None
 

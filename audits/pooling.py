@@ -4,7 +4,7 @@
   pooled attack summary, ROC curve and empirical ε; each site's exact summary is kept beside;
 - memorisation, fidelity and utility: sums and weighted means of the sites' aggregates
   (audits/fidelity.py and audits/utility.py say which pooled figures are exact);
-- privacy: ε per site per round from the ledger (what is GUARANTEED, never mixed with the
+- privacy: ε per site, all modalities, and per round from the ledger (what is GUARANTEED, never mixed with the
   measured figures above);
 - PHI: the scanner (audits/phi.py) runs here on the synthetic texts, which the coordinator has.
 
@@ -109,27 +109,38 @@ def _membership(name: str, sites: list[dict]) -> dict:
     return section
 
 
-def _privacy(run: RunDir, config: RunConfig, budgets: dict[tuple[str, str], float]) -> dict:
-    """GUARANTEED ε from the ledger: per site and modality, cumulative after each round.
+def _privacy(run: RunDir, config: RunConfig, budgets: dict[str, float]) -> dict:
+    """GUARANTEED ε from the ledger: per site its ε over every modality first (the figure its
+    budget bounds), then each modality's own ε round by round.
 
-    A site's budget is the one it reported (its site.toml may lower the consortium's).
+    A site's budget is the one it reported (its site.toml may lower the consortium's); its
+    composition says whether its modalities' records are the same people (one accountant over
+    all of them) or different people (the site's ε is its largest modality's).
     """
     ledger = PrivacyLedger(run.ledger_path)
     sites: dict[str, dict] = {}
     for site in ledger.sites():
+        rows = [r for r in ledger.entries(site=site) if not r.lost]
+        if not rows:
+            continue
+        modalities = {}
         for modality in config.modalities:
-            rows = ledger.entries(site=site, modality=modality)
-            if not rows:
-                continue
-            sites.setdefault(site, {})[modality] = {
-                "epsilon": rows[-1].epsilon,
-                "delta": rows[-1].delta,
-                "budget": budgets.get((site, modality), config.privacy.epsilon),
-                "rounds": [{"round": r.round, "epsilon": r.epsilon} for r in rows],
-                "noise_multiplier": rows[-1].noise_multiplier,
-            }
-    epsilons = [m["epsilon"] for s in sites.values() for m in s.values()]
-    section = {"sites": sites, "epsilon_max": max(epsilons) if epsilons else None}
+            own = [r for r in rows if r.modality == modality]
+            if own:
+                modalities[modality] = {
+                    "epsilon": own[-1].epsilon,
+                    "noise_multiplier": own[-1].noise_multiplier,
+                    "rounds": [{"round": r.round, "epsilon": r.epsilon, "site_epsilon": r.site_epsilon} for r in own],
+                }
+        sites[site] = {
+            "epsilon": rows[-1].site_epsilon,
+            "budget": budgets.get(site, config.privacy.epsilon),
+            "delta": rows[-1].delta,
+            "composition": rows[-1].composition,
+            "modalities": modalities,
+        }
+    epsilons = [s["epsilon"] for s in sites.values()]
+    section = {"accountant": config.privacy.accountant, "sites": sites, "epsilon_max": max(epsilons) if epsilons else None}
     if not epsilons:
         section["note"] = "the ledger holds no training round"
     return section
@@ -341,7 +352,7 @@ def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, prog
     """report.json (without "gate") from the sites' answers, the ledger and the synthetic data."""
     run, config = inputs.run, inputs.config
     _check_coverage(run, answers)
-    budgets = {(site["site"], name): site["budget"] for name, sites in answers.items() for site in sites}
+    budgets = {site["site"]: site["budget"] for sites in answers.values() for site in sites}
     report = {
         "run": {
             "id": run.root.name,

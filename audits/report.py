@@ -20,7 +20,6 @@ from pathlib import Path
 import jinja2
 import tomli_w
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedgen.files import write_json, write_text
 
@@ -97,30 +96,41 @@ def _decision(gate: dict | None) -> dict:
     return {"state": "pass" if gate["passed"] else "refused", "failed": failed, "policy": gate.get("policy")}
 
 
-def _epsilon_plot(sites: dict, modality: str) -> str | None:
-    series = {site: m[modality].get("rounds") or [] for site, m in sorted(sites.items()) if modality in m}
-    if not any(series.values()):
+def _epsilon_plot(sites: dict) -> str | None:
+    """Each site's ε, all modalities, after every update it released, in training order."""
+    trained = [(modality, spent) for per_site in sites.values() for modality, spent in (per_site.get("modalities") or {}).items()]
+    order = list(dict.fromkeys(modality for modality, _ in trained))  # the run's order of modalities
+    steps = sorted(
+        {(modality, r["round"]) for modality, spent in trained for r in spent.get("rounds") or []},
+        key=lambda step: (order.index(step[0]), step[1]),
+    )
+    if not steps:
         return None
 
     def draw(figure: Figure) -> None:
         ax = figure.subplots()
         budgets = set()
-        for site, rounds in series.items():
-            points = [(r["round"], r["epsilon"]) for r in rounds if r.get("epsilon") is not None]
+        for site, per_site in sorted(sites.items()):
+            points = [
+                (steps.index((modality, r["round"])), r["site_epsilon"])
+                for modality, spent in (per_site.get("modalities") or {}).items()
+                for r in spent.get("rounds") or []
+                if r.get("site_epsilon") is not None
+            ]
+            points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=site)
-            budget = sites[site][modality].get("budget")
+            budget = per_site.get("budget")
             if budget is not None and math.isfinite(budget):
                 budgets.add(budget)
         for budget in sorted(budgets):
             ax.axhline(budget, color="crimson", linestyle="--", linewidth=1)
             ax.annotate(f"budget ε = {budget:g}", (0.01, budget), xycoords=("axes fraction", "data"),
                         color="crimson", va="bottom", fontsize=8)  # fmt: skip
-        last_round = max(r["round"] for rounds in series.values() for r in rounds)
-        ax.set_xlim(0.5, last_round + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(range(len(steps)), [f"{modality} {round_}" for modality, round_ in steps], fontsize=8)
+        ax.set_xlim(-0.5, len(steps) - 0.5)
         ax.set_xlabel("federated round")
-        ax.set_ylabel("ε spent (accountant)")
-        ax.set_title(f"{modality}: ε per site over rounds — guaranteed by the accountant", fontsize=10)
+        ax.set_ylabel("site ε, all modalities")
+        ax.set_title("ε per site over rounds — guaranteed by the accountant", fontsize=10)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -131,27 +141,34 @@ def _epsilon_plot(sites: dict, modality: str) -> str | None:
 def _privacy_section(report: dict) -> dict:
     privacy = report.get("privacy") or {}
     sites = privacy.get("sites") or {}
-    modalities = sorted({m for per_site in sites.values() for m in per_site})
-    blocks = []
-    for modality in modalities:
-        rows = []
-        for site, per_site in sorted(sites.items()):
-            spent = per_site.get(modality)
-            if spent is None:
-                continue
-            epsilon, budget = spent.get("epsilon"), spent.get("budget")
-            within = None if epsilon is None or budget is None else epsilon <= budget
-            rows.append({
-                "site": site,
-                "epsilon": _number(epsilon),
-                "delta": _number(spent.get("delta")),
-                "budget": _number(budget),
-                "noise_multiplier": _number(spent.get("noise_multiplier")),
-                "rounds": len(spent.get("rounds") or []),
-                "within": within,
-            })  # fmt: skip
-        blocks.append({"modality": modality, "plot": _epsilon_plot(sites, modality), "rows": rows})
-    return {"epsilon_max": _number(privacy.get("epsilon_max")), "modalities": blocks}
+    modalities = sorted({m for per_site in sites.values() for m in per_site.get("modalities") or {}})
+    rows = []
+    for site, spent in sorted(sites.items()):
+        epsilon, budget = spent.get("epsilon"), spent.get("budget")
+        own = spent.get("modalities") or {}
+        rows.append({
+            "site": site,
+            "epsilon": _number(epsilon),
+            "budget": _number(budget),
+            "within": None if epsilon is None or budget is None else epsilon <= budget,
+            "composition": spent.get("composition"),
+            "delta": _number(spent.get("delta")),
+            "modalities": [
+                {
+                    "epsilon": _number(own[m].get("epsilon")),
+                    "noise_multiplier": _number(own[m].get("noise_multiplier")),
+                    "rounds": len(own[m].get("rounds") or []),
+                } if m in own else None
+                for m in modalities
+            ],
+        })  # fmt: skip
+    return {
+        "epsilon_max": _number(privacy.get("epsilon_max")),
+        "accountant": privacy.get("accountant"),
+        "modalities": modalities,
+        "rows": rows,
+        "plot": _epsilon_plot(sites),
+    }
 
 
 def _roc_plot(attacks: dict, modality: str) -> str | None:
@@ -210,8 +227,9 @@ def _attack_row(name: str, summary: dict, site: str | None = None) -> dict:
 
 
 def _accountant_epsilon(report: dict, modality: str) -> float | None:
+    """The largest ε of one modality's updates alone: what an attack on that model is held to."""
     sites = (report.get("privacy") or {}).get("sites") or {}
-    spent = [m[modality].get("epsilon") for m in sites.values() if modality in m]
+    spent = [s["modalities"][modality].get("epsilon") for s in sites.values() if modality in s.get("modalities", {})]
     spent = [e for e in spent if e is not None]
     return max(spent) if spent else None
 

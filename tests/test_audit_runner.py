@@ -136,14 +136,10 @@ def train_one_round(run: RunDir, site_dirs, config: RunConfig) -> None:
         start = server_side.get_state(model)
         updates = []
         for root in site_dirs:
-            site = load_site(root, config.data, modalities=(name,), channels=config.image.channels)
+            site = load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
             modality = get_modality(name, config, work_dir=root / SITE_STATE_DIR)
-            update = train_site(modality, site, start, history=[], seed=0)
-            m = update.metrics
-            ledger.record(
-                LedgerEntry(site.name, name, 1, m["epsilon"], m["delta"], m["noise-multiplier"],
-                            m["sample-rate"], int(m["steps"]), int(m["num-examples"]), None)
-            )
+            update = train_site(modality, site, start, histories=ledger.histories(site.name), seed=0)
+            ledger.record(LedgerEntry.from_metrics(site.name, name, 1, update.metrics, accountant=config.privacy.accountant))
             updates.append(update.state)
         average = {k: torch.stack([u[k] for u in updates]).float().mean(0).to(start[k].dtype) for k in start}
         save_checkpoint(run, server_side, model, ArrayRecord(torch_state_dict=average), 1, ledger)
@@ -236,12 +232,15 @@ def test_guaranteed_epsilon_is_the_ledgers(audited):
     run, _, report = audited
     ledger = PrivacyLedger(run.ledger_path)
     for site in SITES:
+        spent = report["privacy"]["sites"][site]
+        assert spent["epsilon"] == ledger.site_spent(site) and spent["budget"] == 10.0
+        assert spent["composition"] == "same people"
         for modality in ("image", "text"):
-            entry = report["privacy"]["sites"][site][modality]
+            entry = spent["modalities"][modality]
             (row,) = ledger.entries(site=site, modality=modality)
-            assert entry["epsilon"] == row.epsilon and entry["rounds"] == [{"round": 1, "epsilon": row.epsilon}]
-            assert entry["budget"] == 10.0
-    assert report["privacy"]["epsilon_max"] == max(e.epsilon for e in ledger.entries())
+            assert entry["epsilon"] == row.epsilon
+            assert entry["rounds"] == [{"round": 1, "epsilon": row.epsilon, "site_epsilon": row.site_epsilon}]
+    assert report["privacy"]["epsilon_max"] == max(ledger.site_spent(site) for site in SITES)
 
 
 @pytest.mark.e2e

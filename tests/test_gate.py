@@ -41,14 +41,18 @@ def example_report(*, modalities=("image", "text")) -> dict:
     }
     for i, site in enumerate(SITES):
         report["privacy"]["sites"][site] = {
-            m: {
-                "epsilon": 8.5 - i,
-                "delta": 1e-4,
-                "budget": 10.0,
-                "noise_multiplier": 1.1,
-                "rounds": [{"round": r, "epsilon": (8.5 - i) * r / 3} for r in (1, 2, 3)],
-            }
-            for m in modalities
+            "epsilon": 8.5 - i,
+            "budget": 10.0,
+            "delta": 1e-4,
+            "composition": "same people",
+            "modalities": {
+                m: {
+                    "epsilon": 6.0 - i,
+                    "noise_multiplier": 1.1,
+                    "rounds": [{"round": r, "epsilon": (6.0 - i) * r / 3, "site_epsilon": (8.5 - i) * r / 3} for r in (1, 2, 3)],
+                }
+                for m in modalities
+            },
         }
     for m in modalities:
         report["membership"][m] = {
@@ -130,8 +134,8 @@ def test_a_report_within_policy_passes_every_check(policy):
     assert decision["passed"] is True
     assert decision["policy"] == "default"
     names = {c["name"] for c in decision["checks"]}
-    # one budget check per site and modality, and each family of checks is present
-    assert {"privacy.dp", "privacy.site-1.image.budget", "privacy.site-2.text.budget", "privacy.max_epsilon"} <= names
+    # one budget check per site (all its modalities), and each family of checks is present
+    assert {"privacy.dp", "privacy.site-1.budget", "privacy.site-2.budget", "privacy.max_epsilon"} <= names
     assert {"membership.image.loss.auc", "membership.text.loss.tpr_at_1pct_fpr", "membership.text.loss.empirical_epsilon"} <= names
     assert {"phi.PERSON", "phi.US_SSN", "memorisation.text.canary_reproductions", "memorisation.image.near_copies_feature"} <= names
     assert {"memorisation.text.phi_replay"} <= names
@@ -154,11 +158,12 @@ def test_a_canary_reproduction_refuses_and_names_the_check(policy):
 
 def test_epsilon_over_a_sites_budget_refuses(policy):
     report = example_report(modalities=("image",))
-    report["privacy"]["sites"]["site-2"]["image"]["budget"] = 4.0  # spent 7.5
+    report["privacy"]["sites"]["site-2"]["budget"] = 7.0  # spent 7.5, the image model alone 5
     failed = _failed(evaluate_gate(report, policy))
-    assert list(failed) == ["privacy.site-2.image.budget"]
-    assert failed["privacy.site-2.image.budget"]["value"] == 7.5
-    assert failed["privacy.site-2.image.budget"]["threshold"] == 4.0
+    assert list(failed) == ["privacy.site-2.budget"]
+    assert failed["privacy.site-2.budget"]["value"] == 7.5
+    assert failed["privacy.site-2.budget"]["threshold"] == 7.0
+    assert "site-2 accountant ε, image (same people" in failed["privacy.site-2.budget"]["detail"]
 
 
 def test_a_missing_figure_fails_and_says_it_was_not_measured(policy):
@@ -188,7 +193,8 @@ def test_no_dp_is_refused_unless_the_policy_allows_it(policy, tmp_path):
     report["run"]["dp"] = False
     report["privacy"]["epsilon_max"] = math.inf
     for site in SITES:
-        report["privacy"]["sites"][site]["image"] |= {"epsilon": math.inf, "budget": math.inf}
+        report["privacy"]["sites"][site] |= {"epsilon": math.inf, "budget": math.inf}
+        report["privacy"]["sites"][site]["modalities"]["image"]["epsilon"] = math.inf
     failed = _failed(evaluate_gate(report, policy))
     assert set(failed) == {"privacy.dp", "privacy.max_epsilon"}
     assert "WITHOUT DP" in failed["privacy.dp"]["detail"]

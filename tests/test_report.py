@@ -80,6 +80,24 @@ def test_a_passing_report_says_pass(tmp_path, policy):
     assert "REFUSED" not in html
 
 
+def test_the_privacy_table_gives_each_sites_total_first_and_says_different_people(tmp_path, policy):
+    report = example_report()
+    report["privacy"]["accountant"] = "prv"
+    report["privacy"]["sites"]["site-2"]["composition"] = "different people"
+    report["gate"] = evaluate_gate(report, policy)
+    _, html_path = write_report(tmp_path / "audit", report)
+    html = html_path.read_text()
+    section = html[html.index("1. Privacy guarantee"):html.index("2. ")]
+    assert "Opacus' <b>PRV</b> accountant" in section
+    site_two = section[section.index("<td>site-2</td>"):]
+    site_two = site_two[:site_two.index("</tr>")]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", site_two)
+    # total, budget, within, composition, δ, then each modality's own ε, σ and rounds
+    assert cells[:5] == ["site-2", "7.5", "10", '<span class="ok">yes</span>', "different people"]
+    assert cells[6:9] == ["5", "1.1", "3"]
+    assert "same people" in section[section.index("<td>site-1</td>"):]
+
+
 def test_the_page_is_self_contained(tmp_path, policy):
     run = _run_with_sheet(tmp_path)
     _, html_path = write_report(run.audit, _refused_report(run, policy))
@@ -93,8 +111,8 @@ def test_the_page_is_self_contained(tmp_path, policy):
     every_source = re.findall(r'(?:src|href)="([^"]*)"', html)
     uris = _data_uris(html)
     assert every_source == uris  # every src is an inline PNG, and there is no href at all
-    # ε over rounds and ROC curves for image and text, plus the contact sheet
-    assert len(uris) == 5
+    # the sites' ε over rounds (all modalities), ROC curves for image and text, the contact sheet
+    assert len(uris) == 4
     for uri in uris:
         png = base64.b64decode(uri.removeprefix("data:image/png;base64,"))
         assert Image.open(io.BytesIO(png)).format == "PNG"
