@@ -204,7 +204,7 @@ def test_with_every_lever_on_only_declared_parameters_train_and_epsilon_is_exact
     site = load_site(site_dir, config.data, modalities=("image",), channels=1)
     task = ImageModality(config, work_dir=tmp_path)
     start = task.get_state(task.initial_model())
-    update = train_site(task, site, start, history=[], seed=0)
+    update = train_site(task, site, start, histories={}, seed=0)
 
     n = len(task.datasets(site)[0])
     batches = math.ceil(n / 8)

@@ -55,7 +55,7 @@ def test_a_site_round_reports_its_planned_epochs_and_steps(tmp_path):
         planned.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
         return progress_writer(path, site=site.name, modality="image", round=1, epochs=epochs, steps_per_epoch=steps_per_epoch)
 
-    update = train_site(task, site, task.get_state(task.build_model()), history=[], seed=0, progress_for=progress_for)
+    update = train_site(task, site, task.get_state(task.build_model()), histories={}, seed=0, progress_for=progress_for)
     n_train = len(task.datasets(site)[0])
     assert planned == {"epochs": 2, "steps_per_epoch": -(-n_train // 8)}
     last = read_progress(path)

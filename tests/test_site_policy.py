@@ -90,7 +90,7 @@ def test_a_default_policy_site_refuses_to_train_before_it_trains(sites, override
     site = load_site(sites[0], config.data, modalities=("text",))
     modality = get_modality("text", config, work_dir=sites[0] / SITE_STATE_DIR)
     with pytest.raises(PolicyRefused, match="refuses to train text"):
-        train_site(modality, site, {}, history=[], seed=0)
+        train_site(modality, site, {}, histories={}, seed=0)
 
 
 @pytest.mark.e2e
