@@ -4,6 +4,7 @@ placeholder and surrogate replacement of detected spans."""
 import pytest
 import torch
 
+from fedgen.audits.gate import evaluate_gate, load_policy
 from fedgen.audits.phi import PhiFinding, build_analyzer, scan
 from fedgen.audits.phi_redaction import PLACEHOLDERS, Surrogates, redact_texts, replace_spans
 from fedgen.audits.phi_replay import SitePhi, count_replays, replay_keys, site_replay_audit
@@ -16,6 +17,7 @@ from fedgen.models.text import (
     make_tiny_llama,
     sequence_loss,
 )
+from tests.test_gate import example_report
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,13 @@ def test_a_model_trained_without_dp_replays_site_phi_found_without_a_truth_file(
     assert "detector_at_site" not in replay
     independent = site_replay_audit(training_texts, INDEPENDENT, analyzer)
     assert independent["texts_with_replay"] == 0 and independent["by_kind"] == {}
+    # The gate refuses the replaying model whatever the PHI action, and passes the independent notes.
+    report = example_report(modalities=("text",))
+    failed = {}
+    for name, audit in (("memorised", replay), ("independent", independent)):
+        report["phi"]["memorisation"]["phi_replay"] = audit["texts_with_replay"]
+        failed[name] = [c["name"] for c in evaluate_gate(report, load_policy())["checks"] if not c["passed"]]
+    assert failed == {"memorised": ["memorisation.text.phi_replay"], "independent": []}
 
 
 def test_a_truth_file_scores_the_detector_at_the_site(analyzer):
