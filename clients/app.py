@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -139,7 +140,8 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         save_history(context, modality_name, update.history)
         if ledger is not None:  # before the reply leaves: a lost reply is over-, never under-counted
             record_release(ledger, site.name, modality_name, server_round, update, accountant=config.privacy.accountant)
-        content = train_reply(msg.content, update.state, update.metrics, site.name)
+        released = json.dumps({**histories, modality_name: update.history})
+        content = train_reply(msg.content, update.state, update.metrics, site.name, released=released)
         return Message(content=content, reply_to=msg)
 
     @app.query()

@@ -19,6 +19,7 @@ from fedgen.protocol import (
     ARRAY_KEYS,
     LEGACY_CONFIG,
     LEGACY_PARAMS,
+    RELEASED_KEY,
     SITE_KEY,
     TRAIN_ARRAYS,
     TRAIN_CONFIG,
@@ -51,14 +52,19 @@ def train_inputs(content: RecordDict) -> tuple[dict[str, torch.Tensor], ConfigRe
     return state, settings
 
 
-def train_reply(content: RecordDict, state: dict[str, torch.Tensor], metrics: dict[str, float], site: str) -> RecordDict:
-    """The reply to a train message in the format it came in (secaggplus_mod masks the arrays)."""
+def train_reply(
+    content: RecordDict, state: dict[str, torch.Tensor], metrics: dict[str, float], site: str, *, released: str
+) -> RecordDict:
+    """The reply to a train message in the format it came in (secaggplus_mod masks the arrays).
+
+    ``released`` lists every update the site released in the run (fedgen.protocol.RELEASED_KEY).
+    """
     if not _is_secagg(content):
         return RecordDict(
             {
                 TRAIN_ARRAYS: ArrayRecord(torch_state_dict=state),
                 TRAIN_METRICS: MetricRecord(metrics),
-                TRAIN_SITE: ConfigRecord({"name": site}),
+                TRAIN_SITE: ConfigRecord({"name": site, RELEASED_KEY: released}),
             }
         )
     keys = content[LEGACY_CONFIG][ARRAY_KEYS]
@@ -66,6 +72,6 @@ def train_reply(content: RecordDict, state: dict[str, torch.Tensor], metrics: di
         status=Status(code=Code.OK, message=""),
         parameters=ndarrays_to_parameters([state[k].detach().cpu().numpy() for k in keys]),
         num_examples=int(metrics["num-examples"]),
-        metrics={**metrics, SITE_KEY: site},
+        metrics={**metrics, SITE_KEY: site, RELEASED_KEY: released},
     )
     return compat.fitres_to_recorddict(fitres, keep_input=False)

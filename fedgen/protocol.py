@@ -43,6 +43,7 @@ __all__ = [
     "TRAIN_SITE",
     "ARRAY_KEYS",
     "SITE_KEY",
+    "RELEASED_KEY",
     "LEGACY_PARAMS",
     "LEGACY_CONFIG",
     "QUERY_AUDIT",
@@ -74,10 +75,13 @@ AUDIT_RUN_CONFIG = {RUN_DIR_KEY: "", POLICY_KEY: "", INCEPTION_KEY: ""}  # the a
 TRAIN_ARRAYS = "arrays"  # ArrayRecord: the global (request) or the site's (reply) trained state
 TRAIN_CONFIG = "config"  # ConfigRecord: run-config (TOML), modality, server-round, ...
 TRAIN_METRICS = "metrics"  # MetricRecord: num-examples, epsilon, delta, noise-multiplier, ...
-TRAIN_SITE = "site"  # ConfigRecord {"name": ...}
+TRAIN_SITE = "site"  # ConfigRecord {"name": ..., RELEASED_KEY: ...}
+# Every update the site released in this run, this one included, as JSON {modality: [[σ, q,
+# steps], ...]}: the coordinator records any whose reply it lost (fedgen.server.strategy).
+RELEASED_KEY = "released"
 # SecAgg+ rounds use Flower's legacy records.
 ARRAY_KEYS = "array-keys"  # config entry: legacy Parameters carry no array names
-SITE_KEY = "site"  # legacy FitRes metrics carry the site name (the plain reply has a record)
+SITE_KEY = "site"  # legacy FitRes metrics carry the site name and RELEASED_KEY (the plain reply has a record)
 LEGACY_PARAMS = "fitins.parameters"
 LEGACY_CONFIG = "fitins.config"
 

@@ -49,7 +49,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedgen.errors import FedgenError
-from fedgen.protocol import ARRAY_KEYS, SITE_KEY, TRAIN_ARRAYS, TRAIN_CONFIG, TRAIN_METRICS, TRAIN_SITE
+from fedgen.protocol import (
+    ARRAY_KEYS,
+    RELEASED_KEY,
+    SITE_KEY,
+    TRAIN_ARRAYS,
+    TRAIN_CONFIG,
+    TRAIN_METRICS,
+    TRAIN_SITE,
+)
 
 __all__ = ["start_secagg"]
 
@@ -112,12 +120,12 @@ class _LedgerStrategyAdapter(LegacyStrategy):
 
     def _reply(self, node: int, fitres: FitRes) -> Message:
         metrics = dict(fitres.metrics)
-        site = str(metrics.pop(SITE_KEY))
+        site, released = str(metrics.pop(SITE_KEY)), str(metrics.pop(RELEASED_KEY))
         content = RecordDict(
             {
                 TRAIN_ARRAYS: self._arrays(fitres.parameters),
                 TRAIN_METRICS: MetricRecord(metrics),
-                TRAIN_SITE: ConfigRecord({"name": site}),
+                TRAIN_SITE: ConfigRecord({"name": site, RELEASED_KEY: released}),
             }
         )
         return Message(content=content, reply_to=self.sent[node])

@@ -1,7 +1,8 @@
 """Flower's own strategies with fedgen's privacy ledger added: record ε, skip spent sites.
 
 The averaging itself is Flower's (FedAvg / FedAdam / FedProx); the mixin only (1) writes one
-ledger row per replying site per round, (2) stops asking a site whose next round would
+ledger row per replying site per round, and one per earlier update the site lists that the
+ledger lacks (its reply was lost in a coordinator crash), (2) stops asking a site whose next round would
 overspend its budget, (3) aggregates ε as a maximum, never as a weighted mean, and (4) fails a
 round that fewer than min_sites answered (after recording those that did: their ε is spent).
 After the first round, a site that went offline no longer blocks the next one.
@@ -9,9 +10,11 @@ After the first round, a site that went offline no longer blocks the next one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -26,7 +29,7 @@ from flwr.serverapp.strategy import (
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.protocol import TRAIN_METRICS, TRAIN_SITE, error_line
+from fedgen.protocol import RELEASED_KEY, TRAIN_METRICS, TRAIN_SITE, error_line
 
 __all__ = ["make_strategy", "aggregate_site_metrics", "SiteReport", "BudgetSpent"]
 
@@ -119,12 +122,29 @@ class LedgerMixin:
     def _record(self, server_round: int, msg: Message) -> None:
         site = str(msg.content[TRAIN_SITE]["name"])
         m = {k: float(v) for k, v in msg.content[TRAIN_METRICS].items()}
-        self.ledger.record(LedgerEntry.from_metrics(site, self.modality, server_round, m, accountant=self.accountant))
+        entry = LedgerEntry.from_metrics(site, self.modality, server_round, m, accountant=self.accountant)
+        self._record_lost(entry, json.loads(str(msg.content[TRAIN_SITE].get(RELEASED_KEY, "{}"))))
+        self.ledger.record(entry)
         if m["epsilon-next"] > m["budget"]:
             self.spent_nodes.add(msg.metadata.src_node_id)
         self.site_train_seconds[site] = m.get("train-seconds", math.nan)
         if self.report is not None:
             self.report(server_round, site, m)
+
+
+    def _record_lost(self, entry: LedgerEntry, released: dict[str, list]) -> None:
+        """Rows for the updates the site lists but the ledger lacks: their replies were lost
+        (the coordinator died after the site released them), their ε was spent all the same."""
+        for modality, history in released.items():
+            known = {r.release for r in self.ledger.entries(site=entry.site, modality=modality)}
+            for release, (sigma, q, steps) in enumerate(history, start=1):
+                if release in known or (modality, release) == (entry.modality, entry.release):
+                    continue
+                self.ledger.record(replace(
+                    entry, modality=modality, release=release, site_epsilon=None, epsilon=None, noise_multiplier=sigma,
+                    sample_rate=q, steps=steps, num_examples=entry.num_examples if modality == entry.modality else 0,
+                    loss=None, lost=True,
+                ))  # fmt: skip
 
 
 class ClientDPMixin:

@@ -457,7 +457,8 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     assert resumed.returncode == 0, tail(resumed)
 
     assert run.completed_rounds("image") == [1, 2]
-    rows = PrivacyLedger(run.ledger_path).entries(modality="image")
+    ledger = PrivacyLedger(run.ledger_path)
+    rows = [r for r in ledger.entries(modality="image") if not r.lost]
     assert sorted((r.site, r.round) for r in rows) == [
         ("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2), ("site-3", 2)
     ]
@@ -472,6 +473,14 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
         epsilon_from_history([(e.noise_multiplier, e.sample_rate, e.steps) for e in releases], delta=round_two.delta)
     )
     assert round_two.epsilon > round_one.epsilon
+    # Every update a site released has its row at the coordinator, a lost reply's too: the ε
+    # each site reported last is recomputed from the coordinator's rows alone.
+    for site in ("site-1", "site-2", "site-3"):
+        every = ledger.entries(site=site)
+        assert every[-1].site_epsilon == pytest.approx(
+            epsilon_from_history([r.entry for r in every], delta=every[-1].delta), rel=1e-6
+        )
+    assert len(ledger.entries(site="site-1")) == len(releases)
     assert (tmp_path / "pyproject.toml").read_text() == LEGACY_PYPROJECT
 
 

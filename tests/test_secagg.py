@@ -1,5 +1,7 @@
 """SecAgg+ on Flower's simulation engine: the secure aggregate is plain FedAvg of the same updates."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,8 @@ def make_client_app() -> ClientApp:
             "budget": 10.0, "delta": 1e-5, "different-people": 0.0, "release": 1, "noise-multiplier": 1.0,
             "sample-rate": 0.1, "steps": 3,
         }
-        return Message(content=train_reply(msg.content, update, metrics, f"site-{pid + 1}"), reply_to=msg)
+        released = json.dumps({"image": [[1.0, 0.1, 3]]})
+        return Message(content=train_reply(msg.content, update, metrics, f"site-{pid + 1}", released=released), reply_to=msg)
 
     return app
 
@@ -148,8 +151,9 @@ def test_plain_rounds_pass_the_secagg_mod_untouched():
         TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
     state, settings = train_inputs(content)
     assert settings["server-round"] == 4 and torch.equal(state["b"], GLOBAL["b"])
-    out = train_reply(content, {"w": GLOBAL["w"] + 1}, {"num-examples": 7}, "site-9")
+    out = train_reply(content, {"w": GLOBAL["w"] + 1}, {"num-examples": 7}, "site-9", released='{"text": [[1.0, 0.1, 3]]}')
     assert sorted(out) == ["arrays", "metrics", "site"] and out["site"]["name"] == "site-9"
+    assert out["site"]["released"] == '{"text": [[1.0, 0.1, 3]]}'
     assert out["metrics"] == MetricRecord({"num-examples": 7})
     assert torch.equal(out["arrays"].to_torch_state_dict()["w"], GLOBAL["w"] + 1)
     with pytest.raises(FedgenError, match="client_dp clips each site's update, which secagg hides"):

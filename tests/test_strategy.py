@@ -1,6 +1,9 @@
 """Server-side aggregation: Flower's FedAvg weighted by examples, ε kept as a maximum."""
 
 import itertools
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,3 +140,57 @@ def test_client_dp_settings_flower_refuses_are_one_line(ledger):
         _client_dp(ledger, noise=1.0, clip=1.0, mode="adaptive", sites=3)
     with pytest.raises(FedgenError, match="client_dp needs strategy 'fedavg' or 'fedprox'"):
         load_config(None, {"federation.strategy": "fedadam", "federation.client_dp": "fixed"})
+
+
+def _site_reply(node_id, site, release_history, account, *, modality="image"):
+    """A site's reply as fedgen.clients sends it: its ε over everything it released, and the list."""
+    histories = {modality: release_history}
+    metrics = {
+        "num-examples": 100, "loss": float("nan"), "site-epsilon": account.epsilon(histories),
+        "epsilon": account.epsilon(histories), "epsilon-next": 1.0, "budget": account.budget, "delta": account.delta,
+        "different-people": 0.0, "release": len(release_history), "noise-multiplier": release_history[-1][0],
+        "sample-rate": release_history[-1][1], "steps": release_history[-1][2],
+    }
+    sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
+    content = RecordDict({
+        "arrays": ArrayRecord(numpy_ndarrays=[np.zeros(2, dtype=np.float32)]),
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": site, "released": json.dumps(histories)}),
+    })
+    return Message(content=content, reply_to=sent)
+
+
+def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recomputes(ledger, tmp_path):
+    from opacus.accountants import RDPAccountant
+    from typer.testing import CliRunner
+
+    from fedgen.artifacts import RunDir
+    from fedgen.cli import app
+    from fedgen.privacy.plan import SiteAccount
+
+    account = SiteAccount("site-1", 10.0, 1e-4, "same people", "rdp")
+    entry = (1.1, 0.05, 40)
+    config = RunConfig.model_validate({"federation": {"sites": 1}})
+    make_strategy(config, ledger=ledger, modality="image").aggregate_train(1, [_site_reply(1, "site-1", [entry], account)])
+    # Round 2: the site released its second update, then the coordinator died before recording it.
+    resumed = make_strategy(config, ledger=ledger, modality="image")
+    resumed.round_offset = 1  # round 2 again, after the resume
+    resumed.aggregate_train(1, [_site_reply(1, "site-1", [entry] * 3, account)])
+
+    rows = ledger.entries(site="site-1")
+    assert [(r.round, r.release, r.lost) for r in rows] == [(1, 1, False), (2, 2, True), (2, 3, False)]
+    independent = RDPAccountant()
+    independent.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in rows]
+    assert rows[-1].site_epsilon == pytest.approx(independent.get_epsilon(delta=1e-4), rel=1e-6)
+
+    run = RunDir.create(tmp_path / "runs", config, "r1")
+    run.ledger_path.write_bytes(ledger.path.read_bytes())
+    result = CliRunner().invoke(app, ["ledger", str(run.root)])
+    assert result.exit_code == 0, result.output
+    (line,) = [row for row in result.output.splitlines() if row.startswith("site-1")]
+    recorded, recomputed = line.split()[-2:]
+    assert recorded == recomputed == f"{rows[-1].site_epsilon:.4f}"
+    assert line.split()[1:3] == ["3", "1"]  # three updates, one of them lost
+    snippet = result.output[result.output.index("import sqlite3"):]
+    printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
+    assert float(printed) == pytest.approx(rows[-1].site_epsilon, rel=1e-6)

@@ -1,4 +1,5 @@
-"""`fedgen pretrain`, `fedgen simulate` and `fedgen generate`: training and sampling on one machine."""
+"""`fedgen pretrain`, `fedgen simulate`, `fedgen generate` and `fedgen ledger`: training, sampling
+and the privacy ledger of a run, on one machine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fedgen.cli.common import ConfigOption, console, err_console, parse_epsilon
 from fedgen.config import PRETRAIN_DEFAULTS
 from fedgen.errors import FedgenError
 
-__all__ = ["pretrain", "simulate", "generate"]
+__all__ = ["pretrain", "simulate", "generate", "ledger"]
 
 DEMO_SITES = "demo-sites"  # where `fedgen simulate` without sites puts its fresh demo consortium
 
@@ -127,6 +128,7 @@ def simulate(
     with showing_site_progress(sites, run_config.modalities, console):
         run_simulated(run, sites, verbose=verbose)
     console.print(f"run folder: {run.root}")
+    console.print(f"privacy ledger, ε recomputed from its rows: fedgen ledger {run.root}")
 
 
 def generate(
@@ -156,3 +158,32 @@ def generate(
     else:
         raise FedgenError(f"--modality must be image or text, got {modality!r}")
     console.print(f"wrote {out}")
+
+
+def ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>).")]) -> None:
+    """Each site's ε as recorded and as recomputed from the ledger's (σ, q, steps) rows alone,
+    and the Python that recomputes it with Opacus without fedgen."""
+    from fedgen.artifacts import RunDir
+    from fedgen.privacy.ledger import PrivacyLedger, recompute_site_epsilon, recompute_snippet
+    from fedgen.privacy.plan import SAME_PEOPLE
+
+    run = RunDir.open(run_dir)
+    book = PrivacyLedger(run.ledger_path)
+    sites = {site: book.entries(site=site) for site in book.sites()}
+    if not sites:
+        raise FedgenError(f"{run.ledger_path} holds no update yet")
+    typer.echo(f"{run.ledger_path}: one row per update a site released (lost = its reply never arrived)")
+    typer.echo(f"{'site':<14}{'updates':>8}{'lost':>6}  {'accountant':<11}{'records of the models':<23}{'δ':<10}{'recorded ε':>11}{'recomputed ε':>14}")
+    for site, rows in sites.items():
+        reported = [r for r in rows if not r.lost]
+        recorded = f"{reported[-1].site_epsilon:.4f}" if reported else "none"
+        typer.echo(
+            f"{site:<14}{len(rows):>8}{sum(r.lost for r in rows):>6}  {rows[-1].accountant:<11}{rows[-1].composition:<23}"
+            f"{rows[-1].delta:<10.3g}{recorded:>11}{recompute_site_epsilon(rows):>14.4f}"
+        )
+    site, rows = next(iter(sites.items()))
+    typer.echo(
+        f"\nRecompute a site's ε with Opacus alone ({SAME_PEOPLE}: every row of the site in one accountant; "
+        "different people: one accountant per modality, the largest ε), e.g. for " + site + ":"
+    )
+    typer.echo(recompute_snippet(run.ledger_path.resolve(), site, delta=rows[-1].delta, accountant=rows[-1].accountant))

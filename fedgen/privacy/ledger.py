@@ -19,10 +19,10 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from fedgen.errors import FedgenError
-from fedgen.privacy.accounting import HistoryEntry, epsilon_from_history
+from fedgen.privacy.accounting import ACCOUNTANTS, HistoryEntry, epsilon_from_history
 from fedgen.privacy.plan import DIFFERENT_PEOPLE, SAME_PEOPLE
 
-__all__ = ["LedgerEntry", "PrivacyLedger", "DuplicateRoundError", "recompute_site_epsilon"]
+__all__ = ["LedgerEntry", "PrivacyLedger", "DuplicateRoundError", "recompute_site_epsilon", "recompute_snippet"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -116,6 +116,20 @@ def recompute_site_epsilon(rows: list[LedgerEntry]) -> float:
             for m in modalities
         )
     return epsilon_from_history([r.entry for r in rows], delta=last.delta, accountant=last.accountant)
+
+
+def recompute_snippet(path: Path, site: str, *, delta: float, accountant: str) -> str:
+    """Python that recomputes a site's ε (same people) from the ledger file with Opacus alone."""
+    name = ACCOUNTANTS[accountant].__name__
+    return "\n".join([
+        "import sqlite3",
+        f"from opacus.accountants import {name}",
+        f"rows = sqlite3.connect({str(path)!r}).execute(",
+        f"    'SELECT noise_multiplier, sample_rate, steps FROM rounds WHERE site = ?', ({site!r},)).fetchall()",
+        f"accountant = {name}()",
+        "accountant.history = rows",
+        f"print(accountant.get_epsilon(delta={delta!r}))",
+    ])  # fmt: skip
 
 
 class PrivacyLedger:
