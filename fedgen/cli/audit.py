@@ -121,6 +121,7 @@ def audit_phi(
     texts: Annotated[Path, typer.Option(help='A JSONL file of {"text": ...} lines, e.g. synthetic/texts.jsonl.')],
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per finding per line.")] = False,
     spacy_model: Annotated[str | None, typer.Option(help="spaCy pipeline whose NER the scan uses (directory or installed package). Default: spaCy's en_core_web_sm, installed with fedgen.")] = None,
+    processes: Annotated[int, typer.Option(min=1, help="Processes that scan (forked after the detector is built; same findings).")] = 1,
 ) -> None:
     """Scan texts for PHI offline (NER, Presidio and fedgen's rules) and list the findings, values redacted."""
     import json
@@ -131,7 +132,7 @@ def audit_phi(
 
     lines = read_texts_jsonl(texts)
     analyzer = build_analyzer(spacy_model=spacy_model)
-    findings = scan(analyzer, lines)
+    findings = scan(analyzer, lines, processes=processes)
     if json_output:
         for finding in findings:
             print(json.dumps(finding.to_dict()))
