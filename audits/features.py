@@ -18,7 +18,9 @@ diffusion model's range); labels are class indices ``[N]``.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -43,6 +45,12 @@ __all__ = [
 DEFAULT_WIDTHS = (32, 64, 128)  # channels of the three conv blocks; the last is the feature size
 GROUPS_PER_NORM = 8  # GroupNorm, not BatchNorm: Opacus cannot train BatchNorm under DP
 EVAL_BATCH_SIZE = 256
+# The one training recipe of every FeatureNet (utility classifiers, the sites' fidelity
+# extractors, the benchmarks'): see train_feature_net.
+MAX_STEPS = 1000
+EVAL_EVERY = 25
+PATIENCE = 4  # validation measurements without a lower loss before training stops
+VALIDATION_FRACTION = 0.2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 INCEPTION_FEATURES = 2048  # the pool features FID is defined on
@@ -94,6 +102,7 @@ class FeatureNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
         self.num_features = widths[-1]
+        self.training_record: dict | None = None  # set by train_feature_net
 
     @property
     def description(self) -> str:
@@ -132,19 +141,47 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _validation_split(labels: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(train, validation) indices: ``fraction`` of each class held back, at least one example of
+    a class always left to train on (a class of one is not validated)."""
+    train, validation = [], []
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held = min(round(fraction * len(members)), len(members) - 1)
+        validation.append(members[:held])
+        train.append(members[held:])
+    return torch.cat(train), torch.cat(validation)
+
+
+@torch.no_grad()
+def _validation_loss(net: FeatureNet, images: Tensor, labels: Tensor) -> tuple[float, float]:
+    logits = _in_batches(net, images, EVAL_BATCH_SIZE)
+    return float(nn.functional.cross_entropy(logits, labels)), float((logits.argmax(dim=1) == labels).float().mean())
+
+
 def train_feature_net(
     images: Tensor,
     labels: Tensor,
     *,
     num_classes: int,
     trained_on: str,
-    epochs: int = 10,
     seed: int = 0,
+    max_steps: int = MAX_STEPS,
     batch_size: int = 64,
     lr: float = 1e-3,
     widths: tuple[int, ...] = DEFAULT_WIDTHS,
+    validation_fraction: float = VALIDATION_FRACTION,
 ) -> FeatureNet:
-    """Plain supervised training (Adam, cross-entropy); returns the net in eval mode.
+    """Supervised training to convergence (Adam, cross-entropy); returns the net in eval mode.
+
+    ``validation_fraction`` of each class is held back; every EVAL_EVERY steps the loss on it is
+    measured, the weights with the lowest are kept, and training stops PATIENCE measurements
+    after the last improvement, or at ``max_steps``. No fixed step budget fits every set: 25
+    steps left a site's real-trained classifier at 0.52 accuracy where the same data reach 0.90,
+    and a set of noise with random labels has nothing more to teach after its first steps.
+    ``net.training_record`` holds the steps taken, the step whose weights were kept and their
+    validation accuracy. ``validation_fraction=0`` trains exactly ``max_steps`` steps.
 
     ``trained_on`` says what the images were (e.g. "site-1 real train split") and ends up in
     every report that uses the net. The global RNG is left untouched.
@@ -154,17 +191,37 @@ def train_feature_net(
         net = FeatureNet(
             in_channels=images.shape[1], num_classes=num_classes, widths=widths, trained_on=trained_on
         )
+    shuffle = torch.Generator().manual_seed(seed)
+    fit, held = _validation_split(labels, validation_fraction, shuffle)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
-    shuffle = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=shuffle)
-        for start in range(0, len(images), batch_size):
+    best = {"loss": math.inf, "step": 0, "accuracy": None, "state": copy.deepcopy(net.state_dict())}
+    step, stopped = 0, False
+    while not stopped:
+        order = fit[torch.randperm(len(fit), generator=shuffle)]
+        for start in range(0, len(order), batch_size):
+            net.train()
             batch = order[start : start + batch_size]
             optimiser.zero_grad()
             loss_fn(net(images[batch]), labels[batch]).backward()
             optimiser.step()
+            step += 1
+            if len(held) and (step % EVAL_EVERY == 0 or step == max_steps):
+                loss, accuracy = _validation_loss(net.eval(), images[held], labels[held])
+                if loss < best["loss"]:
+                    best = {"loss": loss, "step": step, "accuracy": accuracy, "state": copy.deepcopy(net.state_dict())}
+                stopped = step - best["step"] >= PATIENCE * EVAL_EVERY
+            stopped = stopped or step >= max_steps
+            if stopped:
+                break
+    if len(held):
+        net.load_state_dict(best["state"])
+    net.training_record = {
+        "steps": step,
+        "kept_step": best["step"] if len(held) else step,
+        "validation_accuracy": best["accuracy"],
+        "n_validation": len(held),
+    }
     return net.eval()
 
 

@@ -403,10 +403,26 @@ def _fidelity_checks(report: dict, modality: str, policy: FidelityPolicy) -> lis
 
 
 def _utility_checks(report: dict, modality: str, policy: UtilityPolicy) -> list[dict]:
+    """The utility classifier's ratio, and the reference classifier's when the sites ran one.
+
+    A ratio the audit refused to score (its real-trained classifier not clearly better than
+    chance) fails. The reference is a second opinion: where it cannot learn the task from real
+    data either, its ratio says nothing and the check passes saying so.
+    """
     value, note = _lookup(report, "utility", modality, "synthetic_to_real_ratio")
     what = f"{modality} synthetic-to-real macro-F1 ratio"
-    name = f"utility.{modality}.synthetic_to_real_ratio"
-    return [_bound(name, what, value, policy.synthetic_to_real_ratio_min, at_most=False, note=note)]
+    minimum = policy.synthetic_to_real_ratio_min
+    checks = [_bound(f"utility.{modality}.synthetic_to_real_ratio", what, value, minimum, at_most=False, note=note)]
+    reference, _ = _lookup(report, "utility", modality, "reference")
+    if isinstance(reference, dict):
+        name = f"utility.{modality}.reference.synthetic_to_real_ratio"
+        what = f"{what} of the reference classifier ({reference.get('classifier')})"
+        if (reference.get("real_classifier") or {}).get("competent") is False:
+            checks.append(_check(name, True, None, f"{what} not applied: {reference.get('note')}", minimum))
+        else:
+            value = reference.get("synthetic_to_real_ratio")
+            checks.append(_bound(name, what, value, minimum, at_most=False, note=reference.get("note")))
+    return checks
 
 
 def _modality_checks(report: dict, modality: str, policy: Policy, *, figures: int) -> list[dict]:

@@ -43,7 +43,7 @@ from fedgen.audits.fidelity import (
 )
 from fedgen.audits.inputs import FEATURE_NET_EPOCHS, FEATURE_NET_TRAINED_ON, AuditInputs, say
 from fedgen.audits.mia import FPR_LEVEL_01PCT, FPR_LEVEL_1PCT, metrics_from_histograms
-from fedgen.audits.utility import pool_utility
+from fedgen.audits.utility import competence, pool_utility
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.pretrain import PROVENANCE_NAME
@@ -206,23 +206,44 @@ def _text_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
 UTILITY_KEYS = ("accuracy", "macro_f1", "per_class_f1", "n_test")
 
 
+def _scored_ratio(configs: dict) -> dict:
+    """The real-trained classifier's competence and, only when it is clearly better than chance,
+    the synthetic-to-real macro-F1 ratio (else None, with a note saying why)."""
+    real = competence(configs["real"])
+    if not real["competent"]:
+        note = (
+            f"synthetic_to_real_ratio not scored: the classifier trained on real data reached accuracy "
+            f"{real['accuracy']:.3f} on {real['n_test']} held-out records (lower bound {real['accuracy_lower_bound']:.3f}), "
+            f"not clearly better than the {real['no_information_rate']:.3f} of always guessing each site's most frequent "
+            f"class (the lower bound must reach {real['required']:.3f}): a ratio to it would measure nothing"
+        )
+        return {"real_classifier": real, "synthetic_to_real_ratio": None, "note": note}
+    ratio = configs["synthetic"]["macro_f1"] / configs["real"]["macro_f1"]
+    return {"real_classifier": real, "synthetic_to_real_ratio": ratio}
+
+
+def _site_configs(configurations: dict) -> dict:
+    return {
+        name: {key: c[key] for key in (*UTILITY_KEYS, "training") if key in c} for name, c in configurations.items()
+    }
+
+
 def _utility(sites: list[dict]) -> dict:
     pooled = pool_utility([site["utility"] for site in sites])
     configs = {name: {key: c[key] for key in UTILITY_KEYS} for name, c in pooled["configurations"].items()}
-    real_f1, synthetic_f1 = configs["real"]["macro_f1"], configs["synthetic"]["macro_f1"]
     result = {
         "classifier": pooled["classifier"],
         "configs": configs,
-        "synthetic_to_real_ratio": synthetic_f1 / real_f1 if real_f1 > 0 else None,
-        "sites": {
-            site["site"]: {
-                name: {key: c[key] for key in UTILITY_KEYS} for name, c in site["utility"]["configurations"].items()
-            }
-            for site in sites
-        },
+        **_scored_ratio(pooled["configurations"]),
+        "sites": {site["site"]: _site_configs(site["utility"]["configurations"]) for site in sites},
     }
-    if real_f1 == 0:
-        result["note"] = "synthetic_to_real_ratio: the real-data classifier scored macro-F1 0"
+    if "reference" in pooled:
+        reference = pooled["reference"]
+        result["reference"] = {
+            "classifier": reference["classifier"],
+            "configs": {name: {key: c[key] for key in UTILITY_KEYS} for name, c in reference["configurations"].items()},
+            **_scored_ratio(reference["configurations"]),
+        }
     return result
 
 

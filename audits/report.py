@@ -442,27 +442,52 @@ UTILITY_CONFIGS = [
 ]
 
 
+def _competence_line(utility: dict) -> str | None:
+    real = utility.get("real_classifier")
+    if not real:
+        return None
+    verdict = "clearly better than chance" if real["competent"] else "NOT clearly better than chance"
+    return (
+        f"The classifier trained on real data reached accuracy {_number(real['accuracy'])} on {real['n_test']} held-out "
+        f"records (lower bound {_number(real['accuracy_lower_bound'])}), against {_number(real['no_information_rate'])} "
+        f"for always guessing each site's most frequent class: {verdict} (the lower bound must reach {_number(real['required'])})."
+    )
+
+
+def _utility_configs(configs: dict) -> list[tuple]:
+    return [
+        (label, _number(configs[key].get("accuracy")), _number(configs[key].get("macro_f1")), _number(configs[key].get("n_test")))
+        for key, label in UTILITY_CONFIGS
+        if key in configs
+    ]
+
+
 def _utility_section(report: dict) -> list[dict]:
     blocks = []
     for modality, utility in sorted((report.get("utility") or {}).items()):
         configs = utility.get("configs") or {}
         shown = [(key, label) for key, label in UTILITY_CONFIGS if key in configs]
         classes = sorted({c for key, _ in shown for c in (configs[key].get("per_class_f1") or {})})
+        reference = utility.get("reference")
         blocks.append({
             "modality": modality,
             "classifier": utility.get("classifier") or "not recorded",
             "ratio": _number(utility.get("synthetic_to_real_ratio")),
-            "configs": [
-                (label, _number(configs[key].get("accuracy")), _number(configs[key].get("macro_f1")),
-                 _number(configs[key].get("n_test")))
-                for key, label in shown
-            ],
+            "competence": _competence_line(utility),
+            "configs": _utility_configs(configs),
             "class_headers": [label for _, label in shown],
             "per_class": [
                 (name, [_number((configs[key].get("per_class_f1") or {}).get(name)) for key, _ in shown])
                 for name in classes
             ],
             "note": utility.get("note"),
+            "reference": reference and {
+                "classifier": reference.get("classifier") or "not recorded",
+                "ratio": _number(reference.get("synthetic_to_real_ratio")),
+                "competence": _competence_line(reference),
+                "configs": _utility_configs(reference.get("configs") or {}),
+                "note": reference.get("note"),
+            },
         })  # fmt: skip
     return blocks
 

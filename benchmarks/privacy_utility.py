@@ -38,10 +38,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from fedgen.artifacts import RunDir  # noqa: E402
-from fedgen.audits.features import extract_features, train_feature_net  # noqa: E402
+from fedgen.audits.features import MAX_STEPS, extract_features, train_feature_net  # noqa: E402
 from fedgen.audits.fidelity import fid_from_features  # noqa: E402
 from fedgen.audits.inputs import load_synthetic_images, load_synthetic_texts  # noqa: E402
-from fedgen.audits.utility import UTILITY_STEPS, image_classifier, image_utility, text_utility  # noqa: E402
+from fedgen.audits.utility import image_classifier, image_utility, text_utility  # noqa: E402
 from fedgen.config import PRETRAIN_DEFAULTS, load_config  # noqa: E402
 from fedgen.data.check import (
     classes_from_sites,  # noqa: E402
@@ -79,14 +79,14 @@ def pooled_heldout(sites, config, modality):
 CLASSIFIER_SEEDS = 10
 
 
-def classifier_scores(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, steps: int = UTILITY_STEPS) -> list[dict]:
+def classifier_scores(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, max_steps: int = MAX_STEPS) -> list[dict]:
     """Scores on the real held-out ``test`` (accuracy, per-class F1, ...) of the utility CNN trained
     on ``data`` alone, one per classifier seed (one seed's synthetic score moved by up to 0.26 on
     the same images). Real and synthetic sets go through this same call, ``image_utility``'s
     synthetic-only configuration; the real ``train`` split is only checked against (``data`` must
     match its shape)."""
     return [
-        image_utility(train, test, data, class_names=class_names, seed=seed, steps=steps,
+        image_utility(train, test, data, class_names=class_names, seed=seed, max_steps=max_steps,
                       configurations=("synthetic",))["configurations"]["synthetic"]
         for seed in range(seeds)
     ]
@@ -152,7 +152,7 @@ def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int
         **image_scores(real.scores, scores),
         "n_test": len(real.test[1]),
         "n_synthetic": len(synthetic[1]),
-        "classifier": f"{image_classifier(UTILITY_STEPS)}, mean of {seeds} seeds",
+        "classifier": f"{image_classifier()}, mean of {seeds} seeds",
         "fid": fid_from_features(real.test_features, extract_features(real.feature_net, synthetic[0])),
     }
 
@@ -180,7 +180,7 @@ def score(run, real: RealSide, config, modality, args, *, regenerate: bool = Tru
 
 def scoring(args) -> str:
     """How a row was scored; rows scored otherwise are not comparable (``--rescore`` fixes that)."""
-    return f"utility classifier {UTILITY_STEPS} steps, mean of {args.classifier_seeds} seeds"
+    return f"utility classifier early stopping, at most {MAX_STEPS} steps, mean of {args.classifier_seeds} seeds"
 
 
 def one_epsilon(epsilon: float, sites, reals: RealSides, overrides: dict, args) -> dict:

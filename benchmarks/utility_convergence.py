@@ -1,9 +1,10 @@
-"""Has the utility classifier converged? Its accuracy against its step budget, over seeds.
+"""Has the utility classifier converged? Its accuracy against its largest step budget, over seeds.
 
 The synthetic-only / real-trained ratio is only as good as the two classifiers behind it: this
-trains both (``privacy_utility.classifier_scores``, the benchmarks' one classifier) at several
-step budgets and seeds on a run's synthetic images and the sites' pooled real data, and prints
-each accuracy on the pooled real held-out images. ``UTILITY_STEPS`` was chosen from it.
+trains both (``privacy_utility.classifier_scores``, the benchmarks' and the audit's one
+classifier, early stopping on a validation split) with several step limits and seeds on a run's
+synthetic images and the sites' pooled real data, and prints each accuracy on the pooled real
+held-out images. A limit the early stopping never reaches changes nothing.
 
     python -m benchmarks.utility_convergence RUN SITES_DIR --steps 50 150 400 1200
 """
@@ -33,7 +34,7 @@ def main() -> None:
     synthetic = load_synthetic_images(run, config)
     print(f"real train {len(train[1])}, synthetic {len(synthetic[1])}, real held-out {len(test[1])}")
     for steps in args.steps:
-        classify = lambda data: classifier_scores(train, test, data, config.data.image_classes, seeds=args.seeds, steps=steps)  # noqa: E731
+        classify = lambda data: classifier_scores(train, test, data, config.data.image_classes, seeds=args.seeds, max_steps=steps)  # noqa: E731
         scores = image_scores(classify(train), classify(synthetic))
         cells = [f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
                  for name, values in scores["per_seed"].items()]

@@ -29,12 +29,9 @@ from fedgen.data.site import SiteData
 from fedgen.modalities import Modality
 from fedgen.privacy.plan import privacy_facts
 
-__all__ = ["IMAGE_ATTACKS", "AUDIT_UTILITY_STEPS", "image_attack_scores", "image_site_audit"]
+__all__ = ["IMAGE_ATTACKS", "image_attack_scores", "image_site_audit"]
 
 IMAGE_ATTACKS = ("loss", "pia")
-# Utility CNN steps per configuration at the site: few, as the audit runs on 2 cores, so its
-# ratio is a floor; the benchmarks train UTILITY_STEPS (400, converged; BENCHMARKS.md).
-AUDIT_UTILITY_STEPS = 25
 
 
 def image_attack_scores(modality: Modality, site: SiteData, unet) -> Scores:
@@ -104,7 +101,6 @@ def image_site_audit(
             (synthetic, synthetic_labels),
             class_names=config.data.image_classes,
             seed=config.seed,
-            steps=AUDIT_UTILITY_STEPS,
         ),
     }
     return result, scores

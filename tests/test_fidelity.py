@@ -62,7 +62,7 @@ def gaussian(n: int, d: int, *, seed: int, shift: float = 0.0) -> torch.Tensor:
 
 def test_feature_net_learns_and_round_trips(tmp_path):
     images, labels = bright_dark(64, seed=0)
-    net = train_feature_net(images, labels, num_classes=2, trained_on="toy bright/dark", epochs=4, seed=0)
+    net = train_feature_net(images, labels, num_classes=2, trained_on="toy bright/dark", max_steps=30, seed=0)
     test_images, test_labels = bright_dark(40, seed=1)
     assert (classify(net, test_images) == test_labels).float().mean() == 1.0
     features = extract_features(net, test_images, batch_size=16)
@@ -80,11 +80,29 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = train_feature_net(images, labels, num_classes=2, trained_on="x", epochs=1, seed=5)
+    a = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=3, seed=5)
     after = torch.rand(1)
-    b = train_feature_net(images, labels, num_classes=2, trained_on="x", epochs=1, seed=5)
+    b = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=3, seed=5)
     assert torch.equal(before, after)
     assert torch.equal(a.head.weight, b.head.weight)
+
+
+def test_training_stops_when_the_validation_loss_stops_falling_and_keeps_the_best_weights():
+    """Noise with random labels has nothing to teach: the validation loss never falls for long,
+    training stops PATIENCE measurements after its lowest point, and those weights are kept."""
+    from fedgen.audits.features import EVAL_EVERY, PATIENCE
+
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.rand(80, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 2, (80,), generator=g)
+    net = train_feature_net(noise, labels, num_classes=2, trained_on="noise", max_steps=1000, seed=0)
+    record = net.training_record
+    assert record["n_validation"] == 16  # a fifth of each class
+    assert record["steps"] == record["kept_step"] + PATIENCE * EVAL_EVERY < 1000
+    assert record["kept_step"] % EVAL_EVERY == 0
+
+    images, labels = bright_dark(64, seed=0)
+    fixed = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=7, validation_fraction=0)
+    assert fixed.training_record == {"steps": 7, "kept_step": 7, "validation_accuracy": None, "n_validation": 0}
 
 
 class LinearDetector(nn.Module):

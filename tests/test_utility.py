@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedgen.audits.features import train_feature_net
-from fedgen.audits.utility import CONFIGURATIONS, image_utility, pool_utility, smote_balance, text_utility
+from fedgen.audits.gate import _utility_checks, load_policy
+from fedgen.audits.pooling import _utility
+from fedgen.audits.utility import CONFIGURATIONS, competence, image_utility, pool_utility, smote_balance, text_utility
 from fedgen.errors import FedgenError
 from tests.test_fidelity import ANXIOUS, CALM, bright_dark, corpus, one_torch_thread  # noqa: F401 (fixture)
 
@@ -14,6 +15,7 @@ CLASSES = ["dark", "bright"]
 # independent of the true labels would score Binomial(40, 1/2)/40 on the 40 balanced held-out
 # examples, above 0.7 with probability < 1%. Measured for images over 6 seeds: 0.475-0.5.
 CHANCE_BOUND = 0.7
+STEPS = 50  # enough for the toy sets; below it the early stopping decides
 
 
 def noise_images(n: int, *, seed: int):
@@ -23,7 +25,7 @@ def noise_images(n: int, *, seed: int):
 
 def test_image_synthetic_copy_of_real_train_scores_like_real():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
-    result = image_utility(train, test, train, class_names=CLASSES, seed=0, steps=10)
+    result = image_utility(train, test, train, class_names=CLASSES, seed=0, max_steps=STEPS)
     scores = result["configurations"]
     assert set(scores) == set(CONFIGURATIONS)
     assert scores["real"]["accuracy"] >= 0.95
@@ -34,48 +36,42 @@ def test_image_synthetic_copy_of_real_train_scores_like_real():
 
 def test_image_noise_with_random_labels_is_at_chance_while_real_is_high():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
-    result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, steps=10)
+    result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, max_steps=STEPS)
     scores = result["configurations"]
     assert scores["real"]["accuracy"] >= 0.95
     assert scores["smote"]["accuracy"] >= 0.95
     assert scores["synthetic"]["accuracy"] <= CHANCE_BOUND
 
 
-def test_every_image_configuration_trains_for_the_same_number_of_steps(monkeypatch):
-    """A synthetic set a third the size of the real one must not get a third of the steps."""
-    import fedgen.audits.utility as utility
-
-    seen = {}
-
-    def recording(images, labels, *, trained_on, epochs, batch_size, **kwargs):
-        seen[trained_on] = epochs * -(-len(labels) // batch_size)
-        return train_feature_net(images, labels, trained_on=trained_on, epochs=epochs, batch_size=batch_size, **kwargs)
-
-    monkeypatch.setattr(utility, "train_feature_net", recording)
-    train, test = bright_dark(192, seed=1), bright_dark(40, seed=2)
-    image_utility(train, test, bright_dark(64, seed=3), class_names=CLASSES, steps=12)
-    assert len(seen) == 4
-    for steps in seen.values():  # whole epochs: at least the budget, less than one epoch over it
-        assert 12 <= steps < 12 + 4
+def test_every_configuration_records_its_training_and_the_reference_scores_real_and_synthetic():
+    train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
+    result = image_utility(train, test, train, class_names=CLASSES, max_steps=STEPS)
+    for scores in result["configurations"].values():
+        assert 0 < scores["training"]["kept_step"] <= scores["training"]["steps"] <= STEPS
+        assert scores["training"]["n_validation"] > 0
+    reference = result["reference"]
+    assert set(reference["configurations"]) == {"real", "synthetic"}
+    assert reference["configurations"]["real"]["accuracy"] >= 0.95
+    assert reference["configurations"]["real"]["no_information_rate"] == 0.5
 
 
 def test_image_utility_trains_only_the_configurations_asked_for():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
-    result = image_utility(train, test, train, class_names=CLASSES, steps=2, configurations=("real", "synthetic"))
-    assert set(result["configurations"]) == {"real", "synthetic"}
+    result = image_utility(train, test, train, class_names=CLASSES, max_steps=2, configurations=("synthetic",))
+    assert set(result["configurations"]) == set(result["reference"]["configurations"]) == {"synthetic"}
 
 
 def test_image_utility_refuses_mismatched_synthetic_images():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
     wrong = (torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
     with pytest.raises(FedgenError, match=r"\(3, 16, 16\)"):
-        image_utility(train, test, wrong, class_names=CLASSES, steps=1)
+        image_utility(train, test, wrong, class_names=CLASSES, max_steps=1)
 
 
 def test_utility_refuses_a_held_out_split_below_the_aggregate_minimum():
     train, test = bright_dark(60, seed=1), bright_dark(8, seed=2)
     with pytest.raises(FedgenError, match="held-out split"):
-        image_utility(train, test, train, class_names=CLASSES, steps=1)
+        image_utility(train, test, train, class_names=CLASSES, max_steps=1)
 
 
 def test_smote_balances_to_the_largest_class_and_leaves_singletons():
@@ -120,6 +116,7 @@ def site_result(accuracy: float, n_test: int, f1_normal: float, support: int) ->
         "macro_f1": accuracy,
         "per_class_f1": {"Normal": f1_normal},
         "per_class_support": {"Normal": support},
+        "no_information_rate": 0.5,
         "n_test": n_test,
     }
     return {"classifier": "c", "configurations": dict.fromkeys(CONFIGURATIONS, scores)}
@@ -132,3 +129,82 @@ def test_pool_utility_weights_sites_by_held_out_size():
     assert real["n_test"] == 125
     assert real["per_class_f1"]["Normal"] == pytest.approx(10 / 40)
     assert pooled["sites"] == 2
+
+
+# --------------------------------------------------------------------------- the utility check
+
+
+QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+def quadrants(n: int, *, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes, each with one bright quadrant, with pixel noise. (With two classes that
+    differ only in brightness, an untrained net's arbitrary split of brightness is as likely
+    to be right as wrong: a set that teaches nothing could score perfectly.)"""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.full((n, 1, size, size), -0.6)
+    half = size // 2
+    for i, label in enumerate(labels.tolist()):
+        row, col = divmod(label, 2)
+        images[i, :, row * half : (row + 1) * half, col * half : (col + 1) * half] = 0.6
+    return (images + 0.3 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), labels
+
+
+def utility_checks(real_train, test, synthetic) -> dict:
+    """The gate's utility checks on one site's image utility, pooled as the audit pools it."""
+    utility = image_utility(
+        real_train, test, synthetic, class_names=QUADRANTS, max_steps=STEPS, configurations=("real", "synthetic")
+    )
+    report = {"utility": {"image": _utility([{"site": "site-1", "utility": utility}])}}
+    return {c["name"]: c for c in _utility_checks(report, "image", load_policy().utility)}
+
+
+MAIN, REFERENCE = "utility.image.synthetic_to_real_ratio", "utility.image.reference.synthetic_to_real_ratio"
+
+
+def test_the_utility_check_passes_a_copy_of_real_training_images_of_the_right_classes():
+    train, test = quadrants(80, seed=1), quadrants(40, seed=2)
+    checks = utility_checks(train, test, quadrants(80, seed=3))
+    assert checks[MAIN]["passed"] and checks[MAIN]["value"] >= 0.9
+    assert checks[REFERENCE]["passed"] and checks[REFERENCE]["value"] >= 0.9
+
+
+def test_the_utility_check_refuses_noise_images():
+    train, test = quadrants(80, seed=1), quadrants(40, seed=2)
+    g = torch.Generator().manual_seed(3)
+    noise = (torch.rand(80, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 4, (80,), generator=g))
+    checks = utility_checks(train, test, noise)
+    assert not checks[MAIN]["passed"] and checks[MAIN]["value"] <= 0.4
+    assert not checks[REFERENCE]["passed"]
+
+
+def test_the_utility_check_refuses_real_images_with_shuffled_labels():
+    train, test = quadrants(80, seed=1), quadrants(40, seed=2)
+    images, labels = quadrants(80, seed=3)
+    shuffled = labels[torch.randperm(80, generator=torch.Generator().manual_seed(4))]
+    checks = utility_checks(train, test, (images, shuffled))
+    assert not checks[MAIN]["passed"] and checks[MAIN]["value"] < 0.5
+    assert not checks[REFERENCE]["passed"]
+
+
+def test_a_real_trained_classifier_at_chance_refuses_to_score_utility_and_says_why():
+    """Real training labels that carry nothing: whatever the synthetic set, no ratio is scored."""
+    images, labels = quadrants(80, seed=1)
+    shuffled = labels[torch.randperm(80, generator=torch.Generator().manual_seed(5))]
+    checks = utility_checks((images, shuffled), quadrants(40, seed=2), quadrants(80, seed=3))
+    main = checks[MAIN]
+    assert not main["passed"] and main["value"] is None
+    assert "not clearly better than the 0.250 of always guessing" in main["detail"]
+    assert checks[REFERENCE]["passed"] and "not applied" in checks[REFERENCE]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "n_test", "rate", "competent"),
+    [(0.52, 241, 0.38, False), (0.9, 241, 0.38, True), (0.75, 40, 0.5, False), (1.0, 40, 0.5, True)],
+)
+def test_competence_asks_for_a_lower_bound_a_quarter_of_the_way_from_chance_to_perfect(accuracy, n_test, rate, competent):
+    result = competence({"accuracy": accuracy, "n_test": n_test, "no_information_rate": rate})
+    assert result["required"] == pytest.approx(rate + 0.25 * (1 - rate))
+    assert result["accuracy_lower_bound"] < accuracy
+    assert result["competent"] is competent
