@@ -47,6 +47,7 @@ from fedgen.audits.utility import competence, pool_utility
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
 from fedgen.pretrain import PROVENANCE_NAME
+from fedgen.privacy.dp_sgd import noise_source
 from fedgen.privacy.ledger import PrivacyLedger
 
 __all__ = ["HISTOGRAM_BINS", "shared_edges", "assemble_report", "trained_sites"]
@@ -140,7 +141,13 @@ def _privacy(run: RunDir, config: RunConfig, budgets: dict[str, float]) -> dict:
             "modalities": modalities,
         }
     epsilons = [s["epsilon"] for s in sites.values()]
-    section = {"accountant": config.privacy.accountant, "sites": sites, "epsilon_max": max(epsilons) if epsilons else None}
+    section = {
+        "accountant": config.privacy.accountant,
+        "secure_noise": config.privacy.secure_mode,
+        "noise": noise_source(config.privacy.secure_mode),
+        "sites": sites,
+        "epsilon_max": max(epsilons) if epsilons else None,
+    }
     if not epsilons:
         section["note"] = "the ledger holds no training round"
     return section

@@ -165,6 +165,7 @@ def _privacy_section(report: dict) -> dict:
     return {
         "epsilon_max": _number(privacy.get("epsilon_max")),
         "accountant": privacy.get("accountant"),
+        "noise": privacy.get("noise"),
         "modalities": modalities,
         "rows": rows,
         "plot": _epsilon_plot(sites),

@@ -112,6 +112,7 @@ def train_site(
         delta=plan.delta,
         history=history,
         accountant=account.accountant,
+        secure_mode=config.privacy.secure_mode,
         noise_multiplicity=getattr(section, "noise_multiplicity", 1),
         grad_sample_mode=section.grad_sample_mode,
         max_physical_batch_size=section.max_physical_batch_size,

@@ -160,6 +160,10 @@ class PrivacyConfig(_Section):
     # How a site's budget is shared by its modalities when both train on the same people: the
     # noise of each is set as if it had its share alone, then all are scaled to spend the budget.
     split: dict[str, float] = Field(default_factory=lambda: {"image": 0.5, "text": 0.5})
+    # Opacus' secure_mode: DP noise and Poisson batches from a cryptographically secure generator
+    # (torchcsprng, /dev/urandom), each noise value the sum of four Gaussian draws against
+    # floating-point attacks. Needs torchcsprng, which has no build for torch 2.x.
+    secure_mode: bool = False
 
     @field_validator("split")
     @classmethod

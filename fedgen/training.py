@@ -19,8 +19,8 @@ clipped gradient and the accounting is that of K = 1.
 Randomness: batch sampling and DP noise must be unpredictable to whoever sees the updates
 (a known noise seed lets the noise be subtracted; known batches void subsampling
 amplification). They are seeded from the OS's entropy unless ``seed`` is given — for tests
-and benchmarks only. Opacus' ``secure_mode`` (torchcsprng, floating-point-attack-safe
-noise) is not used.
+and benchmarks only. ``secure_mode`` turns on Opacus' own instead (torchcsprng's /dev/urandom
+generator, noise drawn to resist floating-point attacks); it needs torchcsprng installed.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def train_local(
     delta: float,
     history: Sequence[HistoryEntry] = (),
     accountant: str = "rdp",
+    secure_mode: bool = False,
     noise_multiplicity: int = 1,
     grad_sample_mode: str = "hooks",
     seed: int | None = None,
@@ -87,7 +88,8 @@ def train_local(
     a number runs DP-SGD with that σ (0 is allowed for tests: clipping without noise, ε = inf).
     ``per_example_loss(model, batch)`` returns one loss per batch row; ``batch`` is the
     dataset's tuple of tensors, each with rows repeated ``noise_multiplicity`` times.
-    ``accountant`` ("rdp" or "prv") composes ``history`` and this round into ``epsilon``.
+    ``accountant`` ("rdp" or "prv") composes ``history`` and this round into ``epsilon``;
+    ``secure_mode`` draws DP noise and batches from Opacus' secure generator (torchcsprng).
     ``max_physical_batch_size`` splits DP's logical (Poisson) batches to bound memory.
     ``progress(step, loss)`` is called after each optimizer step, before gradients are
     cleared, with the step's mean per-row loss (nan for an empty Poisson batch).
@@ -133,6 +135,7 @@ def train_local(
                 grad_sample_mode=grad_sample_mode,
                 noise_generator=noise_generator,
                 max_physical_batch_size=max_physical_batch_size,
+                secure_mode=secure_mode,
             ) as dp:
                 loss_sum, rows, steps = run_epochs(
                     dp.batches, dp.optimizer, dp.backward, params=params, epochs=epochs,

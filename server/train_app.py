@@ -21,6 +21,7 @@ from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
 from fedgen.modalities import Modality, get_modality
 from fedgen.models.diffusion import update_ema
+from fedgen.privacy.dp_sgd import noise_source
 from fedgen.privacy.ledger import PrivacyLedger
 from fedgen.protocol import RUN_DIR_KEY
 from fedgen.server.secagg import start_secagg
@@ -119,6 +120,8 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
     strategy.round_offset = done
     resumed = f", resuming after round {done}" if done else ""
     console.rule(f"{modality_name} federation: {planned} rounds, {config.federation.strategy}{resumed}")
+    if config.privacy.enabled:
+        console.print(f"  DP noise: {noise_source(config.privacy.secure_mode)}; ε by Opacus' {config.privacy.accountant.upper()} accountant")
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal ema

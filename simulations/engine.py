@@ -20,6 +20,7 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.logs import quiet_libraries
 from fedgen.modalities import TextModality
+from fedgen.privacy.dp_sgd import check_secure_mode
 from fedgen.server.train_app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites", "run_audit"]
@@ -36,6 +37,7 @@ def check_sites(config: RunConfig, site_dirs: Sequence[Path]) -> None:
     """
     if not site_dirs:
         raise FedgenError("no sites to simulate")
+    check_secure_mode(config.privacy.secure_mode)
     for root in site_dirs:
         site = load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
         if "text" in config.modalities:

@@ -495,3 +495,19 @@ def test_fedprox_pull_keeps_weights_nearer_the_round_start():
         eps = result.epsilon
     assert drifts[5.0] < 0.8 * drifts[0.0]
     assert eps == pytest.approx(epsilon_from_history([(1.0, result.sample_rate, result.steps)], delta=1e-5))
+
+
+def test_noise_source_is_stated_not_warned_and_secure_mode_needs_torchcsprng():
+    import importlib.util
+    import warnings
+
+    from fedgen.privacy.dp_sgd import noise_source
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(_mlp(), _regression_data(20))
+    assert not [w for w in caught if "Secure RNG" in str(w.message)]
+    assert "NOT a cryptographically secure generator" in noise_source(False)
+    assert importlib.util.find_spec("torchcsprng") is None  # the installed stack: no secure mode
+    with pytest.raises(FedgenError, match=r"privacy.secure_mode needs torchcsprng, which is not installed"):
+        _train(_mlp(), _regression_data(20), secure_mode=True)

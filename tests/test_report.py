@@ -19,6 +19,7 @@ from fedgen.cli import app
 from fedgen.config import RunConfig
 from fedgen.manifest import synthetic_manifest
 from fedgen.models.diffusion import contact_sheet
+from fedgen.privacy.dp_sgd import noise_source
 from tests.test_gate import default_policy_text, example_report
 
 DECISION_RED = (0xB4, 0x23, 0x18)  # the refused decision box's background in the template
@@ -83,12 +84,14 @@ def test_a_passing_report_says_pass(tmp_path, policy):
 def test_the_privacy_table_gives_each_sites_total_first_and_says_different_people(tmp_path, policy):
     report = example_report()
     report["privacy"]["accountant"] = "prv"
+    report["privacy"]["noise"] = noise_source(False)
     report["privacy"]["sites"]["site-2"]["composition"] = "different people"
     report["gate"] = evaluate_gate(report, policy)
     _, html_path = write_report(tmp_path / "audit", report)
     html = html_path.read_text()
     section = html[html.index("1. Privacy guarantee"):html.index("2. ")]
     assert "Opacus' <b>PRV</b> accountant" in section
+    assert "Mersenne Twister" in section and "NOT a cryptographically secure generator" in section
     site_two = section[section.index("<td>site-2</td>"):]
     site_two = site_two[:site_two.index("</tr>")]
     cells = re.findall(r"<td[^>]*>(.*?)</td>", site_two)

@@ -10,6 +10,7 @@ norm sampler. The loop itself is fedgen.training's, with or without DP.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from fedgen.errors import FedgenError
 from fedgen.privacy.accounting import HistoryEntry
 from fedgen.privacy.conv_samplers import (  # importing registers the Conv2d samplers
     without_summed_conv_grads,
@@ -29,6 +31,8 @@ from fedgen.privacy.per_example_grads import per_example_grads
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
+    "noise_source",
+    "check_secure_mode",
     "PerExampleLoss",
     "BatchBackward",
     "PrivateRound",
@@ -45,7 +49,9 @@ PerExampleLoss = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
 #          conv_samplers).
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
-# Warnings Opacus raises on every round that fedgen has already handled (see module docstring).
+# Warnings Opacus raises on every round that fedgen has already handled (see module docstring);
+# whether the noise came from a secure generator is stated in the run's output and report instead
+# (noise_source).
 _KNOWN_OPACUS_WARNINGS = (
     "Secure RNG turned off",
     "Full backward hook is firing when gradients are computed with respect to module outputs",
@@ -53,6 +59,28 @@ _KNOWN_OPACUS_WARNINGS = (
 # Attributes Opacus leaves behind after ``cleanup()``.
 _OPACUS_PARAM_LEFTOVERS = ("summed_grad",)
 _OPACUS_MODULE_LEFTOVERS = ("activations", "max_batch_len")
+
+
+def noise_source(secure_mode: bool) -> str:
+    """Where the DP noise and the Poisson batches come from, in one sentence."""
+    if secure_mode:
+        return (
+            "a cryptographically secure generator (Opacus secure_mode: torchcsprng reading /dev/urandom), "
+            "the noise drawn to resist floating-point attacks"
+        )
+    return (
+        "torch's Mersenne Twister, seeded from the operating system's entropy every round: NOT a "
+        "cryptographically secure generator (privacy.secure_mode = false)"
+    )
+
+
+def check_secure_mode(secure_mode: bool) -> None:
+    """Opacus' secure_mode needs torchcsprng; without it, one line instead of Opacus' ImportError."""
+    if secure_mode and importlib.util.find_spec("torchcsprng") is None:
+        raise FedgenError(
+            f"privacy.secure_mode needs torchcsprng, which is not installed (its last release supports "
+            f"torch 1.x, this is torch {torch.__version__}); set privacy.secure_mode = false"
+        )
 
 
 @dataclass
@@ -86,12 +114,18 @@ def private_round(
     grad_sample_mode: str,
     noise_generator: torch.Generator,
     max_physical_batch_size: int | None,
+    secure_mode: bool = False,
 ) -> Iterator[PrivateRound]:
-    """Opacus attached to ``model`` for one round of DP-SGD; detached again when it ends."""
+    """Opacus attached to ``model`` for one round of DP-SGD; detached again when it ends.
+
+    ``secure_mode`` is Opacus' own: its secure generator replaces ``noise_generator``.
+    """
+    check_secure_mode(secure_mode)
     ghost = grad_sample_mode == "ghost"
     modules_before = {id(m) for m in model.modules() if _has_any(m, _OPACUS_MODULE_LEFTOVERS)}
     with _quiet_known_opacus_warnings():
-        engine = PrivacyEngine(accountant="rdp")
+        # Only the (σ, q, steps) history of Opacus' accountant is used (fedgen.privacy.accounting).
+        engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
         attached = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -102,7 +136,7 @@ def private_round(
             loss_reduction="mean",
             poisson_sampling=True,
             clipping="flat",
-            noise_generator=noise_generator,
+            noise_generator=None if secure_mode else noise_generator,
             # hooks mode: Opacus' optimizer on the gradients per_example_grads sets
             grad_sample_mode="ghost" if ghost else "no_op",
             wrap_model=False,  # hooks on the caller's module: no `_module.` wrapper
