@@ -194,3 +194,7 @@ def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recompute
     snippet = result.output[result.output.index("import sqlite3"):]
     printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
     assert float(printed) == pytest.approx(rows[-1].site_epsilon, rel=1e-6)
+    site_side = CliRunner().invoke(app, ["ledger", str(ledger.path)])  # a ledger file, e.g. a site's own
+    assert site_side.exit_code == 0 and line in site_side.output
+    empty = CliRunner().invoke(app, ["ledger", str(RunDir.create(tmp_path / "runs", config, "r2").root)])
+    assert empty.exit_code == 1 and "holds no update yet" in empty.output

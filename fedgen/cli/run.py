@@ -160,19 +160,21 @@ def generate(
     console.print(f"wrote {out}")
 
 
-def ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>).")]) -> None:
+def ledger(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>), or a ledger.sqlite (a site's own: SITE_DIR/.fedgen/runs/*/ledger.sqlite).")],
+) -> None:
     """Each site's ε as recorded and as recomputed from the ledger's (σ, q, steps) rows alone,
     and the Python that recomputes it with Opacus without fedgen."""
     from fedgen.artifacts import RunDir
     from fedgen.privacy.ledger import PrivacyLedger, recompute_site_epsilon, recompute_snippet
     from fedgen.privacy.plan import SAME_PEOPLE
 
-    run = RunDir.open(run_dir)
-    book = PrivacyLedger(run.ledger_path)
+    path = run_dir if run_dir.is_file() else RunDir.open(run_dir).ledger_path
+    book = PrivacyLedger(path)
     sites = {site: book.entries(site=site) for site in book.sites()}
     if not sites:
-        raise FedgenError(f"{run.ledger_path} holds no update yet")
-    typer.echo(f"{run.ledger_path}: one row per update a site released (lost = its reply never arrived)")
+        raise FedgenError(f"{path} holds no update yet")
+    typer.echo(f"{path}: one row per update a site released (lost = its reply never arrived)")
     typer.echo(f"{'site':<14}{'updates':>8}{'lost':>6}  {'accountant':<11}{'records of the models':<23}{'δ':<10}{'recorded ε':>11}{'recomputed ε':>14}")
     for site, rows in sites.items():
         reported = [r for r in rows if not r.lost]
@@ -186,4 +188,4 @@ def ledger(run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run
         f"\nRecompute a site's ε with Opacus alone ({SAME_PEOPLE}: every row of the site in one accountant; "
         "different people: one accountant per modality, the largest ε), e.g. for " + site + ":"
     )
-    typer.echo(recompute_snippet(run.ledger_path.resolve(), site, delta=rows[-1].delta, accountant=rows[-1].accountant))
+    typer.echo(recompute_snippet(path.resolve(), site, delta=rows[-1].delta, accountant=rows[-1].accountant))
