@@ -56,7 +56,9 @@ ARCHITECTURE_KEYS = (
 )
 
 # Checkpoints installed with fedgen (fedgen/checkpoints/<name>/), each with the record it is
-# checked against on every load.
+# checked against on every load: {"weights_sha256": hex digest of the weights file,
+# "image_config": its ARCHITECTURE_KEYS, "classes": names in class-embedding order, "labelled":
+# bool, "recipe": the command that made it}. The recipe prints the record of what it made.
 SHIPPED: dict[str, dict] = {}
 
 
