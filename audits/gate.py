@@ -9,14 +9,22 @@ The accountant's ε is a guarantee, the attacks are measurements; both are check
 check ties them together: an attack's empirical ε lower bound above the accountant's ε would
 mean the DP training is broken, so it refuses the release too.
 
-Attack figures are measured on a few hundred examples, where guessing alone can exceed a
-policy's limit (at 123 held-out records a 1% FPR is one record). So an attack's AUC or TPR at 1%
-FPR fails its check only above the larger of the policy's limit and what a guessing attack
-reaches at the run's counts (``audits.mia.chance_*_bound``) with the policy's
-``chance_confidence``, shared by all those checks together (Bonferroni: a run is audited by
-several attacks, and each extra check would otherwise add its own chance of refusing a model
-that leaks nothing). A check decided by the chance bound says so: the sample was too small to
-show the attack stays within the policy's limit.
+Attack figures are measured on a few hundred examples, where sampling noise alone can exceed a
+policy's limit. So an attack figure fails its check only above the larger of the policy's limit
+and what an attack within the limit reaches at the run's counts (``audits.mia``), with the
+policy's ``chance_confidence`` shared by all those checks together (Bonferroni: a run is audited
+by several attacks, and each extra check would otherwise add its own chance of refusing a model
+within the policy):
+
+- AUC: what an attack that only guesses reaches (``chance_auc_bound``);
+- TPR at 1% FPR: what an attack whose TPR at 1% FPR is exactly the policy's limit reaches
+  (``limit_tpr_bound``). With 123 held-out records the "1% FPR" threshold is the second-highest
+  held-out score, whose true FPR is often 2-5%: an attack with a weak signal that the policy
+  allows then measures far above the limit. Refusing only above this bound refuses only what
+  the counts show to exceed the limit, and the bound shrinks to the limit as records grow.
+
+A check decided by such a bound says so: the sample was too small to show the attack stays
+within the policy's limit.
 """
 
 from __future__ import annotations
@@ -260,39 +268,41 @@ def _attack_figures(report: dict, modalities: list[str]) -> int:
     return max(len(MEMBERSHIP_FIGURES) * sum(len(a) for a in attacks), 1)
 
 
-def _chance_bound(figure: str, summary: dict, confidence: float) -> float | None:
-    """What a guessing attack stays at or below at the summary's counts (None: counts unknown)."""
-    from fedgen.audits.mia import chance_auc_bound, chance_tpr_bound  # scipy: only when attacks are checked
+def _sample_bound(figure: str, summary: dict, threshold: float, confidence: float) -> float | None:
+    """What an attack within ``threshold`` stays at or below at the summary's counts (None:
+    counts unknown): one that only guesses for the AUC, one exactly at the limit for the TPR."""
+    from fedgen.audits.mia import chance_auc_bound, limit_tpr_bound  # scipy: only when attacks are checked
 
     n_members, n_nonmembers = summary.get("n_members"), summary.get("n_nonmembers")
     if not (_is_number(n_members) and _is_number(n_nonmembers) and n_members > 0 and n_nonmembers > 0):
         return None
     if figure == "auc":
         return chance_auc_bound(int(n_members), int(n_nonmembers), confidence=confidence)
-    return chance_tpr_bound(int(n_members), int(n_nonmembers), level=FPR_1PCT, confidence=confidence)
+    return limit_tpr_bound(int(n_members), int(n_nonmembers), level=FPR_1PCT, limit=threshold, confidence=confidence)
 
 
 def _attack_check(name: str, what: str, summary: dict, figure: str, threshold: float, *, confidence: float, note: str | None) -> dict:
-    """An attack figure held to max(policy limit, chance bound), saying which bound applied.
+    """An attack figure held to max(policy limit, sample bound), saying which bound applied.
 
     Extra keys: ``bound`` (the limit applied), ``bound_source`` ("policy" or "chance"),
     ``chance_bound`` and ``chance_confidence`` (this check's share of the family's confidence).
     """
     value = summary.get(figure)
-    chance = _chance_bound(figure, summary, confidence)
+    chance = _sample_bound(figure, summary, threshold, confidence)
     if not _is_number(value) or chance is None:
         return _bound(name, what, value, threshold, at_most=True, note=note)
     small = chance > threshold
     bound = chance if small else threshold
     counts = f"{summary['n_members']} training and {summary['n_nonmembers']} held-out records"
+    within = "an attack that only guesses" if figure == "auc" else f"an attack exactly at the limit {_fmt(threshold)}"
     if small:
         detail = (
-            f"{what} = {_fmt(value)}; the policy's limit is {_fmt(threshold)}, but with {counts} an attack "
-            f"that only guesses reaches up to {_fmt(chance)} ({100 * confidence:.3g}% confidence), so only a value "
+            f"{what} = {_fmt(value)}; the policy's limit is {_fmt(threshold)}, but with {counts} {within} "
+            f"reaches up to {_fmt(chance)} ({100 * confidence:.3g}% confidence), so only a value "
             f"above {_fmt(chance)} is refused: the sample is too small to show the attack stays within {_fmt(threshold)}"
         )
     else:
-        detail = f"{what} = {_fmt(value)} (must be ≤ {_fmt(threshold)}; guessing reaches up to {_fmt(chance)} with {counts})"
+        detail = f"{what} = {_fmt(value)} (must be ≤ {_fmt(threshold)}; {within} reaches up to {_fmt(chance)} with {counts})"
     check = _check(name, bool(value <= bound), value, detail, threshold)
     return check | {"bound": bound, "bound_source": "chance" if small else "policy", "chance_bound": chance, "chance_confidence": confidence}
 

@@ -19,6 +19,7 @@ Attacks:
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.stats import nhypergeom, norm
+from scipy.stats import beta, binom, norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedgen.errors import FedgenError
@@ -38,7 +39,7 @@ __all__ = [
     "score_histogram",
     "metrics_from_histograms",
     "allowed_false_positives",
-    "chance_tpr_bound",
+    "limit_tpr_bound",
     "chance_auc_bound",
     "image_loss_scores",
     "image_pia_scores",
@@ -147,31 +148,58 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> A
     return _result_from_curve(fpr, tpr, auc, len(member_scores), len(nonmember_scores))
 
 
-# --- what guessing achieves ------------------------------------------------------------------
+# --- what sampling noise alone reaches --------------------------------------------------------
 #
-# An attack without any membership signal scores members and non-members alike: ranking all
-# scores is then a uniformly random order. These bounds are what such an attack stays at or
-# below with probability ``confidence`` at given counts — with few examples, guessing alone
-# reaches figures that look like leakage.
+# An attack figure measured on a few hundred examples is noisy. These bounds are what an attack
+# within a limit stays at or below with probability ``confidence`` at given counts: for the AUC,
+# an attack without any membership signal (the ranking is then a uniformly random order); for
+# the TPR at a low FPR, an attack whose TPR at that FPR is exactly the limit.
+
+# Gauss-Legendre nodes on [-1, 1] for the integral over the threshold's true FPR.
+_QUADRATURE = np.polynomial.legendre.leggauss(256)
 
 
-def chance_tpr_bound(n_members: int, n_nonmembers: int, *, level: float, confidence: float) -> float:
-    """The TPR at FPR ≤ ``level`` that a guessing attack stays at or below with probability
-    at least ``confidence`` (exact).
+@functools.cache  # the gate asks for the same counts once per attack figure
+def limit_tpr_bound(n_members: int, n_nonmembers: int, *, level: float, limit: float, confidence: float) -> float:
+    """The TPR at FPR ≤ ``level`` that an attack whose true TPR at FPR ``level`` is ``limit``
+    stays at or below with probability at least ``confidence``, at these counts.
 
-    The TPR at FPR ≤ level counts the members ranked above the (k+1)-th highest non-member, where
-    k = ``allowed_false_positives``. In a random order that count is negative hypergeometric: the
-    members drawn before the (k+1)-th non-member, drawing without replacement from all scores.
-    Histogram thresholds (``metrics_from_histograms``) can only find fewer, so the bound holds
-    for pooled figures too.
+    The measured figure counts the members above the (k+1)-th highest non-member score, k =
+    ``allowed_false_positives``. That threshold's true FPR U is the (k+1)-th largest of
+    n_nonmembers uniform draws, Beta(k+1, n_nonmembers-k): with 123 non-members (k = 1) it lies
+    above 3% one time in 9, so "1% FPR" measures the attack at several times that FPR. Given U,
+    the count is Binomial(n_members, ROC(U)). Any concave ROC through (level, limit) (a
+    likelihood-ratio attack's is concave) has ROC(u) ≤ limit for u ≤ level and ≤ limit·u/level
+    above; the count under that pointwise largest ROC bounds every such attack's. At limit =
+    level it is at or just above what an attack that only guesses reaches.
+    A non-concave ROC can only exceed the bound as a compliant attack: the error is then a
+    refusal, never a pass.
     """
     _check_counts(n_members, n_nonmembers)
     assert 0.0 < confidence < 1.0, f"confidence {confidence} is not in (0, 1)"
+    assert 0.0 < level < 1.0 and 0.0 <= limit <= 1.0, (level, limit)
     k = allowed_false_positives(n_nonmembers, level)
     if k >= n_nonmembers:  # every non-member may be accused: every member is found
         return 1.0
-    found = nhypergeom(n_members + n_nonmembers, n_members, k + 1).ppf(confidence)
-    return float(found) / n_members
+    if limit == 0.0:
+        return 0.0
+    threshold_fpr = beta(k + 1, n_nonmembers - k)
+    # In quantiles of U: ROC is `limit` below q_level, limit·u/level up to q_one, then 1.
+    q_level, q_one = threshold_fpr.cdf(level), threshold_fpr.cdf(min(1.0, level / limit))
+    nodes, weights = _QUADRATURE
+    q = q_level + (q_one - q_level) * (nodes + 1) / 2
+    roc = np.minimum(1.0, limit * threshold_fpr.ppf(q) / level)
+    weights = weights * (q_one - q_level) / 2
+
+    def above(found: int) -> float:  # P(count > found)
+        certain = (1.0 - q_one) * (found < n_members)
+        return q_level * binom.sf(found, n_members, limit) + float(weights @ binom.sf(found, n_members, roc)) + certain
+
+    low, high = -1, n_members  # above(n_members) = 0: find the fewest members with above() <= 1 - confidence
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if above(middle) <= 1.0 - confidence else (middle, high)
+    return high / n_members
 
 
 def chance_auc_bound(n_members: int, n_nonmembers: int, *, confidence: float) -> float:

@@ -210,7 +210,7 @@ def _limit(check: dict | None) -> str:
     if not check or check.get("bound") is None:
         return "not gated" if check is None else _number(check.get("threshold"))
     if check.get("bound_source") == "chance":
-        return f"{_number(check['bound'])} (guessing reaches this; too few examples for the policy's {_number(check['threshold'])})"
+        return f"{_number(check['bound'])} (an attack within the policy's {_number(check['threshold'])} reaches this with so few examples)"
     return f"{_number(check['bound'])} (policy)"
 
 
