@@ -10,7 +10,10 @@
   types of European languages ("straße", "vägen", "rue", "calle", "ulica", ...);
 - English words: the lower-case words of Webster's Second International (``english-words``,
   public domain), the "known word" of the Philter-style rule (a capitalised token that is not a
-  known word, next to a person or place cue, is PHI).
+  known word, next to a person or place cue, is PHI); and common words: Faker's en_US lorem
+  list (about a thousand everyday words) with months and weekdays. Webster's holds many rare
+  words that are also places ("Roanoke") or names; a place-list entry after a place cue is a
+  place unless it is a common word ("at Home", "in Time").
 
 Everything is built once per process and held in a frozen ``Lexicon``; building takes seconds,
 so the result is also kept in ``$XDG_CACHE_HOME/fedgen`` (default ``~/.cache/fedgen``), named by
@@ -89,6 +92,7 @@ class Lexicon:
     street_types: frozenset[str]
     fused_street_suffixes: tuple[str, ...]
     english_words: frozenset[str]
+    common_words: frozenset[str]
 
     def is_name(self, folded: str) -> bool:
         return folded in self.first_names or folded in self.last_names
@@ -193,6 +197,14 @@ def _english_words() -> set[str]:
     return words | {fold(w) for w in MODERN_WORDS}
 
 
+def _common_words() -> set[str]:
+    from faker.providers.lorem.en_US import Provider
+
+    calendar = ["january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+                "november", "december", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]  # fmt: skip
+    return {fold(w) for w in [*Provider.word_list, *MODERN_WORDS, *calendar]}
+
+
 def _cache_path() -> Path:
     versions = [metadata.version(package) for package in SOURCES]
     content = json.dumps([versions, Path(__file__).read_bytes().hex()]).encode()
@@ -241,4 +253,5 @@ def build_lexicon() -> Lexicon:
         street_types=frozenset(street_types),
         fused_street_suffixes=tuple(sorted({s.casefold() for s in FUSED_STREET_SUFFIXES} | {fold(s) for s in FUSED_STREET_SUFFIXES}, key=len, reverse=True)),
         english_words=frozenset(_english_words()),
+        common_words=frozenset(_common_words()),
     )

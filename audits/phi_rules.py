@@ -54,6 +54,11 @@ PERSON_CUES = TITLES | {
     "colleague", "fiancé", "fiance", "fiancée", "girlfriend", "boyfriend", "child", "kid", "baby", "am",
     "i'm", "im", "ask", "for", "tell", "meet", "and", "to", "from", "hi", "hello", "thanks", "thank",
 }  # fmt: skip
+# Person cues that are also everyday function words: a run after one of them needs a known name
+# or a token that is not an English word; after any other person cue (a title, a relation, a
+# role) one token that is not an English word is enough ("subscriber Arner Haukland").
+FUNCTION_PERSON_CUES = {"by", "per", "with", "for", "and", "to", "from", "am", "i'm", "im", "ask", "tell", "meet",
+                        "hi", "hello", "thanks", "thank"}  # fmt: skip
 # Cue words that also precede plain capitalised words often: they qualify only known names or
 # tokens that are not English words (as every cue does), never an English word alone.
 PLACE_CUES = {"in", "from", "to", "near", "at", "of", "visiting", "towards", "outside", "around"}
@@ -70,6 +75,9 @@ PERSON_CUES_AFTER = {
     "felt", "lives", "lived", "works", "worked", "died", "visited", "declined", "refused", "consented",
     "walked", "smokes", "drinks", "admits", "admitted", "endorses", "endorsed", "wants", "wishes", "asked",
 }  # fmt: skip
+# Verbs whose subject is a known name more often than anything else: "Ava is very reliable".
+NAME_CUES_AFTER = {"is", "was", "has", "had", "will", "would", "can", "explained", "told", "wrote", "added", "noted",
+                   "recalled", "confirmed", "mentioned", "replied", "emailed", "phoned", "texted", "gave"}  # fmt: skip
 MAX_RUN = 5
 MIN_CITY_CHARS = 3  # "Tel", "Ely": a city this short is a place only after a place cue
 # A proper noun right before one of these names a test, scale or disease, not a person or place:
@@ -166,14 +174,19 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         city = whole in lex.cities
         if title_before:  # "Dr. Wynn", "Mrs. Baker": whatever is capitalised after a title
             return "PERSON", CUE_SCORE
-        if cue in PLACE_CUES and (city or not any(names)) and (unknown_or_name or city and not all(known)):
+        common = all(f in lex.common_words for f in folded)
+        if cue in PLACE_CUES and (city or not any(names)) and (unknown_or_name or city and not (all(known) and common)):
             return "LOCATION", CUE_SCORE
         if cue in PLACE_CUES and any(names) and not all(known) and not city:  # "the transfer of Ava"
             return "PERSON", CUE_SCORE
         if cue in PERSON_CUES and (unknown_or_name or first_is_name and cue not in PLACE_CUES):
             return "PERSON", CUE_SCORE
-        if cue_after in PERSON_CUES_AFTER and unknown_or_name and not city:
+        if cue in PERSON_CUES - FUNCTION_PERSON_CUES and not all(known):
             return "PERSON", CUE_SCORE
+        if cue_after in PERSON_CUES_AFTER and unknown_or_name and (not city or any(names)):  # "Florence reports"
+            return "PERSON", CUE_SCORE
+        if cue_after in NAME_CUES_AFTER and any(names) and unknown_or_name and not city:
+            return "PERSON", GAZETTEER_SCORE
         if city and not all(known) and not any(names) and len(whole) > MIN_CITY_CHARS:
             return "LOCATION", GAZETTEER_SCORE
         if len(folded) >= 2 and any(names) and unknown_or_name:
@@ -199,6 +212,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
     def _name_end(self, doc, start: int, end: int) -> int:
         """``end`` without trailing English words that are not names ("Maria Lopez Patient")."""
         lex = self.lexicon
+        if end - start == 2 and fold(doc[start].text) in lex.first_names and _name_like(doc[start + 1]):
+            return end  # a first name and one more word: a surname that is also a word ("Isabel Head")
         while end - start > 1:
             token = doc[end - 1]
             word = fold(token.text)
@@ -390,6 +405,8 @@ _AGE = r"(?:9\d|1[0-2]\d)"
 AGE_PATTERNS = [
     Pattern("NN-year-old, NN y/o, NN yo", rf"\b{_AGE}(?=[ \t-]*(?:-|[ \t])?(?:years?|yrs?|y)[ \t-]*(?:-|[ \t])?(?:old|o\b|/o\b|\.o\.)|[ \t]?(?:yo|y/o|y\.o\.|yrs?|years)\b)", 0.7),
     Pattern("aged NN, age: NN", rf"(?<=\b(?:[Aa]ged?|AGE|[Aa]et\.?|[Aa]t[ \t]+age)[ \t]*[:=]?[ \t]*){_AGE}\b", 0.7),
+    # Set off by commas after a name or place: "Mr. Lasonder, 93, returned", "Resident of Skien, 91, lives".
+    Pattern("name, NN,", rf"(?<=\p{{L}}\.?,[ \t]){_AGE}(?=,)", 0.5),
     Pattern("in his/her 90s", r"\b(?:in[ \t]+(?:his|her|their)[ \t]+)(?:nineties|90s|100s)\b", 0.6),
 ]
 
@@ -402,6 +419,12 @@ PHONE_PATTERNS = [
     Pattern("North American", r"(?<![\w+-])(?:\(\d{3}\)[ ]?|\d{3}[-. ])\d{3}[-. ]\d{4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?\b", 0.5),
     # National: a leading 0 or area code in parentheses, then groups: "025 4263 0228", "(0)30 1234567".
     Pattern("national, trunk 0", r"(?<![\w+/.-])\(?0\d{1,4}\)?[ \t.\-/]?\d{2,4}(?:[ \t.\-]\d{2,4}){1,3}\b(?![/.-]\d)", 0.4),
+    # Shapes few other numbers take: an area code in parentheses, a trunk 0 and one long group,
+    # three groups of three, "3-2-3" and a country code with one-digit area ("372-4-3100-2994").
+    Pattern("(area) number", r"(?<![\w+])\(\d{2,5}\)[ \t.\-]?\d{3,4}(?:[ \t.\-]?\d{2,4}){0,2}\b", 0.4),
+    Pattern("trunk 0, one group", r"(?<![\w+/.-])0\d{2,4}[ \t\-/]\d{6,8}\b(?![/.-]\d)", 0.4),
+    Pattern("ddd ddd ddd, ddd dd ddd", r"(?<![\w+/.-])\d{3}([ .\-])(?:\d{3}|\d{2})\1\d{3}\b(?![/.-]\d)", 0.4),
+    Pattern("cc-d-dddd-dddd", r"(?<![\w+/.-])\d{1,3}([ .\-])\d{1,2}\1\d{3,4}\1\d{4}\b(?![/.-]\d)", 0.4),
     # Digit groups (two to five) only count next to a phone word.
     Pattern("digit groups (needs context)", r"(?<![\w+/.-])\d{2,4}(?:[ \t.\-]\d{2,4}){1,4}\b(?![/.-]\d)", 0.1),
     Pattern("7-12 digits (needs context)", r"(?<![\w+/.-])\d{7,12}\b(?![/.-]\d)", 0.15),
@@ -415,6 +438,17 @@ _NUMBER = r"\d{1,5}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?"
 _HOUSE = r"\d{1,4}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?(?!\d)"
 _UNIT = r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|Rm\.?|\#|Bus|Box|Whg\.?|Stock|piso|esc\.?|bte)[ \t]*[A-Za-z0-9\-]+)?"
 
+
+# Street types that start a street's name and are not everyday English words (not "via").
+NAME_FIRST_STREET_TYPES = ["rue", "avenida", "avda.", "boulevard", "bd", "bvd", "calle", "carrer", "rua", "travessa",
+                           "piazza", "piazzale", "viale", "corso", "ul.", "ulica", "al.", "aleja", "strada", "calea",
+                           "chemin", "impasse", "allée", "quai", "plac", "utca", "ulitsa", "prospekt"]  # fmt: skip
+# English types that end a street's name and are no everyday word when capitalised after one.
+NAME_LAST_STREET_TYPES = ["Street", "St.", "Road", "Rd.", "Avenue", "Ave.", "Boulevard", "Blvd.", "Lane", "Ln.",
+                          "Terrace", "Crescent", "Highway", "Hwy.", "Parkway", "Pkwy.", "Strasse", "Straße"]  # fmt: skip
+STREET_TYPE_FIRST_SCORE = 0.9  # above the NER's: "Avenida Tancredo Neves" is a street, not a person
+_CAP_WORD = r"\p{Lu}[\p{L}'’\-]*"  # a capitalised word, without a sentence's full stop
+_NAME_LINK = r"(?:de|da|do|dos|das|del|della|di|la|le|du|des|von|van|der|den|y)"
 
 ADDRESS_CUES = (
     r"address(?:es)?|addr\.?|lives?[ \t]+at|living[ \t]+at|resides?[ \t]+at|residing[ \t]+at|moved[ \t]+to|"
@@ -479,6 +513,10 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         Pattern("number, name+suffix", rf"\b{_NUMBER},?[ \t]+\p{{Lu}}[\p{{L}}\-]*(?i:{fused})(?![\p{{L}}])\.?{_UNIT}", 0.7),
         # A unit on its own ("Apt. 442", "Suite 824"), as on an address label's second line.
         Pattern("unit", r"\b(?:Apt\.?|Apartment|Suite|Ste\.|Unit|Flat)[ \t]*\#?[ \t]*\d{1,5}[A-Za-z]?\b", 0.5),
+        # A street named without its number: a type first ("on rue La Boétie", "ul. Kazimierza
+        # Wielkiego"), or an unambiguous English type after the name ("Quadra St.", "Kieler Strasse St.").
+        Pattern("type, name (no number)", rf"(?<![\p{{L}}.])(?i:{_alternation(NAME_FIRST_STREET_TYPES)})[ \t]+(?:{_NAME_LINK}[ \t]+){{0,2}}{_CAP_WORD}(?:[ \t]+(?:{_NAME_LINK}[ \t]+)?{_CAP_WORD}){{0,3}}", STREET_TYPE_FIRST_SCORE),
+        Pattern("name, type (no number)", rf"(?<![\p{{L}}]){_CAP_WORD}(?:[ \t]+{_CAP_WORD}){{0,3}}[ \t]+{_alternation(NAME_LAST_STREET_TYPES)}(?![\p{{L}}])", 0.5),
         Pattern("P.O. box", r"\b(?:P\.?[ \t]?O\.?[ \t]?Box|Postfach|Apartado|Caixa[ \t]Postal)[ \t]+\d{1,6}\b", 0.7),
         Pattern("APO/FPO military", r"\b(?:PSC|Unit|CMR)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{3,5}(?:,?[ \t]+|[ \t]*\n[ \t]*)(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}", 0.7),
     ]

@@ -66,6 +66,11 @@ def test_a_bare_year_is_not_a_date(analyzer):
         ("Callback number +81-3-5555-0199.", "+81-3-5555-0199"),
         ("Phone (415) 555-2671 for the pharmacy.", "(415) 555-2671"),
         ("Reach him on 020 7946 0321.", "020 7946 0321"),
+        ("Spoke with the ward at (2741)-6630 about it.", "(2741)-6630"),
+        ("Pharmacy is on 0651-4419273 until noon.", "0651-4419273"),
+        ("Spoke with his GP at 612 407 983 about the dose.", "612 407 983"),
+        ("Reached the son at 527 61 804 on the second try.", "527 61 804"),
+        ("Left a message at 358-4-2218-7730 for the family.", "358-4-2218-7730"),
     ],
 )
 def test_international_and_national_phones(analyzer, text, phone):
@@ -99,6 +104,35 @@ def test_addresses_of_many_countries(analyzer, text, pieces):
 
 def test_a_city_after_a_place_cue(analyzer):
     assert found(analyzer, "She grew up in Tromsø and moved here in 2010.") == [("LOCATION", "Tromsø")]
+    # A listed city that is also a rare English word, but not an everyday one.
+    assert found(analyzer, "Her brother drove over from Roanoke last week.") == [("LOCATION", "Roanoke")]
+    assert found(analyzer, "She was seen at Home in March, back to Work in Time for lunch.") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "street"),
+    [
+        ("The new clinic is on Avenida Tancredo Neves. Parking is free.", "Avenida Tancredo Neves"),
+        ("He lives on the east side of ul. Tadeusza Kościuszki now.", "ul. Tadeusza Kościuszki"),
+        ("Deliveries go to Pelham Road on weekdays.", "Pelham Road"),
+        ("Her flat faces rue de la Roquette, near the market.", "rue de la Roquette"),
+    ],
+)
+def test_a_street_named_without_its_number(analyzer, text, street):
+    assert ("STREET_ADDRESS", street) in found(analyzer, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("Member number on the card; subscriber Tarjei Fossheim. No acute distress.", "Tarjei Fossheim"),
+        ("She lives with her niece Marisol Head, who manages her tablets.", "Marisol Head"),
+        ("Ilkka presented with dizziness this morning.", "Ilkka"),
+        ("Dorotea is very reliable with the tablets.", "Dorotea"),
+    ],
+)
+def test_names_after_a_role_or_before_a_verb(analyzer, text, name):
+    assert ("PERSON", name) in found(analyzer, text)
 
 
 @pytest.mark.parametrize(
@@ -109,6 +143,8 @@ def test_a_city_after_a_place_cue(analyzer):
         ("103 y/o male, alert and oriented.", "103"),
         ("Age: 91. Allergies: none.", "91"),
         ("She is 95 years old and walks with a frame.", "95"),
+        ("Mrs. Okafor, 98, was seen at home.", "98"),
+        ("Resident of Tromsø, 101, lives alone.", "101"),
     ],
 )
 def test_ages_over_89(analyzer, text, age):
