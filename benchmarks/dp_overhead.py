@@ -43,7 +43,11 @@ def _dataset(modality, batch_size: int, steps: int):
     from fedgen.config import RunConfig
     from fedgen.modalities import get_modality
 
-    config = RunConfig()
+    # The tiny random Llama as this benchmark's figures were measured on (benchmarks/text_speed.py
+    # measures the default pretrained base).
+    config = RunConfig.model_validate(
+        {"text": {"base_model": "tiny-random-llama", "target_modules": ["q_proj", "v_proj", "lm_head"], "max_length": 640}}
+    )
     work = Path(tempfile.mkdtemp())
     task = get_modality(modality, config, work_dir=work)
     n = batch_size * steps
@@ -56,7 +60,7 @@ def _dataset(modality, batch_size: int, steps: int):
         gen = torch.Generator().manual_seed(0)
         texts = ["".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)]
         data = encode_examples(
-            task.tokenizer(), [("Anxiety", t) for t in texts], template=config.text.prompt_template, max_length=config.text.max_length
+            task.tokenizer(), [("Anxiety", t) for t in texts], prompts=task.prompts(), max_length=config.text.max_length
         )
     return task, data, getattr(config, modality)
 

@@ -32,10 +32,6 @@ from fedgen.site_progress import progress_path, progress_writer
 
 __all__ = ["make_client_app", "app", "site_ledger", "with_node_policy"]
 
-# One thread per simulated site: the simulation runs as many sites as there are cores.
-TORCH_THREADS = 1
-
-
 def site_path(context: Context, site_dirs: Sequence[str] | None) -> Path:
     if site_dirs is not None:
         return Path(site_dirs[int(context.node_config["partition-id"])])
@@ -105,9 +101,9 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
 
     @app.train(mods=[secagg_mod])  # SecAgg+ rounds (federation.secagg) mask the reply
     def train(msg: Message, context: Context) -> Message:
-        torch.set_num_threads(TORCH_THREADS)
         global_state, settings = train_inputs(msg.content)
         config = config_from_toml(str(settings["run-config"]))
+        torch.set_num_threads(config.federation.threads_per_site)
         modality_name = str(settings["modality"])
         root = site_path(context, site_dirs)
         # Every modality of the run: the site's budget and δ cover all of them.
@@ -149,7 +145,6 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         """Site-side audit (fedgen.clients.site_audit): aggregates of the site's own records only."""
         from fedgen.clients.site_audit import answer_query  # the audit libraries load only when audited
 
-        torch.set_num_threads(TORCH_THREADS)
         root = site_path(context, site_dirs)
         content = answer_query(msg.content, root, work_dir=root / SITE_STATE_DIR, state=context.state)
         return Message(content=content, reply_to=msg)

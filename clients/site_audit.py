@@ -63,6 +63,7 @@ def answer_query(
     """
     settings = content[CONFIG]
     config = config_from_toml(str(settings["run-config"]))
+    torch.set_num_threads(config.federation.threads_per_site)
     modality_name, query = str(settings["modality"]), str(settings["query"])
     # Every modality of the run: the site's budget and δ cover all of them (fedgen.privacy.plan).
     site = load_site(site_dir, config.data, modalities=tuple(config.modalities), channels=config.image.channels)

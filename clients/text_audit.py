@@ -61,7 +61,7 @@ def text_note_logprobs(model, dataset: TensorDataset) -> list[np.ndarray]:
     out = []
     for start in range(0, len(dataset), TEXT_SCORE_BATCH):
         input_ids, attention_mask, loss_mask = dataset[start : start + TEXT_SCORE_BATCH]
-        logprobs = token_logprobs(model, input_ids, attention_mask)
+        logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask)
         out += [row[mask.bool()].double().numpy() for row, mask in zip(logprobs, loss_mask)]
     return out
 
@@ -134,7 +134,7 @@ def _note_losses(model, modality: Modality, records: list[tuple[str, str]]) -> n
     dataset = encode_examples(
         modality.tokenizer(),
         records,
-        template=modality.config.text.prompt_template,
+        prompts=modality.prompts(),
         max_length=modality.config.text.max_length,
     )
     return np.array([-lp.mean() for lp in text_note_logprobs(model, dataset)])

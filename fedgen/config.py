@@ -110,17 +110,28 @@ class ImageConfig(_Section):
 class TextConfig(_Section):
     """Causal LM from a local directory plus LoRA adapters; the only part that trains."""
 
-    base_model: str | None = None  # local directory; None = a tiny random Llama made in the run folder
+    # A packaged model's name (converted once into the user's cache, fedgen.models.base_models),
+    # "tiny-random-llama" (noise, for tests) or a local Hugging Face directory.
+    base_model: str = "smollm2-135m-instruct"
+    base_model_sha256: str | None = None  # a packaged model's file, recorded when a run is created
     tiny_hidden_size: int = Field(64, ge=8)
     tiny_layers: int = Field(2, ge=1)
     tiny_heads: int = Field(4, ge=1)
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # lm_head too: a random tiny base cannot learn through q/v alone (a pretrained Llama can).
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "lm_head"])
+    # Attention projections of a pretrained base. Not lm_head: SmolLM2 and Llama-3.2 tie it to
+    # the input embeddings (a tiny random base learns only through it: tests name it).
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # A chat model's class prompt: its chat template's system turn and user turn ({label}); the
+    # note is the assistant's turn. A model without a chat template reads prompt_template.
+    system_prompt: str = "You are a clinician who writes short, factual notes for a patient's record."
+    user_prompt: str = "Write a short clinical note for a patient whose mental-health assessment is: {label}."
     prompt_template: str = "<class: {label}>\n{text}"
-    max_length: int = Field(640, ge=8)  # tokens; the byte tokenizer makes one per byte
+    max_length: int = Field(320, ge=8)  # tokens of prompt + note; a longer training note is refused
+    # Base weights: "auto" = bfloat16 where the CPU (AVX512-BF16 / AMX) or a GPU computes in it,
+    # else float32; "checkpoint" = the checkpoint's own dtype.
+    dtype: Literal["auto", "float32", "bfloat16", "checkpoint"] = "auto"
     aggregation: Literal["fedavg", "ffa"] = "fedavg"  # ffa: A frozen at its shared init, B averaged
     load_in_bits: Literal[16, 8, 4] = 16  # 8/4-bit need bitsandbytes and a GPU
     # Opacus per-sample gradients: "hooks" stores them for the LoRA layers only; "ghost" (fast
@@ -132,7 +143,16 @@ class TextConfig(_Section):
     lr: float = Field(5e-3, gt=0)
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(400, ge=1)
+    # None: max_length minus the class prompt, the bound every training note was checked against
+    # (the sites' own note lengths stay at the sites).
+    max_new_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("user_prompt")
+    @classmethod
+    def _has_label(cls, value: str) -> str:
+        if "{label}" not in value:
+            raise ValueError("the user prompt needs a {label} slot")
+        return value
 
     @field_validator("prompt_template")
     @classmethod
@@ -182,6 +202,9 @@ class FederationConfig(_Section):
     sites: int = Field(3, ge=1)
     strategy: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0, le=1)
+    # Torch threads of each site's training and audit. A simulation runs its sites side by side,
+    # one per core by default; a single site or a deployed node can take its machine's cores.
+    threads_per_site: int = Field(1, ge=1)
     min_sites: int = Field(1, ge=1)  # the fewest replies a round may complete with
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.1, gt=0)  # FedAdam's eta

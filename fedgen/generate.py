@@ -90,7 +90,7 @@ def generate_texts(
     chosen = choose_classes(config.data.text_classes, classes)
     modality = TextModality(config, work_dir=run.base_models)
     model = modality.load(run.checkpoint("text", server_round))
-    tokenizer = modality.tokenizer()
+    tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens()
     lines = []
     with progress_bar(True, total=per_class * len(chosen), description="sampling texts", unit="texts") as advance:
         for k, name in enumerate(chosen):
@@ -104,12 +104,12 @@ def generate_texts(
             texts = sample_texts(
                 model,
                 tokenizer,
-                template=config.text.prompt_template,
+                prompts=prompts,
                 label=name,
                 n=per_class,
                 temperature=config.text.temperature,
                 top_p=config.text.top_p,
-                max_new_tokens=config.text.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 seed=seed + k,
                 progress=advance_to,
             )

@@ -143,9 +143,15 @@ class TextModality(Modality):
     name = "text"
 
     def base_model_dir(self) -> Path:
-        """The configured local base model, or the demo's tiny Llama made here once."""
+        """The configured base model as a local directory (``fedgen.models.base_models``): a
+        packaged model converted once into the cache, the tiny random Llama made here once, or
+        the configured folder."""
+        from fedgen.models.base_models import PACKAGED_MODELS, TINY_RANDOM_LLAMA, converted_model_dir
+
         text = self.config.text
-        if text.base_model:
+        if text.base_model in PACKAGED_MODELS:
+            return converted_model_dir(text.base_model, expected_sha256=text.base_model_sha256)
+        if text.base_model != TINY_RANDOM_LLAMA:
             return Path(text.base_model)
         from fedgen.models.text import make_tiny_llama
 
@@ -160,15 +166,36 @@ class TextModality(Modality):
     def tokenizer(self):
         from fedgen.models.text import load_tokenizer
 
-        return load_tokenizer(self.base_model_dir())
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = load_tokenizer(self.base_model_dir())
+        return self._tokenizer
+
+    def prompts(self):
+        """Each class's prompt and the end-of-note token (fedgen.models.text.class_prompts)."""
+        from fedgen.models.text import class_prompts
+
+        return class_prompts(self.tokenizer(), self.config.text, self.config.data.text_classes)
+
+    def max_new_tokens(self) -> int:
+        """text.max_new_tokens, or max_length minus the longest class prompt: every training note
+        fits in it, and the bound is the configuration's, not a statistic of a site's notes."""
+        text = self.config.text
+        if text.max_new_tokens is not None:
+            return text.max_new_tokens
+        longest = max(len(ids) for ids in self.prompts().prompts.values())
+        return max(1, text.max_length - longest)
+
+    def _base(self):
+        from fedgen.models.text import load_base_model
+
+        text = self.config.text
+        base, _ = load_base_model(self.base_model_dir(), load_in_bits=text.load_in_bits, dtype=text.dtype)
+        return base
 
     def build_model(self):
-        from fedgen.models.text import add_lora, load_base_model
+        from fedgen.models.text import add_lora
 
-        base, _ = load_base_model(
-            self.base_model_dir(), load_in_bits=self.config.text.load_in_bits
-        )
-        return add_lora(base, self.config.text, seed=self.config.seed)
+        return add_lora(self._base(), self.config.text, seed=self.config.seed)
 
     def get_state(self, model):
         from fedgen.models.text import lora_state
@@ -185,11 +212,12 @@ class TextModality(Modality):
 
         names = self.config.data.text_classes
         splits = text_splits(site, seed=self.config.data.split_seed)
+        prompts = self.prompts()
         return tuple(
             encode_examples(
                 self.tokenizer(),
                 [(names[label], text) for text, label in split],
-                template=self.config.text.prompt_template,
+                prompts=prompts,
                 max_length=self.config.text.max_length,
             )
             for split in splits
@@ -210,12 +238,9 @@ class TextModality(Modality):
         save_adapter(model, directory)
 
     def load(self, directory):
-        from fedgen.models.text import load_adapter, load_base_model
+        from fedgen.models.text import load_adapter
 
-        base, _ = load_base_model(
-            self.base_model_dir(), load_in_bits=self.config.text.load_in_bits
-        )
-        return load_adapter(base, directory)
+        return load_adapter(self._base(), directory)
 
 
 MODALITIES: dict[str, type[Modality]] = {"image": ImageModality, "text": TextModality}

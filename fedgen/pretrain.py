@@ -32,6 +32,7 @@ from fedgen.files import atomic_dir, write_json
 from fedgen.logs import progress_bar
 from fedgen.manifest import file_sha256
 from fedgen.modalities import ImageModality
+from fedgen.models.base_models import recorded_base_model
 from fedgen.models.diffusion import WEIGHTS_NAME, update_ema
 from fedgen.models.pretrained import RECORD_NAME, SHIPPED_PREFIX, checkpoint_folder
 from fedgen.training import train_local
@@ -237,10 +238,13 @@ def pretraining_of(config: RunConfig) -> dict | None:
 def create_run(runs_dir: str | Path, config: RunConfig, run_id: str | None = None) -> RunDir:
     """A new run folder, its pretraining (if any) checked first and recorded beside the config.
 
-    The checkpoint path is stored absolute, as the ServerApp may run from another directory; a
+    A named text base model is resolved here (converted into the cache on first use) and
+    recorded with its SHA-256, which every site checks. The checkpoint path is stored absolute, as the ServerApp may run from another directory; a
     shipped checkpoint keeps its ``fedgen:`` name, which resolves wherever fedgen is installed.
     """
     pretraining = pretraining_of(config)
+    if "text" in config.modalities:
+        config = config.model_copy(update={"text": recorded_base_model(config.text)})
     if pretraining is not None:
         image = config.image.model_copy(update={"init_checkpoint": pretraining["checkpoint"]})
         config = config.model_copy(update={"image": image})

@@ -25,7 +25,8 @@ from fedgen.server.train_app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites", "run_audit"]
 
-# Each simulated site gets one core: on a 2-core machine two sites train at once.
+# Each simulated site gets federation.threads_per_site cores (default 1: on a 2-core machine two
+# sites train at once).
 CPUS_PER_SITE = 1
 
 
@@ -47,8 +48,10 @@ def check_sites(config: RunConfig, site_dirs: Sequence[Path]) -> None:
                 raise FedgenError(f"{site.name}: {err}") from None
 
 
-def run_on_simulated_sites(server_app: ServerApp, site_dirs: Sequence[Path], *, verbose: bool = False) -> None:
-    """Run a ServerApp against the fedgen ClientApp on simulated sites (one core each)."""
+def run_on_simulated_sites(
+    server_app: ServerApp, site_dirs: Sequence[Path], *, verbose: bool = False, cpus_per_site: int = CPUS_PER_SITE
+) -> None:
+    """Run a ServerApp against the fedgen ClientApp on simulated sites (``cpus_per_site`` cores each)."""
     from flwr.simulation import run_simulation
 
     if not verbose:
@@ -58,7 +61,7 @@ def run_on_simulated_sites(server_app: ServerApp, site_dirs: Sequence[Path], *, 
         client_app=make_client_app([str(Path(p).resolve()) for p in site_dirs]),
         num_supernodes=len(site_dirs),
         backend_config={
-            "client_resources": {"num_cpus": CPUS_PER_SITE, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": min(cpus_per_site, os.cpu_count() or 1), "num_gpus": 0.0},
             "init_args": {
                 "num_cpus": os.cpu_count() or 1,
                 "include_dashboard": False,
@@ -75,7 +78,8 @@ def simulate(run: RunDir, site_dirs: Sequence[Path], *, verbose: bool = False) -
     The sites must have passed check_sites with the run's configuration.
     """
     run.record_simulated_sites(site_dirs)
-    run_on_simulated_sites(make_server_app(run.root), site_dirs, verbose=verbose)
+    cpus = run.config().federation.threads_per_site
+    run_on_simulated_sites(make_server_app(run.root), site_dirs, verbose=verbose, cpus_per_site=cpus)
 
 
 def run_audit(
@@ -87,5 +91,5 @@ def run_audit(
     site_dirs = run.simulated_sites() if sites is None else list(sites)
     sink: dict = {}
     app = make_audit_app(run, expected_sites=len(site_dirs), sink=sink, inception=inception, progress=progress)
-    run_on_simulated_sites(app, site_dirs)
+    run_on_simulated_sites(app, site_dirs, cpus_per_site=run.config().federation.threads_per_site)
     return sink["report"]

@@ -75,6 +75,9 @@ def tiny_config() -> RunConfig:
                 "batch_size": 16,
             },
             "text": {
+                "base_model": "tiny-random-llama",
+                "target_modules": ["q_proj", "v_proj", "lm_head"],
+                "dtype": "float32",
                 "tiny_hidden_size": 16,
                 "tiny_layers": 1,
                 "tiny_heads": 2,
@@ -153,7 +156,7 @@ def write_synthetic_texts(run: RunDir, config: RunConfig) -> None:
     lines = []
     for k, label in enumerate(config.data.text_classes):
         texts = sample_texts(
-            model, modality.tokenizer(), template=config.text.prompt_template, label=label,
+            model, modality.tokenizer(), prompts=modality.prompts(), label=label,
             n=SYNTHETIC_PER_CLASS, temperature=config.text.temperature, top_p=config.text.top_p,
             max_new_tokens=config.text.max_new_tokens, seed=k,
         )

@@ -15,6 +15,8 @@ TINY = {
     "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,
     "image.batch_size": 8, "image.local_epochs": 1, "federation.rounds": 2, "privacy.epsilon": 4.0,
     "text.tiny_hidden_size": 32, "text.tiny_layers": 1,
+    # the tiny random Llama (byte tokens: a demo note is up to 600), learning through lm_head
+    "text.base_model": "tiny-random-llama", "text.target_modules": ["q_proj", "v_proj", "lm_head"], "text.dtype": "float32", "text.max_length": 640,
 }
 
 

@@ -11,6 +11,7 @@ from fedgen.audits.phi_replay import SitePhi, count_replays, replay_keys, site_r
 from fedgen.config import TextConfig
 from fedgen.models.text import (
     add_lora,
+    class_prompts,
     encode_examples,
     generate_texts,
     load_base_model,
@@ -67,7 +68,7 @@ def test_counts_only_leave_the_site():
 
 # --- a memorising model, no truth file -----------------------------------------------------------
 
-TINY = TextConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=128, max_new_tokens=96,
+TINY = TextConfig(base_model="tiny-random-llama", tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=128, max_new_tokens=96,
                   target_modules=["q_proj", "v_proj", "lm_head"])  # fmt: skip
 # Training notes of a site, PHI written here (not the demo generator's); the one "Stress" note
 # is the only note of its class, so a model trained without DP learns it by heart.
@@ -93,7 +94,8 @@ def memorised_notes(tmp_path_factory):
         base_dir = make_tiny_llama(tmp_path_factory.mktemp("text") / "tiny", config=TINY)
         base, tokenizer = load_base_model(base_dir)
         model = add_lora(base, TINY, seed=0)
-        train = encode_examples(tokenizer, TRAINING, template=TINY.prompt_template, max_length=TINY.max_length)
+        prompts = class_prompts(tokenizer, TINY, ["Anxiety", "Depression", "Stress"])
+        train = encode_examples(tokenizer, TRAINING, prompts=prompts, max_length=TINY.max_length)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
         model.train()
         torch.manual_seed(0)
@@ -101,7 +103,7 @@ def memorised_notes(tmp_path_factory):
             optimizer.zero_grad()
             sequence_loss(model, *train.tensors).mean().backward()
             optimizer.step()
-        return generate_texts(model, tokenizer, template=TINY.prompt_template, label="Stress", n=4,
+        return generate_texts(model, tokenizer, prompts=prompts, label="Stress", n=4,
                               temperature=0.1, top_p=0.95, max_new_tokens=TINY.max_new_tokens, seed=0)  # fmt: skip
     finally:
         torch.set_num_threads(threads)

@@ -30,6 +30,8 @@ TINY = {
     "image.ema_decay": 0.5,
     "text.tiny_hidden_size": 32,
     "text.tiny_layers": 1,
+    # the tiny random Llama (byte tokens: a demo note is up to 600), learning through lm_head
+    "text.base_model": "tiny-random-llama", "text.target_modules": ["q_proj", "v_proj", "lm_head"], "text.dtype": "float32", "text.max_length": 640,
     "text.batch_size": 8,
     "text.max_new_tokens": 24,
 }
@@ -138,7 +140,7 @@ def test_a_missing_checkpoint_round_is_one_line(run):
 
 def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
     sites = make_demo_consortium(tmp_path / "sites", sites=1, seed=2, images_per_site=10, texts_per_site=10)
-    config = load_config(None, {"modality": "text", "text.max_length": 64, "text.tiny_hidden_size": 32, "text.tiny_layers": 1})
+    config = load_config(None, {"modality": "text", "text.max_length": 64, "text.base_model": "tiny-random-llama", "text.tiny_hidden_size": 32, "text.tiny_layers": 1})
     with pytest.raises(FedgenError, match=r"site-1: text record \d+ is \d+ tokens with its prompt, longer than text.max_length 64"):
         check_sites(config, sites)
 

@@ -20,6 +20,7 @@ from fedgen.config import TextConfig
 from fedgen.errors import FedgenError
 from fedgen.models.text import (
     add_lora,
+    class_prompts,
     encode_examples,
     generate_texts,
     load_adapter,
@@ -37,8 +38,9 @@ from fedgen.models.text import (
 )
 from fedgen.privacy.per_example_grads import per_example_grads
 
-TINY = TextConfig(tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=96, max_new_tokens=48)
+TINY = TextConfig(base_model="tiny-random-llama", tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=96, max_new_tokens=48)
 TEMPLATE = TINY.prompt_template
+PROMPTS = class_prompts(make_byte_tokenizer(), TINY, ["Normal", "Anxiety", "Depression", "Stress"])
 BYTE_VOCAB = 256 + 3  # bytes + <s>, </s>, <pad>
 
 CANARY = "Seen today, MRN {}, stable."
@@ -252,7 +254,7 @@ def test_templates():
 def test_encode_examples_masks_only_the_note_and_its_end(tokenizer):
     records = [("Anxiety", "On edge, 😀."), ("Normal", "Fine.")]
     input_ids, attention_mask, loss_mask = encode_examples(
-        tokenizer, records, template=TEMPLATE, max_length=64
+        tokenizer, records, prompts=PROMPTS, max_length=64
     ).tensors
     prefix, note = list(b"<class: Anxiety>\n"), list("On edge, 😀.".encode())
     expected = [256, *prefix, *note, 257]
@@ -268,11 +270,11 @@ def test_encode_examples_masks_only_the_note_and_its_end(tokenizer):
 
 def test_encode_examples_refuses_empty_and_too_long_notes(tokenizer):
     with pytest.raises(FedgenError, match="record 1 .* is empty"):
-        encode_examples(tokenizer, [("Normal", "ok"), ("Stress", "  ")], template=TEMPLATE, max_length=64)
+        encode_examples(tokenizer, [("Normal", "ok"), ("Stress", "  ")], prompts=PROMPTS, max_length=64)
     too_long = "x" * 50  # <s> + 16 prompt bytes + 50 + </s> = 68 tokens
     with pytest.raises(FedgenError, match="record 2 is 68 tokens .*text.max_length 64"):
         records = [("Normal", "ok"), ("Normal", "ok"), ("Normal", too_long)]
-        encode_examples(tokenizer, records, template=TEMPLATE, max_length=64)
+        encode_examples(tokenizer, records, prompts=PROMPTS, max_length=64)
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -281,18 +283,20 @@ def test_encode_examples_refuses_empty_and_too_long_notes(tokenizer):
 def test_sequence_loss_is_the_masked_mean_token_nll(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     with_random_adapter(model)
-    data = encode_examples(tokenizer, NOTES[:4], template=TEMPLATE, max_length=64)
+    data = encode_examples(tokenizer, NOTES[:4], prompts=PROMPTS, max_length=64)
     input_ids, attention_mask, loss_mask = data.tensors
     with torch.no_grad():
         losses = sequence_loss(model, *data.tensors)
-        logprobs = token_logprobs(model, input_ids, attention_mask)
+        logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask)
     full = logits(model, data)
     for row in range(len(input_ids)):
         nll = F.cross_entropy(full[row, :-1], input_ids[row, 1:], reduction="none")
         torch.testing.assert_close(losses[row], nll[loss_mask[row, 1:].bool()].mean())
-    assert logprobs.shape == input_ids.shape and logprobs[:, 0].eq(0).all() and logprobs.le(0).all()
+        torch.testing.assert_close(logprobs[row, 1:][loss_mask[row, 1:].bool()], -nll[loss_mask[row, 1:].bool()])
+    assert logprobs.shape == input_ids.shape and logprobs.le(0).all()
+    assert logprobs[loss_mask == 0].eq(0).all()  # the prompt's tokens and the padding carry no loss
 
-    alone = encode_examples(tokenizer, NOTES[1:2], template=TEMPLATE, max_length=64)
+    alone = encode_examples(tokenizer, NOTES[1:2], prompts=PROMPTS, max_length=64)
     with torch.no_grad():  # right padding and the masks leave an example's loss unchanged
         torch.testing.assert_close(sequence_loss(model, *alone.tensors)[0], losses[1])
 
@@ -303,7 +307,7 @@ def test_sequence_loss_is_the_masked_mean_token_nll(tiny_dir):
 def test_generate_texts_returns_n_seeded_strings(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     calls = []
-    options = dict(template=TEMPLATE, label="Anxiety", temperature=1.0, top_p=0.95, max_new_tokens=12)
+    options = dict(prompts=PROMPTS, label="Anxiety", temperature=1.0, top_p=0.95, max_new_tokens=12)
     texts = generate_texts(
         model, tokenizer, n=5, seed=4, batch_size=2, progress=lambda *a: calls.append(a), **options
     )
@@ -323,8 +327,8 @@ def memorised(tiny_dir):
     """LoRA fine-tuned without DP on NOTES (one holds the canary), plus canary losses before and after."""
     model, tokenizer = lora_model(tiny_dir, MEMORISE)
     probes = [CANARY.format(secret) for secret in [SECRET, *NEVER_SEEN_SECRETS]]
-    probe = encode_examples(tokenizer, [("Stress", p) for p in probes], template=TEMPLATE, max_length=64)
-    train = encode_examples(tokenizer, NOTES, template=TEMPLATE, max_length=64)
+    probe = encode_examples(tokenizer, [("Stress", p) for p in probes], prompts=PROMPTS, max_length=64)
+    train = encode_examples(tokenizer, NOTES, prompts=PROMPTS, max_length=64)
 
     def probe_losses():
         model.eval()
@@ -357,7 +361,7 @@ def test_fine_tuning_without_dp_memorises_the_canary(memorised):
 def test_generation_from_a_memorising_model_regurgitates_the_canary(memorised):
     model, tokenizer, _, _ = memorised
     texts = generate_texts(
-        model, tokenizer, template=TEMPLATE, label="Stress", n=2,
+        model, tokenizer, prompts=PROMPTS, label="Stress", n=2,
         temperature=0.1, top_p=0.95, max_new_tokens=48, seed=0,
     )  # fmt: skip
     assert texts == [CANARY.format(SECRET)] * 2  # prefix stripped, stopped at the end token
@@ -370,7 +374,7 @@ def test_saved_adapter_loads_with_peft_and_gives_identical_logits(tiny_dir, tmp_
     model, _ = lora_model(tiny_dir)
     with_random_adapter(model)
     model.eval()
-    data = encode_examples(tokenizer, NOTES[:3], template=TEMPLATE, max_length=64)
+    data = encode_examples(tokenizer, NOTES[:3], prompts=PROMPTS, max_length=64)
     directory = save_adapter(model, tmp_path / "adapter")
     assert {p.name for p in directory.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no scratch directory left
@@ -418,7 +422,7 @@ def _private(model, dataset, **options):
 def test_per_example_hooks_give_per_sample_gradients_for_lora_only(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     with_random_adapter(model)
-    data = encode_examples(tokenizer, NOTES[:6], template=TEMPLATE, max_length=64)
+    data = encode_examples(tokenizer, NOTES[:6], prompts=PROMPTS, max_length=64)
     expected = _plain_gradients(model, data.tensors)
 
     with per_example_grads(model):  # the hooks DP training uses
@@ -446,7 +450,7 @@ class PerExampleLoss:
 def test_opacus_ghost_clipping_step_equals_the_plain_step(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     with_random_adapter(model)
-    data = encode_examples(tokenizer, NOTES[:6], template=TEMPLATE, max_length=64)
+    data = encode_examples(tokenizer, NOTES[:6], prompts=PROMPTS, max_length=64)
     expected = _plain_gradients(model, data.tensors)
     before = lora_state(model)
 

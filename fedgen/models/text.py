@@ -1,14 +1,20 @@
 """The text model: a causal LM from a local directory with LoRA adapters, and what it needs.
 
 Only the LoRA adapter trains, is sent and is aggregated; the base model stays frozen at every
-site. Tests and the demo use a tiny randomly initialised Llama (`make_tiny_llama`) and a
-byte-level tokenizer with no merges (`make_byte_tokenizer`): a tokenizer trained on the sites'
-notes would itself carry their text.
+site. The base model is a pretrained chat model by default (fedgen.models.base_models); fast
+tests use a tiny randomly initialised Llama (`make_tiny_llama`) and a byte-level tokenizer with
+no merges (`make_byte_tokenizer`): a tokenizer trained on the sites' notes would itself carry
+their text.
 
-A training example is one sequence ``<s> prompt_prefix(label) text </s>``. The prompt prefix
-is the template up to its ``{text}`` slot; the loss covers only the note and its end token, so
-the model learns to write notes given a class, not to predict the prompt. Losses are per
-example because DP-SGD clips per example and membership attacks score per example.
+A training example is a class prompt followed by the note and the token that ends it
+(`class_prompts`). With a chat model the prompt is the chat template's system and user turns
+("write a ... note ... {label}") up to the start of the assistant's turn, the note is the
+assistant's turn and its end is the end-of-turn token; a model without a chat template (the tiny
+one) reads ``<s>`` and the prompt template up to its ``{text}`` slot, and ends with ``</s>``.
+The loss covers only the note and its end token, so the model learns to write notes given a
+class, not to predict the prompt, and logits are computed for those positions only: a 49k-word
+vocabulary at every prompt position would dominate the memory of a step. Losses are per example
+because DP-SGD clips per example and membership attacks score per example.
 
 Aggregating LoRA. A site's update is W = W0 + (alpha/r) B A. FedAvg of A and of B separately
 (`aggregation="fedavg"`, the baseline) gives mean(B) mean(A), which is not the mean of the
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +67,8 @@ __all__ = [
     "add_lora",
     "lora_state",
     "set_lora_state",
+    "ClassPrompts",
+    "class_prompts",
     "validate_template",
     "prompt_prefix",
     "render_example",
@@ -76,6 +85,7 @@ EOS_TOKEN = "</s>"
 PAD_TOKEN = "<pad>"
 TEXT_SLOT = "{text}"
 LABEL_SLOT = "{label}"
+NOTE_MARK = "\x00NOTE\x00"  # stands for the note when the chat template is rendered
 TINY_MLP_RATIO = 4  # intermediate size of the tiny Llama's MLP, as a multiple of the hidden size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -127,7 +137,7 @@ def _tiny_llama_config(config: TextConfig, tokenizer: PreTrainedTokenizerFast) -
         num_hidden_layers=config.tiny_layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=config.max_length + config.max_new_tokens,
+        max_position_embeddings=config.max_length + (config.max_new_tokens or 0),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -197,20 +207,31 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def base_dtype(name: str) -> torch.dtype | str:
+    """The base weights' dtype: "auto" is bfloat16 where the CPU computes in it natively (AVX512-BF16,
+    AMX) or on a GPU, else float32; "checkpoint" keeps the checkpoint's own."""
+    if name == "checkpoint":
+        return "auto"
+    if name == "auto":
+        native = torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
+
+
 def load_base_model(
-    path: str | Path, *, load_in_bits: int = 16
+    path: str | Path, *, load_in_bits: int = 16, dtype: str = "checkpoint"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer from a local directory, with every parameter frozen.
 
-    16 bits keeps the checkpoint's own dtype (float32 for the tiny model, bfloat16 for a real
-    Llama copy); 8 and 4 quantize with bitsandbytes, which needs a CUDA GPU.
+    16 bits loads the weights in `dtype` (`base_dtype`); 8 and 4 quantize with bitsandbytes,
+    which needs a CUDA GPU.
     """
     path = Path(path)
     tokenizer = load_tokenizer(path)
     quantization = _quantization(load_in_bits)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype="auto", quantization_config=quantization
+            path, local_files_only=True, dtype=base_dtype(dtype), quantization_config=quantization
         )
     except (OSError, ValueError, KeyError) as err:
         raise _load_failed(path, err) from None
@@ -308,6 +329,43 @@ def set_lora_state(model: PeftModel, state: dict[str, Tensor]) -> None:
 # --- prompts and data -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ClassPrompts:
+    """The token ids every note of a class starts from, and the token that ends a note."""
+
+    prompts: dict[str, list[int]]
+    end_id: int
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def class_prompts(tokenizer: PreTrainedTokenizerFast, config: TextConfig, labels: Sequence[str]) -> ClassPrompts:
+    """Each label's prompt: chat turns when the tokenizer has a chat template, else the template.
+
+    With a chat template the end of a note is the first token the template writes after the
+    assistant's message (``<|im_end|>`` for SmolLM2, ``<|eot_id|>`` for Llama 3).
+    """
+    if not tokenizer.chat_template:
+        return ClassPrompts(
+            {label: [tokenizer.bos_token_id, *_token_ids(tokenizer, prompt_prefix(config.prompt_template, label))] for label in labels},
+            tokenizer.eos_token_id,
+        )
+
+    def turns(label: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": config.user_prompt.replace(LABEL_SLOT, label)}]
+
+    def rendered(label: str, **options) -> str:
+        return tokenizer.apply_chat_template(turns(label) + options.pop("note", []), tokenize=False, **options)
+
+    prompts = {label: _token_ids(tokenizer, rendered(label, add_generation_prompt=True)) for label in labels}
+    after_note = rendered("", note=[{"role": "assistant", "content": NOTE_MARK}]).split(NOTE_MARK, 1)[1]
+    if not after_note:
+        raise FedgenError("the base model's chat template writes nothing after the assistant's message: no end-of-turn token")
+    return ClassPrompts(prompts, _token_ids(tokenizer, after_note)[0])
+
+
 def validate_template(template: str) -> None:
     """A template holds {label} once, then ends with {text}: the note is everything generated."""
     if template.count(LABEL_SLOT) != 1 or template.count(TEXT_SLOT) != 1:
@@ -328,33 +386,27 @@ def render_example(template: str, *, label: str, text: str) -> str:
     return prompt_prefix(template, label) + text
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_examples(
     tokenizer: PreTrainedTokenizerFast,
     records: Sequence[tuple[str, str]],
     *,
-    template: str,
+    prompts: ClassPrompts,
     max_length: int,
 ) -> TensorDataset:
-    """Encode (label, text) records as ``<s> prefix text </s>``, right-padded to the longest.
+    """Encode (label, text) records as ``prompt(label) text end``, right-padded to the longest.
 
     Returns TensorDataset(input_ids, attention_mask, loss_mask), all int64 [N, T]. loss_mask is
     1 on the note's tokens and the end token only. An empty note or an example longer than
     `max_length` tokens is an error: truncating would silently train on cut notes.
     """
-    validate_template(template)
     if not records:
         raise FedgenError("no text records to encode")
     sequences, note_lengths = [], []
     for index, (label, text) in enumerate(records):
         if not text.strip():
             raise FedgenError(f"text record {index} (label {label!r}) is empty")
-        prefix = _token_ids(tokenizer, prompt_prefix(template, label))
-        note = _token_ids(tokenizer, text) + [tokenizer.eos_token_id]
-        sequence = [tokenizer.bos_token_id, *prefix, *note]
+        note = _token_ids(tokenizer, text) + [prompts.end_id]
+        sequence = [*prompts.prompts[label], *note]
         if len(sequence) > max_length:
             raise FedgenError(
                 f"text record {index} is {len(sequence)} tokens with its prompt, "
@@ -376,23 +428,40 @@ def encode_examples(
 # --- scoring --------------------------------------------------------------------------------------
 
 
-def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """log p(token t | tokens before t) for every position, shape [B, T], aligned with input_ids.
+def _causal_lm(model: nn.Module) -> PreTrainedModel:
+    model = getattr(model, "_module", model)  # an Opacus GradSampleModule wraps the model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
-    Position 0 (the begin token, never predicted) holds 0, so `loss_mask` from
-    `encode_examples` selects the note's log-probs directly (min-k% attacks, per-example loss).
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+    """log p(token t | tokens before t) at the positions under `loss_mask`, 0 elsewhere; [B, T].
+
+    Right padding is cut to the batch's longest row first (dynamic padding), and the output
+    layer runs only where a note token is predicted: each row's note positions are gathered
+    into [B, longest note, hidden], which keeps the batch dimension per-example gradients need.
+    A loss mask must be one run of positions after the first (as `encode_examples` makes it).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    predicted = logprobs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return torch.cat([predicted.new_zeros(predicted.shape[0], 1), predicted], dim=1)
+    shape, width = input_ids.shape, int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask, loss_mask = input_ids[:, :width], attention_mask[:, :width], loss_mask[:, :width]
+    causal_lm = _causal_lm(model)
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    lengths = loss_mask.sum(dim=1)
+    starts = loss_mask.argmax(dim=1)  # first note position of each row
+    offsets = torch.arange(int(lengths.max()), device=input_ids.device)
+    targets = (starts[:, None] + offsets).clamp(max=width - 1)  # [B, L] positions predicted
+    valid = offsets < lengths[:, None]
+    assert bool((starts > 0).all()), "a note must follow a prompt (position 0 is never predicted)"
+    states = hidden.gather(1, (targets - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+    logits = causal_lm.get_output_embeddings()(states).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, input_ids.gather(1, targets)[..., None]).squeeze(-1)
+    return picked.new_zeros(shape).scatter_add(1, targets, picked * valid)
 
 
 def sequence_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
     """Per-example mean negative log-likelihood of the tokens under `loss_mask`, shape [B]."""
-    mask = loss_mask.to(torch.float32)
-    logprobs = token_logprobs(model, input_ids, attention_mask)
-    return -(logprobs * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask)
+    return -logprobs.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1).to(logprobs.dtype)
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -407,7 +476,7 @@ def generate_texts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerFast,
     *,
-    template: str,
+    prompts: ClassPrompts,
     label: str,
     n: int,
     temperature: float,
@@ -417,12 +486,13 @@ def generate_texts(
     batch_size: int = 16,
     progress: ProgressFn | None = None,
 ) -> list[str]:
-    """Sample `n` notes for `label` by continuing its prompt prefix; the same seed gives the same notes.
+    """Sample `n` notes for `label` by continuing its prompt; the same seed gives the same notes.
 
-    Each note is what the model writes after the prefix, up to its end token (or
-    `max_new_tokens`). Every prompt in a batch is the same prefix, so no padding is needed.
+    Each note is what the model writes after the prompt, up to its end token (or
+    `max_new_tokens`). Every prompt in a batch is the same, so no padding is needed, and the
+    batch is decoded together with the key-value cache.
     """
-    prefix = [tokenizer.bos_token_id, *_token_ids(tokenizer, prompt_prefix(template, label))]
+    prefix = prompts.prompts[label]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -440,12 +510,13 @@ def generate_texts(
                 top_p=top_p,
                 top_k=0,  # off (transformers' default is 50): sampling is temperature + top-p only
                 max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=prompts.end_id,
                 pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
             )
             for row in output[:, len(prefix) :].tolist():
-                note = _until_eos(row, tokenizer.eos_token_id)
-                texts.append(tokenizer.decode(note, skip_special_tokens=True))
+                note = _until_eos(row, prompts.end_id)
+                texts.append(tokenizer.decode(note, skip_special_tokens=True).strip())
             if progress is not None:
                 progress(len(texts), n)
     model.train(was_training)
