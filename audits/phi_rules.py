@@ -257,11 +257,14 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                     last = doc[ent.start : self._name_end(doc, ent.start, ent.end)][-1]
                     results.append(RecognizerResult("PERSON", ent.start_char, last.idx + len(last.text), NER_SCORE))
                 elif ent.label_ in NER_PLACE_LABELS and "LOCATION" in entities:
-                    name = ent.text.rstrip(" ,;:.")
-                    if fold(name.removeprefix("the ")) not in self.lexicon.not_phi_places:
-                        # A "place" with a number in it is a street address ("Lindenstraße 42").
-                        kind = "STREET_ADDRESS" if any(c.isdigit() for c in name) else "LOCATION"
-                        results.append(RecognizerResult(kind, ent.start_char, ent.start_char + len(name), NER_SCORE))
+                    # One place per line: the NER runs an address label's lines together.
+                    for line in regex.finditer(r"[^\n]+", ent.text):
+                        name = line.group().strip().rstrip(" ,;:.")
+                        begin = ent.start_char + line.start() + len(line.group()) - len(line.group().lstrip())
+                        if name and fold(name.removeprefix("the ")) not in self.lexicon.not_phi_places:
+                            # A "place" with a number in it is a street address ("Lindenstraße 42").
+                            kind = "STREET_ADDRESS" if any(c.isdigit() for c in name) else "LOCATION"
+                            results.append(RecognizerResult(kind, begin, begin + len(name), NER_SCORE))
         for start, end in self._runs(doc):
             if self._eponym(doc, end):
                 continue
@@ -570,7 +573,7 @@ def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
 
 _BESIDE_AFTER = regex.compile(
     r"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
-    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])(?:[ \t-](?:(?:de|la|le|am|an|der|sur|di|del|i|í|á|aan|nad)[ \t-])?\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])){0,3})?"
+    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])(?:[ \t-](?:(?:de|la|le|am|an|der|sur|di|del|i|í|á|aan|nad)[ \t-])?\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])){0,3}(?:[ \t]\p{Lu}(?=[ \t]+\d))?)?"
     r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3}|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
 )
 _CODE_BEFORE = regex.compile(r"(?P<code>\b[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,3})?)[ \t]+\Z")
@@ -578,7 +581,7 @@ _CODE_AFTER = regex.compile(r"\G,?[ \t]+(?P<code>[A-Z]{0,2}-?\d{4,6}(?:[ \t-]\d{
 _PLACE_WORD = regex.compile(r"[\p{L}'’\-]+")
 
 
-_COUNTRY_CODE = regex.compile(r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?)\b")
+_COUNTRY_CODE = regex.compile(r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b")
 ATTACH_PASSES = 3  # an address label: street, unit line, city line, country line
 
 

@@ -96,6 +96,12 @@ def test_international_and_national_phones(analyzer, text, phone):
          [("STREET_ADDRESS", "ul. Marszałkowska 84"), ("POSTAL_CODE", "00-514"), ("LOCATION", "Warszawa")]),
         ("Resides at 350 Bloor Street West, Toronto, ON M5S 1W9.",
          [("STREET_ADDRESS", "350 Bloor Street West"), ("LOCATION", "Toronto"), ("POSTAL_CODE", "M5S 1W9")]),
+        ("Post goes to Vesterbrogade 12, Aarhus C 8000 now.",
+         [("STREET_ADDRESS", "Vesterbrogade 12"), ("LOCATION", "Aarhus C"), ("POSTAL_CODE", "8000")]),
+        ("Ship to:\n14 Lipowa Street\nLublin\nPoland 20-020",
+         [("STREET_ADDRESS", "14 Lipowa Street"), ("LOCATION", "Lublin"), ("POSTAL_CODE", "20-020")]),
+        ("Return address: Husova 8, Brno, Czech Republic 602 00.",
+         [("STREET_ADDRESS", "Husova 8"), ("LOCATION", "Brno"), ("POSTAL_CODE", "602 00")]),
     ],
 )  # fmt: skip
 def test_addresses_of_many_countries(analyzer, text, pieces):
