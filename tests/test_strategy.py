@@ -160,17 +160,18 @@ def _site_reply(node_id, site, release_history, account, *, modality="image"):
     return Message(content=content, reply_to=sent)
 
 
-def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recomputes(ledger, tmp_path):
-    from opacus.accountants import RDPAccountant
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recomputes(ledger, tmp_path, accountant):
+    from opacus.accountants import PRVAccountant, RDPAccountant
     from typer.testing import CliRunner
 
     from fedgen.artifacts import RunDir
     from fedgen.cli import app
     from fedgen.privacy.plan import SiteAccount
 
-    account = SiteAccount("site-1", 10.0, 1e-4, "same people", "rdp")
+    account = SiteAccount("site-1", 10.0, 1e-4, "same people", accountant)
     entry = (1.1, 0.05, 40)
-    config = RunConfig.model_validate({"federation": {"sites": 1}})
+    config = RunConfig.model_validate({"federation": {"sites": 1}, "privacy": {"accountant": accountant}})
     make_strategy(config, ledger=ledger, modality="image").aggregate_train(1, [_site_reply(1, "site-1", [entry], account)])
     # Round 2: the site released its second update, then the coordinator died before recording it.
     resumed = make_strategy(config, ledger=ledger, modality="image")
@@ -179,9 +180,10 @@ def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recompute
 
     rows = ledger.entries(site="site-1")
     assert [(r.round, r.release, r.lost) for r in rows] == [(1, 1, False), (2, 2, True), (2, 3, False)]
-    independent = RDPAccountant()
+    assert {r.accountant for r in rows} == {accountant}
+    independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
     independent.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in rows]
-    assert rows[-1].site_epsilon == pytest.approx(independent.get_epsilon(delta=1e-4), rel=1e-6)
+    assert rows[-1].site_epsilon == pytest.approx(independent.get_epsilon(delta=1e-4), rel=0.01)
 
     run = RunDir.create(tmp_path / "runs", config, "r1")
     run.ledger_path.write_bytes(ledger.path.read_bytes())
@@ -193,7 +195,7 @@ def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recompute
     assert line.split()[1:3] == ["3", "1"]  # three updates, one of them lost
     snippet = result.output[result.output.index("import sqlite3"):]
     printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
-    assert float(printed) == pytest.approx(rows[-1].site_epsilon, rel=1e-6)
+    assert float(printed) == pytest.approx(rows[-1].site_epsilon, rel=0.01)
     site_side = CliRunner().invoke(app, ["ledger", str(ledger.path)])  # a ledger file, e.g. a site's own
     assert site_side.exit_code == 0 and line in site_side.output
     empty = CliRunner().invoke(app, ["ledger", str(RunDir.create(tmp_path / "runs", config, "r2").root)])
