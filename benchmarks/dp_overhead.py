@@ -4,6 +4,11 @@ Each configuration runs in a fresh subprocess so its peak resident memory is its
 cases take turns ``--repeats`` times and each reports its median run, because one epoch of a few
 steps on a shared 2-core machine moves by ±10% between runs.
     python -m benchmarks.dp_overhead [--steps 6] [--repeats 3] [--threads 2] [--image-batch 64] [--modality image]
+        [--text-base tiny-random-llama] [--text-lora q_proj,v_proj] [--text-lora-layers N]
+
+Text runs on the default base model (SmolLM2-135M-Instruct) and demo notes unless
+``--text-base tiny-random-llama`` (random 300-letter texts, LoRA on q/v/lm_head, as the tiny
+model's figures were measured); ``--text-lora`` and ``--text-lora-layers`` compare LoRA targets.
 
 "image DP (ghost)" is Opacus' ghost clipping with fedgen's Conv2d norm sampler
 (fedgen.privacy.conv_samplers): per-example gradient norms only, never the per-example
@@ -33,7 +38,7 @@ TEXT_LENGTH = 300  # bytes, about a demo note
 MODALITIES = ("image", "text")
 
 
-def _dataset(modality, batch_size: int, steps: int):
+def _dataset(modality, batch_size: int, steps: int, text: dict):
     import tempfile
     from pathlib import Path
 
@@ -43,11 +48,10 @@ def _dataset(modality, batch_size: int, steps: int):
     from fedgen.config import RunConfig
     from fedgen.modalities import get_modality
 
-    # The tiny random Llama as this benchmark's figures were measured on (benchmarks/text_speed.py
-    # measures the default pretrained base).
-    config = RunConfig.model_validate(
-        {"text": {"base_model": "tiny-random-llama", "target_modules": ["q_proj", "v_proj", "lm_head"], "max_length": 640}}
-    )
+    tiny = text["base_model"] == "tiny-random-llama"
+    if tiny:
+        text = {"target_modules": ["q_proj", "v_proj", "lm_head"], "max_length": 640, **text}
+    config = RunConfig.model_validate({"text": text})
     work = Path(tempfile.mkdtemp())
     task = get_modality(modality, config, work_dir=work)
     n = batch_size * steps
@@ -57,22 +61,28 @@ def _dataset(modality, batch_size: int, steps: int):
     else:
         from fedgen.models.text import encode_examples
 
-        gen = torch.Generator().manual_seed(0)
-        texts = ["".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)]
-        data = encode_examples(
-            task.tokenizer(), [("Anxiety", t) for t in texts], prompts=task.prompts(), max_length=config.text.max_length
-        )
+        if tiny:
+            gen = torch.Generator().manual_seed(0)
+            texts = ["".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)]
+            records = [("Anxiety", t) for t in texts]
+        else:
+            from fedgen.data.demo import make_demo_consortium
+            from fedgen.files import read_text_records
+
+            (site,) = make_demo_consortium(work / "sites", sites=1, seed=0, images_per_site=1, texts_per_site=n)
+            records = [(r["label"], r["text"]) for r in read_text_records(site / "texts.jsonl")][:n]
+        data = encode_examples(task.tokenizer(), records, prompts=task.prompts(), max_length=config.text.max_length)
     return task, data, getattr(config, modality)
 
 
-def measure(name: str, steps: int, threads: int, image_batch: int) -> dict:
+def measure(name: str, steps: int, threads: int, image_batch: int, text: dict) -> dict:
     import torch
 
     from fedgen.training import train_local
 
     torch.set_num_threads(threads)
     modality, sigma, mode = CASES[name]
-    task, data, section = _dataset(modality, image_batch if modality == "image" else 16, steps + 1)
+    task, data, section = _dataset(modality, image_batch if modality == "image" else 16, steps + 1, text)
     batch = section.batch_size if modality == "text" else image_batch
     model = task.build_model()
     loss = task.per_example_loss()
@@ -106,10 +116,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--image-batch", type=int, default=64)
     parser.add_argument("--modality", choices=MODALITIES, help="only this modality's cases")
+    parser.add_argument("--text-base", default="smollm2-135m-instruct")
+    parser.add_argument("--text-lora", help="LoRA target modules, comma-separated (default: the model's default)")
+    parser.add_argument("--text-lora-layers", type=int, help="LoRA on the top N layers only")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    text_options = ["--text-base", args.text_base]
+    text = {"base_model": args.text_base}
+    if args.text_lora:
+        text_options += ["--text-lora", args.text_lora]
+        text["target_modules"] = args.text_lora.split(",")
+    if args.text_lora_layers:
+        text_options += ["--text-lora-layers", str(args.text_lora_layers)]
+        text["lora_layers"] = args.text_lora_layers
     if args.case:
-        print(json.dumps(measure(args.case, args.steps, args.threads, args.image_batch)))
+        print(json.dumps(measure(args.case, args.steps, args.threads, args.image_batch, text)))
         return
     modalities = (args.modality,) if args.modality else MODALITIES
     names = [name for name, case in CASES.items() if case[0] in modalities]
@@ -118,7 +139,7 @@ def main() -> None:
         for name in names:
             out = subprocess.run(
                 [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads),
-                 "--image-batch", str(args.image_batch)],
+                 "--image-batch", str(args.image_batch), *text_options],
                 capture_output=True, text=True, check=True,
             )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -123,6 +123,10 @@ class TextConfig(_Section):
     # Attention projections of a pretrained base. Not lm_head: SmolLM2 and Llama-3.2 tie it to
     # the input embeddings (a tiny random base learns only through it: tests name it).
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # LoRA on the top N decoder layers only (None, or N >= the model's layers: all). The backward
+    # pass stops at the lowest adapted layer, so a step costs a forward pass plus the upper layers'
+    # backward: the top 10 of SmolLM2's 30 trained 1.4-2x faster per note (BENCHMARKS.md).
+    lora_layers: int | None = Field(10, ge=1)
     # A chat model's class prompt: its chat template's system turn and user turn ({label}); the
     # note is the assistant's turn. A model without a chat template reads prompt_template.
     system_prompt: str = "You are a clinician who writes short, factual notes for a patient's record."

@@ -20,6 +20,7 @@ from fedgen.modalities import ImageModality, TextModality
 __all__ = ["generate_images", "generate_texts", "choose_classes", "synthetic_image_files", "synthetic_text_records"]
 
 CONTACT_SHEET_ROWS = 8  # samples per class shown on the contact sheet
+GENERATE_BATCH = 32  # notes of a class decoded together (one prompt, one key-value cache)
 
 
 def choose_classes(all_classes: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
@@ -111,6 +112,7 @@ def generate_texts(
                 top_p=config.text.top_p,
                 max_new_tokens=max_new_tokens,
                 seed=seed + k,
+                batch_size=min(per_class, GENERATE_BATCH),
                 progress=advance_to,
             )
             lines += [json.dumps({"text": t, "label": name}) for t in texts]

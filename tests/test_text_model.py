@@ -195,6 +195,13 @@ def test_only_lora_trains_and_ffa_trains_only_b(tiny_dir):
     assert list(lora_state(ffa)) == ffa_trained
 
 
+def test_lora_layers_adapt_only_the_top_layers(tmp_path):
+    config = TINY.model_copy(update={"tiny_layers": 3, "lora_layers": 1})
+    base, _ = load_base_model(make_tiny_llama(tmp_path / "three", config=config))
+    names = list(lora_state(add_lora(base, config)))
+    assert len(names) == 4 and all(".layers.2." in name for name in names)  # A and B of q and v
+
+
 def test_lora_state_holds_adapters_only_and_round_trips(tiny_dir):
     model, _ = lora_model(tiny_dir)
     state = lora_state(model)

@@ -266,7 +266,10 @@ def add_lora(model: PreTrainedModel, config: TextConfig, *, seed: int = 0) -> Pe
     updates B·A, which FedAvg of both factors is not.
     """
     _check_target_modules(model, config.target_modules)
+    layers = model.config.num_hidden_layers
+    upper = config.lora_layers is not None and config.lora_layers < layers
     lora_config = LoraConfig(
+        layers_to_transform=list(range(layers - config.lora_layers, layers)) if upper else None,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
