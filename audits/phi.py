@@ -131,14 +131,26 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return self.tld_extractor(pattern_text).fqdn != ""
 
 
-def _word_bounded_url_recognizer() -> UrlRecognizer:
+class WordBoundedUrlRecognizer(UrlRecognizer):
     """Presidio's URL patterns, made to end at a word boundary and before trailing punctuation:
     the stock patterns read "clinic.Mood" (a missing space) as the URL "clinic.Mo" and keep the
     comma of "https://example.org/a, then". A scheme makes any host a URL (new top-level
-    domains such as ".koeln" are not in Presidio's list), with its path and query."""
-    patterns = [Pattern(p.name, p.regex + URL_END, p.score) for p in UrlRecognizer.PATTERNS]
-    patterns.append(Pattern("scheme://anything", SCHEME_URL, 0.6))
-    return UrlRecognizer(patterns=patterns)
+    domains such as ".koeln" are not in Presidio's list), with its path and query.
+
+    Every pattern needs a dot before a letter or "://": a text with neither (most notes) skips
+    them, which saves a fifth of the scan's pattern matching; the findings are the same."""
+
+    HINT = regex.compile(r"[.][a-z]|://", regex.IGNORECASE)  # the patterns' own case rule
+
+    def __init__(self) -> None:
+        patterns = [Pattern(p.name, p.regex + URL_END, p.score) for p in UrlRecognizer.PATTERNS]
+        patterns.append(Pattern("scheme://anything", SCHEME_URL, 0.6))
+        super().__init__(patterns=patterns)
+
+    def analyze(self, text, entities, nlp_artifacts=None, regex_flags=None):
+        if self.HINT.search(text) is None:
+            return []
+        return super().analyze(text, entities, nlp_artifacts, regex_flags)
 
 
 class IndexedContextEnhancer(LemmaContextAwareEnhancer):
@@ -188,7 +200,7 @@ def _registry(*, use_ner: bool) -> RecognizerRegistry:
         UsSsnRecognizer(),
         CreditCardRecognizer(),
         IbanRecognizer(),
-        _word_bounded_url_recognizer(),
+        WordBoundedUrlRecognizer(),
         IpRecognizer(),
         *pattern_recognizers(words),
     ]

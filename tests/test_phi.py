@@ -7,6 +7,7 @@ import pytest
 import regex
 import spacy
 from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
+from presidio_analyzer.predefined_recognizers import UrlRecognizer
 
 from fedgen.audits.phi import (
     MIN_SCORE,
@@ -14,6 +15,7 @@ from fedgen.audits.phi import (
     SCAN_CHUNK,
     PhiAnalyzer,
     PhiFinding,
+    WordBoundedUrlRecognizer,
     build_analyzer,
     read_texts_jsonl,
     redact,
@@ -126,6 +128,16 @@ def test_the_faster_context_step_scores_as_presidios_own(analyzer):
     stock = [f.to_dict() for f in scan(PhiAnalyzer(stock_engine, analyzer.engine), texts)]
     assert fast == stock
     assert len(fast) >= 10
+
+
+def test_url_patterns_skipped_only_where_they_cannot_match():
+    recognizer = WordBoundedUrlRecognizer()
+    texts = ["See example.org/a, then.", "Portal https://portal.example.org/x.", "http://localhost:8080 down",
+             "No link. Next line.", "Seen at clinic.Mood improved.", "WWW.EXAMPLE.COM", "Dr. Smith. E. coli.", ""]  # fmt: skip
+    for text in texts:
+        spans = [(r.start, r.end) for r in recognizer.analyze(text, ["URL"])]
+        assert spans == [(r.start, r.end) for r in UrlRecognizer.analyze(recognizer, text, ["URL"])], text
+    assert recognizer.analyze(texts[0], ["URL"]) and recognizer.analyze(texts[2], ["URL"])
 
 
 @pytest.mark.parametrize("words", [["st", "str", "street", "strasse", "ave", "avenue"], ["via", "viale", "v", "rue", "ru"]])
