@@ -48,6 +48,7 @@ __all__ = [
     "clopper_pearson_upper",
     "empirical_epsilon",
     "empirical_epsilon_from_histograms",
+    "empirical_epsilon_from_counts",
     "max_certifiable_epsilon",
     "one_run_p_value",
     "one_run_epsilon",
@@ -202,9 +203,31 @@ def empirical_epsilon_from_histograms(
     )
     n_members, n_nonmembers = int(member_counts.sum()), int(nonmember_counts.sum())
     members_at_or_above = np.cumsum(member_counts[::-1])[::-1]
-    false_positives = np.cumsum(nonmember_counts[::-1])[::-1]
+    nonmembers_at_or_above = np.cumsum(nonmember_counts[::-1])[::-1]
+    return empirical_epsilon_from_counts(
+        members_at_or_above, nonmembers_at_or_above, np.asarray(edges[:-1], dtype=np.float64),
+        n_members=n_members, n_nonmembers=n_nonmembers, delta=delta, alpha=alpha,
+    )
+
+
+def empirical_epsilon_from_counts(
+    members_at_or_above: np.ndarray,
+    nonmembers_at_or_above: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    n_members: int,
+    n_nonmembers: int,
+    delta: float,
+    alpha: float = DEFAULT_ALPHA,
+) -> EpsilonLowerBound:
+    """ε lower bound from the members and non-members a threshold accuses, per threshold.
+
+    The bound stays valid when the counts are bounds themselves: fewer members and more
+    non-members than the threshold accuses (fedgen.audits.pooling, sites' own bins).
+    """
+    members_at_or_above = np.asarray(members_at_or_above, dtype=np.int64)
     return _bound_from_counts(
-        n_members - members_at_or_above, false_positives, np.asarray(edges[:-1], dtype=np.float64),
+        n_members - members_at_or_above, np.asarray(nonmembers_at_or_above, dtype=np.int64), thresholds,
         n_members, n_nonmembers, delta=delta, alpha=alpha,
     )
 

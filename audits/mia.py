@@ -3,7 +3,8 @@
 Every attack returns one score per example, and a higher score always means "more likely a
 member" (a training example). ``attack_metrics`` turns member / non-member scores into AUC and
 TPR at low FPR; ``score_histogram`` + ``metrics_from_histograms`` do the same from binned
-counts, so sites can return aggregates only and the coordinator pools them by summing.
+counts, so sites can return aggregates only (on bins each site chooses) and the coordinator
+pools them (fedgen.audits.pooling).
 
 Attacks:
 
@@ -221,7 +222,6 @@ def score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
     Scores below ``edges[0]`` count in the first bin and scores above ``edges[-1]`` in the last,
     so no example is dropped (clipping keeps the order, which is all a threshold attack uses).
-    Every site must use the same ``edges`` for the counts to be summable.
     """
     scores = _check_scores(scores, "histogram")
     edges = np.asarray(edges, dtype=np.float64)
@@ -240,13 +240,15 @@ def metrics_from_histograms(
     Thresholds sit at bin edges: "member" means "score in this bin or a higher one". Examples
     in one bin are tied, so the AUC (trapezoids between thresholds) counts them as half-right,
     like the exact AUC does for tied scores; with fine bins it approaches the exact AUC.
+    Counts may be expected counts (fractions: sites' bins pooled on finer edges,
+    fedgen.audits.pooling); their totals are whole numbers of records.
     """
-    member_counts = np.asarray(member_counts, dtype=np.int64)
-    nonmember_counts = np.asarray(nonmember_counts, dtype=np.int64)
+    member_counts = np.asarray(member_counts, dtype=np.float64)
+    nonmember_counts = np.asarray(nonmember_counts, dtype=np.float64)
     assert member_counts.shape == nonmember_counts.shape == (len(edges) - 1,), (
         "counts must have one entry per bin"
     )
-    n_members, n_nonmembers = int(member_counts.sum()), int(nonmember_counts.sum())
+    n_members, n_nonmembers = round(member_counts.sum()), round(nonmember_counts.sum())
     _check_counts(n_members, n_nonmembers)
     # Highest bin first: cumulative counts above each lower edge, starting from "nobody".
     tp = np.r_[0, np.cumsum(member_counts[::-1])]

@@ -1,7 +1,8 @@
 """The coordinator pools the sites' audit answers, with the ledger and the synthetic data, into report.json.
 
-- membership: per attack, the sites' score histograms on shared edges are summed into the
-  pooled attack summary, ROC curve and empirical ε; each site's exact summary is kept beside;
+- membership: per attack, the sites' score histograms, each on the bins its site chose, are
+  pooled into the attack summary and ROC curve (expected counts) and the empirical ε (bounds,
+  so it stays a lower bound); each site's exact summary is kept beside;
 - memorisation, fidelity and utility: sums and weighted means of the sites' aggregates
   (audits/fidelity.py and audits/utility.py say which pooled figures are exact);
 - privacy: ε per site, all modalities, and per round from the ledger (what is GUARANTEED, never mixed with the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from fedgen.artifacts import RunDir
 from fedgen.audits.bias import bias_view
-from fedgen.audits.empirical_eps import empirical_epsilon_from_histograms
+from fedgen.audits.empirical_eps import empirical_epsilon_from_counts
 from fedgen.audits.features import extract_features
 from fedgen.audits.fidelity import (
     NEAR_COPY_QUANTILE,
@@ -50,22 +50,56 @@ from fedgen.pretrain import PROVENANCE_NAME
 from fedgen.privacy.dp_sgd import noise_source
 from fedgen.privacy.ledger import PrivacyLedger
 
-__all__ = ["HISTOGRAM_BINS", "shared_edges", "assemble_report", "trained_sites"]
+__all__ = ["pool_histograms", "assemble_report", "trained_sites"]
 
-HISTOGRAM_BINS = 200
-# The shared edges span the sites' central score ranges widened by this fraction on each
-# side; scores beyond fall into the end bins (which keeps their order relative to the rest).
-HISTOGRAM_MARGIN = 0.5
 MAX_ROC_POINTS = 200
 VERSIONED_PACKAGES = ("fedgen", "torch", "flwr", "opacus", "diffusers", "transformers", "peft", "presidio-analyzer")
 
 
-def shared_edges(ranges: Sequence[Sequence[float]], *, bins: int = HISTOGRAM_BINS) -> np.ndarray:
-    """Bin edges over the union of the sites' central score ranges, widened by HISTOGRAM_MARGIN."""
-    low = min(r[0] for r in ranges)
-    high = max(r[1] for r in ranges)
-    width = high - low if high > low else max(abs(low), 1.0)
-    return np.linspace(low - HISTOGRAM_MARGIN * width, high + HISTOGRAM_MARGIN * width, bins + 1)
+def _at_or_above(counts) -> np.ndarray:
+    """Records at or above each of a site's edges (its first edge: all, its last: none)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.r_[np.cumsum(counts[::-1])[::-1], 0]
+
+
+def pool_histograms(histograms: list[dict], side: str) -> dict:
+    """The sites' ``side`` ("members" / "nonmembers") counts, each on its own edges
+    (fedgen.audits.site_answers), pooled at every site's finite edge: the thresholds.
+
+    - ``counts``: expected counts per pooled bin, a site's records spread evenly within its
+      bins (its open end bins over the range the other sites' edges span): for the ROC curve;
+    - ``surely`` / ``maybe``: per threshold, the records that are certainly / possibly at or
+      above it (whole numbers): bounds for the ε lower bound, which must stay a lower bound.
+    """
+    thresholds = np.unique(np.concatenate([np.asarray(h["edges"])[1:-1] for h in histograms]))
+    if len(thresholds) == 0:
+        raise FedgenError("the sites' attack histograms have a single bin each: no threshold to pool")
+    low, high = thresholds[0], thresholds[-1]
+    expected = np.zeros(len(thresholds))
+    surely = np.zeros(len(thresholds), dtype=np.int64)
+    maybe = np.zeros(len(thresholds), dtype=np.int64)
+    total = 0
+    for histogram in histograms:
+        edges = np.asarray(histogram["edges"], dtype=np.float64)
+        above = _at_or_above(histogram[side])
+        total += int(above[0])
+        xp, fp = list(edges[1:-1]), list(above[1:-1])
+        if not xp or low < xp[0]:
+            xp, fp = [low, *xp], [above[0], *fp]
+        if high > xp[-1]:
+            xp, fp = [*xp, high], [*fp, 0]
+        expected += np.interp(thresholds, xp, fp)
+        surely += above[np.searchsorted(edges, thresholds, side="left")]
+        maybe += above[np.searchsorted(edges, thresholds, side="right") - 1]
+    at_or_above = np.r_[total, expected, 0]
+    return {
+        "edges": np.r_[-np.inf, thresholds, np.inf],
+        "counts": at_or_above[:-1] - at_or_above[1:],
+        "thresholds": thresholds,
+        "surely": surely,
+        "maybe": maybe,
+        "total": total,
+    }
 
 
 def _thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = MAX_ROC_POINTS) -> dict:
@@ -86,15 +120,18 @@ def _with_note(summary: dict) -> dict:
 def _membership(name: str, sites: list[dict]) -> dict:
     delta = max(site["delta"] for site in sites)  # the weakest guarantee among the sites
     attacks, bounds = {}, {}
-    for attack, edges in sites[0]["edges"].items():
-        members = sum(site["histograms"][attack]["members"] for site in sites)
-        nonmembers = sum(site["histograms"][attack]["nonmembers"] for site in sites)
-        pooled = metrics_from_histograms(members, nonmembers, edges)
+    for attack in sites[0]["attacks"]:
+        histograms = [site["attacks"][attack]["histogram"] for site in sites]
+        members, nonmembers = pool_histograms(histograms, "members"), pool_histograms(histograms, "nonmembers")
+        pooled = metrics_from_histograms(members["counts"], nonmembers["counts"], members["edges"])
         attacks[attack] = {
             "pooled": _with_note({**pooled.to_dict(), "roc": _thin_curve(pooled.fpr, pooled.tpr)}),
             "sites": {site["site"]: _with_note(site["attacks"][attack]["summary"]) for site in sites},
         }
-        bound = empirical_epsilon_from_histograms(members, nonmembers, edges, delta=delta)
+        bound = empirical_epsilon_from_counts(
+            members["surely"], nonmembers["maybe"], members["thresholds"],
+            n_members=members["total"], n_nonmembers=nonmembers["total"], delta=delta,
+        )
         bounds[attack] = {
             "eps_lb": bound.eps_lb,
             "max_certifiable": bound.max_certifiable,

@@ -7,11 +7,10 @@ indexed by Flower's `partition-id`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,33 +18,21 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedgen.artifacts import SITE_STATE_DIR
-from fedgen.clients.local import SiteUpdate, train_site
+from fedgen.clients.local import SiteUpdate, train_site, with_node_policy
 from fedgen.clients.secagg import secagg_mod, train_inputs, train_reply
 from fedgen.config import config_from_toml
-from fedgen.data.site import SiteData, load_site
-from fedgen.errors import FedgenError
+from fedgen.data.site import load_site
 from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.protocol import RUN_DIR_KEY
-from fedgen.site_policy import policy_from_settings
 from fedgen.site_progress import progress_path, progress_writer
 
-__all__ = ["make_client_app", "app", "site_ledger", "with_node_policy"]
+__all__ = ["make_client_app", "app", "site_ledger"]
 
 def site_path(context: Context, site_dirs: Sequence[str] | None) -> Path:
     if site_dirs is not None:
         return Path(site_dirs[int(context.node_config["partition-id"])])
     return Path(str(context.node_config["data-path"]))
-
-
-def with_node_policy(site: SiteData, node_config: Mapping[str, object]) -> SiteData:
-    """The site with the policy settings of its SuperNode's node config (`fedgen client` flags)
-    applied over its site.toml."""
-    try:
-        policy = policy_from_settings(node_config, base=site.policy)
-    except ValueError as err:
-        raise FedgenError(f"{site.name}: node config: {err}") from None
-    return dataclasses.replace(site, policy=policy, epsilon_budget=policy.epsilon_budget)
 
 
 def round_seed(run_seed: int, server_round: int, site_name: str) -> int:
@@ -146,7 +133,7 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         from fedgen.clients.site_audit import answer_query  # the audit libraries load only when audited
 
         root = site_path(context, site_dirs)
-        content = answer_query(msg.content, root, work_dir=root / SITE_STATE_DIR, state=context.state)
+        content = answer_query(msg.content, root, work_dir=root / SITE_STATE_DIR, node_config=context.node_config)
         return Message(content=content, reply_to=msg)
 
     return app

@@ -1,8 +1,7 @@
 """The image audit at a site: attacks, near copies, fidelity and utility on the site's OWN images.
 
 Called by fedgen.clients.site_audit with the decoded query; returns aggregates only (see
-fedgen.audits.site_answers for what the attack part may say) and the raw attack scores, which
-stay in the node's state for the histogram query.
+fedgen.audits.site_answers for what the attack part may say).
 """
 
 from __future__ import annotations
@@ -29,14 +28,9 @@ from fedgen.data.site import SiteData
 from fedgen.modalities import Modality
 from fedgen.privacy.plan import privacy_facts
 
-__all__ = ["IMAGE_ATTACKS", "image_attack_scores", "image_site_audit"]
+__all__ = ["IMAGE_ATTACKS", "image_site_audit"]
 
 IMAGE_ATTACKS = ("loss", "pia")
-
-
-def image_attack_scores(modality: Modality, site: SiteData, unet) -> Scores:
-    """Loss and PIA scores of the site's train (members) and held-out (non-members) images."""
-    return _image_scores(modality, unet, [split.tensors for split in modality.datasets(site)])
 
 
 def _image_scores(modality: Modality, unet, splits: Sequence[tuple[Tensor, Tensor]]) -> Scores:
@@ -58,7 +52,7 @@ def image_site_audit(
     synthetic: tuple[Tensor, Tensor],
     feature_net: FeatureNet,
     extractor: FeatureExtractor,
-) -> tuple[dict, Scores]:
+) -> dict:
     """Attacks, near copies, fidelity and utility of the synthetic images on this site's images.
 
     ``extractor`` gives the fidelity features (the shared FeatureNet, or Inception). Near copies
@@ -103,4 +97,4 @@ def image_site_audit(
             seed=config.seed,
         ),
     }
-    return result, scores
+    return result

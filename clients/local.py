@@ -5,9 +5,10 @@ No Flower here, so tests can call it directly; clients/app.py only translates me
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,10 @@ from fedgen.errors import FedgenError
 from fedgen.modalities import Modality
 from fedgen.privacy.accounting import default_delta, planned_steps
 from fedgen.privacy.plan import DIFFERENT_PEOPLE, Histories, PrivacyPlan, plan_privacy, site_account
-from fedgen.site_policy import SitePolicy
+from fedgen.site_policy import SitePolicy, policy_from_settings
 from fedgen.training import ProgressCallback, train_local
 
-__all__ = ["SiteUpdate", "train_site", "BudgetExhausted", "PolicyRefused", "check_policy"]
+__all__ = ["SiteUpdate", "train_site", "BudgetExhausted", "PolicyRefused", "check_policy", "with_node_policy"]
 
 # How far past its budget a site may land from calibration tolerance alone.
 BUDGET_SLACK = 1e-6
@@ -32,6 +33,16 @@ class BudgetExhausted(FedgenError):
 
 class PolicyRefused(FedgenError):
     """The site refuses to train: the run asks for less privacy than its policy accepts."""
+
+
+def with_node_policy(site: SiteData, node_config: Mapping[str, object]) -> SiteData:
+    """The site with the policy settings of its SuperNode's node config (`fedgen client` flags)
+    applied over its site.toml."""
+    try:
+        policy = policy_from_settings(node_config, base=site.policy)
+    except ValueError as err:
+        raise FedgenError(f"{site.name}: node config: {err}") from None
+    return dataclasses.replace(site, policy=policy, epsilon_budget=policy.epsilon_budget)
 
 
 def check_policy(policy: SitePolicy, plan: PrivacyPlan, *, site: str, modality: str, n_train: int) -> None:

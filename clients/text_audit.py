@@ -1,8 +1,7 @@
 """The text audit at a site: attacks, canaries, memorisation, fidelity and utility on its OWN notes.
 
 Called by fedgen.clients.site_audit with the decoded query; returns aggregates only (counts,
-scalar summaries; see fedgen.audits.site_answers for the attack part) and the raw attack
-scores, which stay in the node's state for the histogram query.
+scalar summaries; see fedgen.audits.site_answers for the attack part).
 """
 
 from __future__ import annotations
@@ -229,7 +228,7 @@ def text_memorisation(
 
 def text_site_audit(
     modality: Modality, site: SiteData, model, *, synthetic: tuple[list[str], list[int]]
-) -> tuple[dict, Scores]:
+) -> dict:
     """Attacks, canaries, memorisation, fidelity and utility of the synthetic texts on this site's notes."""
     config = modality.config
     names = config.data.text_classes
@@ -257,4 +256,4 @@ def text_site_audit(
             unzip(train), unzip(heldout), (synthetic_texts, synthetic_labels), class_names=names, seed=config.seed
         ),
     }
-    return result, scores
+    return result

@@ -16,11 +16,13 @@ name. Under SecAgg+ Flower's legacy ``fitins.*`` / ``fitres.*`` records carry th
 
 Audit queries carry the run configuration, the final model's trained state, the synthetic data
 and (images) the feature extractor every site must share; replies hold aggregates only, packed
-by :func:`pack_reply`: arrays in an ArrayRecord, everything else as one JSON document.
+by :func:`pack_reply`: arrays in an ArrayRecord, everything else as one JSON document. A site
+identifies the model and the synthetic set it is asked about by :func:`record_digest`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +49,6 @@ __all__ = [
     "LEGACY_PARAMS",
     "LEGACY_CONFIG",
     "QUERY_AUDIT",
-    "QUERY_HISTOGRAMS",
     "CONFIG",
     "MODEL",
     "SYNTHETIC_IMAGES",
@@ -55,8 +56,8 @@ __all__ = [
     "FEATURE_NET",
     "FEATURE_NET_CONFIG",
     "INCEPTION",
-    "EDGES",
     "make_query",
+    "record_digest",
     "pack_reply",
     "unpack_reply",
     "error_line",
@@ -87,8 +88,7 @@ LEGACY_CONFIG = "fitins.config"
 
 # --- audit queries ------------------------------------------------------------------------
 
-QUERY_AUDIT = "audit"  # every measure, plus each attack's exact summary and central score range
-QUERY_HISTOGRAMS = "histograms"  # the scores binned on edges shared by every site
+QUERY_AUDIT = "audit"  # every measure, plus per attack the exact summary and the site's histogram
 
 # Query layout (coordinator -> site).
 CONFIG = "config"  # ConfigRecord: run-config (TOML), modality, query
@@ -98,7 +98,6 @@ SYNTHETIC_TEXTS = "synthetic-texts"  # ConfigRecord: "texts", "labels" (class in
 FEATURE_NET = "feature-net"  # ArrayRecord: FeatureNet weights
 FEATURE_NET_CONFIG = "feature-net-config"  # ConfigRecord: FeatureNet constructor arguments
 INCEPTION = "inception"  # ConfigRecord: "path" of the TorchScript Inception detector for fidelity
-EDGES = "edges"  # ArrayRecord: one array of histogram bin edges per attack
 # Reply layout (site -> coordinator).
 REPLY_SUMMARY = "summary"  # ConfigRecord {"json": ...}: the reply with arrays replaced by references
 REPLY_ARRAYS = "aggregates"  # ArrayRecord: the arrays, keyed by their dotted path in the reply
@@ -115,7 +114,6 @@ def make_query(
     synthetic_texts: tuple[Sequence[str], Sequence[int]] | None = None,
     feature_net: nn.Module | None = None,
     inception: str | Path | None = None,
-    edges: dict[str, np.ndarray] | None = None,
 ) -> RecordDict:
     """The content of one audit query (coordinator side).
 
@@ -141,9 +139,18 @@ def make_query(
         content[FEATURE_NET_CONFIG] = ConfigRecord(dict(feature_net.config))
     if inception is not None:
         content[INCEPTION] = ConfigRecord({"path": str(inception)})
-    if edges is not None:
-        content[EDGES] = ArrayRecord(array_dict={name: Array(e) for name, e in edges.items()})
     return content
+
+
+def record_digest(record: ArrayRecord | ConfigRecord) -> str:
+    """SHA-256 of a record's content (keys in order): the same arrays or values, the same digest."""
+    digest = hashlib.sha256()
+    if isinstance(record, ArrayRecord):
+        for key in sorted(record.keys()):
+            digest.update(key.encode() + b"\0" + record[key].data)
+    else:
+        digest.update(json.dumps(dict(record), sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _strip_arrays(node, path: str, arrays: dict[str, Array]):

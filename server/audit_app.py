@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedgen.artifacts import RunDir
 from fedgen.audits.gate import Policy, load_policy, record_decision
 from fedgen.audits.inputs import AuditInputs, prepare_inputs, say
-from fedgen.audits.pooling import assemble_report, shared_edges, trained_sites
+from fedgen.audits.pooling import assemble_report, trained_sites
 from fedgen.audits.report import write_report
 from fedgen.errors import FedgenError
 from fedgen.manifest import synthetic_manifest
@@ -29,10 +29,12 @@ from fedgen.protocol import (
     INCEPTION_KEY,
     POLICY_KEY,
     QUERY_AUDIT,
-    QUERY_HISTOGRAMS,
     RUN_DIR_KEY,
+    SYNTHETIC_IMAGES,
+    SYNTHETIC_TEXTS,
     error_line,
     make_query,
+    record_digest,
     unpack_reply,
 )
 
@@ -71,7 +73,7 @@ def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: floa
 
 
 def audit_sites(grid: Grid, inputs: AuditInputs, *, expected_sites: int, progress: bool = False) -> dict[str, list[dict]]:
-    """Per modality, every site's answers (sorted by site name), histograms included."""
+    """Per modality, every site's answers (sorted by site name)."""
     config = inputs.config
     nodes = _wait_for_nodes(grid, expected_sites)
     timeout = config.federation.round_timeout
@@ -89,15 +91,11 @@ def audit_sites(grid: Grid, inputs: AuditInputs, *, expected_sites: int, progres
             feature_net=inputs.feature_net if name == "image" else None,
             inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
         )
-        first = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit")
-        edges = {
-            attack: shared_edges([site["attacks"][attack]["score_range"] for site in first])
-            for attack in first[0]["attacks"]
-        }
-        say(progress, f"{name}: collecting score histograms")
-        histograms = make_query(config, name, QUERY_HISTOGRAMS, model_state=state, edges=edges)
-        second = {r["site"]: r["histograms"] for r in _ask(grid, nodes, histograms, timeout=timeout, what=f"{name} histograms")}
-        answers[name] = [{**site, "histograms": second[site["site"]], "edges": edges} for site in first]
+        sent = record_digest(audit[SYNTHETIC_IMAGES if name == "image" else SYNTHETIC_TEXTS])
+        answers[name] = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit")
+        other = [a["site"] for a in answers[name] if a["synthetic_digest"] != sent]
+        if other:
+            raise FedgenError(f"{', '.join(other)} answered the {name} audit on other synthetic data than was sent")
     return answers
 
 

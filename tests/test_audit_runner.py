@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from PIL import Image
 from typer.testing import CliRunner
@@ -24,10 +24,11 @@ from fedgen.audits.features import extract_features, load_inception
 from fedgen.audits.fidelity import fid_from_features
 from fedgen.audits.inputs import load_synthetic_images, prepare_inputs
 from fedgen.audits.mia import attack_metrics, metrics_from_histograms
-from fedgen.audits.pooling import HISTOGRAM_BINS, shared_edges
+from fedgen.audits.pooling import pool_histograms
+from fedgen.audits.site_answers import MIN_BIN_RECORDS, SITE_HISTOGRAM_BINS, site_histogram
 from fedgen.cli import app as cli_app
 from fedgen.clients.local import train_site
-from fedgen.clients.site_audit import answer_query
+from fedgen.clients.site_audit import MIN_SYNTHETIC_ITEMS, answer_query
 from fedgen.clients.text_audit import _candidate_secrets, text_memorisation
 from fedgen.config import RunConfig
 from fedgen.data.site import load_site, split_indices
@@ -39,7 +40,6 @@ from fedgen.models.text import generate_texts as sample_texts
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.protocol import (
     QUERY_AUDIT,
-    QUERY_HISTOGRAMS,
     REPLY_ARRAYS,
     REPLY_SUMMARY,
     error_line,
@@ -53,7 +53,7 @@ from fedgen.simulations.engine import run_audit, run_on_simulated_sites
 from tests.test_fidelity import LinearDetector, scripted
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
-SYNTHETIC_PER_CLASS = 4
+SYNTHETIC_PER_CLASS = 4  # 20 per modality: the fewest a site counts memorisation on
 SITES = ("site-a", "site-b")
 CANARY_SECRET = "482913765"
 CANARY_TEMPLATE = "Chart {secret}: patient seems calm today."
@@ -108,7 +108,8 @@ def write_site(root, name: str, config: RunConfig, seed: int) -> None:
     """PER_CLASS gray images and notes per class; a canary and a planted name in train records."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
-    (root / "site.toml").write_text(f'name = "{name}"\nheldout_fraction = 0.5\n')
+    # The module asks each site about one model more often than the default policy answers.
+    (root / "site.toml").write_text(f'name = "{name}"\nheldout_fraction = 0.5\naudit_answers = 20\n')
     for label, grade in enumerate(config.data.image_classes):
         folder = root / "images" / grade
         folder.mkdir(parents=True)
@@ -257,18 +258,22 @@ def test_canary_exposure_and_memorisation_are_reported_per_site(audited):
     assert memorisation["ngram_n"] == 8 and set(memorisation["sites"]) == set(SITES)
 
 
-def site_answer(run: RunDir, root, modality: str, query: str, **extra):
-    """A site's reply to a query, called directly (no Flower, no node state)."""
+def site_query(run: RunDir, modality: str, **extra) -> RecordDict:
+    """The coordinator's audit query about the run's model."""
     inputs = prepare_inputs(run)
     synthetic = {
         "image": {"synthetic_images": inputs.synthetic_images, "feature_net": inputs.feature_net},
         "text": {"synthetic_texts": inputs.synthetic_texts},
     }
-    content = make_query(
-        inputs.config, modality, query, model_state=inputs.model_states[modality],
-        **(synthetic[modality] if query == QUERY_AUDIT else {}), **extra,
+    return make_query(
+        inputs.config, modality, QUERY_AUDIT, model_state=inputs.model_states[modality], **{**synthetic[modality], **extra}
     )
-    return answer_query(content, root, work_dir=root / SITE_STATE_DIR)
+
+
+def site_answer(run: RunDir, root, modality: str, query: str, **extra):
+    """A site's reply to a query, called directly (no Flower)."""
+    assert query == QUERY_AUDIT
+    return answer_query(site_query(run, modality, **extra), root, work_dir=root / SITE_STATE_DIR)
 
 
 @pytest.mark.e2e
@@ -290,13 +295,48 @@ def test_site_reply_holds_no_record(audited, modality):
 
 
 @pytest.mark.e2e
-def test_histogram_query_recomputes_scores_without_node_state(audited):
+def test_edges_from_the_coordinator_are_ignored_and_no_bin_singles_out_a_record(audited):
     run, site_dirs, _ = audited
-    edges = {a: shared_edges([[-3.0, -1.0]]) for a in ("loss", "zlib", "min_k")}
-    answer = unpack_reply(site_answer(run, site_dirs[1], "text", QUERY_HISTOGRAMS, edges=edges))
-    counts = answer["histograms"]["loss"]
-    assert len(counts["members"]) == HISTOGRAM_BINS
-    assert counts["members"].sum() == counts["nonmembers"].sum() == 25
+    crafted = np.linspace(-20.0, 20.0, 1_000_001)  # a million bins: one record per bin
+    reply = site_answer(run, site_dirs[1], "text", QUERY_AUDIT)
+    content_with_edges = site_query(run, "text")
+    content_with_edges["edges"] = ArrayRecord(array_dict={a: Array(crafted) for a in ("loss", "zlib", "min_k")})
+    crafted_reply = answer_query(content_with_edges, site_dirs[1], work_dir=site_dirs[1] / SITE_STATE_DIR)
+    for answer in (unpack_reply(reply), unpack_reply(crafted_reply)):
+        for attack in answer["attacks"].values():
+            histogram = attack["histogram"]
+            totals = histogram["members"] + histogram["nonmembers"]
+            assert len(totals) <= SITE_HISTOGRAM_BINS and totals.min() >= MIN_BIN_RECORDS
+            assert histogram["members"].sum() == histogram["nonmembers"].sum() == 25
+            assert np.isinf(histogram["edges"][[0, -1]]).all()
+    assert unpack_reply(crafted_reply)["attacks"]["loss"]["histogram"]["edges"].tolist() == (
+        unpack_reply(reply)["attacks"]["loss"]["histogram"]["edges"].tolist()
+    )
+
+
+@pytest.mark.e2e
+def test_a_site_answers_within_its_policy_only(audited):
+    run, site_dirs, _ = audited
+    root = site_dirs[0]
+
+    def refusal(content, **node_config):
+        with pytest.raises(FedgenError) as raised:
+            answer_query(content, root, work_dir=root / SITE_STATE_DIR, node_config=node_config)
+        return str(raised.value)
+
+    answers = json.loads((root / SITE_STATE_DIR / "audit-answers.json").read_text())["answers"]
+    asked = max(n for key, n in answers.items() if "/text/" in key)
+    assert refusal(site_query(run, "text"), audit_answers=asked) == (
+        f"site-a: refuses to answer the text audit query again: it answered it {asked} time(s) about this model "
+        f"(audit_answers = {asked})"
+    )
+    assert refusal(site_query(run, "text"), audit_queries="") == "site-a: refuses the audit query: its policy answers none (audit_queries)"
+    # memorisation counts: on the first synthetic set only, and on no fewer than MIN_SYNTHETIC_ITEMS
+    texts, labels = prepare_inputs(run).synthetic_texts
+    other = site_query(run, "text", synthetic_texts=(["a new candidate", *texts[1:]], labels))
+    assert refusal(other) == "site-a: refuses a second synthetic text set for this model: it counts memorisation on the first set it was asked about only"
+    few = site_query(run, "text", synthetic_texts=(texts[:1], labels[:1]))
+    assert refusal(few) == f"site-a: refuses to count memorisation on 1 synthetic text items: it needs at least {MIN_SYNTHETIC_ITEMS} (generate more)"
 
 
 def test_missing_synthetic_data_names_the_generate_command(tmp_path):
@@ -313,13 +353,28 @@ def test_reply_arrays_round_trip():
     np.testing.assert_array_equal(back["a"]["sum"], np.arange(3.0))
 
 
-def test_shared_edges_keep_pooled_auc_close_to_exact():
+@pytest.mark.parametrize("shift", [0.3, 1.0])
+def test_site_chosen_bins_keep_pooled_auc_and_tpr_close_to_exact(shift):
     rng = np.random.default_rng(0)
-    members, nonmembers = rng.normal(0.3, 1, 400), rng.normal(0, 1, 400)
-    exact = attack_metrics(members, nonmembers).auc
-    edges = shared_edges([np.quantile(np.r_[members, nonmembers], [0.05, 0.95])])
-    counts = [np.histogram(np.clip(s, edges[0], edges[-1]), edges)[0] for s in (members, nonmembers)]
-    assert abs(metrics_from_histograms(*counts, edges).auc - exact) < 0.005
+    sites = [(rng.normal(shift + 0.1 * k, 1, 500), rng.normal(0.1 * k, 1, 500)) for k in range(3)]
+    histograms = [site_histogram(members, nonmembers) for members, nonmembers in sites]
+    members, nonmembers = pool_histograms(histograms, "members"), pool_histograms(histograms, "nonmembers")
+    pooled = metrics_from_histograms(members["counts"], nonmembers["counts"], members["edges"])
+    exact = attack_metrics(np.concatenate([m for m, _ in sites]), np.concatenate([n for _, n in sites]))
+    assert (pooled.n_members, pooled.n_nonmembers) == (1500, 1500)
+    assert abs(pooled.auc - exact.auc) < 0.005
+    assert abs(pooled.tpr_at_1pct_fpr - exact.tpr_at_1pct_fpr) < 0.04
+    # the ε bound's counts bracket the truth: fewer members, more non-members than a threshold accuses
+    scores = np.concatenate([m for m, _ in sites])
+    assert all(members["surely"] <= [np.sum(scores >= t) for t in members["thresholds"]])
+
+
+def test_an_outlier_record_is_not_readable_from_its_sites_histogram():
+    rng = np.random.default_rng(1)
+    members, nonmembers = np.r_[rng.normal(0, 1, 59), 40.0], rng.normal(0, 1, 60)
+    histogram = site_histogram(members, nonmembers)
+    top = histogram["members"][-1] + histogram["nonmembers"][-1]
+    assert top >= MIN_BIN_RECORDS and histogram["edges"][-2] < 3.0  # its bin starts among the others
 
 
 def test_canary_candidates_keep_the_secret_format():
@@ -445,4 +500,23 @@ def test_cli_refuses_a_missing_inception_file_before_anything_starts(tmp_path):
     result = CliRunner().invoke(cli_app, ["audit", str(run.root), "--inception", str(missing)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [f"error: Inception file not found: {missing} (fedgen never downloads weights)"]
+    assert not run.audit.exists()
+
+
+def test_audit_checks_its_inputs_before_asking_a_site_and_writes_nothing(tmp_path):
+    config = tiny_config().model_copy(update={"modality": "text"})
+    run = RunDir.create(tmp_path / "runs", config, "untrained")
+    run.synthetic.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": f"note {k}", "label": config.data.text_classes[0]}) for k in range(20)]
+    (run.synthetic / "texts.jsonl").write_text("\n".join(lines) + "\n")
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    result = CliRunner().invoke(cli_app, ["audit", str(run.root)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"error: {run.root} has no privacy ledger (ledger.sqlite): train it before auditing it"
+    ]
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before  # no empty ledger, no audit folder
+    PrivacyLedger(run.ledger_path).record(LedgerEntry("site-a", "text", 1, 1.0, 1e-3, 1.0, 0.1, 10, 50, None))
+    result = CliRunner().invoke(cli_app, ["audit", str(run.root)])
+    assert result.output.strip().splitlines() == [f"error: {run.root} has no complete text checkpoint"]
     assert not run.audit.exists()
