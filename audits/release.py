@@ -1,9 +1,18 @@
 """``fedgen release``: synthetic data leaves the coordinator only with a passed audit.
 
-Nothing is re-evaluated here: the decision recorded in ``audit/report.json`` by the gate is read
-as it is. What is checked is that the files being released are the files that were audited —
-the audit recorded the SHA-256 of every synthetic file, and a file changed, added or removed
-since then refuses the release. The release folder holds::
+The release does not take the recorded decision on trust. ``fedgen audit`` seals it
+(:func:`seal`): it keeps the policy it applied as ``audit/policy.json`` and, given the
+coordinator's credentials, signs a statement of the SHA-256 of report.json, of that policy and
+of every synthetic file (``audit/decision.json``). The release
+
+- verifies the signature with the coordinator's certificate (``certs``) and that report.json,
+  the policy and the synthetic files are the signed ones;
+- re-applies the recorded policy to the recorded figures: a decision edited to "passed" does
+  not pass;
+- checks the synthetic files against the fingerprints the audit recorded: a file changed,
+  added or removed since then refuses the release.
+
+Every problem found is one line of the refusal. The release folder holds::
 
     synthetic/...            the audited synthetic data, PHI findings replaced as the policy says
     audit/report.json        the audit and the gate's decision
@@ -21,22 +30,89 @@ release leaves nothing behind.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 from fedgen.artifacts import RunDir
+from fedgen.audits.gate import Policy, evaluate_gate
 from fedgen.audits.phi_redaction import redact_texts
 from fedgen.audits.report import REPORT_HTML, REPORT_JSON
+from fedgen.certs import ConsortiumCerts, sign, verify
 from fedgen.errors import FedgenError
-from fedgen.files import atomic_dir, read_text_records
+from fedgen.files import atomic_dir, read_text_records, write_json
 from fedgen.manifest import synthetic_manifest, write_manifest
 
-__all__ = ["ReleaseRefused", "release"]
+__all__ = ["ReleaseRefused", "release", "seal", "POLICY_COPY", "DECISION_FILE"]
 SYNTHETIC_DIR = "synthetic"
 AUDIT_DIR = "audit"
 TEXTS_FILE = "texts.jsonl"
+POLICY_COPY = "policy.json"  # in audit/: the policy the gate applied, every setting
+DECISION_FILE = "decision.json"  # in audit/: the signed statement of what was decided on
+
+
+def _sha256(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _statement(run: RunDir, synthetic: dict[str, str]) -> dict:
+    return {
+        "report_sha256": _sha256(run.audit / REPORT_JSON),
+        "policy_sha256": _sha256(run.audit / POLICY_COPY),
+        "synthetic_sha256": synthetic,
+    }
+
+
+def _payload(statement: dict) -> bytes:
+    return json.dumps(statement, sort_keys=True).encode()
+
+
+def seal(run: RunDir, policy: Policy, certs: ConsortiumCerts | None) -> None:
+    """Keep the policy the audit applied beside its report and, with the coordinator's
+    credentials, sign what was decided on (after report.json is written)."""
+    write_json(run.audit / POLICY_COPY, {"source": policy.source, "settings": policy.model_dump()})
+    (run.audit / DECISION_FILE).unlink(missing_ok=True)
+    if certs is None:
+        return
+    report = json.loads((run.audit / REPORT_JSON).read_text(encoding="utf-8"))
+    statement = _statement(run, report["synthetic"]["sha256"])
+    signature = base64.b64encode(sign(certs, _payload(statement))).decode()
+    write_json(run.audit / DECISION_FILE, {"statement": statement, "signature": signature})
+
+
+def _signature_problems(run: RunDir, certs: ConsortiumCerts, synthetic: dict[str, str]) -> list[str]:
+    """One line per way the run's audit folder differs from what the coordinator signed."""
+    path = run.audit / DECISION_FILE
+    if not path.is_file():
+        return [f"{AUDIT_DIR}/{DECISION_FILE}: missing: the decision is not signed"]
+    try:
+        signed = json.loads(path.read_text(encoding="utf-8"))
+        statement, signature = signed["statement"], base64.b64decode(signed["signature"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        return [f"{AUDIT_DIR}/{DECISION_FILE}: not a signed decision"]
+    if not verify(certs, _payload(statement), signature):
+        return [f"{AUDIT_DIR}/{DECISION_FILE}: the signature is not the coordinator's ({certs.server_cert})"]
+    now = _statement(run, synthetic)
+    names = {"report_sha256": REPORT_JSON, "policy_sha256": POLICY_COPY}
+    problems = [f"{AUDIT_DIR}/{name}: changed since the audit signed it" for key, name in names.items() if now[key] != statement.get(key)]
+    if now["synthetic_sha256"] != statement.get("synthetic_sha256"):
+        problems.append(f"{AUDIT_DIR}/{REPORT_JSON}: its synthetic fingerprints are not the signed ones")
+    return problems
+
+
+def _recorded_policy_refusals(run: RunDir, report: dict) -> list[str]:
+    """The recorded policy applied again to the recorded figures: one line per failed check."""
+    path = run.audit / POLICY_COPY
+    if not path.is_file():
+        return [f"{AUDIT_DIR}/{POLICY_COPY}: missing: run `fedgen audit {run.root}` again"]
+    try:
+        policy = Policy.model_validate(json.loads(path.read_text(encoding="utf-8"))["settings"])
+    except (ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
+        return [f"{AUDIT_DIR}/{POLICY_COPY}: not a policy the audit wrote"]
+    return _gate_refusals({"gate": evaluate_gate(report, policy)})
 
 
 class ReleaseRefused(FedgenError):
@@ -118,16 +194,20 @@ def _replace_phi(report: dict, synthetic: Path) -> dict[str, int] | None:
     return counts
 
 
-def release(run: RunDir, to: str | Path | None = None) -> Path:
+def release(run: RunDir, to: str | Path | None = None, *, certs: ConsortiumCerts | None = None) -> Path:
     """Copy the audited synthetic data, the report and a SHA-256 manifest to ``to`` (default:
-    ``RUN/release``), only if the recorded gate decision passed and the synthetic files are the
-    audited ones. Raises ReleaseRefused otherwise, having written nothing."""
+    ``RUN/release``), only if the decision is the coordinator's (``certs``: required then),
+    the recorded policy passes the recorded figures, and the synthetic files are the audited
+    ones. Raises ReleaseRefused otherwise, having written nothing."""
     to = run.release if to is None else Path(to)
     report = _read_report(run)
-    refusals = _gate_refusals(report)
+    audited = (report.get("synthetic") or {}).get("sha256")
+    tampered = [] if certs is None else _signature_problems(run, certs, audited)
+    if tampered:
+        raise ReleaseRefused(f"release refused: {len(tampered)} problem(s) with the signed decision", tampered)
+    refusals = list(dict.fromkeys(_gate_refusals(report) + _recorded_policy_refusals(run, report)))
     if refusals:
         raise ReleaseRefused(f"release refused: the gate failed {len(refusals)} check(s) of the audit", refusals)
-    audited = (report.get("synthetic") or {}).get("sha256")
     if not isinstance(audited, dict):
         raise ReleaseRefused(
             "release refused: the audit recorded no fingerprint of the synthetic files",
@@ -142,7 +222,8 @@ def release(run: RunDir, to: str | Path | None = None) -> Path:
             raise ReleaseRefused(f"release refused: {len(changed)} synthetic file(s) differ from the audited ones", changed)
         _replace_phi(report, staging / SYNTHETIC_DIR)  # after the check: the audited texts, redacted
         (staging / AUDIT_DIR).mkdir()
-        for name in (REPORT_JSON, REPORT_HTML):
-            shutil.copy2(run.audit / name, staging / AUDIT_DIR / name)
+        for name in (REPORT_JSON, REPORT_HTML, POLICY_COPY, DECISION_FILE):
+            if (run.audit / name).is_file():
+                shutil.copy2(run.audit / name, staging / AUDIT_DIR / name)
         write_manifest(staging)
     return to

@@ -9,7 +9,9 @@ OUT/
   authorized-keys         the public keys the coordinator registers, one per line
 
 TLS proves the coordinator to the sites (they pin ca.crt); node keys prove each site to the
-coordinator (SuperLink node authentication, which Flower only allows over TLS).
+coordinator (SuperLink node authentication, which Flower only allows over TLS). The
+coordinator's key also signs the audit's decision (``sign`` / ``verify``), so whoever can write
+the run folder cannot change what the audit decided without ``fedgen release`` noticing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -34,6 +37,8 @@ __all__ = [
     "load_certs",
     "site_key_name",
     "DEFAULT_HOSTS",
+    "sign",
+    "verify",
 ]
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
@@ -240,3 +245,19 @@ def _write_private(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+
+
+def sign(certs: ConsortiumCerts, payload: bytes) -> bytes:
+    """An ECDSA signature of ``payload`` with the coordinator's key (server.key)."""
+    key = serialization.load_pem_private_key(certs.server_key.read_bytes(), password=None)
+    return key.sign(payload, ec.ECDSA(SIGNATURE_HASH))
+
+
+def verify(certs: ConsortiumCerts, payload: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is the coordinator's (server.crt) on ``payload``."""
+    public = x509.load_pem_x509_certificate(certs.server_cert.read_bytes()).public_key()
+    try:
+        public.verify(signature, payload, ec.ECDSA(SIGNATURE_HASH))
+    except InvalidSignature:
+        return False
+    return True

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from fedgen.artifacts import RunDir
 from fedgen.audits.gate import evaluate_gate, load_policy
-from fedgen.audits.release import ReleaseRefused, release
+from fedgen.audits.release import ReleaseRefused, release, seal
 from fedgen.audits.report import write_report
+from fedgen.certs import make_certs
 from fedgen.cli import EXIT_REFUSED, app
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
@@ -25,7 +26,12 @@ def policy():
     return load_policy()
 
 
-def _audited_run(tmp_path, policy, *, edit_report=lambda report: None) -> RunDir:
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs") / "creds", sites=1)
+
+
+def _audited_run(tmp_path, policy, *, edit_report=lambda report: None, certs=None) -> RunDir:
     """A run with synthetic files, audited (report + gate + fingerprints) as `fedgen audit` does."""
     run = RunDir.create(tmp_path / "runs", RunConfig(modality="text"), "r1")
     images = run.synthetic / "images" / "Mild Case"
@@ -38,6 +44,7 @@ def _audited_run(tmp_path, policy, *, edit_report=lambda report: None) -> RunDir
     report["synthetic"]["sha256"] = synthetic_manifest(run.synthetic)
     report["gate"] = evaluate_gate(report, policy)
     write_report(run.audit, report)
+    seal(run, policy, certs)
     return run
 
 
@@ -62,7 +69,7 @@ def test_a_passed_release_copies_files_whose_hashes_match_the_manifest(tmp_path,
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(listed) == sorted(set(on_disk) - {MANIFEST_NAME})
     assert set(listed) == {
-        "audit/report.json", "audit/report.html", "synthetic/texts.jsonl",
+        "audit/report.json", "audit/report.html", "audit/policy.json", "synthetic/texts.jsonl",
         "synthetic/images/Mild Case/00000.png", "synthetic/images/Mild Case/00001.png",
     }  # fmt: skip
     for name, digest in listed.items():
@@ -191,6 +198,7 @@ def _run_with_phi(tmp_path, policy) -> RunDir:
     report["phi"]["findings"] = findings
     report["phi"]["counts"] = {k: sum(f["entity_type"] == k for f in findings) for k in {f["entity_type"] for f in findings}}
     write_report(run.audit, record_decision(report, policy, audited_files=synthetic_manifest(run.synthetic)))
+    seal(run, policy, None)
     return run
 
 
@@ -232,3 +240,70 @@ def test_a_refusing_phi_policy_releases_the_texts_as_audited(tmp_path, policy):
     run = _run_with_phi(tmp_path, refusing)
     out = release(run, tmp_path / "out")
     assert (out / "synthetic/texts.jsonl").read_bytes() == (run.synthetic / "texts.jsonl").read_bytes()
+
+
+def _edit(path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def _refusal(run, tmp_path, **kwargs) -> list[str]:
+    with pytest.raises(ReleaseRefused) as refused:
+        release(run, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+    return refused.value.reasons
+
+
+def test_a_decision_edited_to_passed_is_refused_by_the_recorded_policy(tmp_path, policy):
+    run = _audited_run(tmp_path, policy, edit_report=_canary_copied)
+    report = json.loads((run.audit / "report.json").read_text())
+    report["gate"]["passed"] = True
+    for check in report["gate"]["checks"]:
+        check["passed"] = True
+    (run.audit / "report.json").write_text(json.dumps(report))
+    assert [r.split(":")[0] for r in _refusal(run, tmp_path)] == [
+        "memorisation.text.canary_reproductions", "utility.text.synthetic_to_real_ratio"
+    ]  # fmt: skip
+
+
+def test_a_signed_decision_is_released_with_its_signature(tmp_path, policy, certs):
+    run = _audited_run(tmp_path, policy, certs=certs)
+    out = release(run, tmp_path / "out", certs=certs)
+    assert (out / "audit" / "decision.json").read_bytes() == (run.audit / "decision.json").read_bytes()
+
+
+def test_an_edited_report_policy_or_synthetic_file_of_a_signed_decision_is_refused(tmp_path, policy, certs):
+    run = _audited_run(tmp_path, policy, certs=certs)
+    report = json.loads((run.audit / "report.json").read_text())
+    report["utility"]["text"]["synthetic_to_real_ratio"] = 0.99  # a better figure than measured
+    (run.audit / "report.json").write_text(json.dumps(report))
+    _edit(run.audit / "policy.json", '"max_epsilon": 10.0', '"max_epsilon": 1000.0')
+    assert _refusal(run, tmp_path, certs=certs) == [
+        "audit/report.json: changed since the audit signed it",
+        "audit/policy.json: changed since the audit signed it",
+    ]
+    run = _audited_run(tmp_path / "again", policy, certs=certs)
+    (run.synthetic / "texts.jsonl").write_text('{"text": "Something else.", "label": "Normal"}\n')
+    assert _refusal(run, tmp_path, certs=certs) == ["synthetic/texts.jsonl: changed since the audit"]
+
+
+def test_a_decision_signed_by_another_key_or_unsigned_is_refused(tmp_path, policy, certs):
+    stranger = make_certs(tmp_path / "stranger", sites=1)
+    run = _audited_run(tmp_path, policy, certs=stranger)
+    assert _refusal(run, tmp_path, certs=certs) == [
+        f"audit/decision.json: the signature is not the coordinator's ({certs.server_cert})"
+    ]
+    (run.audit / "decision.json").unlink()
+    assert _refusal(run, tmp_path, certs=certs) == ["audit/decision.json: missing: the decision is not signed"]
+
+
+def test_the_cli_names_every_problem_in_one_line_each(tmp_path, policy, certs):
+    run = _audited_run(tmp_path, policy, certs=certs)
+    _edit(run.audit / "policy.json", '"max_epsilon": 10.0', '"max_epsilon": 1000.0')
+    result = runner.invoke(app, ["release", str(run.root), "--certs", str(certs.root)])
+    assert result.exit_code == EXIT_REFUSED
+    assert result.output.strip().splitlines() == [
+        "release refused: 1 problem(s) with the signed decision",
+        "  audit/policy.json: changed since the audit signed it",
+    ]
