@@ -9,16 +9,23 @@ Flower 1.41 has no in-process API for the SuperLink or a SuperNode, so `fedgen s
   folder, the site's .fedgen folder), never at the user's ~/.flwr.
 - Cleanup: every started process is stopped (SIGTERM, then SIGKILL after a grace period) when
   the block exits, whether it ends normally, on an error or on Ctrl-C.
+- Dying together: each Flower command runs under a guard (``python -m fedgen.processes``, in
+  its own process group) that the kernel signals when the fedgen command dies, however it
+  dies (``kill -9`` included: PR_SET_PDEATHSIG). The guard is a child subreaper
+  (PR_SET_CHILD_SUBREAPER), so every descendant of the Flower command — helpers that outlive
+  their own parent included — stays below it, and it stops them all before it exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +46,9 @@ __all__ = [
 ]
 
 STOP_GRACE = 15.0  # seconds a Flower process gets to shut down before SIGKILL
+GUARD_GRACE = 10.0  # the guard's own grace for the processes below it: shorter, so it finishes first
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 FLWR_HOME = "FLWR_HOME"
 LOOPBACK = "127.0.0.1"
 
@@ -88,12 +98,13 @@ class ProcessGroup:
         cwd: Path | None = None,
     ) -> subprocess.Popen:
         process = subprocess.Popen(
-            list(command),
+            [sys.executable, "-m", "fedgen.processes", str(os.getpid()), *command],
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
+            start_new_session=True,  # Ctrl-C reaches fedgen only, which stops the guard
         )
         self.processes.append(process)
         return process
@@ -134,3 +145,82 @@ def process_group() -> Iterator[ProcessGroup]:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --- the guard ------------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _stop_below(grace: float) -> None:
+    """SIGTERM every descendant of this process, SIGKILL what is left after ``grace`` seconds."""
+    _signal_all(descendants(os.getpid()), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap()
+        if not descendants(os.getpid()):
+            return
+        time.sleep(0.2)
+    _signal_all(descendants(os.getpid()), signal.SIGKILL)
+    _reap()
+
+
+def _reap() -> None:
+    """Collect exited children (orphans the subreaper adopted included)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def guard(parent: int, command: list[str]) -> int:
+    """Run ``command`` until it exits or ``parent`` (the fedgen command) dies, then stop every
+    process below; returns the command's exit code."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    stopping = []
+
+    def stop(signum, frame) -> None:
+        stopping.append(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, stop)
+    if os.getppid() != parent:  # the fedgen command died before the guard was armed
+        return 1
+    child = subprocess.Popen(command)
+    while child.poll() is None and not stopping:
+        time.sleep(0.2)
+    _stop_below(GUARD_GRACE)
+    return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(guard(int(sys.argv[1]), sys.argv[2:]))
