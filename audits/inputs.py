@@ -23,13 +23,16 @@ from fedgen.artifacts import RunDir
 from fedgen.audits.features import FeatureExtractor, FeatureNet, InceptionFeatures, load_inception, train_feature_net
 from fedgen.config import RunConfig
 from fedgen.data.site import load_images
+from fedgen.errors import FedgenError
 from fedgen.generate import synthetic_image_files, synthetic_text_records
 from fedgen.modalities import get_modality
+from fedgen.privacy.ledger import PrivacyLedger
 
 __all__ = [
     "FEATURE_NET_EPOCHS",
     "FEATURE_NET_TRAINED_ON",
     "AuditInputs",
+    "check_inputs",
     "load_synthetic_images",
     "load_synthetic_texts",
     "prepare_inputs",
@@ -85,14 +88,33 @@ def _checkpoint_state(run: RunDir, config: RunConfig, modality_name: str) -> dic
     return {key: saved[key].detach().clone() for key in expected}
 
 
+def check_inputs(run: RunDir) -> tuple[Tensor, Tensor] | None:
+    """Refuse, in one line and writing nothing, a run the audit cannot cover: no privacy ledger or
+    a modality it never trained, a missing or corrupt checkpoint, missing synthetic data.
+    Returns the synthetic images (or None), which it had to decode to check them."""
+    config = run.config()
+    synthetic_images = load_synthetic_images(run, config) if "image" in config.modalities else None
+    if "text" in config.modalities:
+        load_synthetic_texts(run, config)
+    if not run.ledger_path.is_file():  # PrivacyLedger would create an empty one
+        raise FedgenError(f"{run.root} has no privacy ledger ({run.ledger_path.name}): train it before auditing it")
+    ledger = PrivacyLedger(run.ledger_path)
+    for name in config.modalities:
+        if not ledger.entries(modality=name):
+            raise FedgenError(f"the ledger of {run.root} holds no {name} training round: train it before auditing it")
+        get_modality(name, config, work_dir=run.base_models).load(run.checkpoint(name))
+    return synthetic_images
+
+
 def prepare_inputs(run: RunDir, *, inception: str | Path | None = None, progress: bool = False) -> AuditInputs:
-    """Load checkpoints and synthetic data, and train the shared image feature extractor.
+    """Check the run (``check_inputs``), load checkpoints and synthetic data, and train the
+    shared image feature extractor.
 
     ``inception``: a local TorchScript Inception file for the image fidelity figures.
     """
     config = run.config()
     modalities = config.modalities
-    synthetic_images = load_synthetic_images(run, config) if "image" in modalities else None
+    synthetic_images = check_inputs(run)
     synthetic_texts = load_synthetic_texts(run, config) if "text" in modalities else None
     detector = None
     if inception is not None and synthetic_images is not None:

@@ -107,12 +107,13 @@ def serve(
 ) -> None:
     """Run the fedgen run in `run` on a fresh SuperLink; return when it ended, raise if unfinished."""
     # train_app imports torch: import it here, never in the SuperLink's own process
-    from fedgen.server.train_app import rounds_done
+    from fedgen.server.train_app import check_resumable, rounds_done
 
     planned = run.config().federation.rounds
     if all(done >= planned for done in rounds_done(run).values()):
         echo(f"{run.root} has trained all its {planned} rounds: nothing to do")
         return
+    check_resumable(run)
     status = _run_on_superlink(
         run, (TRAIN_APP_FOLDER, TRAIN_SERVER_APP, TRAIN_RUN_CONFIG), {}, certs=certs, port=port, host=host, echo=echo,
         interrupted=f"interrupted; continue with `fedgen server --resume {run.root}`",

@@ -93,6 +93,19 @@ def rounds_done(run: RunDir) -> dict[str, int]:
     }
 
 
+def check_resumable(run: RunDir) -> None:
+    """Load every modality's last complete checkpoint (and its EMA) as a resume would: a corrupt
+    one is a one-line FedgenError naming it, before any Flower process starts."""
+    config = run.config()
+    for name in config.modalities:
+        if run.completed_rounds(name):
+            modality = get_modality(name, config, work_dir=run.base_models)
+            last = run.checkpoint(name)
+            modality.load_trainable(last)
+            if (last / EMA_DIR).is_dir():
+                modality.load_trainable(last / EMA_DIR)
+
+
 def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
     """Train one modality up to its planned rounds, checkpointing after each round.
 

@@ -339,6 +339,24 @@ def test_a_busy_port_or_an_unservable_host_is_refused_before_the_run_folder_is_m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_resuming_from_a_truncated_checkpoint_is_one_line_before_anything_starts(tmp_path):
+    from fedgen.modalities import get_modality
+
+    run = RunDir.create(tmp_path / "runs", RunConfig.model_validate(TINY), "r")
+    modality = get_modality("image", run.config(), work_dir=run.base_models)
+    checkpoint = run.round_dir(1) / "image"
+    modality.save(modality.build_model(), checkpoint)
+    write_json(checkpoint / "metrics.json", {})
+    weights = next(checkpoint.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = CliRunner().invoke(app, ["server", "--insecure", "--resume", str(run.root), "--port", str(free_port()), "--host", "127.0.0.1"])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: image model weights {weights} are corrupt or truncated: Error while deserializing header: invalid header length"]
+    assert "Traceback" not in result.output and "--resume" not in result.output
+    assert not (run.root / "flwr").exists()  # no SuperLink was started
+
+
 def test_a_bad_site_is_refused_before_anything_starts(tmp_path):
     site = tmp_path / "site"
     (site / "images" / "Not_A_Grade").mkdir(parents=True)
@@ -497,7 +515,7 @@ def test_a_deployed_consortium_is_audited_at_its_sites(processes, tmp_path):
     config_path = write_config(tmp_path / "fed.toml", sites=2, min_sites=2, rounds=1)
     run = RunDir.create(tmp_path / "runs", load_config(config_path), "deployed")
     train_one_round(run, sites[:2], run.config())
-    generate_images(run, per_class=2)
+    generate_images(run, per_class=4)  # 20: the fewest a site counts memorisation on
     port = free_port()
     audit = processes.start("audit", [
         "audit", str(run.root), "--deployment", "--certs", str(certs.root), "--port", str(port),

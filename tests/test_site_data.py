@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,6 +224,38 @@ def _unknown_class_folder(root: Path) -> str:
     return f"{root / 'images' / 'Glaucoma'}: class folder 'Glaucoma' is not in the image class list {IMAGE_LIST}"
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG's signature, header chunk and an empty data chunk: its size, no pixels."""
+
+    def chunk(body: bytes) -> bytes:
+        return (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    header = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(header) + chunk(b"IDAT") + chunk(b"IEND")
+
+
+def _huge_image(root: Path) -> str:
+    path = root / "images" / "Mild" / "huge.png"
+    path.write_bytes(_png_header(13000, 13000))  # 169 megapixels in 57 bytes
+    return f"{path}: 13000x13000 pixels, more than the 50,000,000 fedgen reads"
+
+
+def _link_out_of_the_site(kind: str) -> Callable[[Path], str]:
+    def breaker(root: Path) -> str:
+        elsewhere = root.parent / "elsewhere"
+        if kind == "image":
+            target, link = write_image(elsewhere / "x.png"), root / "images" / "Mild" / "x.png"
+        elif kind == "class folder":
+            target, link = write_image(elsewhere / "Severe" / "0.png").parent, root / "images" / "Severe"
+        else:
+            target, link = root / "texts.jsonl", root / "texts.jsonl"
+            target = target.rename(elsewhere / "texts.jsonl") if elsewhere.mkdir() is None else target
+        link.symlink_to(target)
+        return f"{link}: a link to {target.resolve()}, outside the site folder (copy the file in instead)"
+
+    return breaker
+
+
 def _line(raw: bytes, message: str) -> Callable[[Path], str]:
     def breaker(root: Path) -> str:
         path = append_line(root, raw)
@@ -291,6 +324,10 @@ PROBLEMS = {
     "different people not a boolean": _site_toml(
         'different_people = "yes"\n', "different_people = 'yes' must be true or false"
     ),
+    "huge image": _huge_image,
+    "image linked from outside": _link_out_of_the_site("image"),
+    "class folder linked from outside": _link_out_of_the_site("class folder"),
+    "texts linked from outside": _link_out_of_the_site("texts"),
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from fedgen.cli.common import (
     EXIT_REFUSED,
@@ -50,7 +51,7 @@ def audit_run(
     json_output: Annotated[bool, typer.Option("--json", help="Print the gate's decision as one JSON object.")] = False,
     site: Annotated[list[Path] | None, typer.Option(help="A site folder to audit against (repeatable). Default: the run's simulated sites.")] = None,
     deployment: Annotated[bool, typer.Option("--deployment", help="Audit on the real sites: start a SuperLink they connect to with `fedgen client`.")] = False,
-    certs_dir: Annotated[Path | None, typer.Option("--certs", help="With --deployment: credentials folder from `fedgen certs`.")] = None,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs`: the coordinator's key signs the decision (and, with --deployment, serves the sites).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="With --deployment: no TLS, no node authentication (local tests only).")] = False,
     port: Annotated[int, typer.Option(help="With --deployment: port of the SuperLink.")] = 9092,
     host: Annotated[str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
@@ -65,22 +66,27 @@ def audit_run(
 
     from fedgen.artifacts import RunDir
     from fedgen.audits.gate import load_policy, record_decision
+    from fedgen.audits.inputs import check_inputs
+    from fedgen.audits.release import seal
     from fedgen.audits.report import REPORT_HTML, write_report
+    from fedgen.certs import load_certs
     from fedgen.logs import quiet_libraries
     from fedgen.manifest import synthetic_manifest
 
-    if not deployment and (certs_dir is not None or insecure):
-        raise FedgenError("--certs and --insecure are for --deployment (the real sites)")
+    if not deployment and insecure:
+        raise FedgenError("--insecure is for --deployment (the real sites)")
     if deployment and site:
         raise FedgenError("--site names simulated sites; with --deployment the sites connect with `fedgen client`")
     run = RunDir.open(run_dir)
     quiet_libraries()
     release_policy = load_policy(policy)  # before the long audit: a bad policy fails at once
+    signer = load_certs(certs_dir) if certs_dir is not None else None  # likewise missing credentials
     if inception is not None:  # likewise a missing or broken detector
         from fedgen.audits.features import load_inception
 
         load_inception(inception)
     clinical_review = _pooled_review(review, run.root.name) if review else None  # and a bad scores file
+    check_inputs(run)  # ledger, checkpoints, synthetic data: before any site is asked or anything written
     if deployment:
         from fedgen.server.deploy import serve_audit
         from fedgen.server.superlink import check_listen_address
@@ -104,6 +110,7 @@ def audit_run(
             report["review"] = clinical_review
         report = record_decision(report, release_policy, audited_files=audited_files)
         json_path, html_path = write_report(run.audit, report)
+    seal(run, release_policy, signer)
     if json_output:
         print(json.dumps(report["gate"] | {"report_json": str(json_path), "report_html": str(html_path)}))
     else:
@@ -147,17 +154,28 @@ def audit_phi(
 def release(
     run_dir: Annotated[Path, typer.Argument(help="A run folder whose audit passed the release gate.")],
     to: Annotated[Path | None, typer.Option(help="Folder to create (absent or empty). Default: RUN/release.")] = None,
+    certs_dir: Annotated[Path | None, typer.Option("--certs", help="A folder holding the coordinator's server.crt (from `fedgen certs`): release only a decision it signed.")] = None,
 ) -> None:
-    """Copy synthetic data, report and a SHA-256 manifest out, only if the gate passed."""
+    """Copy synthetic data, report and a SHA-256 manifest out, only if the gate passed.
+
+    The recorded policy is applied again to the recorded figures; with --certs the decision
+    must carry the coordinator's signature over the report, the policy and the synthetic files.
+    """
     from fedgen.artifacts import RunDir
     from fedgen.audits.release import ReleaseRefused
     from fedgen.audits.release import release as release_run
+    from fedgen.certs import ConsortiumCerts
     from fedgen.manifest import MANIFEST_NAME
 
+    certs = None
+    if certs_dir is not None:
+        certs = ConsortiumCerts(certs_dir)
+        if not certs.server_cert.is_file():
+            raise FedgenError(f"{certs_dir} has no server.crt (the coordinator's certificate from `fedgen certs`)")
     try:
-        out = release_run(RunDir.open(run_dir), to)
+        out = release_run(RunDir.open(run_dir), to, certs=certs)
     except ReleaseRefused as refused:
-        err_console.print(f"[bold red]{refused}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]{escape(str(refused))}[/]", highlight=False, soft_wrap=True)
         for reason in refused.reasons:
             err_console.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED) from None

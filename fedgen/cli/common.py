@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from fedgen.errors import FedgenError
@@ -43,7 +44,8 @@ class Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except FedgenError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: a message quoting Flower ("[code: 2004] ...") is not Rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
 
 

@@ -97,7 +97,7 @@ def client(
     run_config = classes_from_sites(run_config, [data], modalities=found)
     result = check_site(data, run_config.data, channels=run_config.image.channels)
     for problem in result.problems:
-        err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
     if result.problems:
         raise typer.Exit(EXIT_USER_ERROR)
     flags = {

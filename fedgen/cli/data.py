@@ -91,9 +91,9 @@ def data_check(
             counts = result.image_counts if modality == "image" else result.text_counts
             heldout = {name: heldout_size(n, fraction) for name, n in counts.items()}
             for warning in site_heldout_warnings(modality, heldout, site=result.name):
-                err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+                err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     for problem in result.problems:
-        err_console.print(f"problem: {problem}", highlight=False, soft_wrap=True)
+        err_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
     if result.problems:
         raise typer.Exit(EXIT_USER_ERROR)
 

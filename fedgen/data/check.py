@@ -16,6 +16,10 @@ some classes.
 Conventions worth knowing:
 
 - Hidden files (names starting with ".", e.g. ``.DS_Store``) are ignored everywhere.
+- A symbolic link whose target lies outside the site folder is a problem, not followed: the
+  folder is what the site vouches for.
+- An image of more than ``MAX_IMAGE_PIXELS`` pixels is refused from its header, before any
+  pixel is decoded.
 - texts.jsonl may not contain blank lines: record ``i`` is line ``i + 1``, the numbering that
   the demo's ``phi_truth.jsonl`` and ``canaries.jsonl`` use ("index" = 0-based line).
 """
@@ -27,6 +31,7 @@ import io
 import json
 import statistics
 import tomllib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +62,7 @@ SITE_TOML = "site.toml"
 SITE_TOML_KEYS = ("name", "heldout_fraction", "different_people", "review_dir", *POLICY_KEYS)
 MODALITIES = ("image", "text")
 
+MAX_IMAGE_PIXELS = 50_000_000  # 50 megapixels: far above any scan a site trains on at 64 px
 GRAY, RGB = "gray", "RGB"
 CHANNEL_KINDS = {1: GRAY, 3: RGB}
 PIL_MODES = {1: "L", 3: "RGB"}
@@ -140,13 +146,13 @@ def scan_site(root: Path, data: DataConfig, *, modalities: tuple[str, ...], chan
     summary: dict = {}
     found = 0  # files under images/ and lines of texts.jsonl, usable or not
     if "image" in modalities:
-        images, image_problems, found_images = _scan_images(root / IMAGES_DIR, data.image_classes)
+        images, image_problems, found_images = _scan_images(root / IMAGES_DIR, data.image_classes, root)
         problems += image_problems + _channel_problems(images, channels)
         found += found_images
         images = [image for image in images if _channels_match(image, channels)]
         summary.update(_image_summary(images, data.image_classes))
     if "text" in modalities:
-        texts, text_problems, found_lines = _scan_texts(root / TEXTS_FILE, data.text_classes)
+        texts, text_problems, found_lines = _scan_texts(root / TEXTS_FILE, data.text_classes, root)
         problems += text_problems
         found += found_lines
         summary.update(_text_summary(texts, data.text_classes))
@@ -223,10 +229,19 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _scan_images(images_dir: Path, classes: list[str]) -> tuple[list[_Image], list[str], int]:
+def _outside(path: Path, root: Path) -> str | None:
+    """The problem of a link whose target lies outside the site folder (None: inside, or no link)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        return f"{path}: a link to {path.resolve()}, outside the site folder (copy the file in instead)"
+    return None
+
+
+def _scan_images(images_dir: Path, classes: list[str], root: Path) -> tuple[list[_Image], list[str], int]:
     """Usable images (consortium class order, then file name), problems, files seen."""
     if not images_dir.exists():
         return [], [], 0
+    if _outside(images_dir, root):
+        return [], [_outside(images_dir, root)], 1
     if not images_dir.is_dir():
         return [], [f"{images_dir}: expected a folder of class folders"], 1
 
@@ -241,9 +256,12 @@ def _scan_images(images_dir: Path, classes: list[str]) -> tuple[list[_Image], li
         elif entry.name not in classes:
             found += sum(1 for path in entry.rglob("*") if path.is_file())
             problems.append(f"{entry}: class folder {_not_in_list(entry.name, 'image', classes)}")
+        elif _outside(entry, root):
+            found += 1
+            problems.append(_outside(entry, root))
         else:
             label = classes.index(entry.name)
-            images, class_problems, class_found = _scan_class_folder(entry, label)
+            images, class_problems, class_found = _scan_class_folder(entry, label, root)
             by_class[label] = images
             problems += class_problems
             found += class_found
@@ -251,10 +269,13 @@ def _scan_images(images_dir: Path, classes: list[str]) -> tuple[list[_Image], li
     return images, problems, found
 
 
-def _scan_class_folder(folder: Path, label: int) -> tuple[list[_Image], list[str], int]:
+def _scan_class_folder(folder: Path, label: int, root: Path) -> tuple[list[_Image], list[str], int]:
     images, problems, found = [], [], 0
     for path in _visible(folder):
         found += 1
+        if _outside(path, root):
+            problems.append(_outside(path, root))
+            continue
         try:
             if path.is_dir():
                 raise _Invalid(f"unexpected folder ({IMAGES_DIR}/<class>/ holds image files only)")
@@ -336,11 +357,21 @@ def _inspect_image(path: Path) -> tuple[tuple[int, int], str]:
     if not content:
         raise _Invalid("empty file (0 bytes)")
     try:
-        with Image.open(io.BytesIO(content)) as image:
+        with warnings.catch_warnings():  # Pillow's own size warning: the limit below is checked first
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(content))
+        with image:
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise _Invalid(f"{width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} fedgen reads")
             image.verify()  # structure and checksums; the image is unusable afterwards
         with Image.open(io.BytesIO(content)) as image:
             image.load()  # full decode: catches truncated pixel data
             return image.size, _kind(image)
+    except _Invalid:
+        raise
+    except Image.DecompressionBombError:
+        raise _Invalid(f"more pixels than the {MAX_IMAGE_PIXELS:,} fedgen reads") from None
     except UnidentifiedImageError:
         raise _Invalid("not a readable image (Pillow cannot identify the format)") from None
     except Exception as err:  # a malformed file can make a decoder raise almost anything
@@ -370,10 +401,12 @@ def _channel_problems(images: list[_Image], channels: int | None) -> list[str]:
     ]
 
 
-def _scan_texts(path: Path, classes: list[str]) -> tuple[list[tuple[str, int]], list[str], int]:
+def _scan_texts(path: Path, classes: list[str], root: Path) -> tuple[list[tuple[str, int]], list[str], int]:
     """Usable (text, label) records in file order, problems, lines seen."""
     if not path.exists():
         return [], [], 0
+    if _outside(path, root):
+        return [], [_outside(path, root)], 1
     try:
         content = path.read_bytes()
     except OSError as err:
