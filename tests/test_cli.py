@@ -46,3 +46,22 @@ def test_generate_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path)])
     assert result.exit_code == 1
     assert "is not a fedgen run folder" in result.output
+
+
+def test_an_error_quoting_flower_keeps_its_code_and_an_interrupt_is_one_line(monkeypatch, tmp_path):
+    import fedgen.certs
+    from fedgen.errors import FedgenError
+
+    def refused(*args, **kwargs):
+        raise FedgenError("the SuperNode could not join (exit code 1): [code: 2004] Failed to activate SuperNode")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedgen.certs, "make_certs", refused)
+    result = runner.invoke(app, ["certs", str(tmp_path / "c")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: the SuperNode could not join (exit code 1): [code: 2004] Failed to activate SuperNode"
+    monkeypatch.setattr(fedgen.certs, "make_certs", interrupted)
+    result = runner.invoke(app, ["certs", str(tmp_path / "c")])
+    assert result.exit_code == 130 and result.output.strip() == "interrupted"

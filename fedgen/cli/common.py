@@ -35,10 +35,11 @@ console = Console()
 
 EXIT_USER_ERROR = 1
 EXIT_REFUSED = 3  # `fedgen release` of a run the gate refused (or whose files changed since the audit)
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 
 
 class Group(TyperGroup):
-    """Turns FedgenError anywhere below into one line and a non-zero exit."""
+    """Turns FedgenError anywhere below into one line and a non-zero exit, and an interrupt into one word."""
 
     def invoke(self, ctx):
         try:
@@ -47,6 +48,9 @@ class Group(TyperGroup):
             # escaped: a message quoting Flower ("[code: 2004] ...") is not Rich markup
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) outside a command's own handling: no traceback
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def parse_epsilon(value: str | None) -> float | None:
