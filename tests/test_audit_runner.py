@@ -516,7 +516,10 @@ def test_audit_checks_its_inputs_before_asking_a_site_and_writes_nothing(tmp_pat
         f"error: {run.root} has no privacy ledger (ledger.sqlite): train it before auditing it"
     ]
     assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before  # no empty ledger, no audit folder
-    PrivacyLedger(run.ledger_path).record(LedgerEntry("site-a", "text", 1, 1.0, 1e-3, 1.0, 0.1, 10, 50, None))
+    PrivacyLedger(run.ledger_path).record(LedgerEntry(
+        site="site-a", modality="text", round=1, release=1, site_epsilon=1.0, epsilon=1.0, delta=1e-3,
+        noise_multiplier=1.0, sample_rate=0.1, steps=10, num_examples=50, loss=None,
+    ))
     result = CliRunner().invoke(cli_app, ["audit", str(run.root)])
     assert result.output.strip().splitlines() == [f"error: {run.root} has no complete text checkpoint"]
     assert not run.audit.exists()
