@@ -81,13 +81,13 @@ def supernode_command(
     """
     data_path = toml_literal(str(site_dir.resolve()), what="site folder")
     node_config = [f"data-path={data_path}"]
-    for key, value in (policy or {}).items():
+    for setting, value in (policy or {}).items():
         if isinstance(value, bool):
-            node_config.append(f"{key}={str(value).lower()}")
+            node_config.append(f"{setting}={str(value).lower()}")
         elif isinstance(value, str):
-            node_config.append(f"{key}={toml_literal(value, what=key)}")
+            node_config.append(f"{setting}={toml_literal(value, what=setting)}")
         else:
-            node_config.append(f"{key}={value!r}")
+            node_config.append(f"{setting}={value!r}")
     command = [
         flower_command("flower-supernode"),
         "--superlink", server,

@@ -47,6 +47,9 @@ __all__ = [
 
 STOP_GRACE = 15.0  # seconds a Flower process gets to shut down before SIGKILL
 GUARD_GRACE = 10.0  # the guard's own grace for the processes below it: shorter, so it finishes first
+# When the fedgen command died nobody waits for a clean shutdown: the processes get this long.
+ORPHAN_GRACE = 2.0
+PARENT_DIED = signal.SIGHUP  # what the kernel sends the guard when the fedgen command dies
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 FLWR_HOME = "FLWR_HOME"
@@ -205,7 +208,7 @@ def guard(parent: int, command: list[str]) -> int:
     process below; returns the command's exit code."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, PARENT_DIED, 0, 0, 0)
     stopping = []
 
     def stop(signum, frame) -> None:
@@ -218,7 +221,7 @@ def guard(parent: int, command: list[str]) -> int:
     child = subprocess.Popen(command)
     while child.poll() is None and not stopping:
         time.sleep(0.2)
-    _stop_below(GUARD_GRACE)
+    _stop_below(ORPHAN_GRACE if PARENT_DIED in stopping else GUARD_GRACE)
     return child.wait()
 
 

@@ -110,3 +110,21 @@ def test_policy_file_round_trips_through_toml(tmp_path):
     import tomllib
 
     assert policy_from_settings(tomllib.loads(path.read_text())) == SitePolicy(require_dp=False, audit_queries=())
+
+
+def test_client_flags_reach_the_clientapp_in_the_node_config(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from fedgen.clients.deploy import supernode_command
+
+    key, ca = tmp_path / "site-1.key", tmp_path / "ca.crt"
+    command = supernode_command(
+        server="127.0.0.1:9092", site_dir=tmp_path, key=key, ca=ca, runtime_port=9999,
+        policy={"require_dp": False, "min_noise_multiplier": 0.25, "audit_answers": 1},
+    )
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])
+    assert node_config == {
+        "data-path": str(tmp_path.resolve()), "require_dp": False, "min_noise_multiplier": 0.25, "audit_answers": 1
+    }
+    assert policy_from_settings(node_config) == SitePolicy(require_dp=False, min_noise_multiplier=0.25, audit_answers=1)
