@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,8 +197,10 @@ def unpack_reply(content: RecordDict) -> dict:
 
 
 def error_line(reason: str) -> str:
-    """One line from the reason of a site's error reply (in simulation the exception text
-    follows "Message: " at the end of a traceback)."""
+    """One line from the reason of a site's error reply: in simulation the exception text
+    follows "Message: " at the end of a traceback, in deployment it is wrapped in its class."""
     last = reason.rsplit("Message: ", 1)[-1]
     lines = [line.strip() for line in last.splitlines() if line.strip()]
-    return (lines[-1] if lines else "no reason given").removesuffix("'>")
+    line = lines[-1] if lines else "no reason given"
+    # A deployed SuperNode reports "<class 'module.Error'>:<'message'>"
+    return re.sub(r"^<class '[^']*'>:<'", "", line).removesuffix("'>")

@@ -410,6 +410,8 @@ def test_a_site_error_becomes_one_line():
     reason = "<class 'RayTaskError'>:<'ray::ClientAppActor.run()\n  File x\nException ClientAppException occurred. Message: site-b: KID: 3 records, but ...'>"
     assert error_line(reason) == "site-b: KID: 3 records, but ..."
     assert error_line("site-b: plain reason") == "site-b: plain reason"
+    deployed = "<class 'fedgen.clients.local.PolicyRefused'>:<'site-1 refuses to train image: σ = 0.2 is below its floor'>"
+    assert error_line(deployed) == "site-1 refuses to train image: σ = 0.2 is below its floor"
 
 
 # --- the same audit from the run config alone (what a SuperLink starts) -------------------------
