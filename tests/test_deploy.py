@@ -35,7 +35,7 @@ from fedgen.errors import FedgenError
 from fedgen.files import write_json
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
-from fedgen.processes import free_port
+from fedgen.processes import descendants, free_port
 from fedgen.server.flower_cli import TRAIN_SERVER_APP, write_flower_app, write_flower_config
 from fedgen.server.superlink import SuperLinkGuard
 from fedgen.server.train_app import rounds_done
@@ -59,27 +59,18 @@ TINY = {
 IMAGES_PER_SITE = 40
 ROUND_WAIT = 300.0  # seconds: a round on 2 busy cores, or a crashed site noticed by heartbeat
 STARTUP_WAIT = 120.0
+ORPHAN_WAIT = 15.0  # seconds the Flower processes of a killed fedgen command may take to stop
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of pid (Linux /proc), children before grandchildren."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Processes:
@@ -107,6 +98,17 @@ class Processes:
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+
+    def kill_only(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the fedgen command's PID alone; every Flower process below it must follow."""
+        below = descendants(proc.pid)
+        assert below, "the fedgen command runs no Flower process"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while any(alive(pid) for pid in below) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in below if alive(pid)], f"{proc.args} left Flower processes running"
 
     def kill_all(self) -> None:
         for proc in self.started:
@@ -425,6 +427,30 @@ def test_tls_and_node_keys_keep_strangers_out(consortium, processes, tmp_path):
     assert PrivacyLedger(RunDir(run).ledger_path).entries() == []
 
 
+@pytest.mark.e2e
+def test_sites_refuse_a_noise_multiplier_below_their_floor_in_deployment(consortium, processes, tmp_path):
+    """site-1 keeps the default policy (σ at least 0.3); site-2's `fedgen client` flag sets 0.25."""
+    certs, sites = consortium
+    config = tmp_path / "fed.toml"
+    config.write_text(tomli_w.dumps({**TINY, "privacy": {"epsilon": 1000.0, "noise_multiplier": 0.2},
+                                     "federation": {**TINY["federation"], "sites": 2, "min_sites": 2}}))
+    port = free_port()
+    server = processes.start("server", [
+        "server", "--config", str(config), "--certs", str(certs.root), "--port", str(port), "--host", "127.0.0.1",
+        "--runs-dir", str(tmp_path / "runs"), "--run-id", "weak",
+    ])
+    processes.start("site-1", client_args(port, sites[0], certs.site_private_key(1), certs.ca_cert, config))
+    processes.start("site-2", client_args(port, sites[1], certs.site_private_key(2), certs.ca_cert, config,
+                                          "--min-noise-multiplier", "0.25"))
+    server.wait(timeout=STARTUP_WAIT + ROUND_WAIT)
+    log = server.log_path.read_text()
+    assert server.returncode == 1, tail(server)
+    assert "site-1 refuses to train image: σ = 0.2 is below its floor min_noise_multiplier = 0.3" in log
+    assert "site-2 refuses to train image: σ = 0.2 is below its floor min_noise_multiplier = 0.25" in log
+    run = RunDir(tmp_path / "runs" / "weak")
+    assert PrivacyLedger(run.ledger_path).entries() == [] and run.completed_rounds("image") == []
+
+
 # What `flwr` commands rewrite in place when they find it in their working directory.
 LEGACY_PYPROJECT = """
 [project]
@@ -463,10 +489,10 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     run = RunDir(tmp_path / "runs" / "deploy")
     wait_for(lambda: "Receiving: train message" in clients[2].log_path.read_text(), timeout=STARTUP_WAIT,
              what="round 1 to reach site-3", watch=[server, *clients])
-    processes.kill(clients[2])  # site-3 crashes in the middle of round 1
+    processes.kill_only(clients[2])  # site-3's fedgen client is killed (-9) in the middle of round 1
     wait_for(lambda: run.completed_rounds("image") == [1], timeout=ROUND_WAIT,
              what="round 1 without site-3", watch=[server, *clients[:2]])
-    processes.kill(server)  # the coordinator crashes after round 1
+    processes.kill_only(server)  # the coordinator's fedgen server is killed (-9) after round 1
 
     clients[2] = processes.start("site-3-again", client_args(
         port, sites[2], certs.site_private_key(3), certs.ca_cert, config))
