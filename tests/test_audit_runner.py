@@ -525,3 +525,23 @@ def test_audit_checks_its_inputs_before_asking_a_site_and_writes_nothing(tmp_pat
     result = CliRunner().invoke(cli_app, ["audit", str(run.root)])
     assert result.output.strip().splitlines() == [f"error: {run.root} has no complete text checkpoint"]
     assert not run.audit.exists()
+
+
+def test_the_privacy_section_gives_each_sites_total_over_its_models_first(tmp_path):
+    from fedgen.audits.pooling import _privacy
+
+    config = RunConfig(modality="both")
+    run = RunDir.create(tmp_path / "runs", config, "r1")
+    ledger = PrivacyLedger(run.ledger_path)
+    for modality, site_epsilon, epsilon in (("image", 4.0, 4.0), ("text", 7.5, 4.2)):
+        ledger.record(LedgerEntry("site-1", modality, 1, 1, site_epsilon, epsilon, 1e-4, 1.1, 0.1, 10, 100, None))
+    ledger.record(LedgerEntry("site-2", "image", 1, 1, None, None, 1e-4, 1.1, 0.1, 10, 100, None, lost=True))
+    ledger.record(LedgerEntry("site-2", "image", 1, 2, 6.0, 6.0, 1e-4, 1.1, 0.1, 10, 100, None, composition="different people"))
+    section = _privacy(run, config, {"site-1": 8.0})
+    one, two = section["sites"]["site-1"], section["sites"]["site-2"]
+    assert (one["epsilon"], one["budget"], one["composition"]) == (7.5, 8.0, "same people")
+    assert one["modalities"]["text"]["rounds"] == [{"round": 1, "epsilon": 4.2, "site_epsilon": 7.5}]
+    assert (two["epsilon"], two["budget"], two["composition"]) == (6.0, 10.0, "different people")
+    assert len(two["modalities"]["image"]["rounds"]) == 1  # the lost update has no ε of its own to show
+    assert section["epsilon_max"] == 7.5 and section["accountant"] == "rdp"
+    assert "NOT a cryptographically secure generator" in section["noise"]
