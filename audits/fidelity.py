@@ -9,14 +9,17 @@ The coordinator never holds real records. Every measure is therefore split in tw
 
 | measure | site-side | coordinator pooling | pooled figure is |
 |---|---|---|---|
-| FID | ``real_feature_stats`` (n, Σx, Σxxᵀ) | ``pool_sums`` + ``fid_from_stats`` | exact |
-| KID | ``kid_at_site`` | ``pool_weighted_mean`` (by n_real) | mean of site KIDs |
-| PRDC | ``prdc`` | ``pool_weighted_mean`` (by n_real) | recall exact, the rest approximate |
-| PRDC per class | ``prdc_per_class`` | ``pool_prdc_per_class`` (by n_real) | as PRDC, within each class |
+| image FID, KID, PRDC per class | ``class_fidelity`` | ``pool_class_fidelity`` + ``mean_over_classes`` (by n_real) | mean of the sites' figures, then of the classes' |
 | SSIM / PSNR | ``nearest_real_similarity`` | ``pool_weighted_mean`` (by n) | mean of site means (nearest real per site, not in the union) |
 | near copies | ``near_copy_count`` | ``pool_near_copies`` (sums) | flags summed over sites |
 | text embedding | ``text_embedding_stats`` | ``pool_sums`` + ``text_fidelity`` | exact |
 | text length / vocab | ``text_class_stats`` | ``pool_text_class_stats`` + ``summarise_text_class_stats`` | exact, except distinct words |
+
+The image figures are computed in each site's own feature space (fedgen.clients.image_audit:
+a FeatureNet trained on the site's real train split, which knows the site's classes), so a
+site's FID is not added up with another's statistics: each site scores, the coordinator averages.
+``real_feature_stats`` / ``pool_sums`` give an exact pooled Fréchet distance where every site
+embeds alike (the text embedding).
 
 Images are float tensors ``[N, C, H, W]`` in ``[-1, 1]``; features are ``[N, D]``.
 """
@@ -52,8 +55,10 @@ __all__ = [
     "kid_at_site",
     "prdc",
     "PRDC_KEYS",
-    "prdc_per_class",
-    "pool_prdc_per_class",
+    "CLASS_FIGURES",
+    "class_fidelity",
+    "pool_class_fidelity",
+    "mean_over_classes",
     "pool_weighted_mean",
     "nearest_distances",
     "nearest_real_similarity",
@@ -292,40 +297,68 @@ def prdc(
 PRDC_KEYS = ("precision", "recall", "density", "coverage")
 
 
-def prdc_per_class(
+CLASS_FIGURES = ("fid", "kid", *PRDC_KEYS)  # what class_fidelity measures per class
+
+
+def class_fidelity(
     real_features: Tensor,
     real_labels: Tensor,
     fake_features: Tensor,
     fake_labels: Tensor,
     *,
     class_names: Sequence[str],
+    seed: int = 0,
     k: int = PRDC_K,
 ) -> dict:
-    """Site-side ``prdc`` of each class: its synthetic features against the site's real
-    features of the same class. ``{class: {"precision", ..., "n_real", "n_fake"}}``; a class
-    with fewer than MIN_AGGREGATE_COUNT real records, or at most ``k`` of either, reports only
-    ``n_real`` and ``n_fake``."""
+    """Site-side, per class: FID, KID and ``prdc`` of the synthetic features labelled with it
+    against the site's real features of it. ``{class: {"fid", "kid", "precision", ...,
+    "n_real", "n_fake"}}``; a class with fewer than MIN_AGGREGATE_COUNT real records, or at
+    most ``k`` of either, reports only ``n_real`` and ``n_fake``.
+
+    Class-conditional on purpose: a synthetic image of the wrong class is no sample of the
+    class it claims, however real it looks, so a set with shuffled labels scores worse than
+    the same images with theirs (which no figure over all classes at once can see).
+    """
     result = {}
     for index, name in enumerate(class_names):
         real, fake = real_features[real_labels == index], fake_features[fake_labels == index]
+        counts = {"n_real": len(real), "n_fake": len(fake)}
         if len(real) < MIN_AGGREGATE_COUNT or min(len(real), len(fake)) <= k:
-            result[name] = {"n_real": len(real), "n_fake": len(fake)}
-        else:
-            result[name] = prdc(real, fake, k=k)
+            result[name] = counts
+            continue
+        result[name] = {
+            "fid": fid_from_features(real, fake),
+            "kid": kid_at_site(real, fake, seed=seed)["kid_mean"],
+            **{key: value for key, value in prdc(real, fake, k=k).items() if key in PRDC_KEYS},
+            **counts,
+        }
     return result
 
 
-def pool_prdc_per_class(site_results: Sequence[dict]) -> dict:
-    """Coordinator: per class, ``prdc`` averaged over the sites that measured it, weighted by
-    ``n_real``; a class no site measured keeps only the summed ``n_real``."""
+def pool_class_fidelity(site_results: Sequence[dict]) -> dict:
+    """Coordinator: per class, the ``class_fidelity`` figures averaged over the sites that
+    measured it, weighted by ``n_real`` (synthetic counts are the same at every site); a class
+    no site measured keeps only the summed ``n_real``."""
     pooled = {}
     for name in dict.fromkeys(c for r in site_results for c in r):
-        measured = [r[name] for r in site_results if "precision" in r.get(name, {})]
+        measured = [r[name] for r in site_results if "fid" in r.get(name, {})]
         if measured:
-            pooled[name] = pool_weighted_mean(measured, keys=PRDC_KEYS, weight_key="n_real") | {"n_fake": measured[0]["n_fake"]}
+            pooled[name] = pool_weighted_mean(measured, keys=CLASS_FIGURES, weight_key="n_real") | {"n_fake": measured[0]["n_fake"]}
         else:
             pooled[name] = {"n_real": sum(r[name]["n_real"] for r in site_results if name in r)}
     return pooled
+
+
+def mean_over_classes(per_class: dict) -> dict:
+    """The ``class_fidelity`` figures averaged over the measured classes, weighted by ``n_real``,
+    with ``n_real`` and ``n_fake`` summed over them and the measured classes named; figures
+    None (with a note) when no class could be measured."""
+    measured = {name: c for name, c in per_class.items() if "fid" in c}
+    if not measured:
+        note = f"no class has {MIN_AGGREGATE_COUNT} real images at a site and more than {PRDC_K} synthetic ones"
+        return {**dict.fromkeys(CLASS_FIGURES), "n_real": 0, "n_fake": 0, "classes_measured": [], "note": note}
+    mean = pool_weighted_mean(list(measured.values()), keys=CLASS_FIGURES, weight_key="n_real")
+    return mean | {"n_fake": sum(c["n_fake"] for c in measured.values()), "classes_measured": list(measured)}
 
 
 def pool_weighted_mean(site_aggregates: Sequence[dict], *, keys: Sequence[str], weight_key: str) -> dict:

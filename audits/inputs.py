@@ -1,13 +1,10 @@
-"""What the coordinator holds for an audit: the final models, the synthetic data, the shared extractor.
+"""What the coordinator holds for an audit: the final models and the synthetic data.
 
 Everything is read from the run folder, so the audit runs the same on either engine. The image
-feature extractor is a FeatureNet the coordinator trains on the synthetic images only (their
-labels are known): no real record, no download, and the same weights at every site, so the
-sites' feature statistics pool into one FID. With ``inception`` (``fedgen audit RUN --inception
-PATH``) the fidelity figures (FID, KID, precision/recall/density/coverage) use a local
-TorchScript Inception detector instead, loaded from the same path at the coordinator and at
-every site; near copies and utility keep the FeatureNet (they need its classifier, or must not
-change with the fidelity extractor). FeatureNet FID and Inception FID are not comparable.
+fidelity features are each site's own (a FeatureNet trained on its real train split, which knows
+its classes: fedgen.clients.image_audit), or, with ``inception`` (``fedgen audit RUN --inception
+PATH``), a local TorchScript Inception detector, checked here and loaded from the same path at
+every site. FeatureNet FID and Inception FID are not comparable.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from rich.console import Console
 from torch import Tensor
 
 from fedgen.artifacts import RunDir
-from fedgen.audits.features import FeatureExtractor, FeatureNet, InceptionFeatures, load_inception, train_feature_net
+from fedgen.audits.features import InceptionFeatures, load_inception
 from fedgen.config import RunConfig
 from fedgen.data.site import load_images
 from fedgen.errors import FedgenError
@@ -29,8 +26,6 @@ from fedgen.modalities import get_modality
 from fedgen.privacy.ledger import PrivacyLedger
 
 __all__ = [
-    "FEATURE_NET_EPOCHS",
-    "FEATURE_NET_TRAINED_ON",
     "AuditInputs",
     "check_inputs",
     "load_synthetic_images",
@@ -38,9 +33,6 @@ __all__ = [
     "prepare_inputs",
     "say",
 ]
-
-FEATURE_NET_EPOCHS = 10
-FEATURE_NET_TRAINED_ON = "the run's synthetic images only, no real data"
 
 console = Console(stderr=True)
 
@@ -60,12 +52,7 @@ class AuditInputs:
     model_states: dict[str, dict[str, Tensor]]
     synthetic_images: tuple[Tensor, Tensor] | None = None  # [N, C, H, W] in [-1, 1], labels [N]
     synthetic_texts: tuple[list[str], list[int]] | None = None
-    feature_net: FeatureNet | None = None
     inception: InceptionFeatures | None = None  # the fidelity extractor, if the user chose Inception
-
-    @property
-    def fidelity_extractor(self) -> FeatureExtractor | None:
-        return self.feature_net if self.inception is None else self.inception
 
 
 def load_synthetic_images(run: RunDir, config: RunConfig) -> tuple[Tensor, Tensor]:
@@ -107,8 +94,8 @@ def check_inputs(run: RunDir) -> tuple[Tensor, Tensor] | None:
 
 
 def prepare_inputs(run: RunDir, *, inception: str | Path | None = None, progress: bool = False) -> AuditInputs:
-    """Check the run (``check_inputs``), load checkpoints and synthetic data, and train the
-    shared image feature extractor.
+    """Check the run (``check_inputs``), load checkpoints and synthetic data (and the Inception
+    detector, if given).
 
     ``inception``: a local TorchScript Inception file for the image fidelity figures.
     """
@@ -120,14 +107,4 @@ def prepare_inputs(run: RunDir, *, inception: str | Path | None = None, progress
     if inception is not None and synthetic_images is not None:
         detector = load_inception(Path(inception).resolve())  # the sites get this absolute path
     states = {name: _checkpoint_state(run, config, name) for name in modalities}
-    feature_net = None
-    if synthetic_images is not None:
-        say(progress, f"training the feature extractor on {len(synthetic_images[1])} synthetic images")
-        feature_net = train_feature_net(
-            *synthetic_images,
-            num_classes=len(config.data.image_classes),
-            trained_on=FEATURE_NET_TRAINED_ON,
-            epochs=FEATURE_NET_EPOCHS,
-            seed=config.seed,
-        )
-    return AuditInputs(run, config, states, synthetic_images, synthetic_texts, feature_net, detector)
+    return AuditInputs(run, config, states, synthetic_images, synthetic_texts, detector)

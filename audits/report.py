@@ -384,6 +384,7 @@ def _image_memorisation_section(report: dict) -> dict | None:
 
 
 IMAGE_FIDELITY_ROWS = [
+    ("extractor_accuracy", "feature extractor's accuracy on the held-out real images (how well it knows the classes)"),
     ("fid", "FID (lower is closer; comparable only with the same extractor)"),
     ("kid", "KID (lower is closer)"),
     ("precision", "precision: synthetic images inside the real images' manifold (0–1, higher is better)"),

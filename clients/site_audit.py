@@ -1,13 +1,14 @@
 """Site-side audits: answer the coordinator's audit queries on the site's OWN records.
 
 The coordinator sends, as a Flower query message (layout: fedgen.protocol), the run
-configuration, the final model's trained state, the synthetic data and (images) the feature
-extractor every site must share: the FeatureNet's weights, and, if the user chose Inception for
-the fidelity figures, the path of the TorchScript detector, which every site loads from its own
-disk (weights never travel). The site scores its train split (members) against its held-out
-split (non-members) and replies with aggregates only: counts, sums, scalar summaries and, per
-attack, a histogram on bins the site chose (fedgen.audits.site_answers). No record, no
-per-example score and no real image leaves the site.
+configuration, the final model's trained state, the synthetic data and, if the user chose
+Inception for the image fidelity figures, the path of the TorchScript detector, which every site
+loads from its own disk (weights never travel); otherwise each site measures image fidelity in
+the space of its own FeatureNet, trained on its real train split (fedgen.clients.image_audit).
+The site scores its train split (members) against its held-out split (non-members) and
+replies with aggregates only: counts, sums, scalar summaries and, per attack, a histogram on
+bins the site chose (fedgen.audits.site_answers). No record, no per-example score and no real
+image leaves the site.
 
 The site's policy (fedgen.site_policy) decides which queries it answers and how often: each
 query about one trained model (identified by its digest) is answered at most
@@ -28,7 +29,7 @@ import torch
 from flwr.app import RecordDict
 from torch import Tensor
 
-from fedgen.audits.features import FeatureExtractor, FeatureNet, load_inception
+from fedgen.audits.features import load_inception
 from fedgen.clients.image_audit import image_site_audit
 from fedgen.clients.local import with_node_policy
 from fedgen.clients.text_audit import text_site_audit
@@ -39,8 +40,6 @@ from fedgen.files import write_json
 from fedgen.modalities import Modality, get_modality
 from fedgen.protocol import (
     CONFIG,
-    FEATURE_NET,
-    FEATURE_NET_CONFIG,
     INCEPTION,
     MODEL,
     QUERY_AUDIT,
@@ -129,11 +128,8 @@ def _count_answer(
 def _site_audit(modality: Modality, site: SiteData, model, content: RecordDict) -> dict:
     """The modality's site audit on the query's synthetic data (and shared extractor)."""
     if modality.name == "image":
-        feature_net = _feature_net(content)
-        extractor = _fidelity_extractor(content, feature_net)  # first: a missing file fails at once
-        return image_site_audit(
-            modality, site, model, synthetic=_synthetic_images(content), feature_net=feature_net, extractor=extractor
-        )
+        inception = load_inception(str(content[INCEPTION]["path"])) if INCEPTION in content else None
+        return image_site_audit(modality, site, model, synthetic=_synthetic_images(content), inception=inception)
     synthetic = content[SYNTHETIC_TEXTS]
     texts, labels = [str(t) for t in synthetic["texts"]], [int(x) for x in synthetic["labels"]]
     return text_site_audit(modality, site, model, synthetic=(texts, labels))
@@ -143,20 +139,6 @@ def _trained_model(modality: Modality, model_state: dict[str, Tensor]):
     model = modality.build_model()
     modality.set_state(model, model_state)
     return model.eval()
-
-
-def _feature_net(content: RecordDict) -> FeatureNet:
-    config = dict(content[FEATURE_NET_CONFIG])
-    net = FeatureNet(**{**config, "widths": tuple(config["widths"])})
-    net.load_state_dict(content[FEATURE_NET].to_torch_state_dict())
-    return net.eval()
-
-
-def _fidelity_extractor(content: RecordDict, feature_net: FeatureNet) -> FeatureExtractor:
-    """The Inception detector at the path the coordinator named (this site's own copy), else the FeatureNet."""
-    if INCEPTION not in content:
-        return feature_net
-    return load_inception(str(content[INCEPTION]["path"]))
 
 
 def _synthetic_images(content: RecordDict) -> tuple[Tensor, Tensor]:

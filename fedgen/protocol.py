@@ -15,7 +15,7 @@ name. Under SecAgg+ Flower's legacy ``fitins.*`` / ``fitres.*`` records carry th
 (see fedgen.server.secagg and fedgen.clients.secagg).
 
 Audit queries carry the run configuration, the final model's trained state, the synthetic data
-and (images) the feature extractor every site must share; replies hold aggregates only, packed
+and (images) the path of the Inception detector if the user chose one; replies hold aggregates only, packed
 by :func:`pack_reply`: arrays in an ArrayRecord, everything else as one JSON document. A site
 identifies the model and the synthetic set it is asked about by :func:`record_digest`.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedgen.config import RunConfig, config_to_toml
 
@@ -54,8 +54,6 @@ __all__ = [
     "MODEL",
     "SYNTHETIC_IMAGES",
     "SYNTHETIC_TEXTS",
-    "FEATURE_NET",
-    "FEATURE_NET_CONFIG",
     "INCEPTION",
     "make_query",
     "record_digest",
@@ -96,8 +94,6 @@ CONFIG = "config"  # ConfigRecord: run-config (TOML), modality, query
 MODEL = "model"  # ArrayRecord: the final checkpoint's trained tensors
 SYNTHETIC_IMAGES = "synthetic-images"  # ArrayRecord: "images" [N, C, H, W] in [-1, 1], "labels" [N]
 SYNTHETIC_TEXTS = "synthetic-texts"  # ConfigRecord: "texts", "labels" (class indices)
-FEATURE_NET = "feature-net"  # ArrayRecord: FeatureNet weights
-FEATURE_NET_CONFIG = "feature-net-config"  # ConfigRecord: FeatureNet constructor arguments
 INCEPTION = "inception"  # ConfigRecord: "path" of the TorchScript Inception detector for fidelity
 # Reply layout (site -> coordinator).
 REPLY_SUMMARY = "summary"  # ConfigRecord {"json": ...}: the reply with arrays replaced by references
@@ -113,14 +109,9 @@ def make_query(
     model_state: dict[str, Tensor],
     synthetic_images: tuple[Tensor, Tensor] | None = None,
     synthetic_texts: tuple[Sequence[str], Sequence[int]] | None = None,
-    feature_net: nn.Module | None = None,
     inception: str | Path | None = None,
 ) -> RecordDict:
-    """The content of one audit query (coordinator side).
-
-    ``feature_net`` is the shared extractor: its weights and its constructor arguments
-    (``feature_net.config``) travel, so every site builds the same network.
-    """
+    """The content of one audit query (coordinator side)."""
     content = RecordDict(
         {
             CONFIG: ConfigRecord({"run-config": config_to_toml(config), "modality": modality, "query": query}),
@@ -135,9 +126,6 @@ def make_query(
     if synthetic_texts is not None:
         texts, labels = synthetic_texts
         content[SYNTHETIC_TEXTS] = ConfigRecord({"texts": list(texts), "labels": [int(x) for x in labels]})
-    if feature_net is not None:
-        content[FEATURE_NET] = ArrayRecord(torch_state_dict=feature_net.state_dict())
-        content[FEATURE_NET_CONFIG] = ConfigRecord(dict(feature_net.config))
     if inception is not None:
         content[INCEPTION] = ConfigRecord({"path": str(inception)})
     return content

@@ -88,7 +88,6 @@ def audit_sites(grid: Grid, inputs: AuditInputs, *, expected_sites: int, progres
             model_state=state,
             synthetic_images=inputs.synthetic_images if name == "image" else None,
             synthetic_texts=inputs.synthetic_texts if name == "text" else None,
-            feature_net=inputs.feature_net if name == "image" else None,
             inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
         )
         sent = record_digest(audit[SYNTHETIC_IMAGES if name == "image" else SYNTHETIC_TEXTS])

@@ -11,20 +11,21 @@ from fedgen.audits.features import FeatureNet, classify, extract_features, load_
 from fedgen.audits.fidelity import (
     MIN_AGGREGATE_COUNT,
     PSNR_CAP_DB,
+    class_fidelity,
     embed_texts,
     fid_from_features,
     fid_from_stats,
     kid_at_site,
+    mean_over_classes,
     near_copy_count,
     nearest_distances,
     nearest_real_similarity,
+    pool_class_fidelity,
     pool_near_copies,
-    pool_prdc_per_class,
     pool_sums,
     pool_text_class_stats,
     pool_weighted_mean,
     prdc,
-    prdc_per_class,
     real_feature_stats,
     summarise_text_class_stats,
     synthetic_feature_stats,
@@ -51,6 +52,23 @@ def bright_dark(n: int, *, seed: int, size: int = 16) -> tuple[torch.Tensor, tor
     labels = torch.arange(n) % 2
     level = torch.where(labels == 1, 0.6, -0.6).view(-1, 1, 1, 1)
     return (level + 0.3 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), labels
+
+
+QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+def quadrants(n: int, *, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four classes, each with one bright quadrant, with pixel noise. (With two classes that
+    differ only in brightness, an untrained net's arbitrary split of brightness is as likely
+    to be right as wrong: a set that teaches nothing could score perfectly.)"""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    images = torch.full((n, 1, size, size), -0.6)
+    half = size // 2
+    for i, label in enumerate(labels.tolist()):
+        row, col = divmod(label, 2)
+        images[i, :, row * half : (row + 1) * half, col * half : (col + 1) * half] = 0.6
+    return (images + 0.3 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), labels
 
 
 def gaussian(n: int, d: int, *, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -276,7 +294,7 @@ def test_prdc_does_not_depend_on_the_chunk_size():
     assert prdc(real, fake, chunk=7) == prdc(real, fake, chunk=4096)
 
 
-def test_prdc_per_class_scores_each_class_against_its_own_real_records_and_pools_by_count():
+def test_class_fidelity_scores_each_class_against_its_own_real_records_and_pools_by_count():
     # class 0: the synthetic set copies the real one; class 1: far from it; class 2: too few real records
     real0, real1, real2 = gaussian(30, 4, seed=20), gaussian(40, 4, seed=21), gaussian(5, 4, seed=22)
     fake1 = gaussian(30, 4, seed=23, shift=100.0)
@@ -284,14 +302,20 @@ def test_prdc_per_class_scores_each_class_against_its_own_real_records_and_pools
     real_labels = torch.tensor([0] * 30 + [1] * 40 + [2] * 5)
     fake = torch.cat([real0.clone(), fake1, gaussian(10, 4, seed=24)])
     fake_labels = torch.tensor([0] * 30 + [1] * 30 + [2] * 10)
-    site = prdc_per_class(real, real_labels, fake, fake_labels, class_names=["a", "b", "c"])
+    site = class_fidelity(real, real_labels, fake, fake_labels, class_names=["a", "b", "c"])
     assert (site["a"]["precision"], site["a"]["recall"], site["a"]["coverage"]) == (1.0, 1.0, 1.0)
     assert (site["b"]["precision"], site["b"]["recall"], site["b"]["coverage"]) == (0.0, 0.0, 0.0)
+    assert site["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and site["b"]["fid"] == pytest.approx(4 * 100.0**2, rel=0.05)
+    assert site["b"]["kid"] > 1000 * abs(site["a"]["kid"])
     assert site["c"] == {"n_real": 5, "n_fake": 10}  # below MIN_AGGREGATE_COUNT: counts only
-    other = {"a": {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0, "n_real": 90, "n_fake": 30}, "c": {"n_real": 7, "n_fake": 10}}
-    pooled = pool_prdc_per_class([site, other])
+    mean = mean_over_classes(site)
+    assert mean["precision"] == pytest.approx(30 / 70) and mean["n_real"] == 70 and mean["classes_measured"] == ["a", "b"]
+    figures = {"fid": 1.0, "kid": 0.5, "precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    other = {"a": {**figures, "n_real": 90, "n_fake": 30}, "c": {"n_real": 7, "n_fake": 10}}
+    pooled = pool_class_fidelity([site, other])
     assert pooled["a"]["precision"] == pytest.approx(30 / 120) and pooled["a"]["n_real"] == 120
     assert pooled["b"]["n_real"] == 40 and pooled["c"] == {"n_real": 12}
+    assert mean_over_classes({"c": pooled["c"]})["fid"] is None  # no class measured: no figure, a note
 
 
 def test_pool_weighted_mean_weights_by_count():
@@ -414,3 +438,42 @@ def test_text_class_stats_give_lengths_and_vocabulary_and_suppress_small_classes
     one_text = text_class_stats(["x y"], [1], class_names=["Normal", "Stress"], real=False)
     synthetic = summarise_text_class_stats(one_text)
     assert synthetic["Stress"]["words_std"] == 0.0 and synthetic["Normal"] == {"n": 0}
+
+
+def test_class_aware_fidelity_ranks_a_ladder_of_worse_synthetic_sets():
+    """In the space of a FeatureNet trained on a site's real train split, real images the net
+    never saw score best, mildly blurred ones worse and noise worst in every figure; the same
+    real images with their labels shuffled are worse than real in every figure but recall.
+
+    Shuffled labels are not placed between real and blurred: three in four of those images show
+    another class, and a space that knows the classes puts them as far from their claimed class
+    as noise (FID, KID), with fewer in its manifold than real but more than blur (precision,
+    density, coverage). Their recall is inflated, the known weakness of k-NN recall: a class's
+    synthetic set spread over every class has wide k-NN balls, which cover its real images."""
+    (train_x, train_y), (held_x, held_y) = quadrants(160, seed=1), quadrants(80, seed=2)
+    net = train_feature_net(train_x, train_y, num_classes=4, trained_on="site real train split", max_steps=60)
+    real_x, real_y = torch.cat([train_x, held_x]), torch.cat([train_y, held_y])
+    images, labels = quadrants(80, seed=3)  # real images the net never saw, as "synthetic"
+    g = torch.Generator().manual_seed(4)
+    padded = nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    ladder = {
+        "real": (images, labels),
+        "shuffled": (images, labels[torch.randperm(80, generator=g)]),
+        "blurred": (nn.functional.avg_pool2d(padded, 3, stride=1), labels),
+        "noise": (torch.rand(80, 1, 16, 16, generator=g) * 2 - 1, labels),
+    }
+    real_features = extract_features(net, real_x)
+    scores = {
+        name: mean_over_classes(class_fidelity(real_features, real_y, extract_features(net, x), y, class_names=QUADRANTS))
+        for name, (x, y) in ladder.items()
+    }
+    column = lambda key, names: [scores[name][key] for name in names]  # noqa: E731
+    for key in ("fid", "kid"):
+        assert column(key, ["real", "blurred", "noise"]) == sorted(column(key, ["real", "blurred", "noise"]))
+        assert len(set(column(key, ["real", "blurred", "noise"]))) == 3
+        assert scores["shuffled"][key] > 0.5 * scores["noise"][key] > scores["blurred"][key]
+    for key in ("precision", "density", "coverage"):
+        values = column(key, ["real", "shuffled", "blurred", "noise"])
+        assert values == sorted(values, reverse=True) and values[0] > values[1] > values[2]
+    assert scores["real"]["recall"] > scores["blurred"]["recall"] >= scores["noise"]["recall"]
+    assert scores["real"]["precision"] > 0.7 and scores["noise"]["precision"] == 0.0

@@ -8,7 +8,7 @@ from fedgen.audits.gate import _utility_checks, load_policy
 from fedgen.audits.pooling import _utility
 from fedgen.audits.utility import CONFIGURATIONS, competence, image_utility, pool_utility, smote_balance, text_utility
 from fedgen.errors import FedgenError
-from tests.test_fidelity import ANXIOUS, CALM, bright_dark, corpus, one_torch_thread  # noqa: F401 (fixture)
+from tests.test_fidelity import ANXIOUS, CALM, QUADRANTS, bright_dark, corpus, one_torch_thread, quadrants  # noqa: F401 (fixture)
 
 CLASSES = ["dark", "bright"]
 # Labels drawn at random carry nothing about bright vs dark: a classifier whose predictions were
@@ -132,23 +132,6 @@ def test_pool_utility_weights_sites_by_held_out_size():
 
 
 # --------------------------------------------------------------------------- the utility check
-
-
-QUADRANTS = ["top-left", "top-right", "bottom-left", "bottom-right"]
-
-
-def quadrants(n: int, *, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Four classes, each with one bright quadrant, with pixel noise. (With two classes that
-    differ only in brightness, an untrained net's arbitrary split of brightness is as likely
-    to be right as wrong: a set that teaches nothing could score perfectly.)"""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 4
-    images = torch.full((n, 1, size, size), -0.6)
-    half = size // 2
-    for i, label in enumerate(labels.tolist()):
-        row, col = divmod(label, 2)
-        images[i, :, row * half : (row + 1) * half, col * half : (col + 1) * half] = 0.6
-    return (images + 0.3 * torch.randn(n, 1, size, size, generator=g)).clamp(-1, 1), labels
 
 
 def utility_checks(real_train, test, synthetic) -> dict:
