@@ -130,7 +130,7 @@ def test_only_a_contact_sheet_inside_the_synthetic_folder_is_shown(tmp_path, pol
     report = _refused_report(run, policy)
     report["synthetic"]["contact_sheet"] = str(real)
     html = write_report(run.audit, report)[1].read_text()
-    assert len(_data_uris(html)) == 4  # the plots only
+    assert len(_data_uris(html)) == 3  # the plots only: the sites' ε and one ROC per modality
     assert "outside the run&#39;s synthetic folder" in html
 
 
