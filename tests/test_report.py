@@ -219,6 +219,7 @@ def _fake_runner(monkeypatch, report: dict) -> list:
         return json.loads(json.dumps(report))
 
     monkeypatch.setattr("fedgen.simulations.engine.run_audit", run_audit)
+    monkeypatch.setattr("fedgen.audits.inputs.check_inputs", lambda run: None)  # no ledger or checkpoints here
     return calls
 
 
