@@ -26,7 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MIN_TRAINING_RECORDS", "SERVED_WORSE_RATIO", "MIX_TOLERANCE", "record_counts", "bias_view", "mix_difference"]
+__all__ = [
+    "MIN_TRAINING_RECORDS",
+    "SERVED_WORSE_RATIO",
+    "MIX_TOLERANCE",
+    "record_counts",
+    "bias_view",
+    "mix_difference",
+]
 
 # A class or site whose synthetic-trained F1 is below this share of its real-trained F1 is
 # served clearly worse than its own records could serve it.
@@ -85,7 +92,9 @@ def _mix(training: dict[str, int], synthetic: dict[str, int], tolerance: float) 
     if not differs:
         reason = "the synthetic items follow the training records' class mix"
     elif missing:
-        reason = f"no synthetic item of {', '.join(missing)} was generated (a subset of classes was chosen at generation)"
+        reason = (
+            f"no synthetic item of {', '.join(missing)} was generated (a subset of classes was chosen at generation)"
+        )
     elif len(set(generated.values())) == 1:
         reason = (
             f"`fedgen generate --per-class` made {next(iter(generated.values()))} items of every class (a balanced set), "
@@ -112,7 +121,9 @@ def _class_fidelity(modality: str, per_class: dict, name: str) -> dict:
     return _fidelity_figures(entry, IMAGE_FIDELITY)
 
 
-def _modality_view(modality: str, report: dict, classes: list[str], *, min_records: int, ratio: float, tolerance: float) -> dict:
+def _modality_view(
+    modality: str, report: dict, classes: list[str], *, min_records: int, ratio: float, tolerance: float
+) -> dict:
     sites = (report.get("records") or {}).get(modality) or {}
     synthetic = ((report.get("synthetic") or {}).get("per_class") or {}).get(modality) or {}
     utility = (report.get("utility") or {}).get(modality) or {}
@@ -146,9 +157,13 @@ def _modality_view(modality: str, report: dict, classes: list[str], *, min_recor
                 f"below {ratio:g} x the {real_f1:.2f} of one trained on real data"
             )
         if train[name] < min_records:
-            row["warnings"].append(f"class {name}: {train[name]} training records over all sites (fewer than {min_records})")
+            row["warnings"].append(
+                f"class {name}: {train[name]} training records over all sites (fewer than {min_records})"
+            )
         if counts[name] == 0 and train[name]:
-            row["warnings"].append(f"class {name}: the sites hold training records of it but no synthetic item was generated")
+            row["warnings"].append(
+                f"class {name}: the sites hold training records of it but no synthetic item was generated"
+            )
         warnings += row["warnings"]
         class_rows.append(row)
 
@@ -213,11 +228,16 @@ def bias_view(
         },
         "modalities": {},
     }
-    for modality in (report.get("records") or {}):
+    for modality in report.get("records") or {}:
         records = report["records"][modality]
         listed = data.get(f"{modality}_classes")
         classes = list(listed) if listed else sorted({c for s in records.values() for part in s.values() for c in part})
         view["modalities"][modality] = _modality_view(
-            modality, report, classes, min_records=min_training_records, ratio=served_worse_ratio, tolerance=mix_tolerance
+            modality,
+            report,
+            classes,
+            min_records=min_training_records,
+            ratio=served_worse_ratio,
+            tolerance=mix_tolerance,
         )
     return view

@@ -80,9 +80,7 @@ class EpsilonLowerBound:
         return asdict(self)
 
 
-def clopper_pearson_upper(
-    k: np.ndarray | int, n: int, *, alpha: float = DEFAULT_ALPHA
-) -> np.ndarray:
+def clopper_pearson_upper(k: np.ndarray | int, n: int, *, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
     """Upper end of the two-sided 1 - alpha Clopper–Pearson interval for k successes of n."""
     k = np.asarray(k)
     # beta.ppf(q, k + 1, 0) is undefined; the bound for k == n is 1.
@@ -93,8 +91,7 @@ def clopper_pearson_upper(
 def _check_parameters(n_members: int, n_nonmembers: int, delta: float, alpha: float) -> None:
     if n_members == 0 or n_nonmembers == 0:
         raise FedgenError(
-            f"empirical epsilon needs members and non-members, got {n_members} members and "
-            f"{n_nonmembers} non-members"
+            f"empirical epsilon needs members and non-members, got {n_members} members and {n_nonmembers} non-members"
         )
     if not 0.0 <= delta < 1.0:
         raise FedgenError(f"delta {delta} is not in [0, 1)")
@@ -125,9 +122,7 @@ def _epsilon_at(
     return eps, tpr_lb, fpr_ub
 
 
-def max_certifiable_epsilon(
-    n_members: int, n_nonmembers: int, *, delta: float, alpha: float = DEFAULT_ALPHA
-) -> float:
+def max_certifiable_epsilon(n_members: int, n_nonmembers: int, *, delta: float, alpha: float = DEFAULT_ALPHA) -> float:
     """The bound of a perfect attack (no errors): no attack can show more with these counts."""
     _check_parameters(n_members, n_nonmembers, delta, alpha)
     eps, _, _ = _epsilon_at(0, 0, n_members, n_nonmembers, delta=delta, alpha=alpha)
@@ -179,8 +174,13 @@ def empirical_epsilon(
     false_negatives = np.searchsorted(members, thresholds, side="left")
     false_positives = len(nonmembers) - np.searchsorted(nonmembers, thresholds, side="left")
     return _bound_from_counts(
-        false_negatives, false_positives, thresholds, len(members), len(nonmembers),
-        delta=delta, alpha=alpha,
+        false_negatives,
+        false_positives,
+        thresholds,
+        len(members),
+        len(nonmembers),
+        delta=delta,
+        alpha=alpha,
     )
 
 
@@ -198,15 +198,18 @@ def empirical_epsilon_from_histograms(
     """
     member_counts = np.asarray(member_counts, dtype=np.int64)
     nonmember_counts = np.asarray(nonmember_counts, dtype=np.int64)
-    assert member_counts.shape == nonmember_counts.shape == (len(edges) - 1,), (
-        "counts must have one entry per bin"
-    )
+    assert member_counts.shape == nonmember_counts.shape == (len(edges) - 1,), "counts must have one entry per bin"
     n_members, n_nonmembers = int(member_counts.sum()), int(nonmember_counts.sum())
     members_at_or_above = np.cumsum(member_counts[::-1])[::-1]
     nonmembers_at_or_above = np.cumsum(nonmember_counts[::-1])[::-1]
     return empirical_epsilon_from_counts(
-        members_at_or_above, nonmembers_at_or_above, np.asarray(edges[:-1], dtype=np.float64),
-        n_members=n_members, n_nonmembers=n_nonmembers, delta=delta, alpha=alpha,
+        members_at_or_above,
+        nonmembers_at_or_above,
+        np.asarray(edges[:-1], dtype=np.float64),
+        n_members=n_members,
+        n_nonmembers=n_nonmembers,
+        delta=delta,
+        alpha=alpha,
     )
 
 
@@ -227,8 +230,13 @@ def empirical_epsilon_from_counts(
     """
     members_at_or_above = np.asarray(members_at_or_above, dtype=np.int64)
     return _bound_from_counts(
-        n_members - members_at_or_above, np.asarray(nonmembers_at_or_above, dtype=np.int64), thresholds,
-        n_members, n_nonmembers, delta=delta, alpha=alpha,
+        n_members - members_at_or_above,
+        np.asarray(nonmembers_at_or_above, dtype=np.int64),
+        thresholds,
+        n_members,
+        n_nonmembers,
+        delta=delta,
+        alpha=alpha,
     )
 
 

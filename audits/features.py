@@ -188,9 +188,7 @@ def train_feature_net(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FeatureNet(
-            in_channels=images.shape[1], num_classes=num_classes, widths=widths, trained_on=trained_on
-        )
+        net = FeatureNet(in_channels=images.shape[1], num_classes=num_classes, widths=widths, trained_on=trained_on)
     shuffle = torch.Generator().manual_seed(seed)
     fit, held = _validation_split(labels, validation_fraction, shuffle)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
@@ -230,9 +228,7 @@ def _in_batches(fn, images: Tensor, batch_size: int) -> Tensor:
     return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-def extract_features(
-    extractor: FeatureExtractor, images: Tensor, *, batch_size: int = EVAL_BATCH_SIZE
-) -> Tensor:
+def extract_features(extractor: FeatureExtractor, images: Tensor, *, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
     """Features ``[N, D]`` of ``[-1, 1]`` images, in batches, without gradients."""
     if len(images) == 0:
         return torch.empty(0, extractor.num_features)
@@ -269,7 +265,9 @@ class InceptionFeatures(nn.Module):
         expected = (len(images), self.num_features)
         if not isinstance(features, Tensor) or tuple(features.shape) != expected:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise FedgenError(f"{self.path}: the detector returned {shape} for {len(images)} images, not features of shape {expected}")
+            raise FedgenError(
+                f"{self.path}: the detector returned {shape} for {len(images)} images, not features of shape {expected}"
+            )
         return features.float()
 
     def forward(self, images: Tensor) -> Tensor:
@@ -290,7 +288,9 @@ def load_inception(path: str | Path) -> InceptionFeatures:
             warnings.simplefilter("ignore", DeprecationWarning)
             detector = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError:
-        raise FedgenError(f"{path} is not a TorchScript file (expected a detector like inception-2015-12-05.pt)") from None
+        raise FedgenError(
+            f"{path} is not a TorchScript file (expected a detector like inception-2015-12-05.pt)"
+        ) from None
     inception = InceptionFeatures(detector.eval(), path=path)
     try:
         with torch.no_grad():

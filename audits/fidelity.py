@@ -253,9 +253,7 @@ def _kth_neighbour_radii(x: Tensor, k: int, *, chunk: int) -> Tensor:
 # --------------------------------------------------------------------------- PRDC
 
 
-def prdc(
-    real_features: Tensor, fake_features: Tensor, *, k: int = PRDC_K, chunk: int = DISTANCE_CHUNK
-) -> dict:
+def prdc(real_features: Tensor, fake_features: Tensor, *, k: int = PRDC_K, chunk: int = DISTANCE_CHUNK) -> dict:
     """Site-side precision, recall, density and coverage (Naeem et al. 2020), strict ``<`` as
     in their reference code; distances in chunks of ``chunk`` rows.
 
@@ -343,7 +341,9 @@ def pool_class_fidelity(site_results: Sequence[dict]) -> dict:
     for name in dict.fromkeys(c for r in site_results for c in r):
         measured = [r[name] for r in site_results if "fid" in r.get(name, {})]
         if measured:
-            pooled[name] = pool_weighted_mean(measured, keys=CLASS_FIGURES, weight_key="n_real") | {"n_fake": measured[0]["n_fake"]}
+            pooled[name] = pool_weighted_mean(measured, keys=CLASS_FIGURES, weight_key="n_real") | {
+                "n_fake": measured[0]["n_fake"]
+            }
         else:
             pooled[name] = {"n_real": sum(r[name]["n_real"] for r in site_results if name in r)}
     return pooled
@@ -395,9 +395,7 @@ def nearest_real_similarity(
         if len(same_class) == 0:
             continue
         nearest = same_class[_nearest(fake, same_class, chunk=chunk)[1]]
-        ssim_values.append(
-            structural_similarity_index_measure(fake, nearest, data_range=IMAGE_RANGE, reduction="none")
-        )
+        ssim_values.append(structural_similarity_index_measure(fake, nearest, data_range=IMAGE_RANGE, reduction="none"))
         psnr = peak_signal_noise_ratio(fake, nearest, data_range=IMAGE_RANGE, reduction="none", dim=(1, 2, 3))
         psnr_values.append(psnr.clamp(max=PSNR_CAP_DB))
     if not ssim_values:

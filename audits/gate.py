@@ -211,7 +211,9 @@ def _dp_check(report: dict, policy: PrivacyPolicy) -> dict:
     if not dp and policy.allow_no_dp:
         return _check("privacy.dp", True, epsilon_max, "trained WITHOUT DP, which this policy allows")
     if not dp:
-        return _check("privacy.dp", False, epsilon_max, "trained WITHOUT DP (ε = inf): refused unless the policy sets allow_no_dp")
+        return _check(
+            "privacy.dp", False, epsilon_max, "trained WITHOUT DP (ε = inf): refused unless the policy sets allow_no_dp"
+        )
     if not _is_number(epsilon_max):
         return _unmeasured("privacy.dp", "the largest accountant ε", note)
     if not math.isfinite(epsilon_max):
@@ -249,7 +251,9 @@ def _privacy_checks(report: dict, policy: PrivacyPolicy) -> list[dict]:
 def _accountant_epsilon(report: dict, modality: str) -> float | None:
     """The largest ε of one modality's updates alone: what an attack on that model is held to."""
     sites, _ = _lookup(report, "privacy", "sites")
-    spent = [s["modalities"][modality].get("epsilon") for s in (sites or {}).values() if modality in s.get("modalities", {})]
+    spent = [
+        s["modalities"][modality].get("epsilon") for s in (sites or {}).values() if modality in s.get("modalities", {})
+    ]
     spent = [e for e in spent if _is_number(e)]
     return max(spent) if spent else None
 
@@ -258,7 +262,9 @@ def _too_few_for_1pct(summary: dict) -> str | None:
     """Why a TPR at 1% FPR can be missing: under 100 held-out records, 1% is not one record."""
     n = summary.get("n_nonmembers")
     if _is_number(n) and n * FPR_1PCT < 1:
-        return f"{n} held-out records are too few for a 1% false-positive rate (at least {math.ceil(1 / FPR_1PCT)} needed)"
+        return (
+            f"{n} held-out records are too few for a 1% false-positive rate (at least {math.ceil(1 / FPR_1PCT)} needed)"
+        )
     return None
 
 
@@ -281,7 +287,9 @@ def _sample_bound(figure: str, summary: dict, threshold: float, confidence: floa
     return limit_tpr_bound(int(n_members), int(n_nonmembers), level=FPR_1PCT, limit=threshold, confidence=confidence)
 
 
-def _attack_check(name: str, what: str, summary: dict, figure: str, threshold: float, *, confidence: float, note: str | None) -> dict:
+def _attack_check(
+    name: str, what: str, summary: dict, figure: str, threshold: float, *, confidence: float, note: str | None
+) -> dict:
     """An attack figure held to max(policy limit, sample bound), saying which bound applied.
 
     Extra keys: ``bound`` (the limit applied), ``bound_source`` ("policy" or "chance"),
@@ -302,9 +310,16 @@ def _attack_check(name: str, what: str, summary: dict, figure: str, threshold: f
             f"above {_fmt(chance)} is refused: the sample is too small to show the attack stays within {_fmt(threshold)}"
         )
     else:
-        detail = f"{what} = {_fmt(value)} (must be ≤ {_fmt(threshold)}; {within} reaches up to {_fmt(chance)} with {counts})"
+        detail = (
+            f"{what} = {_fmt(value)} (must be ≤ {_fmt(threshold)}; {within} reaches up to {_fmt(chance)} with {counts})"
+        )
     check = _check(name, bool(value <= bound), value, detail, threshold)
-    return check | {"bound": bound, "bound_source": "chance" if small else "policy", "chance_bound": chance, "chance_confidence": confidence}
+    return check | {
+        "bound": bound,
+        "bound_source": "chance" if small else "policy",
+        "chance_bound": chance,
+        "chance_confidence": confidence,
+    }
 
 
 def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *, figures: int) -> list[dict]:
@@ -329,9 +344,15 @@ def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *,
         name = f"{prefix}.empirical_epsilon"
         what = f"{attack} attack's empirical ε lower bound"
         if accountant is None:
-            checks.append(_unmeasured(name, f"the accountant ε of {modality} (to compare the {attack} lower bound with)"))
+            checks.append(
+                _unmeasured(name, f"the accountant ε of {modality} (to compare the {attack} lower bound with)")
+            )
         else:
-            checks.append(_bound(name, what + " (must not exceed the accountant ε)", bound, accountant, at_most=True, note=bound_note))
+            checks.append(
+                _bound(
+                    name, what + " (must not exceed the accountant ε)", bound, accountant, at_most=True, note=bound_note
+                )
+            )
     return checks
 
 
@@ -400,7 +421,10 @@ def _memorisation_checks(report: dict, modality: str, policy: MemorisationPolicy
 
 def _fidelity_checks(report: dict, modality: str, policy: FidelityPolicy) -> list[dict]:
     if modality == "image":
-        bounds = [("precision", "image precision", policy.image_precision_min, False), ("fid", "FID", policy.image_fid_max, True)]
+        bounds = [
+            ("precision", "image precision", policy.image_precision_min, False),
+            ("fid", "FID", policy.image_fid_max, True),
+        ]
     else:
         bounds = [("frechet_distance", "text embedding Fréchet distance", policy.text_frechet_distance_max, True)]
     checks = []

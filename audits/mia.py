@@ -107,8 +107,7 @@ def _check_scores(scores: np.ndarray, what: str) -> np.ndarray:
 def _check_counts(n_members: int, n_nonmembers: int) -> None:
     if n_members == 0 or n_nonmembers == 0:
         raise FedgenError(
-            f"membership attack needs members and non-members, got {n_members} members and "
-            f"{n_nonmembers} non-members"
+            f"membership attack needs members and non-members, got {n_members} members and {n_nonmembers} non-members"
         )
 
 
@@ -123,9 +122,7 @@ def _tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float, n_nonmembers: in
     return float(tpr[fpr <= level].max())
 
 
-def _result_from_curve(
-    fpr: np.ndarray, tpr: np.ndarray, auc: float, n_members: int, n_nonmembers: int
-) -> AttackResult:
+def _result_from_curve(fpr: np.ndarray, tpr: np.ndarray, auc: float, n_members: int, n_nonmembers: int) -> AttackResult:
     return AttackResult(
         auc=float(auc),
         tpr_at_1pct_fpr=_tpr_at_fpr(fpr, tpr, FPR_LEVEL_1PCT, n_nonmembers),
@@ -232,9 +229,7 @@ def score_histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.bincount(bins, minlength=len(edges) - 1)
 
 
-def metrics_from_histograms(
-    member_counts: np.ndarray, nonmember_counts: np.ndarray, edges: np.ndarray
-) -> AttackResult:
+def metrics_from_histograms(member_counts: np.ndarray, nonmember_counts: np.ndarray, edges: np.ndarray) -> AttackResult:
     """``attack_metrics`` from (pooled) score histograms sharing ``edges``.
 
     Thresholds sit at bin edges: "member" means "score in this bin or a higher one". Examples
@@ -245,9 +240,7 @@ def metrics_from_histograms(
     """
     member_counts = np.asarray(member_counts, dtype=np.float64)
     nonmember_counts = np.asarray(nonmember_counts, dtype=np.float64)
-    assert member_counts.shape == nonmember_counts.shape == (len(edges) - 1,), (
-        "counts must have one entry per bin"
-    )
+    assert member_counts.shape == nonmember_counts.shape == (len(edges) - 1,), "counts must have one entry per bin"
     n_members, n_nonmembers = round(member_counts.sum()), round(nonmember_counts.sum())
     _check_counts(n_members, n_nonmembers)
     # Highest bin first: cumulative counts above each lower edge, starting from "nobody".
@@ -269,9 +262,7 @@ def _timestep_from_fraction(scheduler, fraction: float) -> int:
 def _check_timestep(scheduler, t: int) -> None:
     num_steps = scheduler.config.num_train_timesteps
     if not 0 <= t < num_steps:
-        raise FedgenError(
-            f"attack timestep {t} is outside the scheduler's range [0, {num_steps - 1}]"
-        )
+        raise FedgenError(f"attack timestep {t} is outside the scheduler's range [0, {num_steps - 1}]")
 
 
 def _predict(unet, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
@@ -279,9 +270,7 @@ def _predict(unet, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torc
     return unet(x, timesteps, class_labels=labels).sample
 
 
-def _batched_scores(
-    score_batch, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int
-) -> np.ndarray:
+def _batched_scores(score_batch, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> np.ndarray:
     """Run ``score_batch(x, labels) -> (B,) tensor`` over ``images`` in batches."""
     parts = []
     for start in range(0, len(images), batch_size):

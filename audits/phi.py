@@ -169,7 +169,11 @@ class IndexedContextEnhancer(LemmaContextAwareEnhancer):
         for result in raw_results:
             metadata = result.recognition_metadata or {}
             recognizer = by_id.get(metadata.get(RecognizerResult.RECOGNIZER_IDENTIFIER_KEY))
-            if recognizer is None or not recognizer.context or metadata.get(RecognizerResult.IS_SCORE_ENHANCED_BY_CONTEXT_KEY):
+            if (
+                recognizer is None
+                or not recognizer.context
+                or metadata.get(RecognizerResult.IS_SCORE_ENHANCED_BY_CONTEXT_KEY)
+            ):
                 continue
             if ends:
                 index = bisect.bisect_right(ends, result.start)  # the first token ending after the start
@@ -183,7 +187,10 @@ class IndexedContextEnhancer(LemmaContextAwareEnhancer):
                 surrounding = [""] + extra
             word = self._find_supportive_word_in_context(surrounding, recognizer.context, self.context_matching_mode)
             if word != "":
-                result.score = min(max(result.score + self.context_similarity_factor, self.min_score_with_context_similarity), self.MAX_SCORE)
+                result.score = min(
+                    max(result.score + self.context_similarity_factor, self.min_score_with_context_similarity),
+                    self.MAX_SCORE,
+                )
                 result.analysis_explanation.set_supportive_context_word(word)
                 result.analysis_explanation.set_improved_score(result.score)
         return raw_results
@@ -409,7 +416,9 @@ def _analyze_one(engine: AnalyzerEngine, index: int, text: str, nlp_artifacts, w
     results = engine.analyze(text, LANGUAGE, entities=asked, nlp_artifacts=nlp_artifacts)
     spans = [(ENTITY_ALIASES.get(r.entity_type, r.entity_type), r.start, r.end, float(r.score)) for r in results]
     spans += attach_places(text, spans, lexicon())
-    candidates = [PhiFinding(index, entity, start, end, score) for entity, start, end, score in spans if entity in wanted]
+    candidates = [
+        PhiFinding(index, entity, start, end, score) for entity, start, end, score in spans if entity in wanted
+    ]
     return resolve_overlaps(candidates, text)
 
 

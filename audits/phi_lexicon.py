@@ -110,7 +110,12 @@ class Lexicon:
                 stem = folded[: -len(ending)]
                 if stem in words or stem + "e" in words or (ending == "ies" and stem + "y" in words):
                     return True
-                if ending in ("ed", "ing", "er", "est") and len(stem) > 2 and stem[-1] == stem[-2] and stem[:-1] in words:
+                if (
+                    ending in ("ed", "ing", "er", "est")
+                    and len(stem) > 2
+                    and stem[-1] == stem[-2]
+                    and stem[:-1] in words
+                ):
                     return True
         return False
 
@@ -246,7 +251,9 @@ def build_lexicon() -> Lexicon:
     cities = (faker_cities | geo_cities) - not_phi
     city_words = {word for city in cities for word in city.split()}
     # Lower case with and without accents: the patterns match the text as written ("tänav", "tanav").
-    street_types = faker_street_types | {w.casefold() for w in EXTRA_STREET_TYPES} | {fold(w) for w in EXTRA_STREET_TYPES}
+    street_types = (
+        faker_street_types | {w.casefold() for w in EXTRA_STREET_TYPES} | {fold(w) for w in EXTRA_STREET_TYPES}
+    )
     return Lexicon(
         first_names=frozenset(first - _stop_words()),  # "She", "He", "An" are names somewhere, and pronouns here
         last_names=frozenset(last - _stop_words()),
@@ -254,7 +261,13 @@ def build_lexicon() -> Lexicon:
         city_words=frozenset(city_words),
         not_phi_places=frozenset(not_phi),
         street_types=frozenset(street_types),
-        fused_street_suffixes=tuple(sorted({s.casefold() for s in FUSED_STREET_SUFFIXES} | {fold(s) for s in FUSED_STREET_SUFFIXES}, key=len, reverse=True)),
+        fused_street_suffixes=tuple(
+            sorted(
+                {s.casefold() for s in FUSED_STREET_SUFFIXES} | {fold(s) for s in FUSED_STREET_SUFFIXES},
+                key=len,
+                reverse=True,
+            )
+        ),
         english_words=frozenset(_english_words()),
         common_words=frozenset(_common_words()),
     )

@@ -104,7 +104,9 @@ class Surrogates:
         return maker() if maker is not None else _same_shape(value, rng)
 
 
-def replace_spans(text: str, spans: Iterable[tuple[str, int, int]], *, action: str, surrogates: Surrogates | None = None) -> str:
+def replace_spans(
+    text: str, spans: Iterable[tuple[str, int, int]], *, action: str, surrogates: Surrogates | None = None
+) -> str:
     """``text`` with each (kind, start, end) span replaced; spans must not overlap."""
     if action not in ("placeholder", "surrogate"):
         raise ValueError(f"action {action!r} replaces nothing (placeholder or surrogate)")
@@ -122,7 +124,9 @@ def replace_spans(text: str, spans: Iterable[tuple[str, int, int]], *, action: s
     return "".join(pieces)
 
 
-def redact_texts(texts: Sequence[str], findings: Iterable, *, action: str, kinds: Iterable[str], surrogates: Surrogates | None = None) -> tuple[list[str], dict[str, int]]:
+def redact_texts(
+    texts: Sequence[str], findings: Iterable, *, action: str, kinds: Iterable[str], surrogates: Surrogates | None = None
+) -> tuple[list[str], dict[str, int]]:
     """Replace the findings (``index``, ``entity_type``, ``start``, ``end``) of the given kinds in
     ``texts``; returns the new texts and the number of spans replaced per kind."""
     kinds = set(kinds)

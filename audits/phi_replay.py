@@ -48,7 +48,14 @@ PHONE_SUFFIX_DIGITS = 9  # a phone's last 9 digits: the number without country c
 TEXT_KINDS = ("PERSON", "STREET_ADDRESS", "EMAIL_ADDRESS", "URL")
 DIGIT_KINDS = ("PHONE_NUMBER", "DATE_TIME", "MEDICAL_RECORD_NUMBER", "US_SSN", "HEALTH_PLAN_NUMBER",
                "ACCOUNT_NUMBER", "LICENSE_NUMBER", "VEHICLE_ID", "DEVICE_ID", "IP_ADDRESS")  # fmt: skip
-ID_KINDS = ("MEDICAL_RECORD_NUMBER", "HEALTH_PLAN_NUMBER", "ACCOUNT_NUMBER", "LICENSE_NUMBER", "VEHICLE_ID", "DEVICE_ID")
+ID_KINDS = (
+    "MEDICAL_RECORD_NUMBER",
+    "HEALTH_PLAN_NUMBER",
+    "ACCOUNT_NUMBER",
+    "LICENSE_NUMBER",
+    "VEHICLE_ID",
+    "DEVICE_ID",
+)
 MULTI_WORD_KINDS = ("PERSON", "STREET_ADDRESS")  # one word of them alone is not specific
 
 _NOT_WORD = regex.compile(r"[^\p{L}\p{N}]+")
@@ -168,10 +175,16 @@ def count_replays(synthetic_texts: Sequence[str], site_phi: SitePhi) -> dict:
         with_replay += bool(kinds)
         for kind in kinds:
             by_kind[kind] = by_kind.get(kind, 0) + 1
-    return {"texts_with_replay": with_replay, "by_kind": dict(sorted(by_kind.items())), "n_synthetic": len(synthetic_texts)}
+    return {
+        "texts_with_replay": with_replay,
+        "by_kind": dict(sorted(by_kind.items())),
+        "n_synthetic": len(synthetic_texts),
+    }
 
 
-def site_replay_audit(training_texts: Sequence[str], synthetic_texts: Sequence[str], analyzer, *, truth: Sequence[dict] | None = None) -> dict:
+def site_replay_audit(
+    training_texts: Sequence[str], synthetic_texts: Sequence[str], analyzer, *, truth: Sequence[dict] | None = None
+) -> dict:
     """The site's replay figures: its training notes scanned with ``analyzer`` (a
     ``fedgen.audits.phi.PhiAnalyzer``), their values looked for in the synthetic texts.
 
@@ -183,7 +196,11 @@ def site_replay_audit(training_texts: Sequence[str], synthetic_texts: Sequence[s
 
     findings = scan(analyzer, training_texts)
     site_phi = SitePhi.from_findings(training_texts, findings)
-    result = {**count_replays(synthetic_texts, site_phi), "values_per_kind": site_phi.values_per_kind(), "engine": analyzer.engine}
+    result = {
+        **count_replays(synthetic_texts, site_phi),
+        "values_per_kind": site_phi.values_per_kind(),
+        "engine": analyzer.engine,
+    }
     if truth is not None:
         result["detector_at_site"] = score_against_truth(findings, truth)
     return result

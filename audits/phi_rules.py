@@ -107,7 +107,9 @@ class NameAndPlaceRecognizer(EntityRecognizer):
     def __init__(self, lexicon: Lexicon, *, use_ner: bool = True) -> None:
         self.lexicon = lexicon
         self.use_ner = use_ner
-        super().__init__(supported_entities=["PERSON", "LOCATION"], name="NameAndPlaceRecognizer", supported_language="en")
+        super().__init__(
+            supported_entities=["PERSON", "LOCATION"], name="NameAndPlaceRecognizer", supported_language="en"
+        )
 
     def load(self) -> None:
         pass
@@ -117,24 +119,50 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         runs, i, n = [], 0, len(doc)
         while i < n:
             lower = doc[i].lower_.rstrip(".")
-            after_title = i > 0 and doc[i - 1].lower_.rstrip(".") in TITLES or i > 1 and doc[i - 1].text == "." and doc[i - 2].lower_ in TITLES
+            after_title = (
+                i > 0
+                and doc[i - 1].lower_.rstrip(".") in TITLES
+                or i > 1
+                and doc[i - 1].text == "."
+                and doc[i - 2].lower_ in TITLES
+            )
             particle_start = lower in PARTICLES and after_title and i + 1 < n and _name_like(doc[i + 1])
-            if not particle_start and (not _name_like(doc[i]) or lower in TITLES or (lower in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(lower))):
+            if not particle_start and (
+                not _name_like(doc[i])
+                or lower in TITLES
+                or (lower in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(lower))
+            ):
                 i += 1
                 continue
             j = i + 1
             while j < n and j - i < MAX_RUN:
                 token = doc[j]
                 previous = doc[j - 1]
-                if token.text in "-'’" and not previous.whitespace_ and j + 1 < n and not token.whitespace_ and doc[j + 1].is_alpha:
+                if (
+                    token.text in "-'’"
+                    and not previous.whitespace_
+                    and j + 1 < n
+                    and not token.whitespace_
+                    and doc[j + 1].is_alpha
+                ):
                     j += 2
                     continue
-                if token.lower_ in PARTICLES | WEAK_PARTICLES and previous.whitespace_ and j + 1 < n and _name_like(doc[j + 1]):
+                if (
+                    token.lower_ in PARTICLES | WEAK_PARTICLES
+                    and previous.whitespace_
+                    and j + 1 < n
+                    and _name_like(doc[j + 1])
+                ):
                     if token.lower_ in PARTICLES or not self.lexicon.is_word(fold(doc[j + 1].text)):
                         j += 2
                         continue
                 cue_word = token.lower_ in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(token.lower_)
-                if _name_like(token) and previous.whitespace_ == " " and fold(token.text).rstrip(".") not in TITLES and not cue_word:
+                if (
+                    _name_like(token)
+                    and previous.whitespace_ == " "
+                    and fold(token.text).rstrip(".") not in TITLES
+                    and not cue_word
+                ):
                     j += 1
                     continue
                 break
@@ -217,7 +245,9 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         while end - start > 1:
             token = doc[end - 1]
             word = fold(token.text)
-            if any(c.isalnum() for c in token.text) and (not token.is_alpha or not lex.is_word(word) or lex.is_name(word)):
+            if any(c.isalnum() for c in token.text) and (
+                not token.is_alpha or not lex.is_word(word) or lex.is_name(word)
+            ):
                 break
             end -= 1  # punctuation or line breaks the NER took in, or an English word
         return end
@@ -282,31 +312,99 @@ class NameAndPlaceRecognizer(EntityRecognizer):
 
 ID_CUES = {
     "MEDICAL_RECORD_NUMBER": [
-        r"mrn", r"mr\s?#", r"mr\s+no", r"medical\s+record(?:s)?", r"med\.?\s+rec\.?", r"records?", r"chart",
-        r"patient\s+(?:id|number|no)", r"hospital\s+(?:number|no|id)", r"hosp\.?\s+no", r"unit\s+(?:number|no)",
-        r"nhs\s+(?:number|no)", r"case\s+(?:number|no)", r"encounter", r"accession",
+        r"mrn",
+        r"mr\s?#",
+        r"mr\s+no",
+        r"medical\s+record(?:s)?",
+        r"med\.?\s+rec\.?",
+        r"records?",
+        r"chart",
+        r"patient\s+(?:id|number|no)",
+        r"hospital\s+(?:number|no|id)",
+        r"hosp\.?\s+no",
+        r"unit\s+(?:number|no)",
+        r"nhs\s+(?:number|no)",
+        r"case\s+(?:number|no)",
+        r"encounter",
+        r"accession",
     ],
     "HEALTH_PLAN_NUMBER": [
-        r"member(?:ship)?", r"subscriber", r"policy(?:holder)?", r"health\s+plan", r"plan", r"insurance",
-        r"insurer", r"medicare", r"mbi", r"medicaid", r"beneficiary", r"group", r"payer", r"hicn?", r"ehic",
-        r"coverage", r"insured",
+        r"member(?:ship)?",
+        r"subscriber",
+        r"policy(?:holder)?",
+        r"health\s+plan",
+        r"plan",
+        r"insurance",
+        r"insurer",
+        r"medicare",
+        r"mbi",
+        r"medicaid",
+        r"beneficiary",
+        r"group",
+        r"payer",
+        r"hicn?",
+        r"ehic",
+        r"coverage",
+        r"insured",
     ],
     "ACCOUNT_NUMBER": [
-        r"account", r"acct", r"a/c", r"iban", r"card", r"credit\s+card", r"debit\s+card", r"cc",
-        r"bank\s+account", r"billing\s+account", r"routing", r"invoice", r"statement",
+        r"account",
+        r"acct",
+        r"a/c",
+        r"iban",
+        r"card",
+        r"credit\s+card",
+        r"debit\s+card",
+        r"cc",
+        r"bank\s+account",
+        r"billing\s+account",
+        r"routing",
+        r"invoice",
+        r"statement",
     ],
     "LICENSE_NUMBER": [
-        r"licen[cs]e", r"driver'?s\s+licen[cs]e", r"driving\s+licen[cs]e", r"driver\s+licen[cs]e", r"dl",
-        r"dea", r"npi", r"certificate", r"permit", r"passport", r"registration\s+(?:number|no)",
+        r"licen[cs]e",
+        r"driver'?s\s+licen[cs]e",
+        r"driving\s+licen[cs]e",
+        r"driver\s+licen[cs]e",
+        r"dl",
+        r"dea",
+        r"npi",
+        r"certificate",
+        r"permit",
+        r"passport",
+        r"registration\s+(?:number|no)",
     ],
     "VEHICLE_ID": [
-        r"vin", r"vehicle\s+identification", r"vehicle(?:\s+id)?", r"licen[cs]e\s+plate", r"plates?",
-        r"number\s+plate", r"registration\s+plate", r"car\s+registration", r"vehicle\s+registration",
-        r"registration", r"reg\.?", r"tag",
+        r"vin",
+        r"vehicle\s+identification",
+        r"vehicle(?:\s+id)?",
+        r"licen[cs]e\s+plate",
+        r"plates?",
+        r"number\s+plate",
+        r"registration\s+plate",
+        r"car\s+registration",
+        r"vehicle\s+registration",
+        r"registration",
+        r"reg\.?",
+        r"tag",
     ],
     "DEVICE_ID": [
-        r"serial", r"s/n", r"sn", r"device(?:\s+id)?", r"udi", r"imei", r"model", r"implant", r"lot",
-        r"pacemaker", r"pump", r"defibrillator", r"icd", r"hearing\s+aid", r"monitor",
+        r"serial",
+        r"s/n",
+        r"sn",
+        r"device(?:\s+id)?",
+        r"udi",
+        r"imei",
+        r"model",
+        r"implant",
+        r"lot",
+        r"pacemaker",
+        r"pump",
+        r"defibrillator",
+        r"icd",
+        r"hearing\s+aid",
+        r"monitor",
     ],
     "US_SSN": [r"ssn", r"social\s+security", r"soc\.?\s+sec\.?", r"ss#"],
 }
@@ -393,20 +491,34 @@ _YEAR = r"(?:1[89]\d\d|20\d\d|'\d\d)"
 _DM = r"(?:0?[1-9]|[12]\d|3[01])"
 _MM = r"(?:0?[1-9]|1[0-2])"
 DATE_PATTERNS = [
-    Pattern("[Weekday,] Month d[, yyyy]", rf"\b(?:{_WEEKDAY},?[ \t]+)?{_MONTH}[ \t]+{_DAY}\b(?:,?[ \t]+{_YEAR}\b)?", 0.6),
-    Pattern("[Weekday,] d [of] Month [yyyy]", rf"\b(?:{_WEEKDAY},?[ \t]+)?{_DAY}[ \t]+(?:of[ \t]+)?{_MONTH}(?:,?[ \t]+{_YEAR}\b)?", 0.6),
+    Pattern(
+        "[Weekday,] Month d[, yyyy]", rf"\b(?:{_WEEKDAY},?[ \t]+)?{_MONTH}[ \t]+{_DAY}\b(?:,?[ \t]+{_YEAR}\b)?", 0.6
+    ),
+    Pattern(
+        "[Weekday,] d [of] Month [yyyy]",
+        rf"\b(?:{_WEEKDAY},?[ \t]+)?{_DAY}[ \t]+(?:of[ \t]+)?{_MONTH}(?:,?[ \t]+{_YEAR}\b)?",
+        0.6,
+    ),
     Pattern("Month yyyy", rf"\b{_MONTH}[ \t]+(?:of[ \t]+)?{_YEAR}\b", 0.5),
     Pattern("d-Mon-yyyy", rf"\b{_DM}[-/ ](?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*[-/ ]{_YEAR}\b", 0.6),
     Pattern("d/m/yyyy, m/d/yy, d.m.yyyy, d-m-yyyy", rf"\b{_DM}[/.-]{_DM}[/.-](?:\d{{4}}|\d{{2}})\b(?![/.-]\d)", 0.6),
     Pattern("yyyy-mm-dd, yyyy/mm/dd, yyyy.mm.dd", rf"\b\d{{4}}[/.-]{_MM}[/.-]{_DM}\b", 0.6),
     # Partial numeric dates only after a word that introduces a date ("on 3/14", "since 14.3.").
-    Pattern("m/d after a date word", rf"(?<=\b(?:on|since|from|until|till|by|dated?|due|seen|before|after|of|DOB|DOS|admitted|discharged|note|visit|admission|discharge|appointment|surgery|procedure|today)[:\s]+){_DM}[/.]{_DM}\b\.?(?![/.]?\d)", 0.6),
+    Pattern(
+        "m/d after a date word",
+        rf"(?<=\b(?:on|since|from|until|till|by|dated?|due|seen|before|after|of|DOB|DOS|admitted|discharged|note|visit|admission|discharge|appointment|surgery|procedure|today)[:\s]+){_DM}[/.]{_DM}\b\.?(?![/.]?\d)",
+        0.6,
+    ),
 ]
 DATE_CONTEXT = ["date", "dob", "born", "birth", "admitted", "discharged", "seen", "visit", "on"]
 
 _AGE = r"(?:9\d|1[0-2]\d)"
 AGE_PATTERNS = [
-    Pattern("NN-year-old, NN y/o, NN yo", rf"\b{_AGE}(?=[ \t-]*(?:-|[ \t])?(?:years?|yrs?|y)[ \t-]*(?:-|[ \t])?(?:old|o\b|/o\b|\.o\.)|[ \t]?(?:yo|y/o|y\.o\.|yrs?|years)\b)", 0.7),
+    Pattern(
+        "NN-year-old, NN y/o, NN yo",
+        rf"\b{_AGE}(?=[ \t-]*(?:-|[ \t])?(?:years?|yrs?|y)[ \t-]*(?:-|[ \t])?(?:old|o\b|/o\b|\.o\.)|[ \t]?(?:yo|y/o|y\.o\.|yrs?|years)\b)",
+        0.7,
+    ),
     Pattern("aged NN, age: NN", rf"(?<=\b(?:[Aa]ged?|AGE|[Aa]et\.?|[Aa]t[ \t]+age)[ \t]*[:=]?[ \t]*){_AGE}\b", 0.7),
     # Set off by commas after a name or place: "Mr. Lasonder, 93, returned", "Resident of Skien, 91, lives".
     Pattern("name, NN,", rf"(?<=\p{{L}}\.?,[ \t]){_AGE}(?=,)", 0.5),
@@ -418,10 +530,20 @@ PHONE_CONTEXT = ["phone", "telephone", "tel", "cell", "cellphone", "mobile", "ca
 _PHONE_SEP = r"[ \t.\-/]?"
 PHONE_PATTERNS = [
     # +CC / 00CC, then 6-13 more digits in groups: "+49-9371-52821669", "+7-(966)-397-59-64".
-    Pattern("international", rf"(?<![\w+])(?:\+|00)[1-9]\d{{0,2}}{_PHONE_SEP}(?:\(\d{{1,4}}\){_PHONE_SEP})?\d{{1,5}}(?:{_PHONE_SEP}\d{{1,5}}){{1,5}}\b", 0.6),
-    Pattern("North American", r"(?<![\w+-])(?:\(\d{3}\)[ ]?|\d{3}[-. ])\d{3}[-. ]\d{4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?\b", 0.5),
+    Pattern(
+        "international",
+        rf"(?<![\w+])(?:\+|00)[1-9]\d{{0,2}}{_PHONE_SEP}(?:\(\d{{1,4}}\){_PHONE_SEP})?\d{{1,5}}(?:{_PHONE_SEP}\d{{1,5}}){{1,5}}\b",
+        0.6,
+    ),
+    Pattern(
+        "North American",
+        r"(?<![\w+-])(?:\(\d{3}\)[ ]?|\d{3}[-. ])\d{3}[-. ]\d{4}(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?\b",
+        0.5,
+    ),
     # National: a leading 0 or area code in parentheses, then groups: "025 4263 0228", "(0)30 1234567".
-    Pattern("national, trunk 0", r"(?<![\w+/.-])\(?0\d{1,4}\)?[ \t.\-/]?\d{2,4}(?:[ \t.\-]\d{2,4}){1,3}\b(?![/.-]\d)", 0.4),
+    Pattern(
+        "national, trunk 0", r"(?<![\w+/.-])\(?0\d{1,4}\)?[ \t.\-/]?\d{2,4}(?:[ \t.\-]\d{2,4}){1,3}\b(?![/.-]\d)", 0.4
+    ),
     # Shapes few other numbers take: an area code in parentheses, a trunk 0 and one long group,
     # three groups of three, "3-2-3" and a country code with one-digit area ("372-4-3100-2994").
     Pattern("(area) number", r"(?<![\w+])\(\d{2,5}\)[ \t.\-]?\d{3,4}(?:[ \t.\-]?\d{2,4}){0,2}\b", 0.4),
@@ -501,27 +623,61 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         # "274 Impasse Frederic Chopin", "12 rue de la Paix"
         Pattern("number, type, name", rf"\b{_NUMBER},?[ \t]+{street_type}[ \t]+{_NAME_WORDS}{_UNIT}", 0.7),
         # "Calle Miguel Zazo, 284", "Via Roma 1", "ul. Długa 5", "Rua General Cardoso 454"
-        Pattern("type, name, number", rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_HOUSE}\b{_UNIT}", 0.7),
+        Pattern(
+            "type, name, number",
+            rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_HOUSE}\b{_UNIT}",
+            0.7,
+        ),
         # "Levetzowstraße 1058", "Högtoftavägen 969", "Heinrich-Heine-Str. 12", "Kloosterkoolhof 1304"
-        Pattern("name+suffix, number", rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
+        Pattern(
+            "name+suffix, number",
+            rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_HOUSE}\b{_UNIT}",
+            0.7,
+        ),
         # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12"
         Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
         # Any number-bearing run of words after an address cue: "lives at 1097 Melshorn", "Address: Am Sack 689".
-        Pattern("after an address cue", rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}){_CUED_ADDRESS}", 0.6),
+        Pattern(
+            "after an address cue",
+            rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}){_CUED_ADDRESS}",
+            0.6,
+        ),
         # "Melum 64, Finnbogastaðir 523": a street and its number, then a town and its postal code.
-        Pattern("street number, town code", rf"(?<![\p{{L}}\d])\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+(?!{_NOT_STREET}\b){_WORD}){{0,3}}[ \t]+{_HOUSE}(?=,[ \t]+\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+[\p{{L}}'’.\-]+){{0,3}}[ \t]+(?:[A-Z]{{1,2}}-?)?(?:\d{{3,6}}(?:[ \t-]\d{{2,4}})?|\d{{2}}-\d{{3}})\b)", 0.6),
+        Pattern(
+            "street number, town code",
+            rf"(?<![\p{{L}}\d])\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+(?!{_NOT_STREET}\b){_WORD}){{0,3}}[ \t]+{_HOUSE}(?=,[ \t]+\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+[\p{{L}}'’.\-]+){{0,3}}[ \t]+(?:[A-Z]{{1,2}}-?)?(?:\d{{3,6}}(?:[ \t-]\d{{2,4}})?|\d{{2}}-\d{{3}})\b)",
+            0.6,
+        ),
         # An address label's street line: a number and words alone on their line ("2250 Brisas").
-        Pattern("label line", r"(?m)(?<=^[ \t>?*•\-]*)\d{1,5}[A-Za-z]?[ \t]+\p{Lu}[\p{L}'’.\-]*(?:[ \t]+[\p{L}'’.\-]+){0,4}\.?(?=[ \t]*$)", 0.5),
+        Pattern(
+            "label line",
+            r"(?m)(?<=^[ \t>?*•\-]*)\d{1,5}[A-Za-z]?[ \t]+\p{Lu}[\p{L}'’.\-]*(?:[ \t]+[\p{L}'’.\-]+){0,4}\.?(?=[ \t]*$)",
+            0.5,
+        ),
         # "60 Hauptplatz", "1161 Strømstadgata"
-        Pattern("number, name+suffix", rf"\b{_NUMBER},?[ \t]+\p{{Lu}}[\p{{L}}\-]*(?i:{fused})(?![\p{{L}}])\.?{_UNIT}", 0.7),
+        Pattern(
+            "number, name+suffix", rf"\b{_NUMBER},?[ \t]+\p{{Lu}}[\p{{L}}\-]*(?i:{fused})(?![\p{{L}}])\.?{_UNIT}", 0.7
+        ),
         # A unit on its own ("Apt. 442", "Suite 824"), as on an address label's second line.
         Pattern("unit", r"\b(?:Apt\.?|Apartment|Suite|Ste\.|Unit|Flat)[ \t]*\#?[ \t]*\d{1,5}[A-Za-z]?\b", 0.5),
         # A street named without its number: a type first ("on rue La Boétie", "ul. Kazimierza
         # Wielkiego"), or an unambiguous English type after the name ("Quadra St.", "Kieler Strasse St.").
-        Pattern("type, name (no number)", rf"(?<![\p{{L}}.])(?i:{_alternation(NAME_FIRST_STREET_TYPES)})[ \t]+(?:{_NAME_LINK}[ \t]+){{0,2}}{_CAP_WORD}(?:[ \t]+(?:{_NAME_LINK}[ \t]+)?{_CAP_WORD}){{0,3}}", STREET_TYPE_FIRST_SCORE),
-        Pattern("name, type (no number)", rf"(?<![\p{{L}}]){_CAP_WORD}(?:[ \t]+{_CAP_WORD}){{0,3}}[ \t]+{_alternation(NAME_LAST_STREET_TYPES)}(?![\p{{L}}])", 0.5),
+        Pattern(
+            "type, name (no number)",
+            rf"(?<![\p{{L}}.])(?i:{_alternation(NAME_FIRST_STREET_TYPES)})[ \t]+(?:{_NAME_LINK}[ \t]+){{0,2}}{_CAP_WORD}(?:[ \t]+(?:{_NAME_LINK}[ \t]+)?{_CAP_WORD}){{0,3}}",
+            STREET_TYPE_FIRST_SCORE,
+        ),
+        Pattern(
+            "name, type (no number)",
+            rf"(?<![\p{{L}}]){_CAP_WORD}(?:[ \t]+{_CAP_WORD}){{0,3}}[ \t]+{_alternation(NAME_LAST_STREET_TYPES)}(?![\p{{L}}])",
+            0.5,
+        ),
         Pattern("P.O. box", r"\b(?:P\.?[ \t]?O\.?[ \t]?Box|Postfach|Apartado|Caixa[ \t]Postal)[ \t]+\d{1,6}\b", 0.7),
-        Pattern("APO/FPO military", r"\b(?:PSC|Unit|CMR)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{3,5}(?:,?[ \t]+|[ \t]*\n[ \t]*)(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}", 0.7),
+        Pattern(
+            "APO/FPO military",
+            r"\b(?:PSC|Unit|CMR)[ \t]+\d{3,5},?[ \t]+Box[ \t]+\d{3,5}(?:,?[ \t]+|[ \t]*\n[ \t]*)(?:APO|FPO|DPO)[ \t]+(?:AA|AE|AP)[ \t]+\d{5}",
+            0.7,
+        ),
     ]
 
 
@@ -531,7 +687,11 @@ POSTAL_PATTERNS = [
     Pattern("Dutch postcode", r"\b[1-9]\d{3}[ \t]?[A-Z]{2}\b(?![\p{L}])", 0.4),
     Pattern("ZIP+4, Brazilian CEP", r"\b\d{5}-\d{3,4}\b", 0.5),
     Pattern("Portuguese, Polish", r"\b\d{4}-\d{3}\b|\b\d{2}-\d{3}\b", 0.3),
-    Pattern("postal code after its label", r"(?<=\b(?i:zip|zip[ \t]?code|postal[ \t]code|post[ \t]?code|plz|cp|code[ \t]postal|cap)\b[ \t]*[:#]?[ \t]*)[A-Z0-9]{2,5}(?:[ \t-][A-Z0-9]{2,4})?\b", 0.7),
+    Pattern(
+        "postal code after its label",
+        r"(?<=\b(?i:zip|zip[ \t]?code|postal[ \t]code|post[ \t]?code|plz|cp|code[ \t]postal|cap)\b[ \t]*[:#]?[ \t]*)[A-Z0-9]{2,5}(?:[ \t-][A-Z0-9]{2,4})?\b",
+        0.7,
+    ),
 ]
 POSTAL_CONTEXT = ["zip", "postcode", "postal", "address", "city"]
 
@@ -541,8 +701,16 @@ SHAPE_PATTERNS = {
         Pattern("GS1 UDI", r"\(01\)\d{14}(?:\(\d{2,4}\)[A-Za-z0-9]{1,20})*", 0.7),
         Pattern("IMEI (needs context)", r"\b\d{15}\b", 0.2),
     ],
-    "HEALTH_PLAN_NUMBER": [Pattern("Medicare MBI", r"\b[1-9][AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y]{2}\d{2}\b", 0.6)],
-    "US_SSN": [Pattern("SSN shape (needs context)", r"\b(?!000|666|9\d\d)\d{3}[- ]?(?!00)\d{2}[- ]?(?!0000)\d{4}\b", 0.3)],
+    "HEALTH_PLAN_NUMBER": [
+        Pattern(
+            "Medicare MBI",
+            r"\b[1-9][AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y][AC-HJKMNP-RT-Y0-9]\d-?[AC-HJKMNP-RT-Y]{2}\d{2}\b",
+            0.6,
+        )
+    ],
+    "US_SSN": [
+        Pattern("SSN shape (needs context)", r"\b(?!000|666|9\d\d)\d{3}[- ]?(?!00)\d{2}[- ]?(?!0000)\d{4}\b", 0.3)
+    ],
 }
 SHAPE_CONTEXT = {
     "VEHICLE_ID": ["vin", "vehicle", "car"],
@@ -553,7 +721,9 @@ SHAPE_CONTEXT = {
 
 
 def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
-    def recognizer(entity: str, name: str, patterns: list[Pattern], context: list[str] | None = None) -> PatternRecognizer:
+    def recognizer(
+        entity: str, name: str, patterns: list[Pattern], context: list[str] | None = None
+    ) -> PatternRecognizer:
         return PatternRecognizer(supported_entity=entity, name=name, patterns=patterns, context=context,
                                  global_regex_flags=CASE_SENSITIVE)  # fmt: skip
 
@@ -561,11 +731,18 @@ def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
         recognizer("DATE_TIME", "FedgenDateRecognizer", DATE_PATTERNS, DATE_CONTEXT),
         recognizer("AGE", "AgeOver89Recognizer", AGE_PATTERNS, ["age", "aged", "old"]),
         recognizer("PHONE_NUMBER", "PhoneShapeRecognizer", PHONE_PATTERNS, PHONE_CONTEXT),
-        recognizer("STREET_ADDRESS", "StreetAddressRecognizer", address_patterns(lexicon), ["address", "lives", "live", "street", "reside"]),
+        recognizer(
+            "STREET_ADDRESS",
+            "StreetAddressRecognizer",
+            address_patterns(lexicon),
+            ["address", "lives", "live", "street", "reside"],
+        ),
         recognizer("POSTAL_CODE", "PostalCodeRecognizer", POSTAL_PATTERNS, POSTAL_CONTEXT),
     ]
     for entity, patterns in SHAPE_PATTERNS.items():
-        recognizers.append(recognizer(entity, f"{entity.title().replace('_', '')}ShapeRecognizer", patterns, SHAPE_CONTEXT[entity]))
+        recognizers.append(
+            recognizer(entity, f"{entity.title().replace('_', '')}ShapeRecognizer", patterns, SHAPE_CONTEXT[entity])
+        )
     return recognizers
 
 
@@ -581,11 +758,15 @@ _CODE_AFTER = regex.compile(r"\G,?[ \t]+(?P<code>[A-Z]{0,2}-?\d{4,6}(?:[ \t-]\d{
 _PLACE_WORD = regex.compile(r"[\p{L}'’\-]+")
 
 
-_COUNTRY_CODE = regex.compile(r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b")
+_COUNTRY_CODE = regex.compile(
+    r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b"
+)
 ATTACH_PASSES = 3  # an address label: street, unit line, city line, country line
 
 
-def attach_places(text: str, spans: list[tuple[str, int, int, float]], lexicon: Lexicon) -> list[tuple[str, int, int, float]]:
+def attach_places(
+    text: str, spans: list[tuple[str, int, int, float]], lexicon: Lexicon
+) -> list[tuple[str, int, int, float]]:
     """Postal codes and cities right after a street address or around a city finding, and the
     postal code after a country or state name ("Australia 3951").
 

@@ -126,8 +126,12 @@ def _membership(name: str, sites: list[dict]) -> dict:
             "sites": {site["site"]: _with_note(site["attacks"][attack]["summary"]) for site in sites},
         }
         bound = empirical_epsilon_from_counts(
-            members["surely"], nonmembers["maybe"], members["thresholds"],
-            n_members=members["total"], n_nonmembers=nonmembers["total"], delta=delta,
+            members["surely"],
+            nonmembers["maybe"],
+            members["thresholds"],
+            n_members=members["total"],
+            n_nonmembers=nonmembers["total"],
+            delta=delta,
         )
         bounds[attack] = {
             "eps_lb": bound.eps_lb,
@@ -217,7 +221,9 @@ def _image_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
         "n_synthetic": len(inputs.synthetic_images[1]),
         "per_class": per_class,
         "sites": {
-            site["site"]: {key: value for key, value in mean_over_classes(site["fidelity"]["per_class"]).items() if key != "note"}
+            site["site"]: {
+                key: value for key, value in mean_over_classes(site["fidelity"]["per_class"]).items() if key != "note"
+            }
             for site in sites
         },
     }
@@ -234,7 +240,9 @@ def _text_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
     texts, labels = inputs.synthetic_texts
     names = inputs.config.data.text_classes
     real = pool_sums([site["fidelity"]["embedding_stats"] for site in sites])
-    real_classes = summarise_text_class_stats(pool_text_class_stats([site["fidelity"]["class_stats"] for site in sites]))
+    real_classes = summarise_text_class_stats(
+        pool_text_class_stats([site["fidelity"]["class_stats"] for site in sites])
+    )
     synthetic_classes = summarise_text_class_stats(text_class_stats(texts, labels, class_names=names, real=False))
     synthetic = text_embedding_stats(texts, real=False)
     return {
@@ -296,7 +304,10 @@ def _image_memorisation(sites: list[dict]) -> dict:
         "n_synthetic": sites[0]["memorisation"]["n_synthetic"],
         "quantile": NEAR_COPY_QUANTILE,
         "sites": {
-            site["site"]: {"pixel": site["memorisation"]["pixel"]["count"], "feature": site["memorisation"]["feature"]["count"]}
+            site["site"]: {
+                "pixel": site["memorisation"]["pixel"]["count"],
+                "feature": site["memorisation"]["feature"]["count"],
+            }
             for site in sites
         },
     }
@@ -345,9 +356,7 @@ def _phi(texts: list[str], sites: list[dict], *, progress: bool) -> dict:
     return {
         "engine": analyzer.engine,
         "n_texts": len(texts),
-        "findings": [
-            {**f.to_dict(), "redacted": redact(texts[f.index][f.start : f.end])} for f in findings
-        ],
+        "findings": [{**f.to_dict(), "redacted": redact(texts[f.index][f.start : f.end])} for f in findings],
         "counts": counts,
         "memorisation": {
             **{key: sum(s[key] for s in per_site.values()) for key in MEMORISATION_COUNTS},
@@ -399,9 +408,13 @@ def _check_coverage(run: RunDir, answers: dict[str, list[dict]]) -> None:
         trained = {entry.site for entry in ledger.entries(modality=name)}
         answered = {site["site"] for site in sites}
         if trained - answered:
-            raise FedgenError(f"{', '.join(sorted(trained - answered))} trained the {name} model but did not answer the audit")
+            raise FedgenError(
+                f"{', '.join(sorted(trained - answered))} trained the {name} model but did not answer the audit"
+            )
         if answered - trained:
-            raise FedgenError(f"{', '.join(sorted(answered - trained))} answered the {name} audit but never trained (not in the ledger)")
+            raise FedgenError(
+                f"{', '.join(sorted(answered - trained))} answered the {name} audit but never trained (not in the ledger)"
+            )
 
 
 def _pretraining(run: RunDir) -> dict | None:

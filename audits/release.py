@@ -97,7 +97,11 @@ def _signature_problems(run: RunDir, certs: ConsortiumCerts, synthetic: dict[str
         return [f"{AUDIT_DIR}/{DECISION_FILE}: the signature is not the coordinator's ({certs.server_cert})"]
     now = _statement(run, synthetic)
     names = {"report_sha256": REPORT_JSON, "policy_sha256": POLICY_COPY}
-    problems = [f"{AUDIT_DIR}/{name}: changed since the audit signed it" for key, name in names.items() if now[key] != statement.get(key)]
+    problems = [
+        f"{AUDIT_DIR}/{name}: changed since the audit signed it"
+        for key, name in names.items()
+        if now[key] != statement.get(key)
+    ]
     if now["synthetic_sha256"] != statement.get("synthetic_sha256"):
         problems.append(f"{AUDIT_DIR}/{REPORT_JSON}: its synthetic fingerprints are not the signed ones")
     return problems
@@ -130,7 +134,9 @@ def _read_report(run: RunDir) -> dict:
     json_path, html_path = run.audit / REPORT_JSON, run.audit / REPORT_HTML
     for path in (json_path, html_path):
         if not path.is_file():
-            raise FedgenError(f"{run.root} has no audit report ({path} is missing): run `fedgen audit {run.root}` first")
+            raise FedgenError(
+                f"{run.root} has no audit report ({path} is missing): run `fedgen audit {run.root}` first"
+            )
     try:
         report = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -219,7 +225,9 @@ def release(run: RunDir, to: str | Path | None = None, *, certs: ConsortiumCerts
             shutil.copytree(run.synthetic, staging / SYNTHETIC_DIR)
         changed = _changed_files(audited, synthetic_manifest(staging / SYNTHETIC_DIR))
         if changed:
-            raise ReleaseRefused(f"release refused: {len(changed)} synthetic file(s) differ from the audited ones", changed)
+            raise ReleaseRefused(
+                f"release refused: {len(changed)} synthetic file(s) differ from the audited ones", changed
+            )
         _replace_phi(report, staging / SYNTHETIC_DIR)  # after the check: the audited texts, redacted
         (staging / AUDIT_DIR).mkdir()
         for name in (REPORT_JSON, REPORT_HTML, POLICY_COPY, DECISION_FILE):

@@ -98,7 +98,11 @@ def _decision(gate: dict | None) -> dict:
 
 def _epsilon_plot(sites: dict) -> str | None:
     """Each site's ε, all modalities, after every update it released, in training order."""
-    trained = [(modality, spent) for per_site in sites.values() for modality, spent in (per_site.get("modalities") or {}).items()]
+    trained = [
+        (modality, spent)
+        for per_site in sites.values()
+        for modality, spent in (per_site.get("modalities") or {}).items()
+    ]
     order = list(dict.fromkeys(modality for modality, _ in trained))  # the run's order of modalities
     steps = sorted(
         {(modality, r["round"]) for modality, spent in trained for r in spent.get("rounds") or []},
@@ -320,8 +324,7 @@ def _phi_section(report: dict, forbidden: set[str]) -> dict | None:
         "engine": phi.get("engine") or "not recorded",
         "n_texts": _number(phi.get("n_texts")),
         "counts": [
-            (entity, _number(count), entity in forbidden)
-            for entity, count in sorted((phi.get("counts") or {}).items())
+            (entity, _number(count), entity in forbidden) for entity, count in sorted((phi.get("counts") or {}).items())
         ],
         "findings": [
             {
@@ -413,7 +416,10 @@ def _fidelity_section(report: dict) -> dict:
         section["image"] = {
             "extractor": image.get("extractor") or "not recorded",
             "rows": [
-                (label.replace("FID", image.get("fid_name", "FID"), 1) if key == "fid" else label, _number(image.get(key)))
+                (
+                    label.replace("FID", image.get("fid_name", "FID"), 1) if key == "fid" else label,
+                    _number(image.get(key)),
+                )
                 for key, label in IMAGE_FIDELITY_ROWS
             ],
             "note": image.get("note"),
@@ -458,7 +464,12 @@ def _competence_line(utility: dict) -> str | None:
 
 def _utility_configs(configs: dict) -> list[tuple]:
     return [
-        (label, _number(configs[key].get("accuracy")), _number(configs[key].get("macro_f1")), _number(configs[key].get("n_test")))
+        (
+            label,
+            _number(configs[key].get("accuracy")),
+            _number(configs[key].get("macro_f1")),
+            _number(configs[key].get("n_test")),
+        )
         for key, label in UTILITY_CONFIGS
         if key in configs
     ]
@@ -553,7 +564,7 @@ def _bias_section(report: dict) -> dict | None:
 
 
 def _estimate(share: dict | None, *, test: bool = False) -> str:
-    """"0.62 (0.55–0.69), 120 answers" from a review proportion; with the chance test's p."""
+    """ "0.62 (0.55–0.69), 120 answers" from a review proportion; with the chance test's p."""
     if not share or share.get("value") is None:
         return "no answers"
     low, high = share["ci"]
@@ -608,7 +619,11 @@ def _review_section(report: dict) -> dict | None:
             ],
         })  # fmt: skip
     confidence = review.get("confidence")
-    return {"blocks": blocks, "sites": ", ".join(review.get("sites") or []), "confidence": _confidence(None if confidence is None else 1 - confidence)}
+    return {
+        "blocks": blocks,
+        "sites": ", ".join(review.get("sites") or []),
+        "confidence": _confidence(None if confidence is None else 1 - confidence),
+    }
 
 
 def _contact_sheet(report: dict, run_root: Path) -> tuple[str | None, str]:
@@ -625,7 +640,9 @@ def _contact_sheet(report: dict, run_root: Path) -> tuple[str | None, str]:
     png = path.read_bytes()
     if not png.startswith(PNG_MAGIC):
         return None, f"Not shown: {recorded} is not a PNG file."
-    return _png_data_uri(png), "SYNTHETIC images made by the trained model (one column per class). No real image appears in this report."
+    return _png_data_uri(
+        png
+    ), "SYNTHETIC images made by the trained model (one column per class). No real image appears in this report."
 
 
 def _forbidden_entities(gate: dict | None) -> set[str]:
@@ -644,7 +661,9 @@ def _run_section(report: dict) -> dict:
         "dp": run.get("dp"),
         "pretraining": _pretraining_rows(run.get("pretraining")),
         "generated_at": run.get("generated_at") or "not recorded",
-        "versions": [(name, version or "not installed") for name, version in sorted((run.get("versions") or {}).items())],
+        "versions": [
+            (name, version or "not installed") for name, version in sorted((run.get("versions") or {}).items())
+        ],
         "config": tomli_w.dumps(_toml_safe(config)) if isinstance(config, dict) else "not recorded",
     }
 
@@ -654,9 +673,15 @@ def _pretraining_rows(record: dict | None) -> list[tuple[str, str]] | None:
     if not record:
         return None
     labels = [
-        ("public_dir", "public data folder"), ("images", "public images"), ("labelled", "labels used"),
-        ("content_sha256", "public data SHA-256"), ("epochs", "epochs"), ("checkpoint", "checkpoint"),
-        ("weights_sha256", "checkpoint weights SHA-256"), ("created", "pretrained at"), ("note", "note"),
+        ("public_dir", "public data folder"),
+        ("images", "public images"),
+        ("labelled", "labels used"),
+        ("content_sha256", "public data SHA-256"),
+        ("epochs", "epochs"),
+        ("checkpoint", "checkpoint"),
+        ("weights_sha256", "checkpoint weights SHA-256"),
+        ("created", "pretrained at"),
+        ("note", "note"),
     ]
     return [(label, str(record[key])) for key, label in labels if key in record]
 

@@ -130,7 +130,9 @@ def fleiss_kappa(ratings: Sequence[Sequence]) -> float | None:
         raise ValueError("Fleiss' kappa needs the same number (at least two) of ratings per item")
     items = len(ratings)
     per_item = [Counter(r) for r in ratings]
-    agreement = sum((sum(c * c for c in counts.values()) - raters) / (raters * (raters - 1)) for counts in per_item) / items
+    agreement = (
+        sum((sum(c * c for c in counts.values()) - raters) / (raters * (raters - 1)) for counts in per_item) / items
+    )
     totals = Counter(label for r in ratings for label in r)
     expected = sum((count / (items * raters)) ** 2 for count in totals.values())
     return None if expected == 1 else (agreement - expected) / (1 - expected)
@@ -316,7 +318,8 @@ def score_kit(kit_dir: str | Path, answer_files: Sequence[str | Path]) -> dict:
     for modality, classes in key.classes.items():
         item_ids = [i for i, item in key.items.items() if item.modality == modality]
         per_reviewer = {
-            label: [(key.items[i], r.answers[i]) for i in item_ids if i in r.answers] for label, r in zip(labels, reviewers)
+            label: [(key.items[i], r.answers[i]) for i in item_ids if i in r.answers]
+            for label, r in zip(labels, reviewers)
         }
         counts = Counter((key.items[i].label, key.items[i].source) for i in item_ids)
         modalities[modality] = {
@@ -387,7 +390,9 @@ def _check_scores(scores: dict, where: str) -> None:
         raise FedgenError(f"{where}: not a fedgen review scores file (format {SCORES_FORMAT})")
 
 
-def pool_scores(site_scores: Sequence[dict], *, run_id: str | None = None, sources: Sequence[str] | None = None) -> dict:
+def pool_scores(
+    site_scores: Sequence[dict], *, run_id: str | None = None, sources: Sequence[str] | None = None
+) -> dict:
     """The review section of the audit report: every site's pooled figures summed into one.
 
     ``sources`` names each scores file (for messages); ``run_id``, when given, must be the run
@@ -408,6 +413,7 @@ def pool_scores(site_scores: Sequence[dict], *, run_id: str | None = None, sourc
 
     def site_label(scores: dict) -> str:  # a site that made two kits shows each
         return scores["site"] if names[scores["site"]] == 1 else f"{scores['site']} (kit {scores['kit']})"
+
     modalities = {}
     for modality in dict.fromkeys(m for s in site_scores for m in s["modalities"]):
         present = [s for s in site_scores if modality in s["modalities"]]
@@ -429,4 +435,3 @@ def pool_scores(site_scores: Sequence[dict], *, run_id: str | None = None, sourc
             },
         }
     return {"confidence": CONFIDENCE, "sites": sorted(map(site_label, site_scores)), "modalities": modalities}
-

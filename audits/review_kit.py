@@ -66,7 +66,16 @@ from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
 from fedgen.generate import synthetic_image_files, synthetic_text_records
 
-__all__ = ["DEFAULT_PER_CLASS", "KIT_README", "Kit", "build_kit", "open_synthetic", "kit_location", "blind_png", "blind_text"]
+__all__ = [
+    "DEFAULT_PER_CLASS",
+    "KIT_README",
+    "Kit",
+    "build_kit",
+    "open_synthetic",
+    "kit_location",
+    "blind_png",
+    "blind_text",
+]
 
 DEFAULT_PER_CLASS = 10  # real items per class (and as many synthetic): 2 x 10 x 5 classes = 100 items
 KIT_README = "README.txt"
@@ -136,9 +145,15 @@ def kit_location(site: SiteData, out: str | Path) -> Path:
     root = site.root.resolve()
     allowed = [root] + ([site.review_dir.resolve()] if site.review_dir is not None else [])
     if out in allowed:
-        raise FedgenError(f"{out} is the site's own folder: name a new folder inside it (e.g. --out {out / 'review-kit'})")
+        raise FedgenError(
+            f"{out} is the site's own folder: name a new folder inside it (e.g. --out {out / 'review-kit'})"
+        )
     if not any(out.is_relative_to(folder) for folder in allowed):
-        named = f" or the review_dir of its site.toml ({allowed[1]})" if len(allowed) > 1 else " (or a review_dir the site names in site.toml)"
+        named = (
+            f" or the review_dir of its site.toml ({allowed[1]})"
+            if len(allowed) > 1
+            else " (or a review_dir the site names in site.toml)"
+        )
         raise FedgenError(
             f"{out} is outside the site folder {root}: a review kit holds real records and is written only "
             f"inside the site folder{named}; e.g. --out {root / 'review-kit'}"
@@ -198,7 +213,9 @@ def _image_items(run: RunDir, config: RunConfig, site: SiteData, rng: np.random.
     if not chosen:
         return []
     # One pipeline for both sources: the training view, then one encoder.
-    pixels = _uint8(load_images([c[2] for c in chosen], resolution=config.image.resolution, channels=config.image.channels))
+    pixels = _uint8(
+        load_images([c[2] for c in chosen], resolution=config.image.resolution, channels=config.image.channels)
+    )
     return [
         _Item(source, label, base64.b64encode(blind_png(image)).decode("ascii"), record)
         for (source, label, _, record), image in zip(chosen, pixels)
@@ -228,7 +245,13 @@ def _script_json(value) -> str:
     """JSON that can sit inside a <script> element: no "<", ">" or "&" (so no "</script>")
     and no U+2028/U+2029, which end a line in older JavaScript."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text
 
@@ -268,7 +291,9 @@ def open_synthetic(folder: str | Path) -> tuple[RunDir, RunConfig, str]:
         return run, run.config(), run.root.name
     report_path = run.root / "audit" / REPORT_JSON
     if not report_path.is_file():
-        raise FedgenError(f"{run.root} is neither a fedgen run folder (no config.toml) nor a release of one (no audit/{REPORT_JSON})")
+        raise FedgenError(
+            f"{run.root} is neither a fedgen run folder (no config.toml) nor a release of one (no audit/{REPORT_JSON})"
+        )
     try:
         recorded = json.loads(report_path.read_text(encoding="utf-8"))["run"]
         return run, RunConfig.model_validate(recorded["config"]), str(recorded["id"])
@@ -300,7 +325,9 @@ def build_kit(
     unknown = [m for m in wanted if m not in config.modalities]
     if unknown:
         raise FedgenError(f"run {run_id} has no {unknown[0]} model (its modalities: {', '.join(config.modalities)})")
-    site = load_site(site_dir, config.data, modalities=wanted, channels=config.image.channels if "image" in wanted else None)
+    site = load_site(
+        site_dir, config.data, modalities=wanted, channels=config.image.channels if "image" in wanted else None
+    )
     target = kit_location(site, out)
     rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
     kit_id = secrets.token_hex(8)
@@ -319,7 +346,10 @@ def build_kit(
             "classes": classes,
             "items": [{"id": item_id, field: item.payload} for item_id, item in numbered.items()],
         }
-        counts = {classes[label]: sum(1 for it in items if it.label == label and it.source == REAL) for label in range(len(classes))}
+        counts = {
+            classes[label]: sum(1 for it in items if it.label == label and it.source == REAL)
+            for label in range(len(classes))
+        }
         items_per_class[modality] = {name: n for name, n in counts.items() if n}
         key_sections[modality] = {
             "classes": classes,
@@ -345,7 +375,9 @@ def build_kit(
         "page_sha256": hashlib.sha256(page.encode("utf-8")).hexdigest(),
         "modalities": key_sections,
     }
-    readme = README_TEXT.format(kit=kit_id, run=run_id, site=site.name, created=created, page=KIT_PAGE, key=KIT_KEY, kit_dir=target)
+    readme = README_TEXT.format(
+        kit=kit_id, run=run_id, site=site.name, created=created, page=KIT_PAGE, key=KIT_KEY, kit_dir=target
+    )
     with atomic_dir(target) as staging:
         (staging / KIT_PAGE).write_text(page, encoding="utf-8")
         (staging / KIT_KEY).write_text(json.dumps(key, indent=2), encoding="utf-8")

@@ -32,9 +32,7 @@ Scores = dict[str, tuple[np.ndarray, np.ndarray]]  # attack -> (member scores, n
 MIN_BIN_RECORDS = 5  # k: every bin of a site's histogram holds at least this many records
 # Where a site's inner edges sit: quantiles of its scores, finest in the upper tail, where a
 # threshold attack at low FPR draws its line (higher score = member).
-EDGE_QUANTILES = (
-    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999
-)
+EDGE_QUANTILES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 SITE_HISTOGRAM_BINS = len(EDGE_QUANTILES) + 1  # at most; fewer when bins merge
 # Edges are rounded to this fraction of the central 90% of the site's scores.
 EDGE_RESOLUTION = 0.01
@@ -65,7 +63,11 @@ def site_histogram(members: np.ndarray, nonmembers: np.ndarray, *, min_records: 
     if group + totals[-1] < min_records and len(keep) > 1:
         keep.pop()  # the last bin is too small: merged into the one before
     edges = edges[[*keep, len(edges) - 1]]
-    return {"edges": edges, "members": score_histogram(members, edges), "nonmembers": score_histogram(nonmembers, edges)}
+    return {
+        "edges": edges,
+        "members": score_histogram(members, edges),
+        "nonmembers": score_histogram(nonmembers, edges),
+    }
 
 
 def attack_summaries(scores: Scores, *, delta: float) -> dict:

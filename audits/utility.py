@@ -236,9 +236,7 @@ def text_utility(
     true = np.asarray(real_test[1])
     results = {}
     for name, ((texts, labels), smote) in _training_sets(real_train, synthetic, _concat_texts).items():
-        vectoriser, classifier, n_train = _fit_text_classifier(
-            texts, np.asarray(labels), smote=smote, seed=seed
-        )
+        vectoriser, classifier, n_train = _fit_text_classifier(texts, np.asarray(labels), smote=smote, seed=seed)
         predicted = classifier.predict(vectoriser.transform(real_test[0]))
         results[name] = _scores(true, predicted, class_names=class_names, n_train=n_train)
     classifier = f"TF-IDF word {TEXT_NGRAM_RANGE[0]}-{TEXT_NGRAM_RANGE[1]}-grams + LogisticRegression"

@@ -37,8 +37,12 @@ from fedgen.data.site import image_splits, load_site
 
 def stand_ins(images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    redrawn = torch.where(torch.rand(len(labels), generator=g) < 0.5, torch.randint(0, classes, labels.shape, generator=g), labels)
+    blurred = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1
+    )
+    redrawn = torch.where(
+        torch.rand(len(labels), generator=g) < 0.5, torch.randint(0, classes, labels.shape, generator=g), labels
+    )
     return {
         "copy of real train images": (images, labels),
         "the copy blurred (3x3 box)": (blurred, labels),
@@ -65,13 +69,19 @@ def main() -> None:
     splits = []
     for root in sites:
         site = load_site(root, config.data, modalities=("image",), channels=config.image.channels)
-        train, test = image_splits(site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed)
-        net = train_feature_net(*train.tensors, num_classes=len(classes), trained_on=f"{site.name} real train split", seed=config.seed)
+        train, test = image_splits(
+            site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
+        )
+        net = train_feature_net(
+            *train.tensors, num_classes=len(classes), trained_on=f"{site.name} real train split", seed=config.seed
+        )
         splits.append((site.name, train.tensors, test.tensors, net))  # the real-trained classifier, once per site
     train, test = pooled_heldout(sites, config, "image")
     bench = [s["accuracy"] for s in classifier_scores(train, test, train, classes, seeds=args.seeds)]
     print(f"{len(sites)} sites, {len(train[1])} train / {len(test[1])} held-out images, {len(classes)} classes")
-    print(f"benchmark classifier, real-trained accuracy (pooled, mean of {args.seeds} seeds): {statistics.mean(bench):.3f}")
+    print(
+        f"benchmark classifier, real-trained accuracy (pooled, mean of {args.seeds} seeds): {statistics.mean(bench):.3f}"
+    )
     real_f1 = logistic_macro_f1(train, test)
     policy = load_policy().utility
     for name, synthetic in stand_ins(*train, len(classes)).items():

@@ -35,14 +35,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sites", type=Path)
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
-    parser.add_argument("--epochs", type=int, default=8, help="0: score the starting model (image.init_checkpoint) untrained here")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (TOML value); repeatable",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="0: score the starting model (image.init_checkpoint) untrained here"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epsilon", type=float, default=math.inf, help="DP target for this training (default: no DP)")
     parser.add_argument("--per-class", type=int, default=60)
     parser.add_argument("--guidance", type=float, default=None, help="default: the config's image.guidance")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps; default: the config's image.sample_steps")
-    parser.add_argument("--out", type=Path, default=Path("runs/budget-probe.png"), help="the contact sheet of the samples")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampler steps; default: the config's image.sample_steps"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/budget-probe.png"), help="the contact sheet of the samples"
+    )
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))
     image = config.image
@@ -55,25 +68,49 @@ def main() -> None:
         delta = 1 / (10 * len(train))
         sigma = None
         if math.isfinite(args.epsilon):
-            q, steps = planned_steps(n_records=len(train), batch_size=args.batch_size, epochs_per_round=args.epochs, rounds=1)
+            q, steps = planned_steps(
+                n_records=len(train), batch_size=args.batch_size, epochs_per_round=args.epochs, rounds=1
+            )
             sigma = calibrate_noise_multiplier(target_epsilon=args.epsilon, delta=delta, sample_rate=q, steps=steps)
         start = time.perf_counter()
-        result = train_local(model, train, task.per_example_loss(), epochs=args.epochs, batch_size=args.batch_size,
-                             lr=image.lr, noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm, delta=delta,
-                             noise_multiplicity=image.noise_multiplicity, grad_sample_mode=image.grad_sample_mode,
-                             max_physical_batch_size=image.max_physical_batch_size, seed=0)
-        print(f"{result.steps} steps on {len(train)} images ({trainable:,} trainable parameters) in "
-              f"{time.perf_counter() - start:.0f} s, loss {result.mean_loss:.4f}, ε {result.epsilon:.3g}")
+        result = train_local(
+            model,
+            train,
+            task.per_example_loss(),
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=image.lr,
+            noise_multiplier=sigma,
+            max_grad_norm=config.privacy.max_grad_norm,
+            delta=delta,
+            noise_multiplicity=image.noise_multiplicity,
+            grad_sample_mode=image.grad_sample_mode,
+            max_physical_batch_size=image.max_physical_batch_size,
+            seed=0,
+        )
+        print(
+            f"{result.steps} steps on {len(train)} images ({trainable:,} trainable parameters) in "
+            f"{time.perf_counter() - start:.0f} s, loss {result.mean_loss:.4f}, ε {result.epsilon:.3g}"
+        )
     model.eval()
     labels = torch.arange(len(config.data.image_classes)).repeat_interleave(args.per_class)
-    images = sample_images(model, labels, config=image, steps=args.steps, guidance=args.guidance, generator=torch.Generator().manual_seed(0))
+    images = sample_images(
+        model,
+        labels,
+        config=image,
+        steps=args.steps,
+        guidance=args.guidance,
+        generator=torch.Generator().manual_seed(0),
+    )
     sheet = contact_sheet({name: images[labels == i][:8] for i, name in enumerate(config.data.image_classes)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
     scores = synthetic_image_scores(real, (images, labels), config.data.image_classes, seeds=CLASSIFIER_SEEDS)
-    print(f"real-trained {scores['real_accuracy']:.3f}, synthetic-trained {scores['synthetic_accuracy']:.3f} "
-          f"(sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), ratio {scores['ratio']:.2f}, "
-          f"FID {scores['fid']:.1f} (held-out n = {scores['n_test']}); contact sheet {args.out}")
+    print(
+        f"real-trained {scores['real_accuracy']:.3f}, synthetic-trained {scores['synthetic_accuracy']:.3f} "
+        f"(sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), ratio {scores['ratio']:.2f}, "
+        f"FID {scores['fid']:.1f} (held-out n = {scores['n_test']}); contact sheet {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -45,12 +45,16 @@ def main() -> None:
 
     classes = len(config.data.image_classes)
     wrong = (y + torch.randint(1, classes, y.shape, generator=generator)) % classes
-    by_label = torch.stack([loss(torch.full_like(y, c)) for c in range(classes)], dim=1)  # each example's loss is its own
+    by_label = torch.stack(
+        [loss(torch.full_like(y, c)) for c in range(classes)], dim=1
+    )  # each example's loss is its own
     accuracy = (by_label.argmin(dim=1) == y).float().mean()
     true, wrong = (by_label.gather(1, labels[:, None]).mean() for labels in (y, wrong))
-    print(f"held-out denoising loss: true label {true:.4f}, null {loss(torch.full_like(y, null_class(unet))).mean():.4f}, "
-          f"wrong label {wrong:.4f}; diffusion-classifier accuracy {accuracy:.3f} "
-          f"(n = {len(y)}, chance {1 / classes:.2f})")
+    print(
+        f"held-out denoising loss: true label {true:.4f}, null {loss(torch.full_like(y, null_class(unet))).mean():.4f}, "
+        f"wrong label {wrong:.4f}; diffusion-classifier accuracy {accuracy:.3f} "
+        f"(n = {len(y)}, chance {1 / classes:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def _dataset(modality, batch_size: int, steps: int, text: dict):
 
         if tiny:
             gen = torch.Generator().manual_seed(0)
-            texts = ["".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)]
+            texts = [
+                "".join(chr(97 + int(b)) for b in torch.randint(0, 26, (TEXT_LENGTH,), generator=gen)) for _ in range(n)
+            ]
             records = [("Anxiety", t) for t in texts]
         else:
             from fedgen.data.demo import make_demo_consortium
@@ -141,15 +143,30 @@ def main() -> None:
     for _ in range(args.repeats):
         for name in names:
             out = subprocess.run(
-                [sys.executable, __file__, "--case", name, "--steps", str(args.steps), "--threads", str(args.threads),
-                 "--image-batch", str(args.image_batch), *text_options],
-                capture_output=True, text=True, check=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    name,
+                    "--steps",
+                    str(args.steps),
+                    "--threads",
+                    str(args.threads),
+                    "--image-batch",
+                    str(args.image_batch),
+                    *text_options,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = {name: _median_run(case_runs) for name, case_runs in runs.items()}
     print(f"{'case':<20} {'batch':>5} {'ex/s':>8} {'CPU s/ex':>9} {'peak RSS MB':>12}")
     for row in rows.values():
-        print(f"{row['case']:<20} {row['batch']:>5} {row['examples_per_s']:>8.2f} {row['cpu_s_per_example']:>9.3f} {row['peak_rss_mb']:>12.0f}")
+        print(
+            f"{row['case']:<20} {row['batch']:>5} {row['examples_per_s']:>8.2f} {row['cpu_s_per_example']:>9.3f} {row['peak_rss_mb']:>12.0f}"
+        )
     for modality in modalities:
         base = rows[f"{modality} non-DP"]
         for name, row in rows.items():

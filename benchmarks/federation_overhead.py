@@ -21,7 +21,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     args = parser.parse_args()
     run = RunDir.open(args.run)
-    print(f"{'modality':<8} {'round':>5} {'wall s':>8} {'sum sites s':>12} {'max site s':>11} {'wall/sum':>9} {'wall/max':>9}")
+    print(
+        f"{'modality':<8} {'round':>5} {'wall s':>8} {'sum sites s':>12} {'max site s':>11} {'wall/sum':>9} {'wall/max':>9}"
+    )
     for modality in run.config().modalities:
         for server_round in run.completed_rounds(modality):
             info = json.loads((run.round_dir(server_round) / modality / "metrics.json").read_text())
@@ -29,7 +31,9 @@ def main() -> None:
             if not sites:
                 continue
             wall, total, slowest = info["round_seconds"], sum(sites.values()), max(sites.values())
-            print(f"{modality:<8} {server_round:>5} {wall:>8.1f} {total:>12.1f} {slowest:>11.1f} {wall / total:>9.2f} {wall / slowest:>9.2f}")
+            print(
+                f"{modality:<8} {server_round:>5} {wall:>8.1f} {total:>12.1f} {slowest:>11.1f} {wall / total:>9.2f} {wall / slowest:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

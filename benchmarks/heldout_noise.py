@@ -56,7 +56,9 @@ def main() -> None:
         rng = np.random.default_rng(FRESH_SEED + number)
         labels = [config.data.text_classes[i] for i in rng.choice(site.text_labels, args.fresh_per_site)]
         notes = [(note.label, note.text) for note in make_site_notes(labels, rng, phi_fraction=PHI_FRACTION)]
-        dataset = encode_examples(modality.tokenizer(), notes, template=config.text.prompt_template, max_length=config.text.max_length)
+        dataset = encode_examples(
+            modality.tokenizer(), notes, template=config.text.prompt_template, max_length=config.text.max_length
+        )
         fresh = text_attack_scores(text_note_logprobs(model, dataset), [text for _, text in notes])
         for name in TEXT_ATTACKS:
             for side, values in zip(sides[name], (*scores[name], fresh[name])):

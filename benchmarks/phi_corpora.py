@@ -71,7 +71,9 @@ class _Writer:
 
     def value(self, text: str, entity_type: str | None) -> None:
         if entity_type is not None and text:
-            self.spans.append({"start": self.length, "end": self.length + len(text), "entity_type": entity_type, "value": text})
+            self.spans.append(
+                {"start": self.length, "end": self.length + len(text), "entity_type": entity_type, "value": text}
+            )
         self.add(text)
 
     def note(self) -> Note:
@@ -192,7 +194,14 @@ def identifier(kind: str, rng: random.Random) -> str:
     """An identifier of ``kind`` in one of several real-looking shapes."""
     shapes = {
         "MEDICAL_RECORD_NUMBER": ["99999999", "A9999999", "99-999999", "AA999999", "9999-99999", "E99999999", "999999"],
-        "HEALTH_PLAN_NUMBER": ["AAA999999999", "9AA9-AA9-AA99", "99999999A", "AA99-999999-99", "A99999999", "AAA-999-99-9999"],
+        "HEALTH_PLAN_NUMBER": [
+            "AAA999999999",
+            "9AA9-AA9-AA99",
+            "99999999A",
+            "AA99-999999-99",
+            "A99999999",
+            "AAA-999-99-9999",
+        ],
         "ACCOUNT_NUMBER": ["9999999999", "9999-999999-99", "AC-99999999", "999999-9999"],
         "LICENSE_NUMBER": ["A999-9999-9999", "AA9999999", "99999999", "A9999999", "AA-999999", "999 999 999"],
         "VEHICLE_ID": ["AAA-9999", "9AAA999", "AA-AA 999", "AA99 AAA", "AAA 999"],
@@ -216,7 +225,24 @@ def identifier(kind: str, rng: random.Random) -> str:
 
 # Mimesis locales whose names and addresses are in Latin script, or romanised (ru, uk, kk).
 CLINICAL_LOCALES = {
-    "eval": ["de", "fr", "it", "es-mx", "pt-br", "pl", "tr", "sv", "fi", "hu", "en-gb", "nl-be", "cs", "ru", "da", "hr"],
+    "eval": [
+        "de",
+        "fr",
+        "it",
+        "es-mx",
+        "pt-br",
+        "pl",
+        "tr",
+        "sv",
+        "fi",
+        "hu",
+        "en-gb",
+        "nl-be",
+        "cs",
+        "ru",
+        "da",
+        "hr",
+    ],
     "dev": ["en", "de-ch", "es", "pt", "nl", "no", "sk", "et", "is", "en-au", "uk", "de-at", "en-ca", "kk", "az"],
 }
 
@@ -323,7 +349,13 @@ def _clinical_values(rng: random.Random, person, address, internet):
         if slot == "postcode":
             return [(address.postal_code(), "POSTAL_CODE")]
         if slot == "url":
-            return [(internet.url().rstrip("/") + rng.choice(["", "/visit/" + _shape(rng, "9999"), "/join?id=" + _shape(rng, "AA999")]), "URL")]
+            return [
+                (
+                    internet.url().rstrip("/")
+                    + rng.choice(["", "/visit/" + _shape(rng, "9999"), "/join?id=" + _shape(rng, "AA999")]),
+                    "URL",
+                )
+            ]
         if slot == "ip":
             return [(internet.ip_v4() if rng.random() < 0.8 else internet.ip_v6(), "IP_ADDRESS")]
         if slot == "ssn":
@@ -436,7 +468,14 @@ def _general_values(record: dict, rng: random.Random, internet):
         if slot == "email":
             return [(record["EmailAddress"], "EMAIL_ADDRESS")]
         if slot in {"credit_card_number", "iban"}:
-            return [(identifier("ACCOUNT_NUMBER", rng) if slot == "iban" else _luhn_digits(rng, rng.choice(["4", "51", "37"]), 16), "ACCOUNT_NUMBER")]
+            return [
+                (
+                    identifier("ACCOUNT_NUMBER", rng)
+                    if slot == "iban"
+                    else _luhn_digits(rng, rng.choice(["4", "51", "37"]), 16),
+                    "ACCOUNT_NUMBER",
+                )
+            ]
         if slot == "ip_address":
             return [(internet.ip_v4(), "IP_ADDRESS")]
         if slot == "url":

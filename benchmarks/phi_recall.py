@@ -103,7 +103,7 @@ def misses(notes, findings, limit: int) -> list[str]:
                 lines.append(f"MISS {span['entity_type']:<22} {span['value']!r}  in: {note.text!r}")
         for f in by_index[index]:
             if not any(f.start < s["end"] and s["start"] < f.end for s in note.spans if s["entity_type"] != NOT_PHI):
-                lines.append(f"FP   {f.entity_type:<22} {note.text[f.start:f.end]!r}  in: {note.text!r}")
+                lines.append(f"FP   {f.entity_type:<22} {note.text[f.start : f.end]!r}  in: {note.text!r}")
     return lines[:limit]
 
 
@@ -126,7 +126,9 @@ def main() -> None:
     parser.add_argument("--spacy-model", default=None)
     parser.add_argument("--no-ner", action="store_true", help="rules and lists only (blank pipeline)")
     parser.add_argument("--processes", type=int, default=1, help="processes that scan (forked)")
-    parser.add_argument("--misses", type=int, default=0, help="print this many misses and false positives (dev split only)")
+    parser.add_argument(
+        "--misses", type=int, default=0, help="print this many misses and false positives (dev split only)"
+    )
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
     if args.misses and args.split == "eval":
@@ -157,8 +159,12 @@ def main() -> None:
               f"load average {result['load_average_after']:.2f}")  # fmt: skip
         print(f"{'kind':<22} {'n':>5} {'covered':>8} {'touched':>8} {'typed':>8}")
         for kind, counts in result["kinds"].items():
-            print(f"{kind:<22} {counts['n']:>5} {_ratio(counts, 'covered'):>8} {_ratio(counts, 'touched'):>8} {_ratio(counts, 'typed'):>8}")
-        print(f"{'ALL':<22} {total['n']:>5} {_ratio(total, 'covered'):>8} {_ratio(total, 'touched'):>8} {_ratio(total, 'typed'):>8}")
+            print(
+                f"{kind:<22} {counts['n']:>5} {_ratio(counts, 'covered'):>8} {_ratio(counts, 'touched'):>8} {_ratio(counts, 'typed'):>8}"
+            )
+        print(
+            f"{'ALL':<22} {total['n']:>5} {_ratio(total, 'covered'):>8} {_ratio(total, 'touched'):>8} {_ratio(total, 'typed'):>8}"
+        )
         precision = result["precision"]
         print(f"precision {precision:.3f} ({result['n_findings']} findings); "
               f"name words also in the detector's lists: {result['name_words_in_detector_lists']:.2f}")  # fmt: skip

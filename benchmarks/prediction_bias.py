@@ -29,7 +29,14 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("sites", type=Path)
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (TOML value); repeatable",
+    )
     parser.add_argument("--images", type=int, default=120)
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))

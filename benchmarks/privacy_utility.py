@@ -62,7 +62,9 @@ def pooled_heldout(sites, config, modality):
     for root in sites:
         site = load_site(root, config.data, modalities=(modality,), channels=config.image.channels)
         if modality == "image":
-            tr, te = image_splits(site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed)
+            tr, te = image_splits(
+                site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
+            )
             trains.append(tr.tensors), tests.append(te.tensors)
         else:
             tr, te = text_splits(site, seed=config.data.split_seed)
@@ -79,15 +81,18 @@ def pooled_heldout(sites, config, modality):
 CLASSIFIER_SEEDS = 10
 
 
-def classifier_scores(train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, max_steps: int = MAX_STEPS) -> list[dict]:
+def classifier_scores(
+    train, test, data, class_names, *, seeds: int = CLASSIFIER_SEEDS, max_steps: int = MAX_STEPS
+) -> list[dict]:
     """Scores on the real held-out ``test`` (accuracy, per-class F1, ...) of the utility CNN trained
     on ``data`` alone, one per classifier seed (one seed's synthetic score moved by up to 0.26 on
     the same images). Real and synthetic sets go through this same call, ``image_utility``'s
     synthetic-only configuration; the real ``train`` split is only checked against (``data`` must
     match its shape)."""
     return [
-        image_utility(train, test, data, class_names=class_names, seed=seed, max_steps=max_steps,
-                      configurations=("synthetic",))["configurations"]["synthetic"]
+        image_utility(
+            train, test, data, class_names=class_names, seed=seed, max_steps=max_steps, configurations=("synthetic",)
+        )["configurations"]["synthetic"]
         for seed in range(seeds)
     ]
 
@@ -142,7 +147,13 @@ class RealSides:
             return RealSide(train, test)
         classes = config.data.image_classes
         net = train_feature_net(*train, num_classes=len(classes), trained_on="pooled real train splits")
-        return RealSide(train, test, classifier_scores(train, test, train, classes, seeds=self.seeds), net, extract_features(net, test[0]))
+        return RealSide(
+            train,
+            test,
+            classifier_scores(train, test, train, classes, seeds=self.seeds),
+            net,
+            extract_features(net, test[0]),
+        )
 
 
 def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int) -> dict:
@@ -160,7 +171,12 @@ def synthetic_image_scores(real: RealSide, synthetic, class_names, *, seeds: int
 def text_scores(train, test, synthetic, class_names) -> dict:
     configs = text_utility(train, test, synthetic, class_names=class_names)["configurations"]
     real, synthetic = configs["real"]["accuracy"], configs["synthetic"]["accuracy"]
-    return {"real_accuracy": real, "synthetic_accuracy": synthetic, "ratio": synthetic / real, "n_test": configs["real"]["n_test"]}
+    return {
+        "real_accuracy": real,
+        "synthetic_accuracy": synthetic,
+        "ratio": synthetic / real,
+        "n_test": configs["real"]["n_test"],
+    }
 
 
 def score(run, real: RealSide, config, modality, args, *, regenerate: bool = True) -> dict:
@@ -175,7 +191,9 @@ def score(run, real: RealSide, config, modality, args, *, regenerate: bool = Tru
         # is then compared at equal data (300 vs 960 moved the ratio 0.67 -> 0.77, BENCHMARKS.md).
         per_class = args.images_per_class or math.ceil(len(real.train[1]) / len(config.data.image_classes))
         generate_images(run, per_class=per_class, seed=0)
-    return synthetic_image_scores(real, load_synthetic_images(run, config), config.data.image_classes, seeds=args.classifier_seeds)
+    return synthetic_image_scores(
+        real, load_synthetic_images(run, config), config.data.image_classes, seeds=args.classifier_seeds
+    )
 
 
 def scoring(args) -> str:
@@ -193,8 +211,13 @@ def one_epsilon(epsilon: float, sites, reals: RealSides, overrides: dict, args) 
     run = create_run(args.out / "runs", config, f"{slug}-eps-{epsilon:g}-{int(time.time())}")
     started = time.perf_counter()
     simulate(run, sites)
-    row = {"label": args.label, "epsilon": epsilon, "train_seconds": time.perf_counter() - started, "run": str(run.root),
-           "scoring": scoring(args)}
+    row = {
+        "label": args.label,
+        "epsilon": epsilon,
+        "train_seconds": time.perf_counter() - started,
+        "run": str(run.root),
+        "scoring": scoring(args),
+    }
     for modality in config.modalities:
         row[modality] = score(run, reals(config, modality), config, modality, args)
     return row
@@ -212,8 +235,16 @@ def parse_sets(pairs: list[str]) -> dict:
 
 
 # The settings a pretrained UNet is made of; overriding one needs its own pretraining.
-PRETRAINED_SHAPE = ("resolution", "channels", "block_out_channels", "layers_per_block", "attention",
-                    "norm_num_groups", "train_timesteps", "prediction_type")
+PRETRAINED_SHAPE = (
+    "resolution",
+    "channels",
+    "block_out_channels",
+    "layers_per_block",
+    "attention",
+    "norm_num_groups",
+    "train_timesteps",
+    "prediction_type",
+)
 
 
 def pretrained_checkpoint(args, overrides: dict) -> Path:
@@ -227,10 +258,16 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     suffix = "".join(f"-{k.removeprefix('image.')}-{spell(v)}" for k, v in sorted(shape.items()))
     ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
     balanced = "-balanced" if args.pretrain_balanced else ""
-    checkpoint = args.out / re.sub(r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{balanced}{suffix}")
+    checkpoint = args.out / re.sub(
+        r"[^A-Za-z0-9._-]+", "", f"pretrained-{args.public}-{kind}-e{args.pretrain_epochs}{ema}{balanced}{suffix}"
+    )
     if not checkpoint.is_dir():
-        settings = {**PRETRAIN_DEFAULTS, "epochs": args.pretrain_epochs, "ema_decay": args.pretrain_ema_decay,
-                    "balance_classes": args.pretrain_balanced}
+        settings = {
+            **PRETRAIN_DEFAULTS,
+            "epochs": args.pretrain_epochs,
+            "ema_decay": args.pretrain_ema_decay,
+            "balance_classes": args.pretrain_balanced,
+        }
         pretrain_image_model(public, checkpoint, load_config(args.config, shape), **settings, progress=True)
     return checkpoint
 
@@ -241,7 +278,11 @@ def plot(rows: list[dict], path: Path) -> None:
     inf_x = max(finite) * 3
     figure, axis = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["label"] for r in rows):
-        points = sorted((r["epsilon"] if math.isfinite(r["epsilon"]) else inf_x, r["image"]["ratio"]) for r in rows if r["label"] == label and "image" in r)
+        points = sorted(
+            (r["epsilon"] if math.isfinite(r["epsilon"]) else inf_x, r["image"]["ratio"])
+            for r in rows
+            if r["label"] == label and "image" in r
+        )
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     axis.set_xscale("log")
@@ -277,7 +318,7 @@ def rescore(results: Path, reals: RealSides, args) -> list[dict]:
         config = run.config()
         scores = {m: score(run, reals(config, m), config, m, args, regenerate=False) for m in config.modalities}
         rows.append({**row, **scores, "scoring": scoring(args)})
-    rows += read_rows(results)[len(earlier):]  # appended meanwhile by a running benchmark
+    rows += read_rows(results)[len(earlier) :]  # appended meanwhile by a running benchmark
     write_text(results, "".join(json.dumps(row, default=str) + "\n" for row in rows))
     plot(rows, args.out / "curve.png")
     return rows
@@ -293,13 +334,17 @@ def weakest_class(scores: dict) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'label':>20} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}  weakest class (synthetic F1)")
+    print(
+        f"{'label':>20} {'ε':>6} {'modality':>8} {'real acc':>9} {'synth acc':>10} {'ratio':>6} {'FID':>7} {'n test':>7} {'train s':>8}  weakest class (synthetic F1)"
+    )
     for row in rows:
         for modality in ("image", "text"):
             if modality in row:
                 m = row[modality]
                 fid = f"{m['fid']:>7.1f}" if "fid" in m else f"{'':>7}"
-                print(f"{row['label']:>20} {row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {fid} {m['n_test']:>7} {row['train_seconds']:>8.0f}  {weakest_class(m)}")
+                print(
+                    f"{row['label']:>20} {row['epsilon']:>6g} {modality:>8} {m['real_accuracy']:>9.3f} {m['synthetic_accuracy']:>10.3f} {m['ratio']:>6.2f} {fid} {m['n_test']:>7} {row['train_seconds']:>8.0f}  {weakest_class(m)}"
+                )
 
 
 def main() -> None:
@@ -307,20 +352,55 @@ def main() -> None:
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 10.0, math.inf])
     parser.add_argument("--modality", default="image", choices=["image", "text", "both"])
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="config override (TOML value); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (TOML value); repeatable",
+    )
     parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
-    parser.add_argument("--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)")
-    parser.add_argument("--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)")
-    parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="default: fedgen pretrain's")
-    parser.add_argument("--pretrain-ema-decay", type=float, default=PRETRAIN_DEFAULTS["ema_decay"], help="pretrain's ema_decay (0: the last step's weights); default: fedgen pretrain's")
-    parser.add_argument("--pretrain-balanced", action="store_true", help="pretrain drawing every grade equally often (fedgen pretrain --balance-classes)")
-    parser.add_argument("--sites-dir", type=Path, default=None, help="your consortium's site folders (default: demo sites made in OUT/sites)")
+    parser.add_argument(
+        "--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)"
+    )
+    parser.add_argument(
+        "--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)"
+    )
+    parser.add_argument(
+        "--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="default: fedgen pretrain's"
+    )
+    parser.add_argument(
+        "--pretrain-ema-decay",
+        type=float,
+        default=PRETRAIN_DEFAULTS["ema_decay"],
+        help="pretrain's ema_decay (0: the last step's weights); default: fedgen pretrain's",
+    )
+    parser.add_argument(
+        "--pretrain-balanced",
+        action="store_true",
+        help="pretrain drawing every grade equally often (fedgen pretrain --balance-classes)",
+    )
+    parser.add_argument(
+        "--sites-dir",
+        type=Path,
+        default=None,
+        help="your consortium's site folders (default: demo sites made in OUT/sites)",
+    )
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=400)
-    parser.add_argument("--images-per-class", type=int, default=0, help="0 (default): as many synthetic images as real train images")
+    parser.add_argument(
+        "--images-per-class", type=int, default=0, help="0 (default): as many synthetic images as real train images"
+    )
     parser.add_argument("--texts-per-class", type=int, default=40)
-    parser.add_argument("--classifier-seeds", type=int, default=CLASSIFIER_SEEDS, help="utility classifiers per score, averaged")
-    parser.add_argument("--rescore", action="store_true", help="score the runs already in OUT/results.jsonl again with the current scoring (their synthetic images as they are), rewrite it and the plot")
+    parser.add_argument(
+        "--classifier-seeds", type=int, default=CLASSIFIER_SEEDS, help="utility classifiers per score, averaged"
+    )
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="score the runs already in OUT/results.jsonl again with the current scoring (their synthetic images as they are), rewrite it and the plot",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench-privacy-utility"))
     args = parser.parse_args()
     quiet_libraries()

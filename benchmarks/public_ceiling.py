@@ -39,7 +39,12 @@ def main() -> None:
     parser.add_argument("public", type=Path, help="a labelled public ImageFolder (fedgen demo-public --labelled)")
     parser.add_argument("sites", type=Path)
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--per-class", type=int, default=192, help="public images per class (the benchmark's synthetic count is as many as real train images)")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=192,
+        help="public images per class (the benchmark's synthetic count is as many as real train images)",
+    )
     args = parser.parse_args()
     config = load_config(args.config)
     classes = config.data.image_classes
@@ -48,12 +53,16 @@ def main() -> None:
         raise SystemExit(f"{args.public} is unlabelled: this scores a labelled public set")
     labels = torch.tensor(public.labels)
     picked = balanced_sample(labels, args.per_class)
-    pixels = load_images([public.paths[i] for i in picked], resolution=config.image.resolution, channels=config.image.channels)
+    pixels = load_images(
+        [public.paths[i] for i in picked], resolution=config.image.resolution, channels=config.image.channels
+    )
     real = RealSides(site_folders(args.sites), CLASSIFIER_SEEDS)(config, "image")
     scores = synthetic_image_scores(real, (pixels, labels[picked]), classes, seeds=CLASSIFIER_SEEDS)
-    print(f"{len(picked)} public images: real-trained {scores['real_accuracy']:.3f}, public-trained "
-          f"{scores['synthetic_accuracy']:.3f} (sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), "
-          f"ratio {scores['ratio']:.2f}, FID {scores['fid']:.1f} (held-out n = {scores['n_test']})")
+    print(
+        f"{len(picked)} public images: real-trained {scores['real_accuracy']:.3f}, public-trained "
+        f"{scores['synthetic_accuracy']:.3f} (sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), "
+        f"ratio {scores['ratio']:.2f}, FID {scores['fid']:.1f} (held-out n = {scores['n_test']})"
+    )
 
 
 if __name__ == "__main__":

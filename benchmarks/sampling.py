@@ -37,14 +37,20 @@ def main() -> None:
     config = run.config()
     unet = ImageModality(config, work_dir=run.base_models).load(run.sampling_checkpoint("image"))
     train, test = pooled_heldout(run.simulated_sites(), config, "image")
-    net = train_feature_net(*train, num_classes=len(config.data.image_classes), trained_on="real train splits (benchmark)")
+    net = train_feature_net(
+        *train, num_classes=len(config.data.image_classes), trained_on="real train splits (benchmark)"
+    )
     real_features = extract_features(net, test[0])
     labels = torch.arange(len(config.data.image_classes)).repeat_interleave(args.per_class)
-    print(f"{'sampler':<10} {'steps':>5} {'images/s':>9} {'FID':>8}   (n={len(labels)}, real held-out n={len(test[0])})")
+    print(
+        f"{'sampler':<10} {'steps':>5} {'images/s':>9} {'FID':>8}   (n={len(labels)}, real held-out n={len(test[0])})"
+    )
     configured = (config.image.sampler, config.image.sample_steps)
     for sampler, steps in [(kind, args.steps) for kind in SAMPLERS] + [("ddpm", config.image.train_timesteps)]:
         start = time.perf_counter()
-        images = sample_images(unet, labels, config=config.image, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0))
+        images = sample_images(
+            unet, labels, config=config.image, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0)
+        )
         rate = len(labels) / (time.perf_counter() - start)
         fid = fid_from_features(real_features, extract_features(net, images))
         star = "*" if (sampler, steps) == configured else ""

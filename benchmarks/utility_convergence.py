@@ -34,10 +34,15 @@ def main() -> None:
     synthetic = load_synthetic_images(run, config)
     print(f"real train {len(train[1])}, synthetic {len(synthetic[1])}, real held-out {len(test[1])}")
     for steps in args.steps:
-        classify = lambda data: classifier_scores(train, test, data, config.data.image_classes, seeds=args.seeds, max_steps=steps)  # noqa: E731
+
+        def classify(data, steps=steps):
+            return classifier_scores(train, test, data, config.data.image_classes, seeds=args.seeds, max_steps=steps)
+
         scores = image_scores(classify(train), classify(synthetic))
-        cells = [f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
-                 for name, values in scores["per_seed"].items()]
+        cells = [
+            f"{name} {' '.join(f'{a:.3f}' for a in values)} (mean {statistics.mean(values):.3f})"
+            for name, values in scores["per_seed"].items()
+        ]
         print(f"{steps:>5} steps  {'  '.join(cells)}  ratio {scores['ratio']:.2f}", flush=True)
 
 

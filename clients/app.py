@@ -29,6 +29,7 @@ from fedgen.site_progress import progress_path, progress_writer
 
 __all__ = ["make_client_app", "app", "site_ledger"]
 
+
 def site_path(context: Context, site_dirs: Sequence[str] | None) -> Path:
     if site_dirs is not None:
         return Path(site_dirs[int(context.node_config["partition-id"])])
@@ -49,9 +50,7 @@ def load_history(context: Context, modality: str) -> list[tuple[float, float, in
     record = context.state.get(_history_key(modality))
     if record is None:
         return []
-    return list(
-        zip(record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True)
-    )
+    return list(zip(record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True))
 
 
 def save_history(context: Context, modality: str, history: list[tuple[float, float, int]]) -> None:
@@ -78,7 +77,9 @@ def site_ledger(root: Path, context: Context) -> PrivacyLedger | None:
     return PrivacyLedger(root / SITE_STATE_DIR / "runs" / run_key / "ledger.sqlite")
 
 
-def record_release(ledger: PrivacyLedger, site: str, modality: str, server_round: int, update: SiteUpdate, *, accountant: str) -> None:
+def record_release(
+    ledger: PrivacyLedger, site: str, modality: str, server_round: int, update: SiteUpdate, *, accountant: str
+) -> None:
     ledger.record(LedgerEntry.from_metrics(site, modality, server_round, update.metrics, accountant=accountant))
 
 
@@ -107,7 +108,11 @@ def make_client_app(site_dirs: Sequence[str] | None = None) -> ClientApp:
         def progress_for(epochs: int, steps_per_epoch: int):
             path = progress_path(root / SITE_STATE_DIR, modality_name)
             return progress_writer(
-                path, site=site.name, modality=modality_name, round=server_round, epochs=epochs,
+                path,
+                site=site.name,
+                modality=modality_name,
+                round=server_round,
+                epochs=epochs,
                 steps_per_epoch=steps_per_epoch,
             )
 

@@ -90,10 +90,14 @@ def supernode_command(
             node_config.append(f"{setting}={value!r}")
     command = [
         flower_command("flower-supernode"),
-        "--superlink", server,
-        "--node-config", " ".join(node_config),
-        "--host", LOOPBACK,
-        "--port", str(runtime_port),
+        "--superlink",
+        server,
+        "--node-config",
+        " ".join(node_config),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(runtime_port),
     ]
     if max_wait is not None:
         command += ["--max-wait-time", str(max_wait)]
@@ -101,8 +105,10 @@ def supernode_command(
         return [*command, "--insecure"]
     return [
         *command,
-        "--root-certificates", str(ca.resolve()),
-        "--auth-supernode-private-key", str(key.resolve()),
+        "--root-certificates",
+        str(ca.resolve()),
+        "--auth-supernode-private-key",
+        str(key.resolve()),
     ]
 
 
@@ -128,8 +134,13 @@ def serve_site(
         check_credentials(key=key, ca=ca)
     site_dir = site_dir.resolve()
     command = supernode_command(
-        server=server, site_dir=site_dir, key=key, ca=ca,
-        runtime_port=runtime_port or free_port(), max_wait=max_wait, policy=policy,
+        server=server,
+        site_dir=site_dir,
+        key=key,
+        ca=ca,
+        runtime_port=runtime_port or free_port(),
+        max_wait=max_wait,
+        policy=policy,
     )
     env = flower_env(site_dir / SITE_FLOWER_HOME)
     with process_group() as group:
@@ -146,7 +157,9 @@ def serve_site(
     raise FedgenError(f"the SuperNode could not join (exit code {code}): {failure_reason(lines)}")
 
 
-def _run_supernode(group: ProcessGroup, command: list[str], *, env: dict[str, str], echo: Echo) -> tuple[int, list[str]]:
+def _run_supernode(
+    group: ProcessGroup, command: list[str], *, env: dict[str, str], echo: Echo
+) -> tuple[int, list[str]]:
     """Start one SuperNode, echo its output while it runs; (exit code, output lines).
 
     Its output is read in a thread and the exit awaited here: the SuperNode's own helper
@@ -176,7 +189,7 @@ def failure_reason(lines: list[str]) -> str:
     if start is None:
         return lines[-1].strip() if lines else "no output"
     report = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith(MORE_INFO):
             break
         if line.strip():

@@ -37,7 +37,9 @@ def _image_scores(modality: Modality, unet, splits: Sequence[tuple[Tensor, Tenso
     }
 
 
-def site_feature_net(train: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor], *, site: str, class_names, seed: int) -> tuple[FeatureNet, dict]:
+def site_feature_net(
+    train: tuple[Tensor, Tensor], heldout: tuple[Tensor, Tensor], *, site: str, class_names, seed: int
+) -> tuple[FeatureNet, dict]:
     """The site's own class-aware extractor: a FeatureNet trained on its real train split (the
     utility audit's real-trained classifier), and what the report says of it: its accuracy on
     the site's held-out images and its training (never its weights: they stay here)."""

@@ -30,7 +30,6 @@ from fedgen.protocol import (
 __all__ = ["secagg_mod", "train_inputs", "train_reply"]
 
 
-
 def secagg_mod(msg: Message, context: Context, call_next) -> Message:
     """secaggplus_mod for the server's SecAgg+ rounds; plain rounds go straight to the handler."""
     if RECORD_KEY_CONFIGS in msg.content.config_records:

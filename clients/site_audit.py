@@ -78,8 +78,13 @@ def answer_query(
             raise FedgenError(f"refuses the unknown audit query {query!r}")
         synthetic_digest = record_digest(synthetic)
         _count_answer(
-            site, work_dir, modality=modality_name, query=query, model=record_digest(content[MODEL]),
-            synthetic=synthetic_digest, n_synthetic=_count(synthetic),
+            site,
+            work_dir,
+            modality=modality_name,
+            query=query,
+            model=record_digest(content[MODEL]),
+            synthetic=synthetic_digest,
+            n_synthetic=_count(synthetic),
         )
         model = _trained_model(modality, content[MODEL].to_torch_state_dict())
         result = _site_audit(modality, site, model, content)

@@ -91,9 +91,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _train_indices(site: SiteData, config: RunConfig) -> set[int]:
-    train, _ = split_indices(
-        site.text_labels, heldout_fraction=site.heldout_fraction, seed=config.data.split_seed
-    )
+    train, _ = split_indices(site.text_labels, heldout_fraction=site.heldout_fraction, seed=config.data.split_seed)
     return set(train.tolist())
 
 
@@ -139,9 +137,7 @@ def _note_losses(model, modality: Modality, records: list[tuple[str, str]]) -> n
     return np.array([-lp.mean() for lp in text_note_logprobs(model, dataset)])
 
 
-def canary_exposure_at_site(
-    modality: Modality, site: SiteData, model, *, candidates: int = CANARY_CANDIDATES
-) -> dict:
+def canary_exposure_at_site(modality: Modality, site: SiteData, model, *, candidates: int = CANARY_CANDIDATES) -> dict:
     """The largest exposure among the site's trained canaries (None when it has none).
 
     Each canary is ranked by loss among ``candidates`` notes of its template with random
@@ -226,9 +222,7 @@ def text_memorisation(
     }
 
 
-def text_site_audit(
-    modality: Modality, site: SiteData, model, *, synthetic: tuple[list[str], list[int]]
-) -> dict:
+def text_site_audit(modality: Modality, site: SiteData, model, *, synthetic: tuple[list[str], list[int]]) -> dict:
     """Attacks, canaries, memorisation, fidelity and utility of the synthetic texts on this site's notes."""
     config = modality.config
     names = config.data.text_classes

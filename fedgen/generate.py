@@ -54,7 +54,10 @@ def generate_images(
     target = run.synthetic / "images"
     samples: dict[str, torch.Tensor] = {}
     total = per_class * len(chosen)
-    with atomic_dir(target) as tmp, progress_bar(True, total=total, description="sampling images", unit="images") as advance:
+    with (
+        atomic_dir(target) as tmp,
+        progress_bar(True, total=total, description="sampling images", unit="images") as advance,
+    ):
         for name in chosen:
             labels = torch.full((per_class,), all_classes.index(name), dtype=torch.long)
             images = sample_images(
@@ -122,7 +125,9 @@ def generate_texts(
 
 
 def _generate_first(run: RunDir, modality: str) -> FedgenError:
-    return FedgenError(f"{run.root} has no synthetic {modality} data: run `fedgen generate {run.root} --modality {modality}` first")
+    return FedgenError(
+        f"{run.root} has no synthetic {modality} data: run `fedgen generate {run.root} --modality {modality}` first"
+    )
 
 
 def synthetic_image_files(run: RunDir, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
@@ -150,7 +155,9 @@ def synthetic_text_records(run: RunDir, classes: Sequence[str]) -> tuple[list[st
     texts, labels = [], []
     for number, record in enumerate(read_text_records(path), start=1):
         if record.get("label") not in classes:
-            raise FedgenError(f"{path} line {number}: label {record.get('label')!r} is not in the class list {list(classes)}")
+            raise FedgenError(
+                f"{path} line {number}: label {record.get('label')!r} is not in the class list {list(classes)}"
+            )
         texts.append(record["text"])
         labels.append(classes.index(record["label"]))
     if not texts:

@@ -44,7 +44,11 @@ def _estimate(done: int, total: int, elapsed: float) -> str:
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}" if seconds < 3600 else f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 60}:{seconds % 60:02d}"
+        if seconds < 3600
+        else f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    )
 
 
 @contextmanager
@@ -62,8 +66,14 @@ def progress_bar(
     console = console or Console(stderr=True)
     if console.is_terminal:
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-            TimeElapsedColumn(), TextColumn("~"), TimeRemainingColumn(), TextColumn("left"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TextColumn("~"),
+            TimeRemainingColumn(),
+            TextColumn("left"),
         )
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(description, total=total)
@@ -79,7 +89,8 @@ def progress_bar(
             elapsed = time.monotonic() - started
             console.print(
                 f"{description}: {done}/{total} {unit} in {_clock(elapsed)}, {_estimate(done, total, elapsed)}",
-                highlight=False, soft_wrap=True,
+                highlight=False,
+                soft_wrap=True,
             )
             next_line = (done // every + 1) * every
 

@@ -155,9 +155,7 @@ class TextModality(Modality):
             return Path(text.base_model)
         from fedgen.models.text import make_tiny_llama
 
-        shape = json.dumps(
-            [text.tiny_hidden_size, text.tiny_layers, text.tiny_heads, self.config.seed]
-        )
+        shape = json.dumps([text.tiny_hidden_size, text.tiny_layers, text.tiny_heads, self.config.seed])
         directory = self.work_dir / f"tiny-llama-{hashlib.sha256(shape.encode()).hexdigest()[:10]}"
         if not (directory / "config.json").is_file():
             make_tiny_llama(directory, config=text, seed=self.config.seed)

@@ -88,8 +88,10 @@ def public_class_names(folder: str | Path) -> list[str] | None:
 
 def _image_files(root: Path) -> list[Path]:
     return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
@@ -144,7 +146,9 @@ def pretrain_image_model(
         pixels = load_images(data.paths, resolution=image.resolution, channels=image.channels)
     except OSError as err:
         raise FedgenError(f"a public image cannot be read: {err}") from None
-    task = ImageModality(config.model_copy(update={"image": image.model_copy(update={"trainable": []})}), work_dir=out.parent)
+    task = ImageModality(
+        config.model_copy(update={"image": image.model_copy(update={"trainable": []})}), work_dir=out.parent
+    )
     model = task.build_model()  # every parameter trains here; image.trainable is for DP fine-tuning
     null = len(config.data.image_classes)
     labels = torch.tensor(data.labels) if data.labels is not None else torch.full((len(pixels),), null)
@@ -164,8 +168,16 @@ def pretrain_image_model(
 
     with progress_bar(progress, total=steps, description="pretraining on public images") as advance:
         result = train_local(
-            model, dataset, task.per_example_loss(), epochs=passes, batch_size=batch_size, lr=lr,
-            noise_multiplier=None, max_grad_norm=1.0, delta=1.0 / len(pixels), seed=seed,
+            model,
+            dataset,
+            task.per_example_loss(),
+            epochs=passes,
+            batch_size=batch_size,
+            lr=lr,
+            noise_multiplier=None,
+            max_grad_norm=1.0,
+            delta=1.0 / len(pixels),
+            seed=seed,
             progress=after_step,
         )
     if ema is not None:
@@ -224,9 +236,11 @@ def pretraining_of(config: RunConfig) -> dict | None:
     ImageModality(config, work_dir=Path(".")).initial_model()  # one-line error if unusable
     folder = checkpoint_folder(checkpoint)
     record_file = folder / PROVENANCE_NAME
-    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {
-        "note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"
-    }
+    record = (
+        json.loads(record_file.read_text(encoding="utf-8"))
+        if record_file.is_file()
+        else {"note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"}
+    )
     shipped = checkpoint.startswith(SHIPPED_PREFIX)  # a name that resolves wherever fedgen is installed
     return {
         **record,

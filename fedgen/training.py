@@ -110,13 +110,9 @@ def train_local(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "the model has no trainable parameters"
-    sample_rate, _ = planned_steps(
-        n_records=n_records, batch_size=batch_size, epochs_per_round=epochs, rounds=1
-    )
+    sample_rate, _ = planned_steps(n_records=n_records, batch_size=batch_size, epochs_per_round=epochs, rounds=1)
     sampling_generator, noise_generator = _generators(seed, device=params[0].device)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator
-    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=sampling_generator)
     optimizer = torch.optim.Adam(params, lr=lr)
     after_step = _proximal_pull(params, lr * proximal_mu) if proximal_mu > 0 else None
     was_training = model.training
@@ -138,15 +134,25 @@ def train_local(
                 secure_mode=secure_mode,
             ) as dp:
                 loss_sum, rows, steps = run_epochs(
-                    dp.batches, dp.optimizer, dp.backward, params=params, epochs=epochs,
-                    after_step=after_step, progress=progress,
+                    dp.batches,
+                    dp.optimizer,
+                    dp.backward,
+                    params=params,
+                    epochs=epochs,
+                    after_step=after_step,
+                    progress=progress,
                 )
             round_entry = dp.round_entry(steps)
         else:
             backward = BatchBackward(model, per_example_loss, multiplicity=noise_multiplicity)
             loss_sum, rows, steps = run_epochs(
-                loader, optimizer, backward, params=params, epochs=epochs,
-                after_step=after_step, progress=progress,
+                loader,
+                optimizer,
+                backward,
+                params=params,
+                epochs=epochs,
+                after_step=after_step,
+                progress=progress,
             )
             round_entry = (0.0, sample_rate, steps)
     finally:
@@ -237,9 +243,7 @@ def run_epochs(
     return loss_sum, rows, steps
 
 
-def _generators(
-    seed: int | None, *, device: torch.device
-) -> tuple[torch.Generator, torch.Generator]:
+def _generators(seed: int | None, *, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
     """(batch sampling generator, DP noise generator), independent streams from one seed,
     from the OS's entropy when ``seed`` is None."""
     root = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)

@@ -56,15 +56,15 @@ def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
 
 
 def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: float, what: str) -> list[dict]:
-    messages = [
-        Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
-    ]
+    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [r for r in replies if r.has_error()]
     if failed:
         raise FedgenError(f"a site could not answer the {what}: {error_line(failed[0].error.reason)}")
     if len(replies) < len(nodes):
-        raise FedgenError(f"{len(nodes) - len(replies)} of {len(nodes)} sites did not answer the {what} within {timeout:.0f} s")
+        raise FedgenError(
+            f"{len(nodes) - len(replies)} of {len(nodes)} sites did not answer the {what} within {timeout:.0f} s"
+        )
     answers = sorted((unpack_reply(r.content) for r in replies), key=lambda r: r["site"])
     names = [answer["site"] for answer in answers]
     if len(set(names)) < len(names):
@@ -72,7 +72,9 @@ def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: floa
     return answers
 
 
-def audit_sites(grid: Grid, inputs: AuditInputs, *, expected_sites: int, progress: bool = False) -> dict[str, list[dict]]:
+def audit_sites(
+    grid: Grid, inputs: AuditInputs, *, expected_sites: int, progress: bool = False
+) -> dict[str, list[dict]]:
     """Per modality, every site's answers (sorted by site name)."""
     config = inputs.config
     nodes = _wait_for_nodes(grid, expected_sites)

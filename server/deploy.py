@@ -115,7 +115,13 @@ def serve(
         return
     check_resumable(run)
     status = _run_on_superlink(
-        run, (TRAIN_APP_FOLDER, TRAIN_SERVER_APP, TRAIN_RUN_CONFIG), {}, certs=certs, port=port, host=host, echo=echo,
+        run,
+        (TRAIN_APP_FOLDER, TRAIN_SERVER_APP, TRAIN_RUN_CONFIG),
+        {},
+        certs=certs,
+        port=port,
+        host=host,
+        echo=echo,
         interrupted=f"interrupted; continue with `fedgen server --resume {run.root}`",
     )
     check_outcome(run, status=status, echo=echo)
@@ -154,7 +160,9 @@ def serve_audit(
         interrupted=f"interrupted: the audit of {run.root} did not finish; run it again",
     )  # fmt: skip
     if status != FLOWER_COMPLETED or _modified_ns(report) == before:
-        raise FedgenError(f"the audit of {run.root} did not finish (Flower status {status}); its reason is in the log above")
+        raise FedgenError(
+            f"the audit of {run.root} did not finish (Flower status {status}); its reason is in the log above"
+        )
     return report
 
 
@@ -169,8 +177,10 @@ def check_outcome(run: RunDir, *, status: str, echo: Echo) -> None:
         return
     done = ", ".join(f"{m} {n}/{planned}" for m, n in unfinished.items())
     if status == FLOWER_COMPLETED:  # the ServerApp ended early on purpose (fedgen.server.strategy.BudgetSpent)
-        echo(f"WARNING: the run ended before its planned rounds (rounds done: {done}): too few "
-             "sites had privacy budget left")
+        echo(
+            f"WARNING: the run ended before its planned rounds (rounds done: {done}): too few "
+            "sites had privacy budget left"
+        )
         return
     raise FedgenError(
         f"run stopped early (Flower status {status}; rounds done: {done}); "

@@ -116,7 +116,9 @@ def register_sites(public_keys: Sequence[str], *, key_dir: Path, env: dict[str, 
         output, _ = call.communicate()
         if call.returncode != 0:
             comment = line.split()[-1]
-            raise FedgenError(f"could not register node key {comment}: {_flower_error(output.decode(errors='replace'))}")
+            raise FedgenError(
+                f"could not register node key {comment}: {_flower_error(output.decode(errors='replace'))}"
+            )
 
 
 def _flower_error(output: str) -> str:
@@ -134,7 +136,9 @@ def run_config_args(run_config: dict[str, str]) -> list[str]:
     return args
 
 
-def submit_run(app_dir: Path, run_config: dict[str, str], *, env: dict[str, str], echo: Echo, group: ProcessGroup) -> int:
+def submit_run(
+    app_dir: Path, run_config: dict[str, str], *, env: dict[str, str], echo: Echo, group: ProcessGroup
+) -> int:
     """Submit a run of the fedgen app, echo its log until it ends; returns Flower's run id."""
     process = group.start(
         _flwr(["run", str(app_dir), CONNECTION, "--stream", *run_config_args(run_config)]),
@@ -159,7 +163,11 @@ def run_status(flower_run_id: int, *, env: dict[str, str], cwd: Path) -> str:
     """Flower's status of a run, e.g. 'finished:completed' or 'finished:failed'."""
     out = subprocess.run(
         _flwr(["ls", CONNECTION, "--run-id", str(flower_run_id), "--format", "json"]),
-        env=env, capture_output=True, text=True, check=False, cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
     )
     try:
         return str(json.loads(out.stdout)["runs"][0]["status"])

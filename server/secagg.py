@@ -72,7 +72,14 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 class _LedgerStrategyAdapter(LegacyStrategy):
     """A Message-API strategy seen through the legacy Strategy interface SecAgg+ drives."""
 
-    def __init__(self, strategy: Strategy, grid: Grid, initial_arrays: ArrayRecord, train_config: ConfigRecord, evaluate_fn: EvaluateFn | None):
+    def __init__(
+        self,
+        strategy: Strategy,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        evaluate_fn: EvaluateFn | None,
+    ):
         self.strategy = strategy
         self.grid = grid
         self.initial_arrays = initial_arrays
@@ -94,7 +101,9 @@ class _LedgerStrategyAdapter(LegacyStrategy):
         return ndarrays_to_parameters(self.initial_arrays.to_numpy_ndarrays())
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):
-        messages = self.strategy.configure_train(server_round, self._arrays(parameters), ConfigRecord(dict(self.train_config)), self.grid)
+        messages = self.strategy.configure_train(
+            server_round, self._arrays(parameters), ConfigRecord(dict(self.train_config)), self.grid
+        )
         self.sent = {m.metadata.dst_node_id: m for m in messages}
         run_id = self.grid.run.run_id
         return [

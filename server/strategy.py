@@ -78,7 +78,9 @@ class LedgerMixin:
         self._round_started = time.perf_counter()
         self.failures: list[str] = []  # why sites failed the last round (the round went on)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         self.site_train_seconds = {}
         server_round += self.round_offset
@@ -130,7 +132,6 @@ class LedgerMixin:
         self.site_train_seconds[site] = m.get("train-seconds", math.nan)
         if self.report is not None:
             self.report(server_round, site, m)
-
 
     def _record_lost(self, entry: LedgerEntry, released: dict[str, list]) -> None:
         """Rows for the updates the site lists but the ledger lacks: their replies were lost
@@ -186,6 +187,7 @@ class ClientDPMixin:
     def round_offset(self, value: int) -> None:
         self.strategy.round_offset = value
 
+
 _STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
 
 
@@ -207,7 +209,9 @@ def make_strategy(config: RunConfig, *, ledger: PrivacyLedger, modality: str, re
     if fed.client_dp != "off":
         kwargs.update(weighted_by_key=UNIFORM_WEIGHT_KEY)
     strategy_class = type(f"Ledger{base.__name__}", (LedgerMixin, base), {})
-    strategy = strategy_class(ledger=ledger, modality=modality, accountant=config.privacy.accountant, report=report, **kwargs)
+    strategy = strategy_class(
+        ledger=ledger, modality=modality, accountant=config.privacy.accountant, report=report, **kwargs
+    )
     if fed.client_dp == "off":
         return strategy
     sampled = max(int(fed.sites * fed.fraction_train), kwargs["min_train_nodes"])

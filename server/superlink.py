@@ -51,9 +51,12 @@ def superlink_command(*, certs: ConsortiumCerts | None, host: str, port: int) ->
         return [*command, "--insecure"]
     return [
         *command,
-        "--ssl-ca-certfile", str(certs.ca_cert.resolve()),
-        "--ssl-certfile", str(certs.server_cert.resolve()),
-        "--ssl-keyfile", str(certs.server_key.resolve()),
+        "--ssl-ca-certfile",
+        str(certs.ca_cert.resolve()),
+        "--ssl-certfile",
+        str(certs.server_cert.resolve()),
+        "--ssl-keyfile",
+        str(certs.server_key.resolve()),
         "--enable-supernode-auth",
     ]
 
@@ -66,9 +69,7 @@ def check_listen_address(host: str, port: int) -> None:
     look like our SuperLink.
     """
     if host not in LISTEN_HOSTS:
-        raise FedgenError(
-            f"--host must be {DEFAULT_HOST} (serve the sites) or {LOOPBACK} (one machine), got {host!r}"
-        )
+        raise FedgenError(f"--host must be {DEFAULT_HOST} (serve the sites) or {LOOPBACK} (one machine), got {host!r}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is fine
         try:

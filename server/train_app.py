@@ -70,7 +70,10 @@ def save_checkpoint(
                 "modality": modality.name,
                 "sites": {
                     e.site: {
-                        "loss": e.loss, "site_epsilon": e.site_epsilon, "epsilon": e.epsilon, "num_examples": e.num_examples
+                        "loss": e.loss,
+                        "site_epsilon": e.site_epsilon,
+                        "epsilon": e.epsilon,
+                        "num_examples": e.num_examples,
                     }
                     for e in rows
                 },
@@ -87,10 +90,7 @@ def rounds_done(run: RunDir) -> dict[str, int]:
     continues after it (from the last checkpoint) and never records that round number twice.
     """
     ledger = PrivacyLedger(run.ledger_path)
-    return {
-        name: max(ledger.last_round(name), *run.completed_rounds(name), 0)
-        for name in run.config().modalities
-    }
+    return {name: max(ledger.last_round(name), *run.completed_rounds(name), 0) for name in run.config().modalities}
 
 
 def check_resumable(run: RunDir) -> None:
@@ -134,7 +134,9 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
     resumed = f", resuming after round {done}" if done else ""
     console.rule(f"{modality_name} federation: {planned} rounds, {config.federation.strategy}{resumed}")
     if config.privacy.enabled:
-        console.print(f"  DP noise: {noise_source(config.privacy.secure_mode)}; ε by Opacus' {config.privacy.accountant.upper()} accountant")
+        console.print(
+            f"  DP noise: {noise_source(config.privacy.secure_mode)}; ε by Opacus' {config.privacy.accountant.upper()} accountant"
+        )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal ema

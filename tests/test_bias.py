@@ -35,7 +35,9 @@ def constructed_report(*, train, synthetic, class_f1, site_f1, heldout=None):
         },
         "fidelity": {
             "image": {
-                "precision": 0.7, "recall": 0.6, "coverage": 0.8,
+                "precision": 0.7,
+                "recall": 0.6,
+                "coverage": 0.8,
                 "per_class": {c: {"precision": 0.7, "recall": 0.5, "coverage": 0.9, "n_real": 40} for c in CLASSES},
                 "sites": {site: {"precision": 0.6, "recall": 0.6, "coverage": 0.7} for site in train},
             }

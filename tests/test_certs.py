@@ -35,7 +35,8 @@ def test_the_server_certificate_is_signed_by_the_ca_for_every_host(certs):
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost", "coord.example.org"]
     assert sans.get_values_for_type(x509.IPAddress) == [
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.1.2.3")
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("10.1.2.3"),
     ]
     key = load_pem_private_key(certs.server_key.read_bytes(), None)
     assert key.public_key().public_numbers() == server.public_key().public_numbers()

@@ -12,9 +12,7 @@ COMMANDS = ["simulate", "server", "client", "generate", "audit", "release", "dat
 
 
 def test_help_lists_every_command_in_a_real_subprocess():
-    out = subprocess.run(
-        [sys.executable, "-m", "fedgen", "--help"], capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-m", "fedgen", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for command in COMMANDS:
         assert command in out.stdout
@@ -61,7 +59,10 @@ def test_an_error_quoting_flower_keeps_its_code_and_an_interrupt_is_one_line(mon
     monkeypatch.setattr(fedgen.certs, "make_certs", refused)
     result = runner.invoke(app, ["certs", str(tmp_path / "c")])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: the SuperNode could not join (exit code 1): [code: 2004] Failed to activate SuperNode"
+    assert (
+        result.output.strip()
+        == "error: the SuperNode could not join (exit code 1): [code: 2004] Failed to activate SuperNode"
+    )
     monkeypatch.setattr(fedgen.certs, "make_certs", interrupted)
     result = runner.invoke(app, ["certs", str(tmp_path / "c")])
     assert result.exit_code == 130 and result.output.strip() == "interrupted"

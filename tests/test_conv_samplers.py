@@ -30,12 +30,22 @@ BATCH = 5
 CONV_SHAPES = {
     "3x3 padded": {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": 1},
     "strided, grouped, no bias": {
-        "in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 2, "padding": 1,
-        "groups": 2, "bias": False,
+        "in_channels": 4,
+        "out_channels": 6,
+        "kernel_size": 3,
+        "stride": 2,
+        "padding": 1,
+        "groups": 2,
+        "bias": False,
     },
     "dilated, 'same', reflect": {
-        "in_channels": 6, "out_channels": 6, "kernel_size": (3, 2), "dilation": 2,
-        "padding": "same", "groups": 3, "padding_mode": "reflect",
+        "in_channels": 6,
+        "out_channels": 6,
+        "kernel_size": (3, 2),
+        "dilation": 2,
+        "padding": "same",
+        "groups": 3,
+        "padding_mode": "reflect",
     },
     "1x1 shortcut, unpadded": {"in_channels": 5, "out_channels": 3, "kernel_size": 1},
     "'same', zeros": {"in_channels": 4, "out_channels": 4, "kernel_size": 3, "padding": "same"},
@@ -165,9 +175,18 @@ def _first_step_gradient(mode: str, data: TensorDataset, *, max_grad_norm: float
             captured.extend(p.grad.detach().flatten().clone() for p in unet.parameters())
 
     train_local(
-        unet, data, _fixed_draw_loss(), epochs=1, batch_size=len(data), lr=1e-3,
-        noise_multiplier=0.0, max_grad_norm=max_grad_norm, delta=1e-3,
-        grad_sample_mode=mode, seed=0, progress=keep_first,
+        unet,
+        data,
+        _fixed_draw_loss(),
+        epochs=1,
+        batch_size=len(data),
+        lr=1e-3,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        delta=1e-3,
+        grad_sample_mode=mode,
+        seed=0,
+        progress=keep_first,
     )
     return torch.cat(captured)
 
@@ -223,8 +242,16 @@ def test_autograd_skips_conv_parameter_gradients_only_inside_the_context():
 def test_a_dp_round_leaves_the_convolutions_as_they_were():
     unet = _tiny_unet()
     train_local(
-        unet, _unet_data(6), _fixed_draw_loss(), epochs=1, batch_size=3, lr=1e-3,
-        noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-3, seed=0,
+        unet,
+        _unet_data(6),
+        _fixed_draw_loss(),
+        epochs=1,
+        batch_size=3,
+        lr=1e-3,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-3,
+        seed=0,
     )
     assert not [m for m in unet.modules() if "_conv_forward" in m.__dict__]
 
@@ -232,9 +259,17 @@ def test_a_dp_round_leaves_the_convolutions_as_they_were():
 def test_ghost_training_spends_the_epsilon_of_the_rdp_analysis():
     sigma, delta = 1.0, 1e-3
     result = train_local(
-        build_unet(TINY_UNET, NUM_CLASSES), _unet_data(12), _fixed_draw_loss(), epochs=2,
-        batch_size=4, lr=1e-3, noise_multiplier=sigma, max_grad_norm=1.0, delta=delta,
-        grad_sample_mode="ghost", seed=0,
+        build_unet(TINY_UNET, NUM_CLASSES),
+        _unet_data(12),
+        _fixed_draw_loss(),
+        epochs=2,
+        batch_size=4,
+        lr=1e-3,
+        noise_multiplier=sigma,
+        max_grad_norm=1.0,
+        delta=delta,
+        grad_sample_mode="ghost",
+        seed=0,
     )
     assert result.sample_rate == pytest.approx(1 / 3)  # q = 1 / ceil(12 / 4)
     assert result.steps == 6  # 3 Poisson batches per epoch

@@ -61,7 +61,11 @@ def test_site_folders_follow_the_contract(consortium):
     assert sorted(p.name for p in consortium.iterdir()) == ["site-1", "site-2"]
     for site in consortium.iterdir():
         assert {p.name for p in site.iterdir()} == {
-            "images", "texts.jsonl", "phi_truth.jsonl", "canaries.jsonl", "site.toml",
+            "images",
+            "texts.jsonl",
+            "phi_truth.jsonl",
+            "canaries.jsonl",
+            "site.toml",
         }
         assert tomllib.loads((site / "site.toml").read_text()) == {"name": site.name}
 
@@ -85,8 +89,7 @@ def test_every_class_is_present_at_every_site_but_the_mix_differs(tmp_path):
         tmp_path / "c", sites=3, images_per_site=100, texts_per_site=100, alpha=0.5, resolution=8
     )
     image_mix = [
-        np.array([len(list((site / "images" / grade).iterdir())) for grade in DR_GRADES]) / 100
-        for site in sites
+        np.array([len(list((site / "images" / grade).iterdir())) for grade in DR_GRADES]) / 100 for site in sites
     ]
     text_mix = []
     for site in sites:
@@ -277,9 +280,7 @@ def test_a_plain_classifier_tells_the_five_grades_apart():
     position-free spot histograms, trained and tested on different phantoms and styles."""
     train_x, train_y = _phantoms(1000, seed=10)
     test_x, test_y = _phantoms(500, seed=11)
-    classifier = make_pipeline(
-        FunctionTransformer(np.sqrt), StandardScaler(), LogisticRegression(C=0.3, max_iter=1000)
-    )
+    classifier = make_pipeline(FunctionTransformer(np.sqrt), StandardScaler(), LogisticRegression(C=0.3, max_iter=1000))
     classifier.fit(_spot_histograms(train_x), train_y)
     accuracy = (classifier.predict(_spot_histograms(test_x)) == test_y).mean()
     assert accuracy >= 0.9  # measured 0.954

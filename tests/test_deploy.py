@@ -83,8 +83,12 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [*FEDGEN, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "COLUMNS": "200"}, cwd=self.logs,
+            [*FEDGEN, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "COLUMNS": "200"},
+            cwd=self.logs,
         )
         proc.log_path = self.logs / f"{name}.log"
         self.started.append(proc)
@@ -189,7 +193,9 @@ def test_the_flower_app_bundle_holds_no_code(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     (tmp_path / "app" / "secret.py").parent.mkdir()
-    fab = build_fab_from_disk(write_flower_app(tmp_path / "app", server_app=TRAIN_SERVER_APP, run_config={"run-dir": ""}))
+    fab = build_fab_from_disk(
+        write_flower_app(tmp_path / "app", server_app=TRAIN_SERVER_APP, run_config={"run-dir": ""})
+    )
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert names == ["pyproject.toml", ".info/CONTENT"]
     text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
@@ -243,14 +249,27 @@ def _reply(node_id: int, site: str):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    metrics = {"num-examples": 10, "loss": float("nan"), "site-epsilon": 1.0, "epsilon": 1.0, "epsilon-next": 2.0,
-               "budget": 10.0, "delta": 1e-5, "different-people": 0.0, "release": 1, "noise-multiplier": 1.0,
-               "sample-rate": 0.1, "steps": 5}
-    content = RecordDict({
-        "arrays": ArrayRecord(numpy_ndarrays=[np.ones(2, dtype=np.float32)]),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site}),
-    })
+    metrics = {
+        "num-examples": 10,
+        "loss": float("nan"),
+        "site-epsilon": 1.0,
+        "epsilon": 1.0,
+        "epsilon-next": 2.0,
+        "budget": 10.0,
+        "delta": 1e-5,
+        "different-people": 0.0,
+        "release": 1,
+        "noise-multiplier": 1.0,
+        "sample-rate": 0.1,
+        "steps": 5,
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=[np.ones(2, dtype=np.float32)]),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content=content, reply_to=sent)
 
 
@@ -275,8 +294,10 @@ def test_a_round_with_too_few_replies_fails_but_keeps_the_spent_epsilon(tmp_path
 
     strategy = _strategy(tmp_path)
     strategy.round_offset = 4  # a resumed run: its first round is round 5
-    crashed = Message(Error(code=0, reason="node unavailable"),
-                      reply_to=Message(content=RecordDict(), dst_node_id=12, message_type="train"))
+    crashed = Message(
+        Error(code=0, reason="node unavailable"),
+        reply_to=Message(content=RecordDict(), dst_node_id=12, message_type="train"),
+    )
     with pytest.raises(FedgenError, match="round 5: 1 site\\(s\\) replied, fewer than min_sites = 2"):
         strategy.aggregate_train(1, [_reply(11, "site-1"), crashed])
     assert [(e.site, e.round) for e in strategy.ledger.entries()] == [("site-1", 5)]
@@ -351,10 +372,14 @@ def test_resuming_from_a_truncated_checkpoint_is_one_line_before_anything_starts
     write_json(checkpoint / "metrics.json", {})
     weights = next(checkpoint.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = CliRunner().invoke(app, ["server", "--insecure", "--resume", str(run.root), "--port", str(free_port()), "--host", "127.0.0.1"])
+    result = CliRunner().invoke(
+        app, ["server", "--insecure", "--resume", str(run.root), "--port", str(free_port()), "--host", "127.0.0.1"]
+    )
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: image model weights {weights} are corrupt or truncated: Error while deserializing header: invalid header length"]
+    assert errors == [
+        f"error: image model weights {weights} are corrupt or truncated: Error while deserializing header: invalid header length"
+    ]
     assert "Traceback" not in result.output and "--resume" not in result.output
     assert not (run.root / "flwr").exists()  # no SuperLink was started
 
@@ -385,8 +410,20 @@ def consortium(tmp_path):
 
 
 def client_args(port: int, site: Path, key: Path, ca: Path, config: Path, *extra: str) -> list[str]:
-    return ["client", "--server", f"127.0.0.1:{port}", "--data", str(site), "--key", str(key),
-            "--ca", str(ca), "--config", str(config), *extra]
+    return [
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--data",
+        str(site),
+        "--key",
+        str(key),
+        "--ca",
+        str(ca),
+        "--config",
+        str(config),
+        *extra,
+    ]
 
 
 @pytest.mark.e2e
@@ -400,19 +437,44 @@ def test_tls_and_node_keys_keep_strangers_out(consortium, processes, tmp_path):
     other = make_certs(tmp_path / "other-consortium", sites=1)
     config = write_config(tmp_path / "fed.toml", sites=2)
     port = free_port()
-    server = processes.start("server", [  # a relative --runs-dir: the commands run in tmp_path
-        "server", "--config", str(config), "--certs", str(coordinator), "--port", str(port),
-        "--host", "127.0.0.1", "--runs-dir", "runs",
-    ])
-    wait_for(lambda: "Successfully started run" in server.log_path.read_text(), timeout=STARTUP_WAIT,
-             what="the SuperLink to register the sites and accept the run", watch=[server])
+    server = processes.start(
+        "server",
+        [  # a relative --runs-dir: the commands run in tmp_path
+            "server",
+            "--config",
+            str(config),
+            "--certs",
+            str(coordinator),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--runs-dir",
+            "runs",
+        ],
+    )
+    wait_for(
+        lambda: "Successfully started run" in server.log_path.read_text(),
+        timeout=STARTUP_WAIT,
+        what="the SuperLink to register the sites and accept the run",
+        watch=[server],
+    )
 
     limit = ["--max-wait", "10"]
     strangers = {
         "unregistered": client_args(port, sites[2], certs.site_private_key(3), certs.ca_cert, config, *limit),
         "wrong-ca": client_args(port, sites[0], certs.site_private_key(1), other.ca_cert, config, *limit),
-        "plain": ["client", "--server", f"127.0.0.1:{port}", "--data", str(sites[1]), "--insecure",
-                  "--config", str(config), *limit],
+        "plain": [
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--data",
+            str(sites[1]),
+            "--insecure",
+            "--config",
+            str(config),
+            *limit,
+        ],
     }
     started = {name: processes.start(name, args) for name, args in strangers.items()}
     for proc in started.values():
@@ -432,16 +494,39 @@ def test_sites_refuse_a_noise_multiplier_below_their_floor_in_deployment(consort
     """site-1 keeps the default policy (σ at least 0.3); site-2's `fedgen client` flag sets 0.25."""
     certs, sites = consortium
     config = tmp_path / "fed.toml"
-    config.write_text(tomli_w.dumps({**TINY, "privacy": {"epsilon": 1000.0, "noise_multiplier": 0.2},
-                                     "federation": {**TINY["federation"], "sites": 2, "min_sites": 2}}))
+    config.write_text(
+        tomli_w.dumps(
+            {
+                **TINY,
+                "privacy": {"epsilon": 1000.0, "noise_multiplier": 0.2},
+                "federation": {**TINY["federation"], "sites": 2, "min_sites": 2},
+            }
+        )
+    )
     port = free_port()
-    server = processes.start("server", [
-        "server", "--config", str(config), "--certs", str(certs.root), "--port", str(port), "--host", "127.0.0.1",
-        "--runs-dir", str(tmp_path / "runs"), "--run-id", "weak",
-    ])
+    server = processes.start(
+        "server",
+        [
+            "server",
+            "--config",
+            str(config),
+            "--certs",
+            str(certs.root),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--run-id",
+            "weak",
+        ],
+    )
     processes.start("site-1", client_args(port, sites[0], certs.site_private_key(1), certs.ca_cert, config))
-    processes.start("site-2", client_args(port, sites[1], certs.site_private_key(2), certs.ca_cert, config,
-                                          "--min-noise-multiplier", "0.25"))
+    processes.start(
+        "site-2",
+        client_args(port, sites[1], certs.site_private_key(2), certs.ca_cert, config, "--min-noise-multiplier", "0.25"),
+    )
     server.wait(timeout=STARTUP_WAIT + ROUND_WAIT)
     log = server.log_path.read_text()
     assert server.returncode == 1, tail(server)
@@ -479,23 +564,42 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     config = write_config(tmp_path / "fed.toml")
     port = free_port()
     server_args = ["--certs", str(certs.root), "--port", str(port), "--host", "127.0.0.1"]
-    server = processes.start("server", [
-        "server", "--config", str(config), *server_args, "--runs-dir", str(tmp_path / "runs"), "--run-id", "deploy",
-    ])
+    server = processes.start(
+        "server",
+        [
+            "server",
+            "--config",
+            str(config),
+            *server_args,
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--run-id",
+            "deploy",
+        ],
+    )
     clients = [
         processes.start(f"site-{k}", client_args(port, sites[k - 1], certs.site_private_key(k), certs.ca_cert, config))
         for k in (1, 2, 3)
     ]
     run = RunDir(tmp_path / "runs" / "deploy")
-    wait_for(lambda: "Receiving: train message" in clients[2].log_path.read_text(), timeout=STARTUP_WAIT,
-             what="round 1 to reach site-3", watch=[server, *clients])
+    wait_for(
+        lambda: "Receiving: train message" in clients[2].log_path.read_text(),
+        timeout=STARTUP_WAIT,
+        what="round 1 to reach site-3",
+        watch=[server, *clients],
+    )
     processes.kill_only(clients[2])  # site-3's fedgen client is killed (-9) in the middle of round 1
-    wait_for(lambda: run.completed_rounds("image") == [1], timeout=ROUND_WAIT,
-             what="round 1 without site-3", watch=[server, *clients[:2]])
+    wait_for(
+        lambda: run.completed_rounds("image") == [1],
+        timeout=ROUND_WAIT,
+        what="round 1 without site-3",
+        watch=[server, *clients[:2]],
+    )
     processes.kill_only(server)  # the coordinator's fedgen server is killed (-9) after round 1
 
-    clients[2] = processes.start("site-3-again", client_args(
-        port, sites[2], certs.site_private_key(3), certs.ca_cert, config))
+    clients[2] = processes.start(
+        "site-3-again", client_args(port, sites[2], certs.site_private_key(3), certs.ca_cert, config)
+    )
     resumed = processes.start("server-resumed", ["server", "--resume", str(run.root), *server_args])
     resumed.wait(timeout=STARTUP_WAIT + ROUND_WAIT)
     assert resumed.returncode == 0, tail(resumed)
@@ -504,7 +608,11 @@ def test_a_consortium_survives_a_site_crash_and_a_coordinator_crash(consortium, 
     ledger = PrivacyLedger(run.ledger_path)
     rows = [r for r in ledger.entries(modality="image") if not r.lost]
     assert sorted((r.site, r.round) for r in rows) == [
-        ("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2), ("site-3", 2)
+        ("site-1", 1),
+        ("site-1", 2),
+        ("site-2", 1),
+        ("site-2", 2),
+        ("site-3", 2),
     ]
     assert set(json.loads((run.round_dir(1) / "image" / "metrics.json").read_text())["sites"]) == {"site-1", "site-2"}
     # site-1's SuperNode was restarted and round 2 is a new Flower run (empty context.state):
@@ -537,22 +645,38 @@ def test_a_deployed_consortium_is_audited_at_its_sites(processes, tmp_path):
 
     certs = make_certs(tmp_path / "certs", sites=2)
     # 120 images: held-out splits of at least audits.fidelity.MIN_AGGREGATE_COUNT records
-    sites = make_demo_consortium(tmp_path / "sites", sites=2, seed=1, images_per_site=120, texts_per_site=10, resolution=16)
+    sites = make_demo_consortium(
+        tmp_path / "sites", sites=2, seed=1, images_per_site=120, texts_per_site=10, resolution=16
+    )
     config_path = write_config(tmp_path / "fed.toml", sites=2, min_sites=2, rounds=1)
     run = RunDir.create(tmp_path / "runs", load_config(config_path), "deployed")
     train_one_round(run, sites[:2], run.config())
     generate_images(run, per_class=4)  # 20: the fewest a site counts memorisation on
     port = free_port()
-    audit = processes.start("audit", [
-        "audit", str(run.root), "--deployment", "--certs", str(certs.root), "--port", str(port),
-        "--host", "127.0.0.1", "--json",
-    ])
+    audit = processes.start(
+        "audit",
+        [
+            "audit",
+            str(run.root),
+            "--deployment",
+            "--certs",
+            str(certs.root),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--json",
+        ],
+    )
     clients = [
-        processes.start(f"site-{k}", client_args(port, sites[k - 1], certs.site_private_key(k), certs.ca_cert, config_path))
+        processes.start(
+            f"site-{k}", client_args(port, sites[k - 1], certs.site_private_key(k), certs.ca_cert, config_path)
+        )
         for k in (1, 2)
     ]
-    wait_for(lambda: audit.poll() is not None, timeout=STARTUP_WAIT + ROUND_WAIT,
-             what="the audit to finish", watch=clients)
+    wait_for(
+        lambda: audit.poll() is not None, timeout=STARTUP_WAIT + ROUND_WAIT, what="the audit to finish", watch=clients
+    )
     assert audit.returncode == 0, tail(audit)
 
     report = json.loads((run.audit / "report.json").read_text())

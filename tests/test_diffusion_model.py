@@ -107,12 +107,12 @@ def test_loss_is_per_example_and_independent_of_the_batch(unet, prediction_type)
     batch_loss = denoising_loss(unet, scheduler, images, labels, timesteps=timesteps, noise=noise)
     assert batch_loss.shape == (4,)
     one = slice(2, 3)
-    alone = denoising_loss(
-        unet, scheduler, images[one], labels[one], timesteps=timesteps[one], noise=noise[one]
-    )
+    alone = denoising_loss(unet, scheduler, images[one], labels[one], timesteps=timesteps[one], noise=noise[one])
     noisy = scheduler.add_noise(images[one], noise[one], timesteps[one])
     predicted = unet(noisy, timesteps[one], class_labels=labels[one]).sample
-    target = noise[one] if prediction_type == "epsilon" else _velocity(scheduler, images[one], noise[one], timesteps[one])
+    target = (
+        noise[one] if prediction_type == "epsilon" else _velocity(scheduler, images[one], noise[one], timesteps[one])
+    )
     manual = ((predicted - target) ** 2).mean()
     torch.testing.assert_close(batch_loss[2], alone[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(alone[0], manual, rtol=1e-5, atol=1e-6)
@@ -169,13 +169,20 @@ class ExactNoisePredictor(torch.nn.Module):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("dpm-sde", 10), ("ddpm", 10), ("ddpm", 1000)])
+@pytest.mark.parametrize(
+    ("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("dpm-sde", 10), ("ddpm", 10), ("ddpm", 1000)]
+)
 def test_samplers_recover_the_data_from_exact_noise(sampler, steps, prediction_type):
     config = tiny_config(prediction_type=prediction_type)
     model = ExactNoisePredictor(config, [-1.0, 0.5, 0.0])
     out = sample_images(
-        model, torch.tensor([0, 1, 0]), config=config, steps=steps, guidance=1.0,
-        sampler=sampler, generator=torch.Generator().manual_seed(0),
+        model,
+        torch.tensor([0, 1, 0]),
+        config=config,
+        steps=steps,
+        guidance=1.0,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
     )
     expected = torch.tensor([-1.0, 0.5, -1.0]).view(-1, 1, 1, 1).expand_as(out)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
@@ -191,8 +198,13 @@ def test_sample_images_shapes_range_progress_and_mode(unet, config):
     finished = []
     unet.train()
     out = sample_images(
-        unet, torch.tensor([0, 1, 2, 0, 1]), config=config, steps=3, batch_size=2,
-        generator=torch.Generator().manual_seed(0), progress=finished.append,
+        unet,
+        torch.tensor([0, 1, 2, 0, 1]),
+        config=config,
+        steps=3,
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+        progress=finished.append,
     )
     assert out.shape == (5, 1, 16, 16)
     assert out.min() >= -1 and out.max() <= 1 and out.std() > 0
@@ -203,16 +215,21 @@ def test_sample_images_shapes_range_progress_and_mode(unet, config):
 def test_sampling_is_reproducible_with_a_generator(unet, config):
     def draw():
         generator = torch.Generator().manual_seed(3)
-        return sample_images(unet, torch.tensor([0, 1]), config=config, steps=2,
-                             generator=generator)
+        return sample_images(unet, torch.tensor([0, 1]), config=config, steps=2, generator=generator)
 
     torch.testing.assert_close(draw(), draw(), rtol=0, atol=0)
 
 
 def test_sampling_defaults_to_the_configs_sampler(unet, config):
     def draw(image_config, **sampler):
-        return sample_images(unet, torch.tensor([0, 1]), config=image_config, steps=3,
-                             generator=torch.Generator().manual_seed(3), **sampler)
+        return sample_images(
+            unet,
+            torch.tensor([0, 1]),
+            config=image_config,
+            steps=3,
+            generator=torch.Generator().manual_seed(3),
+            **sampler,
+        )
 
     ddim_config = config.model_copy(update={"sampler": "ddim"})
     assert config.sampler == "dpm-sde"
@@ -351,14 +368,16 @@ def test_model_learns_the_class(one_thread):
     optimizer = torch.optim.Adam(unet.parameters(), lr=5e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
-        loss = denoising_loss(
-            unet, scheduler, images, labels, cond_drop_prob=0.1, generator=generator
-        )
+        loss = denoising_loss(unet, scheduler, images, labels, cond_drop_prob=0.1, generator=generator)
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
     samples = sample_images(
-        unet, torch.tensor([0] * 8 + [1] * 8), config=config, steps=20, guidance=2.0,
+        unet,
+        torch.tensor([0] * 8 + [1] * 8),
+        config=config,
+        steps=20,
+        guidance=2.0,
         generator=torch.Generator().manual_seed(1),
     )
     black, white = samples[:8].mean(), samples[8:].mean()

@@ -305,11 +305,15 @@ def test_class_fidelity_scores_each_class_against_its_own_real_records_and_pools
     site = class_fidelity(real, real_labels, fake, fake_labels, class_names=["a", "b", "c"])
     assert (site["a"]["precision"], site["a"]["recall"], site["a"]["coverage"]) == (1.0, 1.0, 1.0)
     assert (site["b"]["precision"], site["b"]["recall"], site["b"]["coverage"]) == (0.0, 0.0, 0.0)
-    assert site["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and site["b"]["fid"] == pytest.approx(4 * 100.0**2, rel=0.05)
+    assert site["a"]["fid"] == pytest.approx(0.0, abs=1e-6) and site["b"]["fid"] == pytest.approx(
+        4 * 100.0**2, rel=0.05
+    )
     assert site["b"]["kid"] > 1000 * abs(site["a"]["kid"])
     assert site["c"] == {"n_real": 5, "n_fake": 10}  # below MIN_AGGREGATE_COUNT: counts only
     mean = mean_over_classes(site)
-    assert mean["precision"] == pytest.approx(30 / 70) and mean["n_real"] == 70 and mean["classes_measured"] == ["a", "b"]
+    assert (
+        mean["precision"] == pytest.approx(30 / 70) and mean["n_real"] == 70 and mean["classes_measured"] == ["a", "b"]
+    )
     figures = {"fid": 1.0, "kid": 0.5, "precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
     other = {"a": {**figures, "n_real": 90, "n_fake": 30}, "c": {"n_real": 7, "n_fake": 10}}
     pooled = pool_class_fidelity([site, other])
@@ -464,7 +468,9 @@ def test_class_aware_fidelity_ranks_a_ladder_of_worse_synthetic_sets():
     }
     real_features = extract_features(net, real_x)
     scores = {
-        name: mean_over_classes(class_fidelity(real_features, real_y, extract_features(net, x), y, class_names=QUADRANTS))
+        name: mean_over_classes(
+            class_fidelity(real_features, real_y, extract_features(net, x), y, class_names=QUADRANTS)
+        )
         for name, (x, y) in ladder.items()
     }
     column = lambda key, names: [scores[name][key] for name in names]  # noqa: E731

@@ -49,7 +49,9 @@ def example_report(*, modalities=("image", "text")) -> dict:
                 m: {
                     "epsilon": 6.0 - i,
                     "noise_multiplier": 1.1,
-                    "rounds": [{"round": r, "epsilon": (6.0 - i) * r / 3, "site_epsilon": (8.5 - i) * r / 3} for r in (1, 2, 3)],
+                    "rounds": [
+                        {"round": r, "epsilon": (6.0 - i) * r / 3, "site_epsilon": (8.5 - i) * r / 3} for r in (1, 2, 3)
+                    ],
                 }
                 for m in modalities
             },
@@ -63,7 +65,14 @@ def example_report(*, modalities=("image", "text")) -> dict:
                 }
             },
             "empirical_epsilon": {
-                "loss": {"eps_lb": 0.0, "max_certifiable": 3.2, "n_members": 180, "n_nonmembers": 180, "delta": 1e-4, "alpha": 0.05}
+                "loss": {
+                    "eps_lb": 0.0,
+                    "max_certifiable": 3.2,
+                    "n_members": 180,
+                    "n_nonmembers": 180,
+                    "delta": 1e-4,
+                    "alpha": 0.05,
+                }
             },
         }
         report["utility"][m] = {
@@ -136,10 +145,23 @@ def test_a_report_within_policy_passes_every_check(policy):
     names = {c["name"] for c in decision["checks"]}
     # one budget check per site (all its modalities), and each family of checks is present
     assert {"privacy.dp", "privacy.site-1.budget", "privacy.site-2.budget", "privacy.max_epsilon"} <= names
-    assert {"membership.image.loss.auc", "membership.text.loss.tpr_at_1pct_fpr", "membership.text.loss.empirical_epsilon"} <= names
-    assert {"phi.PERSON", "phi.US_SSN", "memorisation.text.canary_reproductions", "memorisation.image.near_copies_feature"} <= names
+    assert {
+        "membership.image.loss.auc",
+        "membership.text.loss.tpr_at_1pct_fpr",
+        "membership.text.loss.empirical_epsilon",
+    } <= names
+    assert {
+        "phi.PERSON",
+        "phi.US_SSN",
+        "memorisation.text.canary_reproductions",
+        "memorisation.image.near_copies_feature",
+    } <= names
     assert {"memorisation.text.phi_replay"} <= names
-    assert {"fidelity.image.precision", "utility.image.synthetic_to_real_ratio", "utility.text.synthetic_to_real_ratio"} <= names
+    assert {
+        "fidelity.image.precision",
+        "utility.image.synthetic_to_real_ratio",
+        "utility.text.synthetic_to_real_ratio",
+    } <= names
     # the default policy replaces the DATE_TIME finding at release: a passed check that says so
     date = next(c for c in decision["checks"] if c["name"] == "phi.DATE_TIME")
     assert date["passed"] and date["value"] == 1 and "replaced by typed placeholders" in date["detail"]
@@ -255,7 +277,10 @@ def default_policy_text() -> str:
         (lambda t: t.replace("auc_max = 0.6", "auc_maks = 0.6"), "membership.auc_maks: unknown key"),
         (lambda t: t.replace("tpr_at_1pct_fpr_max = 0.03\n", ""), "membership.tpr_at_1pct_fpr_max: missing"),
         (lambda t: t.replace('"US_SSN"', '"SSN"'), "'SSN' is not a scanner entity type"),
-        (lambda t: t.replace('near_copy_measures = ["pixel", "feature"]', 'near_copy_measures = ["hash"]'), "near_copy_measures.0 = 'hash'"),
+        (
+            lambda t: t.replace('near_copy_measures = ["pixel", "feature"]', 'near_copy_measures = ["hash"]'),
+            "near_copy_measures.0 = 'hash'",
+        ),
         (lambda t: t.replace("allow_no_dp = false", "allow_no_dp = true"), "remove max_epsilon"),
         (lambda t: t.replace("[phi]", "[phi"), "is not valid TOML"),
     ],

@@ -49,7 +49,13 @@ def report_with(attacks: dict[str, dict[str, dict]]) -> dict:
 
 
 def summary(auc: float, tpr: float, n_members: int, n_nonmembers: int) -> dict:
-    return {"auc": auc, "tpr_at_1pct_fpr": tpr, "tpr_at_01pct_fpr": None, "n_members": n_members, "n_nonmembers": n_nonmembers}
+    return {
+        "auc": auc,
+        "tpr_at_1pct_fpr": tpr,
+        "tpr_at_01pct_fpr": None,
+        "n_members": n_members,
+        "n_nonmembers": n_nonmembers,
+    }
 
 
 def demo_report(measured: dict) -> dict:
@@ -60,7 +66,9 @@ def demo_report(measured: dict) -> dict:
 
 
 def membership_checks(decision: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in decision["checks"] if c["name"].startswith("membership") and "empirical" not in c["name"]}
+    return {
+        c["name"]: c for c in decision["checks"] if c["name"].startswith("membership") and "empirical" not in c["name"]
+    }
 
 
 # --- the bounds -----------------------------------------------------------------------------------
@@ -129,7 +137,9 @@ def test_the_demo_runs_attacks_pass_and_say_the_sample_was_small(policy):
     min_k = checks["membership.text.min_k.tpr_at_1pct_fpr"]
     assert min_k["chance_confidence"] == pytest.approx(0.995)
     assert min_k["threshold"] == 0.03 and min_k["bound_source"] == "chance"
-    assert min_k["bound"] == min_k["chance_bound"] == limit_tpr_bound(480, 123, level=0.01, limit=0.03, confidence=0.995)
+    assert (
+        min_k["bound"] == min_k["chance_bound"] == limit_tpr_bound(480, 123, level=0.01, limit=0.03, confidence=0.995)
+    )
     assert "an attack exactly at the limit 0.03 reaches up to 0.1812" in min_k["detail"]
     assert "too small to show the attack stays within 0.03" in min_k["detail"]
     # The AUC's chance bound (0.562 at 720 and 180 images) is under the policy's 0.6, which applies.
@@ -150,7 +160,12 @@ def test_with_many_examples_the_policy_limit_decides(policy):
     # side an attack at the limit measures within a few thousandths of it.
     n = 100_000
     for tpr, passed in ((0.029, True), (0.031, True), (0.04, False)):
-        checks = membership_checks(evaluate_gate(report_with({"image": {"loss": summary(0.55, tpr, n, n)}, "text": {"loss": summary(0.55, 0.01, n, n)}}), policy))
+        checks = membership_checks(
+            evaluate_gate(
+                report_with({"image": {"loss": summary(0.55, tpr, n, n)}, "text": {"loss": summary(0.55, 0.01, n, n)}}),
+                policy,
+            )
+        )
         check = checks["membership.image.loss.tpr_at_1pct_fpr"]
         assert check["passed"] is passed and check["threshold"] == 0.03
         assert check["chance_confidence"] == pytest.approx(1 - 0.05 / 4)
@@ -164,7 +179,11 @@ def test_a_leak_beyond_the_limit_is_refused_with_a_thousand_held_out_records(pol
     for _ in range(20):
         result = attack_metrics(rng.normal(leaking, size=4000), rng.normal(size=1000)).to_dict()
         result["auc"] = 0.55  # the TPR check alone
-        checks = membership_checks(evaluate_gate(report_with({"image": {"loss": result}, "text": {"loss": summary(0.5, 0.01, 1000, 1000)}}), policy))
+        checks = membership_checks(
+            evaluate_gate(
+                report_with({"image": {"loss": result}, "text": {"loss": summary(0.5, 0.01, 1000, 1000)}}), policy
+            )
+        )
         refused += not checks["membership.image.loss.tpr_at_1pct_fpr"]["passed"]
     assert refused == 20
 
@@ -182,7 +201,9 @@ def test_guessing_models_are_rarely_refused_at_the_demo_counts(policy):
         }  # fmt: skip
         report = report_with({m: {name: r.to_dict() for name, r in a.items()} for m, a in measured.items()})
         refused += not all(c["passed"] for c in membership_checks(evaluate_gate(report, policy)).values())
-        refused_by_limits_alone += any(r.auc > 0.6 or r.tpr_at_1pct_fpr > 0.03 for a in measured.values() for r in a.values())
+        refused_by_limits_alone += any(
+            r.auc > 0.6 or r.tpr_at_1pct_fpr > 0.03 for a in measured.values() for r in a.values()
+        )
     assert refused / trials <= 0.06
     assert refused_by_limits_alone / trials >= 0.2
 

@@ -12,18 +12,29 @@ from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.plan import plan_privacy
 
 TINY = {
-    "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,
-    "image.batch_size": 8, "image.local_epochs": 1, "federation.rounds": 2, "privacy.epsilon": 4.0,
-    "text.tiny_hidden_size": 32, "text.tiny_layers": 1,
+    "image.resolution": 16,
+    "image.block_out_channels": [16, 32],
+    "image.norm_num_groups": 4,
+    "image.batch_size": 8,
+    "image.local_epochs": 1,
+    "federation.rounds": 2,
+    "privacy.epsilon": 4.0,
+    "text.tiny_hidden_size": 32,
+    "text.tiny_layers": 1,
     # the tiny random Llama (byte tokens: a demo note is up to 600), learning through lm_head
-    "text.base_model": "tiny-random-llama", "text.target_modules": ["q_proj", "v_proj", "lm_head"], "text.dtype": "float32", "text.max_length": 640,
+    "text.base_model": "tiny-random-llama",
+    "text.target_modules": ["q_proj", "v_proj", "lm_head"],
+    "text.dtype": "float32",
+    "text.max_length": 640,
 }
 
 
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("local")
-    return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[0]
+    return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[
+        0
+    ]
 
 
 @pytest.mark.slow
@@ -60,5 +71,7 @@ def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_p
     task = TextModality(config, work_dir=tmp_path)
     before = task.get_state(task.build_model())
     update = train_site(task, site, before, histories={}, seed=0)
-    assert update.metrics["epsilon"] == pytest.approx(epsilon_from_history(update.history, delta=update.metrics["delta"]))
+    assert update.metrics["epsilon"] == pytest.approx(
+        epsilon_from_history(update.history, delta=update.metrics["delta"])
+    )
     assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved

@@ -89,9 +89,7 @@ def test_pooled_site_histograms_match_the_exact_metrics():
     member_counts = sum(score_histogram(members, edges) for members, _ in sites)
     nonmember_counts = sum(score_histogram(nonmembers, edges) for _, nonmembers in sites)
     pooled = metrics_from_histograms(member_counts, nonmember_counts, edges)
-    exact = attack_metrics(
-        np.concatenate([m for m, _ in sites]), np.concatenate([n for _, n in sites])
-    )
+    exact = attack_metrics(np.concatenate([m for m, _ in sites]), np.concatenate([n for _, n in sites]))
     assert (pooled.n_members, pooled.n_nonmembers) == (2300, 2300)
     assert pooled.auc == pytest.approx(exact.auc, abs=1e-3)
     assert pooled.tpr_at_1pct_fpr == pytest.approx(exact.tpr_at_1pct_fpr, abs=0.01)

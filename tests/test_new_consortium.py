@@ -42,7 +42,9 @@ def test_the_consortium_classes_are_the_sorted_union_of_its_sites(tmp_path):
     config = classes_from_sites(load_config(None, {"modality": "both"}), [one, two])
     assert config.data.image_classes == ["ant", "bee", "zebra"]
     assert config.data.text_classes == ["calm", "low", "worried"]
-    given = classes_from_sites(load_config(None, {"modality": "both", "data.image_classes": ["zebra", "ant", "bee"]}), [one, two])
+    given = classes_from_sites(
+        load_config(None, {"modality": "both", "data.image_classes": ["zebra", "ant", "bee"]}), [one, two]
+    )
     assert given.data.image_classes == ["zebra", "ant", "bee"]  # a list the configuration gives is kept
     assert given.data.text_classes == ["calm", "low", "worried"]
     image_only = classes_from_sites(load_config(None), [one, two])
@@ -71,7 +73,21 @@ def test_the_coordinator_needs_the_class_lists_in_its_config(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    result = CliRunner().invoke(app, ["server", "--insecure", "--config", str(config), "--runs-dir", str(tmp_path / "runs"), "--port", str(port), "--host", "127.0.0.1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "server",
+            "--insecure",
+            "--config",
+            str(config),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+    )
     assert result.exit_code == 1
     assert "list data.image_classes in --config: the coordinator cannot see the sites' folders" in result.output
     assert not (tmp_path / "runs").exists()
@@ -101,7 +117,22 @@ def test_a_consortium_of_other_classes_trains_and_audits_without_a_config_file(t
     # 40 images a class: 24 held out per site, enough for a site to answer the audit's aggregates
     sites = [make_site(tmp_path / "sites" / f"clinic-{i}", ANIMALS, per_class=40, seed=i) for i in (1, 2)]
     runner = CliRunner()
-    simulate = runner.invoke(app, ["simulate", "--site", str(sites[0]), "--site", str(sites[1]), "--modality", "image", "--rounds", "1", "--run-id", "animals"])
+    simulate = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--site",
+            str(sites[0]),
+            "--site",
+            str(sites[1]),
+            "--modality",
+            "image",
+            "--rounds",
+            "1",
+            "--run-id",
+            "animals",
+        ],
+    )
     assert simulate.exit_code == 0, simulate.output
     run = RunDir.open(tmp_path / "runs" / "animals")
     recorded = tomllib.loads((run.root / "config.toml").read_text())
@@ -120,8 +151,14 @@ def test_data_check_warns_of_held_out_splits_too_small_for_the_policy(tmp_path):
     site = make_site(tmp_path / "site", ANIMALS, per_class=12)  # 3 x round(12 * 0.2) = 6 held out
     result = CliRunner().invoke(app, ["data", "check", str(site)])
     assert result.exit_code == 0, result.output  # a warning, not a problem
-    assert "warning: site: 6 held-out image records; the site answers the utility audit only over at least 20" in result.output
-    assert "TPR at 1% FPR needs at least 100 over the consortium (the other sites must hold out 94 more together)" in result.output
+    assert (
+        "warning: site: 6 held-out image records; the site answers the utility audit only over at least 20"
+        in result.output
+    )
+    assert (
+        "TPR at 1% FPR needs at least 100 over the consortium (the other sites must hold out 94 more together)"
+        in result.output
+    )
     assert "leaves out classes with fewer than 5 held-out records: ant (2), bee (2), zebra (2)" in result.output
     (site / "site.toml").write_text("heldout_fraction = 0.5\n")
     roomier = CliRunner().invoke(app, ["data", "check", str(site)])
@@ -144,5 +181,7 @@ def test_a_site_lists_exactly_the_records_a_run_held_out(tmp_path):
     _, heldout = image_splits(loaded, resolution=32, channels=1, seed=7)
     assert torch.equal(load_images(images, resolution=32, channels=1), heldout.tensors[0])  # the audit's non-members
     notes = (site / "texts.jsonl").read_text().splitlines()
-    assert [json.loads(notes[i - 1])["text"] for i in text_lines] == [text for text, _ in text_splits(loaded, seed=7)[1]]
+    assert [json.loads(notes[i - 1])["text"] for i in text_lines] == [
+        text for text, _ in text_splits(loaded, seed=7)[1]
+    ]
     assert "site holds out 6 of 30 image records and 6 of 30 text records (fraction 0.2, split seed 7)" in result.output

@@ -140,7 +140,9 @@ def test_url_patterns_skipped_only_where_they_cannot_match():
     assert recognizer.analyze(texts[0], ["URL"]) and recognizer.analyze(texts[2], ["URL"])
 
 
-@pytest.mark.parametrize("words", [["st", "str", "street", "strasse", "ave", "avenue"], ["via", "viale", "v", "rue", "ru"]])
+@pytest.mark.parametrize(
+    "words", [["st", "str", "street", "strasse", "ave", "avenue"], ["via", "viale", "v", "rue", "ru"]]
+)
 def test_street_type_trie_matches_what_the_longest_first_alternation_matches(words):
     text = "12 Street 4 str. Strasse avenue ave viale vi rue RU Rue via V streets"
     plain = "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))

@@ -26,8 +26,13 @@ from fedgen.training import train_local
 from tests.test_gate import example_report
 
 TINY = {
-    "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,
-    "image.batch_size": 8, "image.local_epochs": 1, "federation.rounds": 2, "privacy.epsilon": 4.0,
+    "image.resolution": 16,
+    "image.block_out_channels": [16, 32],
+    "image.norm_num_groups": 4,
+    "image.batch_size": 8,
+    "image.local_epochs": 1,
+    "federation.rounds": 2,
+    "privacy.epsilon": 4.0,
 }
 CLASSES = ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"]
 
@@ -47,7 +52,9 @@ def pretrained(public_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
-    return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[0]
+    return make_demo_consortium(root / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[
+        0
+    ]
 
 
 def _write_png(path, value=128):
@@ -88,11 +95,14 @@ def test_pretraining_with_ema_writes_the_warmed_up_average_of_each_steps_weights
         def record(step, loss):
             steps.append({k: v.clone() for k, v in model.state_dict().items()})
             progress(step, loss)
+
         return train_local(model, *args, progress=record, **kwargs)
 
     monkeypatch.setattr(fedgen.pretrain, "train_local", recording)
     out = tmp_path / "ema"
-    record = pretrain_image_model(public_dir, out, load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=0.5)
+    record = pretrain_image_model(
+        public_dir, out, load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=0.5
+    )
     assert record["ema_decay"] == 0.5 and len(steps) == 3
     expected = steps[0]["conv_in.weight"]
     for step, weights in enumerate(steps[1:], start=2):  # decay min(0.5, (1 + step) / (10 + step))
@@ -102,7 +112,9 @@ def test_pretraining_with_ema_writes_the_warmed_up_average_of_each_steps_weights
     assert torch.allclose(saved, expected, atol=1e-6)
     assert not torch.allclose(saved, steps[-1]["conv_in.weight"], atol=1e-4)
     with pytest.raises(FedgenError, match=r"ema decay must be in \[0, 1\)"):
-        pretrain_image_model(public_dir, tmp_path / "bad", load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=1.0)
+        pretrain_image_model(
+            public_dir, tmp_path / "bad", load_config(None, TINY), epochs=1, batch_size=8, lr=1e-2, ema_decay=1.0
+        )
 
 
 def test_bad_public_input_is_one_line_and_writes_nothing(tmp_path):
@@ -116,7 +128,9 @@ def test_bad_public_input_is_one_line_and_writes_nothing(tmp_path):
     with pytest.raises(FedgenError, match="cannot be read"):
         pretrain_image_model(tmp_path / "bad", tmp_path / "out", config, epochs=1, batch_size=4, lr=1e-3)
     assert not (tmp_path / "out").exists()
-    result = CliRunner().invoke(app, ["pretrain", "--public", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["pretrain", "--public", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 1 and "public data folder not found" in result.output
     assert "Traceback" not in result.output
 
@@ -132,20 +146,26 @@ def test_the_federation_starts_from_the_pretrained_weights(pretrained, tmp_path)
 
 def test_a_pretrained_model_of_another_architecture_is_refused(pretrained, tmp_path):
     config = load_config(None, {**TINY, "image.block_out_channels": [16, 64], "image.init_checkpoint": str(pretrained)})
-    with pytest.raises(FedgenError, match=r"trained with image.block_out_channels = \[16, 32\] but the run sets \[16, 64\]"):
+    with pytest.raises(
+        FedgenError, match=r"trained with image.block_out_channels = \[16, 32\] but the run sets \[16, 64\]"
+    ):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_pretrained_model_of_another_prediction_type_is_refused(pretrained, tmp_path):
     config = load_config(None, {**TINY, "image.prediction_type": "epsilon", "image.init_checkpoint": str(pretrained)})
-    with pytest.raises(FedgenError, match="trained with image.prediction_type = 'v_prediction' but the run sets 'epsilon'"):
+    with pytest.raises(
+        FedgenError, match="trained with image.prediction_type = 'v_prediction' but the run sets 'epsilon'"
+    ):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 
 
 def test_labelled_public_phantoms_are_an_image_folder_of_the_grades(tmp_path):
-    public = read_public_images(make_public_phantoms(tmp_path / "public", images=40, resolution=16, labelled=True), CLASSES)
+    public = read_public_images(
+        make_public_phantoms(tmp_path / "public", images=40, resolution=16, labelled=True), CLASSES
+    )
     assert len(public.paths) == 40 and public.labels is not None
     assert [CLASSES[i] for i in public.labels] == [p.parent.name for p in public.paths]
     assert public.describe()["class_counts"]["No_DR"] > public.describe()["class_counts"]["Severe"]  # a screening mix
@@ -162,10 +182,14 @@ def test_class_balanced_draws_make_a_rare_class_as_frequent_as_a_common_one():
 def test_balanced_pretraining_takes_as_many_steps_and_needs_labels(public_dir, tmp_path):
     labelled = make_public_phantoms(tmp_path / "labelled", images=24, resolution=16, labelled=True)
     config = load_config(None, TINY)
-    record = pretrain_image_model(labelled, tmp_path / "balanced", config, epochs=2, batch_size=8, lr=1e-3, balance_classes=True)
+    record = pretrain_image_model(
+        labelled, tmp_path / "balanced", config, epochs=2, batch_size=8, lr=1e-3, balance_classes=True
+    )
     assert record["balance_classes"] is True and record["steps"] == 2 * 3
     with pytest.raises(FedgenError, match="unlabelled: balancing classes needs class folders"):
-        pretrain_image_model(public_dir, tmp_path / "out", config, epochs=1, batch_size=8, lr=1e-3, balance_classes=True)
+        pretrain_image_model(
+            public_dir, tmp_path / "out", config, epochs=1, batch_size=8, lr=1e-3, balance_classes=True
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -191,16 +215,24 @@ def test_an_unknown_trainable_pattern_names_what_exists(tmp_path):
 
 def _independent_epsilon(sigma, q, steps, delta):
     orders = RDPAccountant.DEFAULT_ALPHAS
-    return get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), delta=delta)[0]
+    return get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), delta=delta
+    )[0]
 
 
 def test_with_every_lever_on_only_declared_parameters_train_and_epsilon_is_exact(pretrained, site_dir, tmp_path):
     """Pretrained start, partial fine-tuning, noise multiplicity 2 and physical batches of 3
     under logical batches of 8: the accounting must be that of (σ, q = 8/n, logical steps)."""
-    config = load_config(None, {
-        **TINY, "image.init_checkpoint": str(pretrained), "image.trainable": ["class_embedding", "time_emb_proj"],
-        "image.noise_multiplicity": 2, "image.max_physical_batch_size": 3,
-    })
+    config = load_config(
+        None,
+        {
+            **TINY,
+            "image.init_checkpoint": str(pretrained),
+            "image.trainable": ["class_embedding", "time_emb_proj"],
+            "image.noise_multiplicity": 2,
+            "image.max_physical_batch_size": 3,
+        },
+    )
     site = load_site(site_dir, config.data, modalities=("image",), channels=1)
     task = ImageModality(config, work_dir=tmp_path)
     start = task.get_state(task.initial_model())

@@ -63,7 +63,10 @@ def test_changed_weights_are_refused_in_one_line(labelled, tmp_path):
     copy = _copy(labelled, tmp_path)
     _change_weights(copy)
     config = load_config(None, {**TINY, "image.init_checkpoint": str(copy)})
-    with pytest.raises(FedgenError, match=r"has SHA-256 [0-9a-f]{12}\.\.\., its record [0-9a-f]{12}\.\.\.: the weights were changed or damaged"):
+    with pytest.raises(
+        FedgenError,
+        match=r"has SHA-256 [0-9a-f]{12}\.\.\., its record [0-9a-f]{12}\.\.\.: the weights were changed or damaged",
+    ):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 
@@ -71,9 +74,14 @@ def test_changed_weights_are_refused_in_one_line(labelled, tmp_path):
 def test_the_cli_refuses_a_changed_checkpoint_with_one_line_and_writes_no_run(labelled, tmp_path):
     copy = _copy(labelled, tmp_path)
     _change_weights(copy)
-    site = make_demo_consortium(tmp_path / "sites", sites=1, seed=1, images_per_site=20, texts_per_site=10, resolution=16)[0]
+    site = make_demo_consortium(
+        tmp_path / "sites", sites=1, seed=1, images_per_site=20, texts_per_site=10, resolution=16
+    )[0]
     save_config(load_config(None, {**TINY, "image.init_checkpoint": str(copy)}), tmp_path / "fed.toml")
-    result = CliRunner().invoke(app, ["simulate", "--site", str(site), "--config", str(tmp_path / "fed.toml"), "--runs-dir", str(tmp_path / "runs")])
+    result = CliRunner().invoke(
+        app,
+        ["simulate", "--site", str(site), "--config", str(tmp_path / "fed.toml"), "--runs-dir", str(tmp_path / "runs")],
+    )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "the weights were changed or damaged" in lines[0]
@@ -83,7 +91,9 @@ def test_the_cli_refuses_a_changed_checkpoint_with_one_line_and_writes_no_run(la
 def test_a_config_json_that_no_longer_builds_the_recorded_architecture_is_refused(labelled, tmp_path):
     copy = _copy(labelled, tmp_path)
     _change_config(copy, "act_fn", "mish")  # same tensors, another network
-    with pytest.raises(FedgenError, match="config.json has act_fn='mish' but the recorded architecture builds act_fn='silu'"):
+    with pytest.raises(
+        FedgenError, match="config.json has act_fn='mish' but the recorded architecture builds act_fn='silu'"
+    ):
         load_pretrained(str(copy), load_config(None, TINY).image, DR_GRADES)
 
 
@@ -96,7 +106,9 @@ def test_classes_named_in_another_order_get_their_own_embedding_rows(labelled, t
         assert torch.equal(start[i], saved[DR_GRADES.index(name)])
     assert torch.equal(start[-1], saved[-1])  # the null class stays last
     other = load_config(None, {**TINY, "data.image_classes": ["cat", "dog"], "image.init_checkpoint": str(labelled)})
-    with pytest.raises(FedgenError, match="learned the classes No_DR, Mild, .* but the run's image classes are cat, dog"):
+    with pytest.raises(
+        FedgenError, match="learned the classes No_DR, Mild, .* but the run's image classes are cat, dog"
+    ):
         create_run(tmp_path / "runs", other, "r")
 
 
@@ -126,21 +138,30 @@ def test_a_run_starts_from_a_shipped_checkpoint_by_name(shipped, tmp_path):
 def test_a_changed_shipped_checkpoint_is_refused_in_one_line(shipped, tmp_path):
     config = load_config(None, {**TINY, "image.init_checkpoint": SHIPPED_PREFIX + SHIPPED_NAME})
     _change_config(shipped, "norm_eps", 1e-3)
-    with pytest.raises(FedgenError, match="config.json has norm_eps=0.001 but the recorded architecture builds norm_eps=1e-05"):
+    with pytest.raises(
+        FedgenError, match="config.json has norm_eps=0.001 but the recorded architecture builds norm_eps=1e-05"
+    ):
         create_run(tmp_path / "runs", config, "r")
     _change_weights(shipped)
     # the record in the code decides: rewriting pretraining.json beside the weights does not help
     record = json.loads((shipped / PROVENANCE_NAME).read_text())
     record["weights_sha256"] = file_sha256(shipped / WEIGHTS_NAME)
     (shipped / PROVENANCE_NAME).write_text(json.dumps(record))
-    with pytest.raises(FedgenError, match=f"fedgen:{SHIPPED_NAME}: diffusion_pytorch_model.safetensors has SHA-256 .* the weights were changed or damaged"):
+    with pytest.raises(
+        FedgenError,
+        match=f"fedgen:{SHIPPED_NAME}: diffusion_pytorch_model.safetensors has SHA-256 .* the weights were changed or damaged",
+    ):
         create_run(tmp_path / "runs", config, "r")
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_shipped_checkpoint_needs_its_recorded_architecture_and_an_existing_name(shipped, tmp_path):
-    wider = load_config(None, {**TINY, "image.init_checkpoint": SHIPPED_PREFIX + SHIPPED_NAME, "image.block_out_channels": [16, 64]})
-    with pytest.raises(FedgenError, match=r"trained with image.block_out_channels = \[16, 32\] but the run sets \[16, 64\]"):
+    wider = load_config(
+        None, {**TINY, "image.init_checkpoint": SHIPPED_PREFIX + SHIPPED_NAME, "image.block_out_channels": [16, 64]}
+    )
+    with pytest.raises(
+        FedgenError, match=r"trained with image.block_out_channels = \[16, 32\] but the run sets \[16, 64\]"
+    ):
         create_run(tmp_path / "runs", wider, "r")
     unknown = load_config(None, {**TINY, "image.init_checkpoint": "fedgen:retina-64"})
     with pytest.raises(FedgenError, match=f"fedgen ships no such checkpoint \\(it ships .*fedgen:{SHIPPED_NAME}"):

@@ -71,10 +71,7 @@ def _train(model, dataset, **options):
 
 def _independent_epsilon(entries, delta):
     orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(
-        compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
-        for sigma, q, steps in entries
-    )
+    rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders) for sigma, q, steps in entries)
     return get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
 
 
@@ -214,7 +211,12 @@ def test_calibrated_sigma_meets_the_target_over_the_planned_rounds():
     model, data, history = _mlp(), _regression_data(200), ()
     for _ in range(3):
         result = _train(
-            model, data, epochs=2, batch_size=20, noise_multiplier=sigma, delta=1e-4,
+            model,
+            data,
+            epochs=2,
+            batch_size=20,
+            noise_multiplier=sigma,
+            delta=1e-4,
             history=history,
         )
         history = result.history
@@ -417,8 +419,10 @@ def test_noise_multiplicity_averages_the_draws_of_each_example_before_clipping()
     with_draws = _train(_mlp(), data, noise_multiplicity=k, per_example_loss=noisy_squared_error)
     without = _train(_mlp(), data)
     assert with_draws.history == without.history == ((1.0, 0.25, 4),)
-    assert with_draws.epsilon == without.epsilon == pytest.approx(
-        _independent_epsilon([(1.0, 0.25, 4)], delta=1e-3), rel=1e-9
+    assert (
+        with_draws.epsilon
+        == without.epsilon
+        == pytest.approx(_independent_epsilon([(1.0, 0.25, 4)], delta=1e-3), rel=1e-9)
     )
 
 
@@ -489,8 +493,19 @@ def test_fedprox_pull_keeps_weights_nearer_the_round_start():
         torch.manual_seed(1)
         model = torch.nn.Linear(4, 1)
         start = [p.detach().clone() for p in model.parameters()]
-        result = train_local(model, data, loss, epochs=3, batch_size=16, lr=0.05, noise_multiplier=1.0,
-                             max_grad_norm=1.0, delta=1e-5, seed=0, proximal_mu=mu)
+        result = train_local(
+            model,
+            data,
+            loss,
+            epochs=3,
+            batch_size=16,
+            lr=0.05,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            seed=0,
+            proximal_mu=mu,
+        )
         drifts[mu] = sum(float((p - p0).norm()) for p, p0 in zip(model.parameters(), start))
         eps = result.epsilon
     assert drifts[5.0] < 0.8 * drifts[0.0]

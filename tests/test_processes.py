@@ -43,7 +43,9 @@ def wait_until(condition, timeout: float) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_the_flower_processes_die_with_the_fedgen_command(signum):
-    fedgen = subprocess.Popen([sys.executable, "-c", COMMAND], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    fedgen = subprocess.Popen(
+        [sys.executable, "-c", COMMAND], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         guard = int(fedgen.stdout.readline())
         assert wait_until(lambda: len(descendants(guard)) == 3, timeout=10)  # sh and its two sleeps

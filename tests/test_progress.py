@@ -20,8 +20,12 @@ from fedgen.modalities import ImageModality
 from fedgen.site_progress import SiteProgress, progress_path, progress_writer, read_progress
 
 TINY = {
-    "image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4,
-    "image.batch_size": 8, "image.local_epochs": 2, "privacy.epsilon": 4.0,
+    "image.resolution": 16,
+    "image.block_out_channels": [16, 32],
+    "image.norm_num_groups": 4,
+    "image.batch_size": 8,
+    "image.local_epochs": 2,
+    "privacy.epsilon": 4.0,
 }
 
 
@@ -44,7 +48,9 @@ def test_the_progress_file_follows_epochs_and_steps(tmp_path, monkeypatch):
 
 
 def test_a_site_round_reports_its_planned_epochs_and_steps(tmp_path):
-    site_dir = make_demo_consortium(tmp_path / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16)[0]
+    site_dir = make_demo_consortium(
+        tmp_path / "sites", sites=1, seed=3, images_per_site=30, texts_per_site=20, resolution=16
+    )[0]
     config = load_config(None, TINY)
     site = load_site(site_dir, config.data, modalities=("image",), channels=1)
     task = ImageModality(config, work_dir=tmp_path)
@@ -53,7 +59,9 @@ def test_a_site_round_reports_its_planned_epochs_and_steps(tmp_path):
 
     def progress_for(epochs, steps_per_epoch):
         planned.update(epochs=epochs, steps_per_epoch=steps_per_epoch)
-        return progress_writer(path, site=site.name, modality="image", round=1, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        return progress_writer(
+            path, site=site.name, modality="image", round=1, epochs=epochs, steps_per_epoch=steps_per_epoch
+        )
 
     update = train_site(task, site, task.get_state(task.build_model()), histories={}, seed=0, progress_for=progress_for)
     n_train = len(task.datasets(site)[0])
@@ -86,7 +94,9 @@ def test_simulate_prints_a_line_whenever_a_site_starts_an_epoch(tmp_path):
             for number, root in enumerate(sites, start=1):
                 path = progress_path(root / SITE_STATE_DIR, "image")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(asdict(SiteProgress(f"site-{number}", "image", 1, step // 3 + 1, 2, step, 6))))
+                path.write_text(
+                    json.dumps(asdict(SiteProgress(f"site-{number}", "image", 1, step // 3 + 1, 2, step, 6)))
+                )
             time.sleep(0.6)
 
     with showing_site_progress(sites, ["image"], console):

@@ -148,7 +148,9 @@ def test_cli_release_refused_exits_3_with_one_line_per_failed_check(tmp_path, po
     assert result.exit_code == EXIT_REFUSED == 3
     lines = result.output.splitlines()
     assert "release refused: the gate failed 2 check(s)" in lines[0]
-    assert lines[1].startswith("  memorisation.text.canary_reproductions: canary records reproduced in synthetic texts = 1")
+    assert lines[1].startswith(
+        "  memorisation.text.canary_reproductions: canary records reproduced in synthetic texts = 1"
+    )
     assert lines[2].startswith("  utility.text.synthetic_to_real_ratio: text synthetic-to-real macro-F1 ratio = 0.2")
     assert not (tmp_path / "out").exists()
 
@@ -196,7 +198,9 @@ def _run_with_phi(tmp_path, policy) -> RunDir:
     report = example_report(modalities=("text",))
     findings = _phi_findings()
     report["phi"]["findings"] = findings
-    report["phi"]["counts"] = {k: sum(f["entity_type"] == k for f in findings) for k in {f["entity_type"] for f in findings}}
+    report["phi"]["counts"] = {
+        k: sum(f["entity_type"] == k for f in findings) for k in {f["entity_type"] for f in findings}
+    }
     write_report(run.audit, record_decision(report, policy, audited_files=synthetic_manifest(run.synthetic)))
     seal(run, policy, None)
     return run
@@ -212,7 +216,9 @@ def test_placeholders_replace_only_the_audited_spans_and_the_manifest_lists_the_
         {"text": "[NAME] moved to [PLACE].", "label": "Depression"},
     ]
     # the run's own synthetic files are untouched: the audited texts stay as they were audited
-    assert synthetic_manifest(run.synthetic) == json.loads((run.audit / "report.json").read_text())["synthetic"]["sha256"]
+    assert (
+        synthetic_manifest(run.synthetic) == json.loads((run.audit / "report.json").read_text())["synthetic"]["sha256"]
+    )
     # the manifest lists exactly the files released, with their released hashes
     listed = dict(reversed(line.split("  ", 1)) for line in (out / MANIFEST_NAME).read_text().splitlines())
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {MANIFEST_NAME}
@@ -221,14 +227,21 @@ def test_placeholders_replace_only_the_audited_spans_and_the_manifest_lists_the_
     check = subprocess.run(["sha256sum", "--check", "--strict", MANIFEST_NAME], cwd=out, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     plan = json.loads((out / "audit/report.json").read_text())["phi"]["release"]
-    assert plan["action"] == "placeholder" and plan["replaced"] == {"PERSON": 2, "DATE_TIME": 1, "PHONE_NUMBER": 1, "LOCATION": 1}
+    assert plan["action"] == "placeholder" and plan["replaced"] == {
+        "PERSON": 2,
+        "DATE_TIME": 1,
+        "PHONE_NUMBER": 1,
+        "LOCATION": 1,
+    }
 
 
 def test_surrogates_keep_every_character_outside_the_spans(tmp_path, policy):
     surrogate = policy.model_copy(update={"phi": policy.phi.model_copy(update={"action": "surrogate"})})
     run = _run_with_phi(tmp_path, surrogate)
     out = release(run, tmp_path / "out")
-    released = [json.loads(line)["text"] for line in (out / "synthetic/texts.jsonl").read_text(encoding="utf-8").splitlines()]
+    released = [
+        json.loads(line)["text"] for line in (out / "synthetic/texts.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     assert released[1] == PHI_NOTES[1][0]
     assert released[0].startswith("Seen with ") and " on " in released[0] and released[0].endswith(".")
     assert "Chidubem" not in released[0] and "7946" not in released[0] and "Wellington" not in released[2]

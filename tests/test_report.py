@@ -89,16 +89,16 @@ def test_the_privacy_table_gives_each_sites_total_first_and_says_different_peopl
     report["gate"] = evaluate_gate(report, policy)
     _, html_path = write_report(tmp_path / "audit", report)
     html = html_path.read_text()
-    section = html[html.index("1. Privacy guarantee"):html.index("2. ")]
+    section = html[html.index("1. Privacy guarantee") : html.index("2. ")]
     assert "Opacus' <b>PRV</b> accountant" in section
     assert "Mersenne Twister" in section and "NOT a cryptographically secure generator" in section
-    site_two = section[section.index("<td>site-2</td>"):]
-    site_two = site_two[:site_two.index("</tr>")]
+    site_two = section[section.index("<td>site-2</td>") :]
+    site_two = site_two[: site_two.index("</tr>")]
     cells = re.findall(r"<td[^>]*>(.*?)</td>", site_two)
     # total, budget, within, composition, δ, then each modality's own ε, σ and rounds
     assert cells[:5] == ["site-2", "7.5", "10", '<span class="ok">yes</span>', "different people"]
     assert cells[6:9] == ["5", "1.1", "3"]
-    assert "same people" in section[section.index("<td>site-1</td>"):]
+    assert "same people" in section[section.index("<td>site-1</td>") :]
 
 
 def test_the_page_is_self_contained(tmp_path, policy):
@@ -139,7 +139,15 @@ def test_phi_values_are_redacted_in_both_files(tmp_path, policy):
     planted = "Maria Lopez"
     # a finding whose value slipped through unredacted, with a raw text field beside it
     report["phi"]["findings"].append(
-        {"index": 7, "entity_type": "PERSON", "start": 0, "end": 11, "score": 0.85, "redacted": planted, "text": f"{planted} at 12 Elm St"}
+        {
+            "index": 7,
+            "entity_type": "PERSON",
+            "start": 0,
+            "end": 11,
+            "score": 0.85,
+            "redacted": planted,
+            "text": f"{planted} at 12 Elm St",
+        }
     )
     report["gate"] = evaluate_gate(report, policy)
     json_path, html_path = write_report(tmp_path / "audit", report)
@@ -147,7 +155,14 @@ def test_phi_values_are_redacted_in_both_files(tmp_path, policy):
         assert "Maria" not in text and "Lopez" not in text and "Elm St" not in text
     assert "M**** L****" in html_path.read_text()
     saved = json.loads(json_path.read_text())["phi"]["findings"][-1]
-    assert saved == {"index": 7, "entity_type": "PERSON", "start": 0, "end": 11, "score": 0.85, "redacted": "M**** L****"}
+    assert saved == {
+        "index": 7,
+        "entity_type": "PERSON",
+        "start": 0,
+        "end": 11,
+        "score": 0.85,
+        "redacted": "M**** L****",
+    }
 
 
 def test_a_run_without_dp_gets_a_loud_banner(tmp_path, policy):
@@ -244,7 +259,9 @@ def test_audit_json_prints_the_decision_and_takes_a_policy(tmp_path, monkeypatch
     run = _run_with_sheet(tmp_path)
     _fake_runner(monkeypatch, example_report())
     strict = tmp_path / "strict.toml"
-    strict.write_text(default_policy_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 0.8"))
+    strict.write_text(
+        default_policy_text().replace("synthetic_to_real_ratio_min = 0.5", "synthetic_to_real_ratio_min = 0.8")
+    )
 
     result = runner.invoke(app, ["audit", "run", str(run.root), "--json", "--policy", str(strict)])
     assert result.exit_code == 0, result.output
@@ -304,7 +321,10 @@ def _bias_and_review(tmp_path) -> tuple[dict, list]:
     from tests.test_review import FIRST, SECOND, write_answers, write_key
 
     constructed = constructed_report(
-        train={"site-a": {"No_DR": 400, "Mild": 150, "Severe": 20}, "site-b": {"No_DR": 300, "Mild": 100, "Severe": 10}},
+        train={
+            "site-a": {"No_DR": 400, "Mild": 150, "Severe": 20},
+            "site-b": {"No_DR": 300, "Mild": 100, "Severe": 10},
+        },
         synthetic={"No_DR": 100, "Mild": 100, "Severe": 100},
         class_f1={"No_DR": (0.9, 0.8), "Mild": (0.8, 0.55), "Severe": (0.6, 0.18)},
         site_f1={"site-a": (0.8, 0.6), "site-b": (0.9, 0.4)},
@@ -330,7 +350,7 @@ def test_the_report_shows_who_is_served_badly_and_the_clinical_review(tmp_path, 
     assert "class Severe: a classifier trained on synthetic data scores F1 0.18" in bias
     assert "site site-b: a classifier trained on synthetic data scores macro-F1 0.40" in bias
     assert "The synthetic mix of classes differs from the real one" in bias and "--per-class" in bias
-    assert "700 (71%)" in bias and "<td class=\"num\">980</td>" in bias  # pooled over sites, with the share
+    assert "700 (71%)" in bias and '<td class="num">980</td>' in bias  # pooled over sites, with the share
     review = html[html.index("8. Clinical review") : html.index("9. Synthetic data")]
     assert "What this shows" in review and "What it does not show" in review
     # both sites' reviewers answered every item twice (two reviewers each): 2 x 6 + 2 x 5 of 32
@@ -359,5 +379,15 @@ def test_audit_review_pools_the_sites_scores_into_the_report(tmp_path, monkeypat
     assert saved["review"]["sites"] == ["site-a", "site-b"]
     assert saved["review"]["modalities"]["image"]["pooled"]["detection"]["k"] == 22
     # a kit of another run is refused before the audit starts
-    result = runner.invoke(app, ["audit", str(run.root), "--review", str(tmp_path / "scores-0.json"), "--review", str(tmp_path / "site-a-X.json")])
+    result = runner.invoke(
+        app,
+        [
+            "audit",
+            str(run.root),
+            "--review",
+            str(tmp_path / "scores-0.json"),
+            "--review",
+            str(tmp_path / "site-a-X.json"),
+        ],
+    )
     assert result.exit_code == 1 and "not a fedgen review scores file" in result.output

@@ -32,7 +32,11 @@ FIRST = {
     "readings": ["A", "A", "B", None, "B", "A", "B", "B"],
 }
 # reviewer 2: right on 5 of 8 (wrong on I-2, I-5, I-8)
-SECOND = {"sources": [R, R, R, S, S, S, R, R], "confidence": [3] * 8, "readings": ["A", "B", "A", "A", "B", "B", "A", "B"]}
+SECOND = {
+    "sources": [R, R, R, S, S, S, R, R],
+    "confidence": [3] * 8,
+    "readings": ["A", "B", "A", "A", "B", "B", "A", "B"],
+}
 ALWAYS_REAL = {"sources": [R] * 8, "confidence": [1] * 8, "readings": [None] * 8}
 
 
@@ -54,7 +58,13 @@ def write_answers(path, reviewer, plan, *, kit="k1", items=None):
         for i, s, c, r in zip(ids, plan["sources"], plan["confidence"], plan["readings"])
         if items is None or i in items
     }
-    payload = {"format": ANSWERS_FORMAT, "kit": kit, "reviewer": reviewer, "complete": items is None, "answers": answers}
+    payload = {
+        "format": ANSWERS_FORMAT,
+        "kit": kit,
+        "reviewer": reviewer,
+        "complete": items is None,
+        "answers": answers,
+    }
     path.write_text(json.dumps(payload), encoding="utf-8")
     return path
 
@@ -88,7 +98,9 @@ def test_kappas_by_hand():
     assert fleiss_kappa(ratings) == pytest.approx((0.5 - expected_chance) / (1 - expected_chance))  # -50/238
     # with two raters Fleiss' kappa is Scott's pi, not Cohen's kappa: p_e from the pooled shares (9/16, 7/16)
     pooled_chance = (9 / 16) ** 2 + (7 / 16) ** 2
-    assert fleiss_kappa([list(r) for r in zip(first, second)]) == pytest.approx((3 / 8 - pooled_chance) / (1 - pooled_chance))
+    assert fleiss_kappa([list(r) for r in zip(first, second)]) == pytest.approx(
+        (3 / 8 - pooled_chance) / (1 - pooled_chance)
+    )
 
 
 def test_score_kit_by_hand(tmp_path):
@@ -109,9 +121,7 @@ def test_score_kit_by_hand(tmp_path):
     assert one["by_confidence"]["5"]["k"] == 3 and one["by_confidence"]["5"]["n"] == 3
     # readings: synthetic I-2 A (right), I-4 none, I-6 A (B), I-8 B (right); real: I-3 read B, the rest right
     assert one["reading"]["synthetic"]["value"] == 2 / 4 and one["reading"]["real"]["value"] == 3 / 4
-    assert one["reading"]["per_class"]["B"] == {
-        "synthetic": proportion(1, 2), "real": proportion(2, 2)
-    }
+    assert one["reading"]["per_class"]["B"] == {"synthetic": proportion(1, 2), "real": proportion(2, 2)}
 
     pooled = image["pooled"]
     assert (pooled["detection"]["k"], pooled["detection"]["n"]) == (11, 16)
@@ -153,7 +163,9 @@ def test_three_reviewers_use_fleiss_kappa_on_the_items_all_answered(tmp_path):
 
 
 def test_sites_pool_by_summing_counts(tmp_path):
-    site_a = score_kit(write_key(tmp_path / "a", kit="k1", site="site-a"), [write_answers(tmp_path / "a.json", "A", FIRST)])
+    site_a = score_kit(
+        write_key(tmp_path / "a", kit="k1", site="site-a"), [write_answers(tmp_path / "a.json", "A", FIRST)]
+    )
     site_b = score_kit(
         write_key(tmp_path / "b", kit="k2", site="site-b"), [write_answers(tmp_path / "b.json", "B", SECOND, kit="k2")]
     )

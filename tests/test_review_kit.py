@@ -43,8 +43,14 @@ def make_run(root: Path, *, modality: str = "both") -> RunDir:
         folder = run.synthetic / "images" / name
         folder.mkdir(parents=True)
         for i in range(SYNTHETIC_PER_CLASS):
-            Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION), dtype=np.uint8)).save(folder / f"{i:05d}.png")
-    notes = [{"text": f"synthetic {name.lower()} note {i}: sleeps badly.", "label": name} for name in TEXT_CLASSES for i in range(NOTES_PER_CLASS)]
+            Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION), dtype=np.uint8)).save(
+                folder / f"{i:05d}.png"
+            )
+    notes = [
+        {"text": f"synthetic {name.lower()} note {i}: sleeps badly.", "label": name}
+        for name in TEXT_CLASSES
+        for i in range(NOTES_PER_CLASS)
+    ]
     (run.synthetic / "texts.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes), encoding="utf-8")
     return run
 
@@ -185,7 +191,17 @@ def test_no_file_name_metadata_size_or_encoding_tells_real_from_synthetic(made):
     # no file name, path, record, site, run or patient name reaches the page (outside the content)
     outside_content = re.sub(r'"(png|text)":"(?:[^"\\]|\\.)*"', "", html)
     assert len(outside_content) < len(html) - sum(len(item["png"]) for item in images)
-    for text in (PATIENT, PATIENT.replace(" ", "_"), "00000", ".jpg", "texts.jsonl", "images/", "site-a", "r1", str(site)):
+    for text in (
+        PATIENT,
+        PATIENT.replace(" ", "_"),
+        "00000",
+        ".jpg",
+        "texts.jsonl",
+        "images/",
+        "site-a",
+        "r1",
+        str(site),
+    ):
         assert text not in outside_content
     # nor the key: no item's source or class sits beside its id
     assert set(data) == {"kit", "format", "sources", "confidence", "sections"}
@@ -232,7 +248,9 @@ def test_the_review_commands_make_a_kit_and_score_it(tmp_path):
     runner = CliRunner()
     run = make_run(tmp_path / "runs")
     site = make_site(tmp_path)
-    made = runner.invoke(app, ["review", "kit", str(run.root), "--data", str(site), "--out", str(site / "kit"), "--per-class", "2"])
+    made = runner.invoke(
+        app, ["review", "kit", str(run.root), "--data", str(site), "--out", str(site / "kit"), "--per-class", "2"]
+    )
     assert made.exit_code == 0, made.output
     assert "image: 8 items" in made.output and "text: 8 items" in made.output and KIT_PAGE in made.output
     refused = runner.invoke(app, ["review", "kit", str(run.root), "--data", str(site), "--out", str(tmp_path / "out")])

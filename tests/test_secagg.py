@@ -38,12 +38,23 @@ def make_client_app() -> ClientApp:
         pid = int(context.node_config["partition-id"])
         update, n = site_update(pid)
         metrics = {
-            "num-examples": n, "loss": 0.5, "site-epsilon": 1.0 + pid, "epsilon": 1.0 + pid, "epsilon-next": 2.0,
-            "budget": 10.0, "delta": 1e-5, "different-people": 0.0, "release": 1, "noise-multiplier": 1.0,
-            "sample-rate": 0.1, "steps": 3,
+            "num-examples": n,
+            "loss": 0.5,
+            "site-epsilon": 1.0 + pid,
+            "epsilon": 1.0 + pid,
+            "epsilon-next": 2.0,
+            "budget": 10.0,
+            "delta": 1e-5,
+            "different-people": 0.0,
+            "release": 1,
+            "noise-multiplier": 1.0,
+            "sample-rate": 0.1,
+            "steps": 3,
         }
         released = json.dumps({"image": [[1.0, 0.1, 3]]})
-        return Message(content=train_reply(msg.content, update, metrics, f"site-{pid + 1}", released=released), reply_to=msg)
+        return Message(
+            content=train_reply(msg.content, update, metrics, f"site-{pid + 1}", released=released), reply_to=msg
+        )
 
     return app
 
@@ -53,10 +64,15 @@ def secure_run(tmp_path_factory):
     from flwr.simulation import run_simulation
 
     ledger = PrivacyLedger(tmp_path_factory.mktemp("secagg") / "ledger.sqlite")
-    config = load_config(None, {
-        "federation.sites": SITES, "federation.secagg": True, "federation.rounds": 1,
-        "federation.secagg_max_weight": MAX_WEIGHT,
-    })
+    config = load_config(
+        None,
+        {
+            "federation.sites": SITES,
+            "federation.secagg": True,
+            "federation.rounds": 1,
+            "federation.secagg_max_weight": MAX_WEIGHT,
+        },
+    )
     checkpoints: dict[int, dict[str, np.ndarray]] = {}
     server = ServerApp()
 
@@ -80,7 +96,10 @@ def secure_run(tmp_path_factory):
         server_app=server,
         client_app=make_client_app(),
         num_supernodes=SITES,
-        backend_config={"client_resources": {"num_cpus": CPUS_PER_SITE, "num_gpus": 0.0}, "init_args": {"include_dashboard": False, "log_to_driver": False}},
+        backend_config={
+            "client_resources": {"num_cpus": CPUS_PER_SITE, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "log_to_driver": False},
+        },
     )
     return checkpoints, ledger
 
@@ -118,12 +137,24 @@ def test_a_fedgen_image_federation_runs_under_secagg(tmp_path):
     from fedgen.data.demo import make_demo_consortium
     from fedgen.simulations.engine import check_sites, simulate
 
-    sites = make_demo_consortium(tmp_path / "sites", sites=2, seed=1, images_per_site=24, texts_per_site=10, resolution=16)
-    config = load_config(None, {
-        "modality": "image", "federation.rounds": 2, "federation.sites": 2, "federation.secagg": True,
-        "privacy.epsilon": 8.0, "image.resolution": 16, "image.block_out_channels": [16, 32],
-        "image.norm_num_groups": 4, "image.batch_size": 8, "image.local_epochs": 1,
-    })
+    sites = make_demo_consortium(
+        tmp_path / "sites", sites=2, seed=1, images_per_site=24, texts_per_site=10, resolution=16
+    )
+    config = load_config(
+        None,
+        {
+            "modality": "image",
+            "federation.rounds": 2,
+            "federation.sites": 2,
+            "federation.secagg": True,
+            "privacy.epsilon": 8.0,
+            "image.resolution": 16,
+            "image.block_out_channels": [16, 32],
+            "image.norm_num_groups": 4,
+            "image.batch_size": 8,
+            "image.local_epochs": 1,
+        },
+    )
     check_sites(config, sites)
     run = RunDir.create(tmp_path / "runs", config, "secagg")
     simulate(run, sites)
@@ -143,15 +174,21 @@ def test_plain_rounds_pass_the_secagg_mod_untouched():
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     try:
-        content = RecordDict({"arrays": ArrayRecord(torch_state_dict=GLOBAL), "config": ConfigRecord({"server-round": 4})})
+        content = RecordDict(
+            {"arrays": ArrayRecord(torch_state_dict=GLOBAL), "config": ConfigRecord({"server-round": 4})}
+        )
         msg = Message(content=content, dst_node_id=1, message_type="train")
-        reply = secagg_mod(msg, None, lambda m, _: Message(content=RecordDict({"seen": m.content["config"]}), reply_to=m))
+        reply = secagg_mod(
+            msg, None, lambda m, _: Message(content=RecordDict({"seen": m.content["config"]}), reply_to=m)
+        )
         assert reply.content["seen"]["server-round"] == 4
     finally:
         TaskIdentity.task_id = TaskIdentity.run_id = TaskIdentity.node_id = None
     state, settings = train_inputs(content)
     assert settings["server-round"] == 4 and torch.equal(state["b"], GLOBAL["b"])
-    out = train_reply(content, {"w": GLOBAL["w"] + 1}, {"num-examples": 7}, "site-9", released='{"text": [[1.0, 0.1, 3]]}')
+    out = train_reply(
+        content, {"w": GLOBAL["w"] + 1}, {"num-examples": 7}, "site-9", released='{"text": [[1.0, 0.1, 3]]}'
+    )
     assert sorted(out) == ["arrays", "metrics", "site"] and out["site"]["name"] == "site-9"
     assert out["site"]["released"] == '{"text": [[1.0, 0.1, 3]]}'
     assert out["metrics"] == MetricRecord({"num-examples": 7})

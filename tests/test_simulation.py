@@ -31,7 +31,10 @@ TINY = {
     "text.tiny_hidden_size": 32,
     "text.tiny_layers": 1,
     # the tiny random Llama (byte tokens: a demo note is up to 600), learning through lm_head
-    "text.base_model": "tiny-random-llama", "text.target_modules": ["q_proj", "v_proj", "lm_head"], "text.dtype": "float32", "text.max_length": 640,
+    "text.base_model": "tiny-random-llama",
+    "text.target_modules": ["q_proj", "v_proj", "lm_head"],
+    "text.dtype": "float32",
+    "text.max_length": 640,
     "text.batch_size": 8,
     "text.max_new_tokens": 24,
 }
@@ -40,9 +43,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("simulation")
-    sites = make_demo_consortium(
-        root / "sites", sites=2, seed=1, images_per_site=40, texts_per_site=30, resolution=16
-    )
+    sites = make_demo_consortium(root / "sites", sites=2, seed=1, images_per_site=40, texts_per_site=30, resolution=16)
     config = load_config(None, TINY)
     check_sites(config, sites)
     run = RunDir.create(root / "runs", config, "tiny")
@@ -96,7 +97,9 @@ def test_each_sites_modalities_together_spend_its_budget_once(run):
 
 @pytest.mark.e2e
 def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
-    result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "image", "--per-class", "2", "--steps", "3"])
+    result = CliRunner().invoke(
+        app, ["generate", str(run.root), "--modality", "image", "--per-class", "2", "--steps", "3"]
+    )
     assert result.exit_code == 0, result.output
     classes = run.config().data.image_classes
     folders = sorted(p.name for p in (run.synthetic / "images").iterdir())
@@ -111,17 +114,34 @@ def test_generate_writes_class_labelled_pngs_and_a_contact_sheet(run):
 
 @pytest.mark.e2e
 def test_generate_writes_labelled_texts(run):
-    result = CliRunner().invoke(app, ["generate", str(run.root), "--modality", "text", "--per-class", "2", "--class", "Anxiety", "--class", "Stress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            str(run.root),
+            "--modality",
+            "text",
+            "--per-class",
+            "2",
+            "--class",
+            "Anxiety",
+            "--class",
+            "Stress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (run.synthetic / "texts.jsonl").read_text().splitlines()]
     assert [note["label"] for note in lines] == ["Anxiety", "Anxiety", "Stress", "Stress"]
     assert all(isinstance(note["text"], str) for note in lines)
 
 
-@pytest.mark.parametrize(("option", "error"), [
-    (["--class", "Glaucoma"], "unknown class 'Glaucoma'"),
-    (["--sampler", "euler"], "unknown sampler 'euler': choose one of ddim, dpm, ddpm"),
-])
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--class", "Glaucoma"], "unknown class 'Glaucoma'"),
+        (["--sampler", "euler"], "unknown sampler 'euler': choose one of ddim, dpm, ddpm"),
+    ],
+)
 @pytest.mark.e2e
 def test_an_unknown_class_or_sampler_is_refused_and_nothing_is_written(run, option, error):
     before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
@@ -140,8 +160,19 @@ def test_a_missing_checkpoint_round_is_one_line(run):
 
 def test_a_note_longer_than_the_model_takes_is_refused_before_the_run(tmp_path):
     sites = make_demo_consortium(tmp_path / "sites", sites=1, seed=2, images_per_site=10, texts_per_site=10)
-    config = load_config(None, {"modality": "text", "text.max_length": 64, "text.base_model": "tiny-random-llama", "text.tiny_hidden_size": 32, "text.tiny_layers": 1})
-    with pytest.raises(FedgenError, match=r"site-1: text record \d+ is \d+ tokens with its prompt, longer than text.max_length 64"):
+    config = load_config(
+        None,
+        {
+            "modality": "text",
+            "text.max_length": 64,
+            "text.base_model": "tiny-random-llama",
+            "text.tiny_hidden_size": 32,
+            "text.tiny_layers": 1,
+        },
+    )
+    with pytest.raises(
+        FedgenError, match=r"site-1: text record \d+ is \d+ tokens with its prompt, longer than text.max_length 64"
+    ):
         check_sites(config, sites)
 
 

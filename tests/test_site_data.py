@@ -293,9 +293,7 @@ PROBLEMS = {
     "no label": _line(b'{"text": "x"}', 'missing "label"'),
     "neither": _line(b'{"note": "x"}', 'missing "text" and "label"'),
     "text not a string": _line(b'{"text": 3, "label": "Normal"}', '"text" must be a string, got a number'),
-    "label not a string": _line(
-        b'{"text": "x", "label": null}', '"label" must be a class name (a string), got null'
-    ),
+    "label not a string": _line(b'{"text": "x", "label": null}', '"label" must be a class name (a string), got null'),
     "empty text": _line(b'{"text": "  ", "label": "Normal"}', "empty text"),
     "unknown label": _line(
         b'{"text": "x", "label": "Angry"}', f"label 'Angry' is not in the text class list {TEXT_LIST}"
@@ -304,11 +302,10 @@ PROBLEMS = {
         b'{"text": "x", "label": "anxiety"}',
         f"label 'anxiety' is not in the text class list {TEXT_LIST}; did you mean 'Anxiety'?",
     ),
-    "invalid toml": _site_toml(
-        "name = site-1\n", "invalid TOML (Invalid value (at line 1, column 8))"
-    ),
+    "invalid toml": _site_toml("name = site-1\n", "invalid TOML (Invalid value (at line 1, column 8))"),
     "unknown toml key": _site_toml(
-        'nmae = "x"\n', "unknown key 'nmae' (known keys: name, heldout_fraction, different_people, review_dir, require_dp, epsilon_budget, max_delta, min_noise_multiplier, audit_queries, audit_answers)"
+        'nmae = "x"\n',
+        "unknown key 'nmae' (known keys: name, heldout_fraction, different_people, review_dir, require_dp, epsilon_budget, max_delta, min_noise_multiplier, audit_queries, audit_answers)",
     ),
     "heldout zero": _site_toml(
         "heldout_fraction = 0\n", "heldout_fraction = 0 must be a number between 0 and 1 (exclusive)"
@@ -317,9 +314,7 @@ PROBLEMS = {
         "heldout_fraction = 1.5\n", "heldout_fraction = 1.5 must be a number between 0 and 1 (exclusive)"
     ),
     "epsilon zero": _site_toml("epsilon_budget = 0.0\n", "epsilon_budget = 0.0 must be a number greater than 0"),
-    "epsilon negative": _site_toml(
-        "epsilon_budget = -1\n", "epsilon_budget = -1 must be a number greater than 0"
-    ),
+    "epsilon negative": _site_toml("epsilon_budget = -1\n", "epsilon_budget = -1 must be a number greater than 0"),
     "empty name": _site_toml('name = ""\n', "name = '' must be a non-empty string"),
     "different people not a boolean": _site_toml(
         'different_people = "yes"\n', "different_people = 'yes' must be true or false"

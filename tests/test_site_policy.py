@@ -37,7 +37,12 @@ def plan(sigma, delta=1e-3):
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory):
     return make_demo_consortium(
-        tmp_path_factory.mktemp("policy") / "sites", sites=2, seed=3, images_per_site=10, texts_per_site=40, resolution=16
+        tmp_path_factory.mktemp("policy") / "sites",
+        sites=2,
+        seed=3,
+        images_per_site=10,
+        texts_per_site=40,
+        resolution=16,
     )
 
 
@@ -64,7 +69,7 @@ def test_site_toml_policy_is_checked_and_loaded(sites, tmp_path):
     toml = sites[0] / "site.toml"
     original = toml.read_text()
     try:
-        toml.write_text(original + "min_noise_multiplier = -1\naudit_queries = [\"histograms\"]\nrequire_dp = 1\n")
+        toml.write_text(original + 'min_noise_multiplier = -1\naudit_queries = ["histograms"]\nrequire_dp = 1\n')
         problems = check_site(sites[0], config.data, modalities=("text",)).problems
         assert [p.split(": ", 1)[1] for p in problems] == [
             "min_noise_multiplier = -1 must be a number of at least 0",
@@ -119,12 +124,19 @@ def test_client_flags_reach_the_clientapp_in_the_node_config(tmp_path):
 
     key, ca = tmp_path / "site-1.key", tmp_path / "ca.crt"
     command = supernode_command(
-        server="127.0.0.1:9092", site_dir=tmp_path, key=key, ca=ca, runtime_port=9999,
+        server="127.0.0.1:9092",
+        site_dir=tmp_path,
+        key=key,
+        ca=ca,
+        runtime_port=9999,
         policy={"require_dp": False, "min_noise_multiplier": 0.25, "audit_answers": 1},
     )
     assert command[command.index("--auth-supernode-private-key") + 1] == str(key.resolve())
     node_config = parse_config_args([command[command.index("--node-config") + 1]])
     assert node_config == {
-        "data-path": str(tmp_path.resolve()), "require_dp": False, "min_noise_multiplier": 0.25, "audit_answers": 1
+        "data-path": str(tmp_path.resolve()),
+        "require_dp": False,
+        "min_noise_multiplier": 0.25,
+        "audit_answers": 1,
     }
     assert policy_from_settings(node_config) == SitePolicy(require_dp=False, min_noise_multiplier=0.25, audit_answers=1)

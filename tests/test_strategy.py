@@ -20,15 +20,26 @@ RELEASES = itertools.count(1)  # every reply is a new update of its site
 def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0):
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = {
-        "num-examples": n, "loss": 0.1 * node_id, "site-epsilon": eps, "epsilon": eps, "epsilon-next": eps_next,
-        "budget": budget, "delta": 1e-5, "different-people": 0.0, "release": next(RELEASES),
-        "noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 10,
+        "num-examples": n,
+        "loss": 0.1 * node_id,
+        "site-epsilon": eps,
+        "epsilon": eps,
+        "epsilon-next": eps_next,
+        "budget": budget,
+        "delta": 1e-5,
+        "different-people": 0.0,
+        "release": next(RELEASES),
+        "noise-multiplier": 1.0,
+        "sample-rate": 0.1,
+        "steps": 10,
     }
-    content = RecordDict({
-        "arrays": ArrayRecord(numpy_ndarrays=[np.asarray(w, dtype=np.float32) for w in weights]),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=[np.asarray(w, dtype=np.float32) for w in weights]),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content=content, reply_to=sent)
 
 
@@ -59,7 +70,8 @@ def test_fedavg_is_the_example_weighted_mean_and_epsilon_the_max(ledger):
     assert metrics["loss"] == pytest.approx((100 * 0.1 + 300 * 0.2) / 400)
     rows = ledger.entries()
     assert [(r.site, r.round, r.epsilon, r.num_examples) for r in rows] == [
-        ("site-1", 1, 2.0, 100), ("site-2", 1, 3.5, 300)
+        ("site-1", 1, 2.0, 100),
+        ("site-2", 1, 3.5, 300),
     ]
 
 
@@ -79,10 +91,15 @@ def test_a_round_where_every_site_failed_stops_the_run(ledger):
 
 
 def _client_dp(ledger, *, noise, clip, mode="fixed", sites=2, global_arrays=None):
-    config = load_config(None, {
-        "federation.sites": sites, "federation.client_dp": mode,
-        "federation.client_dp_noise_multiplier": noise, "federation.client_dp_clipping_norm": clip,
-    })
+    config = load_config(
+        None,
+        {
+            "federation.sites": sites,
+            "federation.client_dp": mode,
+            "federation.client_dp_noise_multiplier": noise,
+            "federation.client_dp_clipping_norm": clip,
+        },
+    )
     strategy = make_strategy(config, ledger=ledger, modality="image")
     if global_arrays is not None:  # what configure_train remembers as the round's start
         strategy.current_arrays = ArrayRecord(numpy_ndarrays=[np.asarray(g, dtype=np.float32) for g in global_arrays])
@@ -128,7 +145,9 @@ def test_client_dp_noise_is_scaled_to_the_sites_that_replied_and_failures_are_ke
     sent = Message(content=RecordDict(), dst_node_id=3, message_type="train")
     failed = Message(Error(code=0, reason="site-3 lost power"), reply_to=sent)
     tiny = [np.full(20_000, 1e-4)]
-    got, _ = strategy.aggregate_train(1, [_reply(1, "site-1", tiny, 10, 1.0), _reply(2, "site-2", tiny, 10, 1.0), failed])
+    got, _ = strategy.aggregate_train(
+        1, [_reply(1, "site-1", tiny, 10, 1.0), _reply(2, "site-2", tiny, 10, 1.0), failed]
+    )
     noise = got.to_numpy_ndarrays()[0] - 1e-4
     assert np.std(noise) == pytest.approx(1.0 * 0.5 / 2, rel=0.03)  # σ·C/n with n = 2 replies, not 3
     assert [r.site for r in ledger.entries()] == ["site-1", "site-2"]
@@ -146,17 +165,27 @@ def _site_reply(node_id, site, release_history, account, *, modality="image"):
     """A site's reply as fedgen.clients sends it: its ε over everything it released, and the list."""
     histories = {modality: release_history}
     metrics = {
-        "num-examples": 100, "loss": float("nan"), "site-epsilon": account.epsilon(histories),
-        "epsilon": account.epsilon(histories), "epsilon-next": 1.0, "budget": account.budget, "delta": account.delta,
-        "different-people": 0.0, "release": len(release_history), "noise-multiplier": release_history[-1][0],
-        "sample-rate": release_history[-1][1], "steps": release_history[-1][2],
+        "num-examples": 100,
+        "loss": float("nan"),
+        "site-epsilon": account.epsilon(histories),
+        "epsilon": account.epsilon(histories),
+        "epsilon-next": 1.0,
+        "budget": account.budget,
+        "delta": account.delta,
+        "different-people": 0.0,
+        "release": len(release_history),
+        "noise-multiplier": release_history[-1][0],
+        "sample-rate": release_history[-1][1],
+        "steps": release_history[-1][2],
     }
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    content = RecordDict({
-        "arrays": ArrayRecord(numpy_ndarrays=[np.zeros(2, dtype=np.float32)]),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site, "released": json.dumps(histories)}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(numpy_ndarrays=[np.zeros(2, dtype=np.float32)]),
+            "metrics": MetricRecord(metrics),
+            "site": ConfigRecord({"name": site, "released": json.dumps(histories)}),
+        }
+    )
     return Message(content=content, reply_to=sent)
 
 
@@ -172,7 +201,9 @@ def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recompute
     account = SiteAccount("site-1", 10.0, 1e-4, "same people", accountant)
     entry = (1.1, 0.05, 40)
     config = RunConfig.model_validate({"federation": {"sites": 1}, "privacy": {"accountant": accountant}})
-    make_strategy(config, ledger=ledger, modality="image").aggregate_train(1, [_site_reply(1, "site-1", [entry], account)])
+    make_strategy(config, ledger=ledger, modality="image").aggregate_train(
+        1, [_site_reply(1, "site-1", [entry], account)]
+    )
     # Round 2: the site released its second update, then the coordinator died before recording it.
     resumed = make_strategy(config, ledger=ledger, modality="image")
     resumed.round_offset = 1  # round 2 again, after the resume
@@ -193,7 +224,7 @@ def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recompute
     recorded, recomputed = line.split()[-2:]
     assert recorded == recomputed == f"{rows[-1].site_epsilon:.4f}"
     assert line.split()[1:3] == ["3", "1"]  # three updates, one of them lost
-    snippet = result.output[result.output.index("import sqlite3"):]
+    snippet = result.output[result.output.index("import sqlite3") :]
     printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
     assert float(printed) == pytest.approx(rows[-1].site_epsilon, rel=0.01)
     site_side = CliRunner().invoke(app, ["ledger", str(ledger.path)])  # a ledger file, e.g. a site's own

@@ -38,7 +38,9 @@ from fedgen.models.text import (
 )
 from fedgen.privacy.per_example_grads import per_example_grads
 
-TINY = TextConfig(base_model="tiny-random-llama", tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=96, max_new_tokens=48)
+TINY = TextConfig(
+    base_model="tiny-random-llama", tiny_hidden_size=32, tiny_layers=1, tiny_heads=2, max_length=96, max_new_tokens=48
+)
 TEMPLATE = TINY.prompt_template
 PROMPTS = class_prompts(make_byte_tokenizer(), TINY, ["Normal", "Anxiety", "Depression", "Stress"])
 BYTE_VOCAB = 256 + 3  # bytes + <s>, </s>, <pad>
@@ -48,10 +50,7 @@ SECRET = "482917365"
 NEVER_SEEN_SECRETS = ["735194028", "160385729", "591726384"]
 SYMPTOMS = ["worry", "low mood", "poor sleep", "panic", "fatigue", "irritability",
             "tearfulness", "racing thoughts", "no appetite", "headaches"]  # fmt: skip
-NOTES = [
-    ("Anxiety" if i % 2 else "Depression", f"Reports {SYMPTOMS[i % 10]} for {i + 2} weeks.")
-    for i in range(19)
-]
+NOTES = [("Anxiety" if i % 2 else "Depression", f"Reports {SYMPTOMS[i % 10]} for {i + 2} weeks.") for i in range(19)]
 NOTES.insert(7, ("Stress", CANARY.format(SECRET)))  # the only Stress note: the model can learn it by heart
 # A random base's lm_head cannot make confident predictions, so LoRA has to reach it to learn.
 MEMORISE = TINY.model_copy(update={"target_modules": ["q_proj", "v_proj", "lm_head"]})
@@ -260,9 +259,7 @@ def test_templates():
 
 def test_encode_examples_masks_only_the_note_and_its_end(tokenizer):
     records = [("Anxiety", "On edge, 😀."), ("Normal", "Fine.")]
-    input_ids, attention_mask, loss_mask = encode_examples(
-        tokenizer, records, prompts=PROMPTS, max_length=64
-    ).tensors
+    input_ids, attention_mask, loss_mask = encode_examples(tokenizer, records, prompts=PROMPTS, max_length=64).tensors
     prefix, note = list(b"<class: Anxiety>\n"), list("On edge, 😀.".encode())
     expected = [256, *prefix, *note, 257]
     assert input_ids[0].tolist() == expected  # the longest row: no padding
@@ -315,9 +312,7 @@ def test_generate_texts_returns_n_seeded_strings(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     calls = []
     options = dict(prompts=PROMPTS, label="Anxiety", temperature=1.0, top_p=0.95, max_new_tokens=12)
-    texts = generate_texts(
-        model, tokenizer, n=5, seed=4, batch_size=2, progress=lambda *a: calls.append(a), **options
-    )
+    texts = generate_texts(model, tokenizer, n=5, seed=4, batch_size=2, progress=lambda *a: calls.append(a), **options)
     assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert all(len(t.encode()) <= 12 * 3 for t in texts)  # <= 12 tokens; U+FFFD is 3 bytes
@@ -435,9 +430,7 @@ def test_per_example_hooks_give_per_sample_gradients_for_lora_only(tiny_dir):
     with per_example_grads(model):  # the hooks DP training uses
         sequence_loss(model, *data.tensors).sum().backward()
     per_sample = {
-        name: p.grad_sample
-        for name, p in model.named_parameters()
-        if getattr(p, "grad_sample", None) is not None
+        name: p.grad_sample for name, p in model.named_parameters() if getattr(p, "grad_sample", None) is not None
     }
     assert per_sample.keys() == expected.keys()
     for name, grad_sample in per_sample.items():
@@ -461,9 +454,7 @@ def test_opacus_ghost_clipping_step_equals_the_plain_step(tiny_dir):
     expected = _plain_gradients(model, data.tensors)
     before = lora_state(model)
 
-    dp_model, optimizer, criterion, _ = _private(
-        model, data, criterion=PerExampleLoss(), grad_sample_mode="ghost"
-    )
+    dp_model, optimizer, criterion, _ = _private(model, data, criterion=PerExampleLoss(), grad_sample_mode="ghost")
     criterion(sequence_loss(dp_model, *data.tensors)).backward()
     optimizer.step()
     after = lora_state(model)

@@ -186,7 +186,9 @@ def test_a_real_trained_classifier_at_chance_refuses_to_score_utility_and_says_w
     ("accuracy", "n_test", "rate", "competent"),
     [(0.52, 241, 0.38, False), (0.9, 241, 0.38, True), (0.75, 40, 0.5, False), (1.0, 40, 0.5, True)],
 )
-def test_competence_asks_for_a_lower_bound_a_quarter_of_the_way_from_chance_to_perfect(accuracy, n_test, rate, competent):
+def test_competence_asks_for_a_lower_bound_a_quarter_of_the_way_from_chance_to_perfect(
+    accuracy, n_test, rate, competent
+):
     result = competence({"accuracy": accuracy, "n_test": n_test, "no_information_rate": rate})
     assert result["required"] == pytest.approx(rate + 0.25 * (1 - rate))
     assert result["accuracy_lower_bound"] < accuracy

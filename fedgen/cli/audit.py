@@ -37,7 +37,9 @@ class AuditGroup(Group):
 def _print_decision(gate: dict, json_path: Path, html_path: Path) -> None:
     failed = [check for check in gate["checks"] if not check["passed"]]
     if gate["passed"]:
-        console.print(f"[bold green]PASS[/]: every check of the policy ({gate['policy']}) passed; `fedgen release` may copy the data out.")
+        console.print(
+            f"[bold green]PASS[/]: every check of the policy ({gate['policy']}) passed; `fedgen release` may copy the data out."
+        )
     else:
         console.print(f"[bold red]REFUSED[/]: {len(failed)} check(s) of the policy ({gate['policy']}) failed:")
     for check in failed:
@@ -47,16 +49,46 @@ def _print_decision(gate: dict, json_path: Path, html_path: Path) -> None:
 
 def audit_run(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>) with its synthetic data.")],
-    policy: Annotated[Path | None, typer.Option(help="Release policy (TOML). Default: the shipped audits/policy.toml.")] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="Release policy (TOML). Default: the shipped audits/policy.toml.")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the gate's decision as one JSON object.")] = False,
-    site: Annotated[list[Path] | None, typer.Option(help="A site folder to audit against (repeatable). Default: the run's simulated sites.")] = None,
-    deployment: Annotated[bool, typer.Option("--deployment", help="Audit on the real sites: start a SuperLink they connect to with `fedgen client`.")] = False,
-    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs`: the coordinator's key signs the decision (and, with --deployment, serves the sites).")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="With --deployment: no TLS, no node authentication (local tests only).")] = False,
+    site: Annotated[
+        list[Path] | None,
+        typer.Option(help="A site folder to audit against (repeatable). Default: the run's simulated sites."),
+    ] = None,
+    deployment: Annotated[
+        bool,
+        typer.Option(
+            "--deployment", help="Audit on the real sites: start a SuperLink they connect to with `fedgen client`."
+        ),
+    ] = False,
+    certs_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs",
+            help="Credentials folder from `fedgen certs`: the coordinator's key signs the decision (and, with --deployment, serves the sites).",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="With --deployment: no TLS, no node authentication (local tests only).")
+    ] = False,
     port: Annotated[int, typer.Option(help="With --deployment: port of the SuperLink.")] = 9092,
-    host: Annotated[str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
-    inception: Annotated[Path | None, typer.Option(help="A local TorchScript Inception-v3 detector (like inception-2015-12-05.pt) for FID, KID and precision/recall instead of the audit's FeatureNet; every site must hold it at the same path. Never downloaded.")] = None,
-    review: Annotated[list[Path] | None, typer.Option(help="A site's SCORES.json from `fedgen review score` (repeatable): the sites' blinded clinical review, pooled into the report.")] = None,
+    host: Annotated[
+        str, typer.Option(help="With --deployment: 0.0.0.0 serves the sites; 127.0.0.1 keeps it on this machine.")
+    ] = "0.0.0.0",
+    inception: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local TorchScript Inception-v3 detector (like inception-2015-12-05.pt) for FID, KID and precision/recall instead of the audit's FeatureNet; every site must hold it at the same path. Never downloaded."
+        ),
+    ] = None,
+    review: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A site's SCORES.json from `fedgen review score` (repeatable): the sites' blinded clinical review, pooled into the report."
+        ),
+    ] = None,
 ) -> None:
     """Run the pre-release audits, apply the release gate, write audit/report.{json,html}.
 
@@ -95,7 +127,9 @@ def audit_run(
         check_listen_address(host, port)
         if insecure:
             err_console.print(INSECURE_WARNING)
-        json_path = serve_audit(run, certs=consortium, policy=policy, inception=inception, port=port, host=host, echo=echo_line)
+        json_path = serve_audit(
+            run, certs=consortium, policy=policy, inception=inception, port=port, host=host, echo=echo_line
+        )
         html_path = json_path.with_name(REPORT_HTML)
         report = json.loads(json_path.read_text(encoding="utf-8"))
         if clinical_review is not None:  # not part of the gate: added beside its decision
@@ -127,8 +161,15 @@ def _pooled_review(paths: list[Path], run_id: str) -> dict:
 def audit_phi(
     texts: Annotated[Path, typer.Option(help='A JSONL file of {"text": ...} lines, e.g. synthetic/texts.jsonl.')],
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per finding per line.")] = False,
-    spacy_model: Annotated[str | None, typer.Option(help="spaCy pipeline whose NER the scan uses (directory or installed package). Default: spaCy's en_core_web_sm, installed with fedgen.")] = None,
-    processes: Annotated[int, typer.Option(min=1, help="Processes that scan (forked after the detector is built; same findings).")] = 1,
+    spacy_model: Annotated[
+        str | None,
+        typer.Option(
+            help="spaCy pipeline whose NER the scan uses (directory or installed package). Default: spaCy's en_core_web_sm, installed with fedgen."
+        ),
+    ] = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Processes that scan (forked after the detector is built; same findings).")
+    ] = 1,
 ) -> None:
     """Scan texts for PHI offline (NER, Presidio and fedgen's rules) and list the findings, values redacted."""
     import json
@@ -146,15 +187,32 @@ def audit_phi(
         return
     table = Table("text #", "type", "start", "end", "score", "value (redacted)", title=f"PHI in {texts}")
     for f in findings:
-        table.add_row(str(f.index), f.entity_type, str(f.start), str(f.end), f"{f.score:.2f}", redact(lines[f.index][f.start : f.end]))
+        table.add_row(
+            str(f.index),
+            f.entity_type,
+            str(f.start),
+            str(f.end),
+            f"{f.score:.2f}",
+            redact(lines[f.index][f.start : f.end]),
+        )
     console.print(table)
-    console.print(f"{len(findings)} finding(s) in {len(lines)} text(s); scanner: {analyzer.engine}", highlight=False, soft_wrap=True)
+    console.print(
+        f"{len(findings)} finding(s) in {len(lines)} text(s); scanner: {analyzer.engine}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def release(
     run_dir: Annotated[Path, typer.Argument(help="A run folder whose audit passed the release gate.")],
     to: Annotated[Path | None, typer.Option(help="Folder to create (absent or empty). Default: RUN/release.")] = None,
-    certs_dir: Annotated[Path | None, typer.Option("--certs", help="A folder holding the coordinator's server.crt (from `fedgen certs`): release only a decision it signed.")] = None,
+    certs_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs",
+            help="A folder holding the coordinator's server.crt (from `fedgen certs`): release only a decision it signed.",
+        ),
+    ] = None,
 ) -> None:
     """Copy synthetic data, report and a SHA-256 manifest out, only if the gate passed.
 
@@ -179,4 +237,6 @@ def release(
         for reason in refused.reasons:
             err_console.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_REFUSED) from None
-    console.print(f"released to {out} (check it with `sha256sum -c {MANIFEST_NAME}` inside it)", highlight=False, soft_wrap=True)
+    console.print(
+        f"released to {out} (check it with `sha256sum -c {MANIFEST_NAME}` inside it)", highlight=False, soft_wrap=True
+    )

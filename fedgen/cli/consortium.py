@@ -23,13 +23,25 @@ __all__ = ["server", "client", "certs"]
 
 def server(
     config: ConfigOption = None,
-    certs_dir: Annotated[Path | None, typer.Option("--certs", help="Credentials folder from `fedgen certs` (ca.crt, server.crt, server.key, authorized-keys).")] = None,
+    certs_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--certs", help="Credentials folder from `fedgen certs` (ca.crt, server.crt, server.key, authorized-keys)."
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="Port of the SuperLink (sites connect to HOST:PORT).")] = 9092,
-    host: Annotated[str, typer.Option(help="0.0.0.0 serves the sites (only the Fleet API is served to other hosts); 127.0.0.1 keeps it on this machine.")] = "0.0.0.0",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="0.0.0.0 serves the sites (only the Fleet API is served to other hosts); 127.0.0.1 keeps it on this machine."
+        ),
+    ] = "0.0.0.0",
     runs_dir: Annotated[Path, typer.Option(help="Where run folders are created.")] = Path("runs"),
     run_id: Annotated[str | None, typer.Option(help="Run folder name (default: a timestamp).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last complete round.")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
+    ] = False,
 ) -> None:
     """Coordinator: start a Flower SuperLink and submit the fedgen run (TLS, node auth)."""
     from fedgen.artifacts import RunDir
@@ -48,7 +60,9 @@ def server(
         from fedgen.pretrain import create_run
 
         run_config = load_config(config)
-        unset = [CLASS_LISTS[m] for m in run_config.modalities if CLASS_LISTS[m] not in run_config.data.model_fields_set]
+        unset = [
+            CLASS_LISTS[m] for m in run_config.modalities if CLASS_LISTS[m] not in run_config.data.model_fields_set
+        ]
         if unset:
             raise FedgenError(
                 f"list data.{' and data.'.join(unset)} in --config: the coordinator cannot see the sites' folders"
@@ -66,17 +80,49 @@ def server(
 def client(
     server_address: Annotated[str, typer.Option("--server", help="The coordinator's SuperLink, HOST:PORT.")],
     data: Annotated[Path, typer.Option(help="This site's folder (images/<class>/*, texts.jsonl, site.toml).")],
-    key: Annotated[Path | None, typer.Option(help="This site's node private key (site-K.key from `fedgen certs`).")] = None,
-    ca: Annotated[Path | None, typer.Option(help="The consortium CA certificate (ca.crt) that signed the coordinator's.")] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="This site's node private key (site-K.key from `fedgen certs`).")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(help="The consortium CA certificate (ca.crt) that signed the coordinator's.")
+    ] = None,
     config: ConfigOption = None,
-    runtime_port: Annotated[int | None, typer.Option(help="Local port of the SuperNode's runtime API (default: a free one).")] = None,
-    max_wait: Annotated[float | None, typer.Option(help="Give up connecting after this many seconds (default: keep trying).")] = None,
-    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")] = False,
-    allow_no_dp: Annotated[bool | None, typer.Option("--allow-no-dp/--require-dp", help="Train a run without DP (ε = inf), or refuse it (site.toml require_dp; default: refuse).")] = None,
-    epsilon_budget: Annotated[float | None, typer.Option(help="This site's ε for the whole run; caps the consortium's target (site.toml epsilon_budget).")] = None,
-    max_delta: Annotated[float | None, typer.Option(help="The largest δ this site trains with (site.toml max_delta; default 1/(10 x its train records)).")] = None,
-    min_noise_multiplier: Annotated[float | None, typer.Option(help="The smallest noise multiplier σ this site trains with (site.toml min_noise_multiplier).")] = None,
-    audit_answers: Annotated[int | None, typer.Option(help="How many times this site answers each audit query about one trained model (site.toml audit_answers).")] = None,
+    runtime_port: Annotated[
+        int | None, typer.Option(help="Local port of the SuperNode's runtime API (default: a free one).")
+    ] = None,
+    max_wait: Annotated[
+        float | None, typer.Option(help="Give up connecting after this many seconds (default: keep trying).")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS, no node authentication: local tests only.")
+    ] = False,
+    allow_no_dp: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-no-dp/--require-dp",
+            help="Train a run without DP (ε = inf), or refuse it (site.toml require_dp; default: refuse).",
+        ),
+    ] = None,
+    epsilon_budget: Annotated[
+        float | None,
+        typer.Option(help="This site's ε for the whole run; caps the consortium's target (site.toml epsilon_budget)."),
+    ] = None,
+    max_delta: Annotated[
+        float | None,
+        typer.Option(
+            help="The largest δ this site trains with (site.toml max_delta; default 1/(10 x its train records))."
+        ),
+    ] = None,
+    min_noise_multiplier: Annotated[
+        float | None,
+        typer.Option(help="The smallest noise multiplier σ this site trains with (site.toml min_noise_multiplier)."),
+    ] = None,
+    audit_answers: Annotated[
+        int | None,
+        typer.Option(
+            help="How many times this site answers each audit query about one trained model (site.toml audit_answers)."
+        ),
+    ] = None,
 ) -> None:
     """Site: start a Flower SuperNode serving the fedgen ClientApp for SITE_DIR.
 
@@ -115,15 +161,26 @@ def client(
     if insecure:
         err_console.print(INSECURE_WARNING)
     serve_site(
-        data, server=server_address, key=key, ca=ca, runtime_port=runtime_port, max_wait=max_wait,
-        policy=policy, echo=echo_line,
+        data,
+        server=server_address,
+        key=key,
+        ca=ca,
+        runtime_port=runtime_port,
+        max_wait=max_wait,
+        policy=policy,
+        echo=echo_line,
     )
 
 
 def certs(
     out: Annotated[Path, typer.Argument(help="Folder to create (must be absent or empty).")],
     sites: Annotated[int, typer.Option(help="Number of sites: one node key pair each.")] = 3,
-    host: Annotated[list[str] | None, typer.Option(help="Name or IP the sites use for the coordinator (repeatable); localhost and 127.0.0.1 are always in.")] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name or IP the sites use for the coordinator (repeatable); localhost and 127.0.0.1 are always in."
+        ),
+    ] = None,
     valid_days: Annotated[int, typer.Option(help="Validity of the CA and server certificates.")] = 365,
 ) -> None:
     """Make a consortium CA, a server certificate and per-site node keys."""

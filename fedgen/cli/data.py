@@ -46,11 +46,15 @@ def demo_data(
 
 
 def demo_public(
-    out: Annotated[Path, typer.Argument(help="Folder to create: a flat folder of PNGs, or one folder per grade with --labelled.")],
+    out: Annotated[
+        Path, typer.Argument(help="Folder to create: a flat folder of PNGs, or one folder per grade with --labelled.")
+    ],
     images: Annotated[int, typer.Option(help="Number of public phantoms.")] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed (the demo sites use 0).")] = 1000,
     resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
-    labelled: Annotated[bool, typer.Option(help="Write an ImageFolder (one folder per grade), as a public graded set would be.")] = False,
+    labelled: Annotated[
+        bool, typer.Option(help="Write an ImageFolder (one folder per grade), as a public graded set would be.")
+    ] = False,
 ) -> None:
     """Generate a PUBLIC image set for `fedgen pretrain`: phantoms of another population
     (mostly healthy eyes) from many cameras, unlike any demo site; unlabelled by default."""
@@ -100,7 +104,10 @@ def data_check(
 
 def data_heldout(
     site_dir: Annotated[Path, typer.Argument(help="A site folder.")],
-    run: Annotated[Path | None, typer.Option(help="A run folder: list what that run held out (its classes, split seed and fraction).")] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="A run folder: list what that run held out (its classes, split seed and fraction)."),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """List the site's held-out records: the ones the audit scores as non-members, never trained on.
@@ -128,11 +135,14 @@ def data_heldout(
         console.print(f"image  {path.relative_to(site.root).as_posix()}", highlight=False, soft_wrap=True)
     for line in held["text"]:
         console.print(f"text   {TEXTS_FILE} line {line}", highlight=False, soft_wrap=True)
-    counts = [f"{len(held[m])} of {len(site.image_paths if m == 'image' else site.texts)} {m} records" for m in modalities]
+    counts = [
+        f"{len(held[m])} of {len(site.image_paths if m == 'image' else site.texts)} {m} records" for m in modalities
+    ]
     err_console.print(
         f"{site.name} holds out {' and '.join(counts)} (fraction {site.heldout_fraction:g}, split seed "
         f"{run_config.data.split_seed}{'' if run is not None else '; a consortium of more sites may split otherwise: give --run RUN'})",
-        highlight=False, soft_wrap=True,
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -15,11 +15,17 @@ SCORES_FILE = "SCORES.json"
 
 
 def review_kit(
-    run_dir: Annotated[Path, typer.Argument(help="The released synthetic data (`fedgen release` output; or a run folder): read only.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="The released synthetic data (`fedgen release` output; or a run folder): read only.")
+    ],
     data: Annotated[Path, typer.Option(help="This site's folder: its held-out records are the real items.")],
     out: Annotated[Path, typer.Option(help="A new folder INSIDE the site folder for the kit (it holds real records).")],
-    per_class: Annotated[int, typer.Option(help="Real items per class, at most; each class gets as many synthetic ones.")] = 10,
-    modality: Annotated[list[str] | None, typer.Option(help="image or text (repeatable). Default: the run's modalities.")] = None,
+    per_class: Annotated[
+        int, typer.Option(help="Real items per class, at most; each class gets as many synthetic ones.")
+    ] = 10,
+    modality: Annotated[
+        list[str] | None, typer.Option(help="image or text (repeatable). Default: the run's modalities.")
+    ] = None,
 ) -> None:
     """Make a blinded review kit AT A SITE: one HTML page mixing held-out real and synthetic records.
 
@@ -32,7 +38,9 @@ def review_kit(
     kit = build_kit(run_dir, data, out, per_class=per_class, modalities=modality)
     for name, counts in kit.items_per_class.items():
         items = ", ".join(f"{c} {n}" for c, n in counts.items())
-        console.print(f"{name}: {2 * sum(counts.values())} items, real and synthetic alike per class ({items})", highlight=False)
+        console.print(
+            f"{name}: {2 * sum(counts.values())} items, real and synthetic alike per class ({items})", highlight=False
+        )
     console.print(f"give reviewers: {kit.page}\nkeep at the site: {kit.key}", highlight=False, soft_wrap=True)
 
 
@@ -50,7 +58,15 @@ def review_score(
     scores = score_kit(kit_dir, answers)
     target = out or kit_dir / SCORES_FILE
     write_json(target, scores)
-    table = Table("modality", "reviewer", "answers", "detection accuracy (95% CI)", "p vs 0.5", "synthetic read as generated", "real read as recorded")
+    table = Table(
+        "modality",
+        "reviewer",
+        "answers",
+        "detection accuracy (95% CI)",
+        "p vs 0.5",
+        "synthetic read as generated",
+        "real read as recorded",
+    )
     for name, section in scores["modalities"].items():
         for label, figures in [*section["reviewers"].items(), ("pooled", section["pooled"])]:
             detection = figures["detection"]

@@ -21,14 +21,31 @@ DEMO_SITES = "demo-sites"  # where `fedgen simulate` without sites puts its fres
 
 
 def pretrain(
-    public: Annotated[Path, typer.Option(help="Images the consortium declares NON-sensitive: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled).")],
-    out: Annotated[Path, typer.Option(help="Folder to create for the pretrained image model; name it in image.init_checkpoint.")],
+    public: Annotated[
+        Path,
+        typer.Option(
+            help="Images the consortium declares NON-sensitive: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder to create for the pretrained image model; name it in image.init_checkpoint.")
+    ],
     config: ConfigOption = None,
     epochs: Annotated[int, typer.Option(help="Passes over the public images.")] = PRETRAIN_DEFAULTS["epochs"],
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = PRETRAIN_DEFAULTS["batch_size"],
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = PRETRAIN_DEFAULTS["lr"],
-    ema_decay: Annotated[float, typer.Option(help="Write the moving average of the weights over the steps with this decay (0: the last step's weights).")] = PRETRAIN_DEFAULTS["ema_decay"],
-    balance_classes: Annotated[bool, typer.Option(help="Labelled public sets: draw every class equally often (with replacement), same number of steps.")] = False,
+    ema_decay: Annotated[
+        float,
+        typer.Option(
+            help="Write the moving average of the weights over the steps with this decay (0: the last step's weights)."
+        ),
+    ] = PRETRAIN_DEFAULTS["ema_decay"],
+    balance_classes: Annotated[
+        bool,
+        typer.Option(
+            help="Labelled public sets: draw every class equally often (with replacement), same number of steps."
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of batch order and diffusion noise.")] = 0,
 ) -> None:
     """Train the run's image architecture WITHOUT DP on public data, for DP fine-tuning at the sites.
@@ -51,7 +68,18 @@ def pretrain(
                 "data.image_classes in --config, the model needs one embedding per class"
             )
         run_config = run_config.model_copy(update={"data": run_config.data.model_copy(update={"image_classes": names})})
-    record = pretrain_image_model(public, out, run_config, epochs=epochs, batch_size=batch_size, lr=lr, ema_decay=ema_decay, balance_classes=balance_classes, seed=seed, progress=True)
+    record = pretrain_image_model(
+        public,
+        out,
+        run_config,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=ema_decay,
+        balance_classes=balance_classes,
+        seed=seed,
+        progress=True,
+    )
     labels = "labelled" if record["labelled"] else "unlabelled (null class)"
     console.print(
         f"pretrained on {record['images']} {labels} public images: {record['steps']} steps in "
@@ -72,7 +100,9 @@ def _site_dirs(sites_dir: Path | None, site: list[Path] | None) -> list[Path]:
 
 
 def simulate(
-    sites_dir: Annotated[Path | None, typer.Option(help="Folder whose subfolders are the sites. Default: a fresh demo consortium.")] = None,
+    sites_dir: Annotated[
+        Path | None, typer.Option(help="Folder whose subfolders are the sites. Default: a fresh demo consortium.")
+    ] = None,
     site: Annotated[list[Path] | None, typer.Option(help="A site folder (repeatable); overrides --sites-dir.")] = None,
     config: ConfigOption = None,
     modality: Annotated[str | None, typer.Option(help="image, text or both.")] = None,
@@ -138,7 +168,12 @@ def generate(
     class_name: Annotated[list[str] | None, typer.Option("--class", help="Only this class (repeatable).")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (image).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (image).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm (ancestral), dpm-sde (stochastic DPM-Solver++), ddim or dpm (image; default: the run's image.sampler).")] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(
+            help="ddpm (ancestral), dpm-sde (stochastic DPM-Solver++), ddim or dpm (image; default: the run's image.sampler)."
+        ),
+    ] = None,
     round_: Annotated[int | None, typer.Option("--round", help="Checkpoint round (default: the last).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
@@ -152,7 +187,16 @@ def generate(
     run = RunDir.open(run_dir)
     quiet_libraries()
     if modality == "image":
-        out = generate_images(run, per_class=per_class, classes=class_name, steps=steps, guidance=guidance, sampler=sampler, server_round=round_, seed=seed)
+        out = generate_images(
+            run,
+            per_class=per_class,
+            classes=class_name,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            server_round=round_,
+            seed=seed,
+        )
     elif modality == "text":
         out = generate_texts(run, per_class=per_class, classes=class_name, server_round=round_, seed=seed)
     else:
@@ -161,7 +205,12 @@ def generate(
 
 
 def ledger(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<run-id>), or a ledger.sqlite (a site's own: SITE_DIR/.fedgen/runs/*/ledger.sqlite).")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="A run folder (runs/<run-id>), or a ledger.sqlite (a site's own: SITE_DIR/.fedgen/runs/*/ledger.sqlite)."
+        ),
+    ],
 ) -> None:
     """Each site's ε as recorded and as recomputed from the ledger's (σ, q, steps) rows alone,
     and the Python that recomputes it with Opacus without fedgen."""
@@ -175,7 +224,9 @@ def ledger(
     if not sites:
         raise FedgenError(f"{path} holds no update yet")
     typer.echo(f"{path}: one row per update a site released (lost = its reply never arrived)")
-    typer.echo(f"{'site':<14}{'updates':>8}{'lost':>6}  {'accountant':<11}{'records of the models':<23}{'δ':<10}{'recorded ε':>11}{'recomputed ε':>14}")
+    typer.echo(
+        f"{'site':<14}{'updates':>8}{'lost':>6}  {'accountant':<11}{'records of the models':<23}{'δ':<10}{'recorded ε':>11}{'recomputed ε':>14}"
+    )
     for site, rows in sites.items():
         reported = [r for r in rows if not r.lost]
         recorded = f"{reported[-1].site_epsilon:.4f}" if reported else "none"

@@ -35,8 +35,15 @@ def showing_site_progress(site_dirs: Sequence[Path], modalities: Sequence[str], 
         path.unlink(missing_ok=True)
     stop = threading.Event()
     if console.is_terminal:
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                       TimeElapsedColumn(), console=console, transient=True)
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         tasks: dict[Path, int] = {}
 
         def show(path: Path, progress: SiteProgress) -> None:

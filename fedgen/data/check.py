@@ -312,7 +312,8 @@ def site_class_names(root: str | Path) -> dict[str, set[str]]:
     image_names = set()
     if images_dir.is_dir():
         image_names = {
-            entry.name for entry in _visible(images_dir)
+            entry.name
+            for entry in _visible(images_dir)
             if entry.is_dir() and any(path.is_file() for path in _visible(entry))
         }
     text_names = set()

@@ -62,7 +62,9 @@ def make_demo_consortium(
     )
     with atomic_dir(out) as staging:  # `out` was validated absent or empty
         site_seeds = np.random.SeedSequence(seed).spawn(sites)
-        with progress_bar(progress, total=sites * (images_per_site + 1), description="writing the demo consortium") as advance:
+        with progress_bar(
+            progress, total=sites * (images_per_site + 1), description="writing the demo consortium"
+        ) as advance:
             for number, site_seed in enumerate(site_seeds, start=1):
                 _write_site(
                     staging / f"site-{number}",
@@ -115,7 +117,10 @@ def make_public_phantoms(
         raise FedgenError(f"{out} already exists; choose a new folder")
     rng = np.random.default_rng(seed)
     grades = rng.choice(len(DR_GRADES), size=images, p=PUBLIC_GRADE_MIX)
-    with atomic_dir(out) as staging, progress_bar(progress, total=images, description="writing public phantoms") as advance:
+    with (
+        atomic_dir(out) as staging,
+        progress_bar(progress, total=images, description="writing public phantoms") as advance,
+    ):
         for i, grade in enumerate(grades):
             style = ScannerStyle(**{k: float(rng.uniform(*b)) for k, b in PUBLIC_STYLE_RANGES.items()})
             pixels = render_phantom(int(grade), rng, size=resolution, style=style)
@@ -140,14 +145,10 @@ def _validate(
     if sites < 1:
         raise FedgenError(f"sites={sites}: a consortium needs at least 1 site")
     if images < len(DR_GRADES):
-        raise FedgenError(
-            f"images_per_site={images}: need at least one image of each of the"
-            f" {len(DR_GRADES)} grades"
-        )
+        raise FedgenError(f"images_per_site={images}: need at least one image of each of the {len(DR_GRADES)} grades")
     if texts < len(MENTAL_HEALTH_CLASSES):
         raise FedgenError(
-            f"texts_per_site={texts}: need at least one note of each of the"
-            f" {len(MENTAL_HEALTH_CLASSES)} classes"
+            f"texts_per_site={texts}: need at least one note of each of the {len(MENTAL_HEALTH_CLASSES)} classes"
         )
     if not alpha > 0:
         raise FedgenError(f"alpha={alpha}: the Dirichlet concentration must be > 0")

@@ -269,17 +269,60 @@ _SLOT_ENTITY = {
 _SLOT = re.compile(r"\{([A-Z_]+)\}")
 
 _AREA_CODES = (
-    "206", "212", "213", "303", "312", "404", "415", "503", "512", "602",
-    "612", "614", "617", "702", "713", "720", "773", "808", "919", "971",
+    "206",
+    "212",
+    "213",
+    "303",
+    "312",
+    "404",
+    "415",
+    "503",
+    "512",
+    "602",
+    "612",
+    "614",
+    "617",
+    "702",
+    "713",
+    "720",
+    "773",
+    "808",
+    "919",
+    "971",
 )
 _PHONE_FORMATS = ("({area}) {exchange}-{line}", "{area}-{exchange}-{line}")
 _EMAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "hotmail.com", "icloud.com", "aol.com")
 _STREET_NAMES = (
-    "Oak", "Maple", "Cedar", "Pine", "Elm", "Washington", "Lake", "Hill", "Park", "Main",
-    "Lincoln", "Jefferson", "Sunset", "River", "Chestnut", "Walnut", "Highland", "Franklin",
+    "Oak",
+    "Maple",
+    "Cedar",
+    "Pine",
+    "Elm",
+    "Washington",
+    "Lake",
+    "Hill",
+    "Park",
+    "Main",
+    "Lincoln",
+    "Jefferson",
+    "Sunset",
+    "River",
+    "Chestnut",
+    "Walnut",
+    "Highland",
+    "Franklin",
 )
 _STREET_SUFFIXES = (
-    "Street", "Avenue", "Road", "Drive", "Lane", "Boulevard", "Court", "Place", "St", "Ave",
+    "Street",
+    "Avenue",
+    "Road",
+    "Drive",
+    "Lane",
+    "Boulevard",
+    "Court",
+    "Place",
+    "St",
+    "Ave",
 )
 _DATE_FORMATS = ("{d:%m/%d/%Y}", "{d:%B} {d.day}, {d.year}", "{d:%Y-%m-%d}")
 CITY_PROB = 0.5  # chance that a street address carries ", City"

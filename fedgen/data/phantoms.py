@@ -199,18 +199,14 @@ def _fundus_mask(anatomy: _Anatomy, size: int) -> np.ndarray:
     return (np.hypot(x - anatomy.centre, y - anatomy.centre) <= anatomy.radius).astype(np.float32)
 
 
-def _composite(
-    layers: _Layers, anatomy: _Anatomy, rng: np.random.Generator, style: ScannerStyle
-) -> np.ndarray:
+def _composite(layers: _Layers, anatomy: _Anatomy, rng: np.random.Generator, style: ScannerStyle) -> np.ndarray:
     """Background, disc and macula, then the drawn layers, then the scanner's response."""
     x, y = _grid(anatomy, anatomy.canvas)
     r = np.hypot(x - anatomy.centre, y - anatomy.centre) / anatomy.radius
     inside = np.clip((1.0 - r) * anatomy.radius, 0.0, 1.0)  # 1 px antialiased rim
 
     texture = rng.uniform(-1.0, 1.0, (TEXTURE_GRID, TEXTURE_GRID)).astype(np.float32)
-    texture = np.asarray(
-        Image.fromarray(texture).resize((anatomy.canvas,) * 2, Image.BICUBIC)
-    )
+    texture = np.asarray(Image.fromarray(texture).resize((anatomy.canvas,) * 2, Image.BICUBIC))
     image = FUNDUS_LEVEL * (1.0 + TEXTURE_AMPLITUDE * texture / FUNDUS_LEVEL)
 
     d_disc = np.hypot(x - anatomy.disc[0], y - anatomy.disc[1]) / anatomy.disc_radius
@@ -245,9 +241,7 @@ _MAIN_VESSELS = (
 )
 
 
-def _draw_vessel_tree(
-    layers: _Layers, anatomy: _Anatomy, rng: np.random.Generator, *, beaded: bool
-) -> None:
+def _draw_vessel_tree(layers: _Layers, anatomy: _Anatomy, rng: np.random.Generator, *, beaded: bool) -> None:
     """A vein and an artery along each main direction, each branching as it grows."""
     for angle, curvature in _MAIN_VESSELS:
         if anatomy.side < 0:  # mirror for a left eye
@@ -420,8 +414,7 @@ class _LesionPainter:
         cx = a.disc[0] - a.side * self.rng.uniform(0.0, 3.0) * a.disc_radius
         cy = a.disc[1] + self.rng.uniform(1.5, 3.0) * a.disc_radius
         lower_half = [
-            (cx + radius * math.cos(t), cy + radius * 0.8 * math.sin(t))
-            for t in np.linspace(0.0, math.pi, 24)
+            (cx + radius * math.cos(t), cy + radius * 0.8 * math.sin(t)) for t in np.linspace(0.0, math.pi, 24)
         ]
         self.layers.draw["blood"].polygon(lower_half, fill=255)  # closed by the flat top
 

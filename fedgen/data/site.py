@@ -108,9 +108,7 @@ def heldout_records(site: SiteData, *, seed: int) -> dict[str, list]:
     return {"image": [site.image_paths[i] for i in images], "text": [int(i) + 1 for i in texts]}
 
 
-def split_indices(
-    labels: Sequence[int], *, heldout_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(labels: Sequence[int], *, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train, held-out) index arrays, sorted, disjoint, covering every index.
 
     Each class holds out ``round(n * heldout_fraction)`` of its ``n`` examples, at least one and
@@ -163,16 +161,13 @@ def _square(image: Image.Image, resolution: int) -> Image.Image:
     return ImageOps.fit(image, (resolution, resolution), method=method)
 
 
-def image_splits(
-    site: SiteData, *, resolution: int, channels: int, seed: int
-) -> tuple[TensorDataset, TensorDataset]:
+def image_splits(site: SiteData, *, resolution: int, channels: int, seed: int) -> tuple[TensorDataset, TensorDataset]:
     """(train, held-out) datasets of (image [C, H, W] in [-1, 1], label) pairs."""
     train, heldout = split_indices(site.image_labels, heldout_fraction=site.heldout_fraction, seed=seed)
     images = load_images(site.image_paths, resolution=resolution, channels=channels)
     labels = torch.tensor(site.image_labels, dtype=torch.long)
     return tuple(
-        TensorDataset(images[torch.from_numpy(part)], labels[torch.from_numpy(part)])
-        for part in (train, heldout)
+        TensorDataset(images[torch.from_numpy(part)], labels[torch.from_numpy(part)]) for part in (train, heldout)
     )
 
 

@@ -95,7 +95,9 @@ def packaged_model_file(name: str) -> Path:
     if path is None or not path.is_file():
         raise FedgenError(f"text base model {name} is not installed: {install}")
     if _sha256(path) != model.sha256:
-        raise FedgenError(f"text base model {name}: {path} is corrupt (SHA-256 differs from {model.distribution} {model.version}'s); reinstall: {install}")
+        raise FedgenError(
+            f"text base model {name}: {path} is corrupt (SHA-256 differs from {model.distribution} {model.version}'s); reinstall: {install}"
+        )
     return path
 
 
@@ -129,7 +131,12 @@ def converted_model_dir(name: str, *, expected_sha256: str | None = None) -> Pat
     with atomic_dir(directory) as scratch:
         _convert(source, scratch)
         files = {p.name: _sha256(p) for p in sorted(scratch.iterdir()) if p.is_file()}
-        record = {"name": name, "distribution": f"{model.distribution}=={model.version}", "source_sha256": model.sha256, "files": files}
+        record = {
+            "name": name,
+            "distribution": f"{model.distribution}=={model.version}",
+            "source_sha256": model.sha256,
+            "files": files,
+        }
         (scratch / RECORD_NAME).write_text(json.dumps(record, indent=2), encoding="utf-8")
     _check_converted(directory, name)
     return directory
@@ -148,7 +155,9 @@ def _check_converted(directory: Path, name: str) -> None:
         if _checked.get(directory) == stamp:
             return
     if stamp is None or None in stamp or any(_sha256(directory / f) != digest for f, digest in files.items()):
-        raise FedgenError(f"converted text base model {directory} is corrupt: delete the folder and fedgen converts {name} again")
+        raise FedgenError(
+            f"converted text base model {directory} is corrupt: delete the folder and fedgen converts {name} again"
+        )
     _checked[directory] = stamp
 
 
@@ -160,7 +169,9 @@ def _convert(source: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as err:
-        raise FedgenError(f"cannot convert text base model {source}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise FedgenError(
+            f"cannot convert text base model {source}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     model.hf_quantizer = None  # de-quantised on load: what is saved is plain float32 weights
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

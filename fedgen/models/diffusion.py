@@ -228,12 +228,13 @@ def denoising_loss(
     """
     batch = images.shape[0]
     if noise is None:
-        noise = torch.randn(
-            images.shape, generator=generator, device=images.device, dtype=images.dtype
-        )
+        noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
     if timesteps is None:
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch,), generator=generator,
+            0,
+            scheduler.config.num_train_timesteps,
+            (batch,),
+            generator=generator,
             device=images.device,
         )
     if cond_drop_prob > 0:
@@ -319,8 +320,7 @@ def sample_images(
     guidance = config.guidance if guidance is None else guidance
     if not 1 <= steps <= config.train_timesteps:
         raise FedgenError(
-            f"sampling steps {steps} must be between 1 and the training timesteps "
-            f"{config.train_timesteps}"
+            f"sampling steps {steps} must be between 1 and the training timesteps {config.train_timesteps}"
         )
     scheduler = make_sampler(config, sampler)
     was_training = unet.training
@@ -330,7 +330,12 @@ def sample_images(
         for chunk in labels.to(unet.device).split(batch_size):
             batches.append(
                 _sample_batch(
-                    unet, scheduler, chunk, config=config, steps=steps, guidance=guidance,
+                    unet,
+                    scheduler,
+                    chunk,
+                    config=config,
+                    steps=steps,
+                    guidance=guidance,
                     generator=generator,
                 )
             )
@@ -367,9 +372,7 @@ def _check_files(directory: Path) -> None:
         with safe_open(weights, framework="pt"):
             pass
     except SafetensorError as err:
-        raise FedgenError(
-            f"image model weights {weights} are corrupt or truncated: {err}"
-        ) from None
+        raise FedgenError(f"image model weights {weights} are corrupt or truncated: {err}") from None
 
 
 def load_image_model(directory: str | Path) -> UNet2DModel:
@@ -383,8 +386,7 @@ def load_image_model(directory: str | Path) -> UNet2DModel:
     except Exception as err:  # diffusers raises ValueError, OSError, ... for a bad config
         first_sentence = str(err).strip().split(". ")[0].splitlines()[0]
         raise FedgenError(
-            f"image model config {directory / CONFIG_NAME} cannot build the saved UNet: "
-            f"{first_sentence}"
+            f"image model config {directory / CONFIG_NAME} cannot build the saved UNet: {first_sentence}"
         ) from None
     missing = info["missing_keys"]  # diffusers would only warn and leave them random
     if missing:
@@ -393,9 +395,7 @@ def load_image_model(directory: str | Path) -> UNet2DModel:
             f"of {CONFIG_NAME}, e.g. {sorted(missing)[0]}"
         )
     if unet.config.num_class_embeds is None:
-        raise FedgenError(
-            f"image model {directory} is not class-conditioned (no num_class_embeds)"
-        )
+        raise FedgenError(f"image model {directory} is not class-conditioned (no num_class_embeds)")
     return unet
 
 
@@ -424,9 +424,7 @@ def contact_sheet(images_by_class: dict[str, torch.Tensor], *, pad: int = 2) -> 
     header = max(box[3] for box in text_boxes.values()) + 2 * pad
     rows = max(len(c) for c in columns.values())
     mode, white = ("L", 255) if channels == 1 else ("RGB", (255, 255, 255))
-    sheet = Image.new(
-        mode, (pad + len(columns) * (column_width + pad), header + rows * (height + pad)), 0
-    )
+    sheet = Image.new(mode, (pad + len(columns) * (column_width + pad), header + rows * (height + pad)), 0)
     draw = ImageDraw.Draw(sheet)
     for col, (name, pixels) in enumerate(columns.items()):
         left = pad + col * (column_width + pad)

@@ -51,8 +51,14 @@ SHIPPED_PREFIX = "fedgen:"
 # The [image] settings a pretrained UNet is made of: a run must use the same to start from it.
 # train_timesteps and prediction_type shape no tensor, but the weights learned them.
 ARCHITECTURE_KEYS = (
-    "resolution", "channels", "block_out_channels", "layers_per_block", "attention",
-    "norm_num_groups", "train_timesteps", "prediction_type",
+    "resolution",
+    "channels",
+    "block_out_channels",
+    "layers_per_block",
+    "attention",
+    "norm_num_groups",
+    "train_timesteps",
+    "prediction_type",
 )
 
 # Checkpoints installed with fedgen (fedgen/checkpoints/<name>/), each with the record it is

@@ -180,9 +180,7 @@ def _quantization(load_in_bits: int) -> BitsAndBytesConfig | None:
     if load_in_bits not in (8, 4):
         raise FedgenError(f"text.load_in_bits {load_in_bits} is not one of 16, 8, 4")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise FedgenError(
-            f"text.load_in_bits {load_in_bits} needs the bitsandbytes package, which is not installed"
-        )
+        raise FedgenError(f"text.load_in_bits {load_in_bits} needs the bitsandbytes package, which is not installed")
     if not torch.cuda.is_available():
         raise FedgenError(f"text.load_in_bits {load_in_bits} needs a CUDA GPU and none is available")
     return BitsAndBytesConfig(load_in_8bit=load_in_bits == 8, load_in_4bit=load_in_bits == 4)
@@ -252,9 +250,7 @@ def _check_target_modules(model: nn.Module, targets: Sequence[str]) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         available = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise FedgenError(
-            f"text.target_modules {missing} not found in the model; its linear layers are {available}"
-        )
+        raise FedgenError(f"text.target_modules {missing} not found in the model; its linear layers are {available}")
 
 
 def add_lora(model: PreTrainedModel, config: TextConfig, *, seed: int = 0) -> PeftModel:
@@ -288,11 +284,7 @@ def add_lora(model: PreTrainedModel, config: TextConfig, *, seed: int = 0) -> Pe
 
 
 def _trained_adapter_parameters(model: PeftModel) -> dict[str, nn.Parameter]:
-    params = {
-        name: param
-        for name, param in model.named_parameters()
-        if LORA_MARKER in name and param.requires_grad
-    }
+    params = {name: param for name, param in model.named_parameters() if LORA_MARKER in name and param.requires_grad}
     assert params, "the model has no trainable LoRA parameters (was it built with add_lora?)"
     return params
 
@@ -321,8 +313,7 @@ def set_lora_state(model: PeftModel, state: dict[str, Tensor]) -> None:
     for name, param in params.items():
         if state[name].shape != param.shape:
             raise FedgenError(
-                f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
-                f"the model expects {tuple(param.shape)}"
+                f"adapter tensor {name} has shape {tuple(state[name].shape)}, the model expects {tuple(param.shape)}"
             )
     with torch.no_grad():
         for name, param in params.items():
@@ -352,12 +343,18 @@ def class_prompts(tokenizer: PreTrainedTokenizerFast, config: TextConfig, labels
     """
     if not tokenizer.chat_template:
         return ClassPrompts(
-            {label: [tokenizer.bos_token_id, *_token_ids(tokenizer, prompt_prefix(config.prompt_template, label))] for label in labels},
+            {
+                label: [tokenizer.bos_token_id, *_token_ids(tokenizer, prompt_prefix(config.prompt_template, label))]
+                for label in labels
+            },
             tokenizer.eos_token_id,
         )
 
     def turns(label: str) -> list[dict[str, str]]:
-        return [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": config.user_prompt.replace(LABEL_SLOT, label)}]
+        return [
+            {"role": "system", "content": config.system_prompt},
+            {"role": "user", "content": config.user_prompt.replace(LABEL_SLOT, label)},
+        ]
 
     def rendered(label: str, **options) -> str:
         return tokenizer.apply_chat_template(turns(label) + options.pop("note", []), tokenize=False, **options)
@@ -365,16 +362,16 @@ def class_prompts(tokenizer: PreTrainedTokenizerFast, config: TextConfig, labels
     prompts = {label: _token_ids(tokenizer, rendered(label, add_generation_prompt=True)) for label in labels}
     after_note = rendered("", note=[{"role": "assistant", "content": NOTE_MARK}]).split(NOTE_MARK, 1)[1]
     if not after_note:
-        raise FedgenError("the base model's chat template writes nothing after the assistant's message: no end-of-turn token")
+        raise FedgenError(
+            "the base model's chat template writes nothing after the assistant's message: no end-of-turn token"
+        )
     return ClassPrompts(prompts, _token_ids(tokenizer, after_note)[0])
 
 
 def validate_template(template: str) -> None:
     """A template holds {label} once, then ends with {text}: the note is everything generated."""
     if template.count(LABEL_SLOT) != 1 or template.count(TEXT_SLOT) != 1:
-        raise FedgenError(
-            f"prompt template {template!r} needs exactly one {LABEL_SLOT} and one {TEXT_SLOT} slot"
-        )
+        raise FedgenError(f"prompt template {template!r} needs exactly one {LABEL_SLOT} and one {TEXT_SLOT} slot")
     if not template.endswith(TEXT_SLOT):
         raise FedgenError(f"prompt template {template!r} must end with the {TEXT_SLOT} slot")
 

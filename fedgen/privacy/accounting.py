@@ -50,9 +50,7 @@ CALIBRATION_RELATIVE_TOLERANCE = 0.005
 DEFAULT_DELTA_FRACTION = 0.1
 
 
-def epsilon_from_history(
-    history: Sequence[HistoryEntry], *, delta: float, accountant: str = "rdp"
-) -> float:
+def epsilon_from_history(history: Sequence[HistoryEntry], *, delta: float, accountant: str = "rdp") -> float:
     """ε of all entries composed by ``accountant``, at ``delta``; inf if any entry had no noise.
 
     PRV's ε is the upper end of its error bound, a guarantee like RDP's."""
@@ -117,7 +115,10 @@ def calibrate_composed(
     total = sum(share for share, _, _ in mechanisms.values())
     alone = {
         name: calibrate_noise_multiplier(
-            target_epsilon=target_epsilon * share / total, delta=delta, sample_rate=q, steps=steps,
+            target_epsilon=target_epsilon * share / total,
+            delta=delta,
+            sample_rate=q,
+            steps=steps,
             accountant=accountant,
         )
         for name, (share, q, steps) in mechanisms.items()
@@ -171,9 +172,7 @@ def check_delta(delta: float, n_records: int, *, site: str = "this site") -> Non
         raise FedgenError(f"δ={delta:g} must be below 1/records = {1 / n_records:g} for {site}")
 
 
-def planned_steps(
-    *, n_records: int, batch_size: int, epochs_per_round: int, rounds: int
-) -> tuple[float, int]:
+def planned_steps(*, n_records: int, batch_size: int, epochs_per_round: int, rounds: int) -> tuple[float, int]:
     """(sample rate q, total optimizer steps) of ``rounds`` rounds, exactly as Opacus samples."""
     _check_records(n_records)
     assert batch_size >= 1 and epochs_per_round >= 1 and rounds >= 1

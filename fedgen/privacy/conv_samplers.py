@@ -69,9 +69,7 @@ def prefers_ghost_norm(layer: nn.Conv2d, output_positions: int) -> bool:
     return 2 * output_positions**2 <= out_per_group * in_per_group
 
 
-def conv2d_weight_norms(
-    layer: nn.Conv2d, inputs: Tensor, output_grads: Tensor, *, ghost: bool
-) -> Tensor:
+def conv2d_weight_norms(layer: nn.Conv2d, inputs: Tensor, output_grads: Tensor, *, ghost: bool) -> Tensor:
     """Per-example norms ``[B]`` of the weight gradient, by the ghost norm or directly.
 
     ``inputs`` is the layer's input ``[B, C_in, H, W]``, ``output_grads`` the gradient of
@@ -129,9 +127,7 @@ def without_summed_conv_grads(model: nn.Module) -> Iterator[None]:
             del conv._conv_forward
 
 
-def _conv_forward_on_detached_params(
-    conv: nn.Conv2d, inputs: Tensor, weight: Tensor, bias: Tensor | None
-) -> Tensor:
+def _conv_forward_on_detached_params(conv: nn.Conv2d, inputs: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if inputs.requires_grad:
         weight, bias = weight.detach(), None if bias is None else bias.detach()
     return type(conv)._conv_forward(conv, inputs, weight, bias)
@@ -180,9 +176,9 @@ def _input_and_padding(layer: nn.Conv2d, inputs: Tensor) -> tuple[Tensor, int | 
 def _ghost_squared_norms(layer: nn.Conv2d, padded: Tensor, output_grads: Tensor) -> Tensor:
     """``<Gᵀ G, Uᵀ U>`` summed over groups, per example: ``[b]``."""
     batch, groups = padded.shape[0], layer.groups
-    patches = F.unfold(
-        padded, layer.kernel_size, dilation=layer.dilation, padding=0, stride=layer.stride
-    ).view(batch, groups, -1, output_grads.shape[2] * output_grads.shape[3])  # [b, g, D, T]
+    patches = F.unfold(padded, layer.kernel_size, dilation=layer.dilation, padding=0, stride=layer.stride).view(
+        batch, groups, -1, output_grads.shape[2] * output_grads.shape[3]
+    )  # [b, g, D, T]
     grads = output_grads.reshape(batch, groups, -1, patches.shape[-1])  # [b, g, p, T]
     patch_gram = patches.transpose(-1, -2) @ patches  # [b, g, T, T]
     grad_gram = grads.transpose(-1, -2) @ grads

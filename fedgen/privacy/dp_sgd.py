@@ -196,8 +196,7 @@ class BatchBackward:
             return loss.loss_per_sample.detach()
         losses = self.per_example_loss(self.model, batch)
         assert losses.shape == batch[0].shape[:1], (
-            f"per_example_loss must return one loss per row: got {tuple(losses.shape)} "
-            f"for {len(batch[0])} rows"
+            f"per_example_loss must return one loss per row: got {tuple(losses.shape)} for {len(batch[0])} rows"
         )
         (losses.sum() if self.per_sample_params else losses.mean()).backward()
         _average_over_draws(self.per_sample_params, self.multiplicity)
@@ -240,9 +239,7 @@ def _average_over_draws(params: Sequence[Tensor], multiplicity: int) -> None:
     for p in params:
         rows = p.grad_sample.shape[0]
         assert rows % multiplicity == 0, (rows, multiplicity)
-        p.grad_sample = p.grad_sample.view(
-            rows // multiplicity, multiplicity, *p.grad_sample.shape[1:]
-        ).mean(dim=1)
+        p.grad_sample = p.grad_sample.view(rows // multiplicity, multiplicity, *p.grad_sample.shape[1:]).mean(dim=1)
 
 
 def set_empty_gradients(params: Sequence[Tensor]) -> None:

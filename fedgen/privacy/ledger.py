@@ -73,7 +73,9 @@ class LedgerEntry:
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
     @classmethod
-    def from_metrics(cls, site: str, modality: str, round: int, metrics: Mapping[str, float], *, accountant: str) -> LedgerEntry:
+    def from_metrics(
+        cls, site: str, modality: str, round: int, metrics: Mapping[str, float], *, accountant: str
+    ) -> LedgerEntry:
         """The row of an update from the metrics a site sends with it (fedgen.clients.local)."""
         m = metrics
         return cls(
@@ -112,7 +114,9 @@ def recompute_site_epsilon(rows: list[LedgerEntry]) -> float:
     if last.composition == DIFFERENT_PEOPLE:
         modalities = {r.modality for r in rows}
         return max(
-            epsilon_from_history([r.entry for r in rows if r.modality == m], delta=last.delta, accountant=last.accountant)
+            epsilon_from_history(
+                [r.entry for r in rows if r.modality == m], delta=last.delta, accountant=last.accountant
+            )
             for m in modalities
         )
     return epsilon_from_history([r.entry for r in rows], delta=last.delta, accountant=last.accountant)

@@ -46,10 +46,7 @@ def per_example_grads(model: nn.Module) -> Iterator[None]:
         for module in model.modules()
         if any(p.requires_grad for p in module.parameters(recurse=False))
     ]
-    handles = [
-        module.register_forward_hook(functools.partial(_hook_output, sampler))
-        for module, sampler in samplers
-    ]
+    handles = [module.register_forward_hook(functools.partial(_hook_output, sampler)) for module, sampler in samplers]
     try:
         yield
     finally:

@@ -110,7 +110,9 @@ def train_records(config: RunConfig, site: SiteData) -> dict[str, int]:
     """
     labels = {"image": site.image_labels, "text": site.text_labels}
     counts = {
-        modality: len(split_indices(labels[modality], heldout_fraction=site.heldout_fraction, seed=config.data.split_seed)[0])
+        modality: len(
+            split_indices(labels[modality], heldout_fraction=site.heldout_fraction, seed=config.data.split_seed)[0]
+        )
         for modality in config.modalities
     }
     return {modality: n for modality, n in counts.items() if n > 0}
