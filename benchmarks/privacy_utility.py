@@ -52,6 +52,7 @@ from fedgen.data.site import image_splits, load_site, text_splits  # noqa: E402
 from fedgen.files import write_text  # noqa: E402
 from fedgen.generate import generate_images, generate_texts  # noqa: E402
 from fedgen.logs import quiet_libraries  # noqa: E402
+from fedgen.models.pretrained import ARCHITECTURE_KEYS  # noqa: E402
 from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
 from fedgen.simulations.engine import check_sites, simulate  # noqa: E402
 
@@ -234,17 +235,6 @@ def parse_sets(pairs: list[str]) -> dict:
     return overrides
 
 
-# The settings a pretrained UNet is made of; overriding one needs its own pretraining.
-PRETRAINED_SHAPE = (
-    "resolution",
-    "channels",
-    "block_out_channels",
-    "layers_per_block",
-    "attention",
-    "norm_num_groups",
-    "train_timesteps",
-    "prediction_type",
-)
 
 
 def pretrained_checkpoint(args, overrides: dict) -> Path:
@@ -253,7 +243,7 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     public = args.out / f"public-{args.public}-{kind}"
     if not public.is_dir():
         make_public_phantoms(public, images=args.public, labelled=args.public_labelled, progress=True)
-    shape = {k: v for k, v in overrides.items() if k.removeprefix("image.") in PRETRAINED_SHAPE}
+    shape = {k: v for k, v in overrides.items() if k.removeprefix("image.") in ARCHITECTURE_KEYS}  # overriding one needs its own pretraining
     spell = lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     suffix = "".join(f"-{k.removeprefix('image.')}-{spell(v)}" for k, v in sorted(shape.items()))
     ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
