@@ -235,15 +235,15 @@ def parse_sets(pairs: list[str]) -> dict:
     return overrides
 
 
-
-
 def pretrained_checkpoint(args, overrides: dict) -> Path:
     """Pretrain once per (public set, epochs, EMA decay, model shape) on public phantoms; reuse after."""
     kind = "labelled" if args.public_labelled else "unlabelled"
     public = args.out / f"public-{args.public}-{kind}"
     if not public.is_dir():
         make_public_phantoms(public, images=args.public, labelled=args.public_labelled, progress=True)
-    shape = {k: v for k, v in overrides.items() if k.removeprefix("image.") in ARCHITECTURE_KEYS}  # overriding one needs its own pretraining
+    shape = {
+        k: v for k, v in overrides.items() if k.removeprefix("image.") in ARCHITECTURE_KEYS
+    }  # overriding one needs its own pretraining
     spell = lambda v: "x".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
     suffix = "".join(f"-{k.removeprefix('image.')}-{spell(v)}" for k, v in sorted(shape.items()))
     ema = f"-ema{args.pretrain_ema_decay:g}" if args.pretrain_ema_decay else ""
