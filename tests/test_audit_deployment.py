@@ -93,6 +93,7 @@ def test_cli_deployment_prints_the_decision_the_server_app_wrote(run, monkeypatc
         return run_.audit / "report.json"
 
     monkeypatch.setattr(fedgen.server.deploy, "serve_audit", fake_serve_audit)
+    monkeypatch.setattr("fedgen.audits.inputs.check_inputs", lambda run: None)  # no ledger or checkpoints here
     args = ["audit", str(run.root), "--deployment", "--insecure", "--host", "127.0.0.1", "--port", "0", "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
