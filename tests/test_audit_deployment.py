@@ -105,7 +105,7 @@ def test_cli_deployment_prints_the_decision_the_server_app_wrote(run, monkeypatc
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--insecure"], "--certs and --insecure are for --deployment"),
+        (["--insecure"], "--insecure is for --deployment"),
         (["--deployment"], "give --certs DIR"),
         (["--deployment", "--insecure", "--site", "x"], "--site names simulated sites"),
     ],

@@ -118,13 +118,14 @@ def audit_run(
 
         load_inception(inception)
     clinical_review = _pooled_review(review, run.root.name) if review else None  # and a bad scores file
-    check_inputs(run)  # ledger, checkpoints, synthetic data: before any site is asked or anything written
-    if deployment:
+    if deployment:  # the options first, then the run's inputs
         from fedgen.server.deploy import serve_audit
         from fedgen.server.superlink import check_listen_address
 
         consortium = coordinator_certs(certs_dir, insecure)
         check_listen_address(host, port)
+    check_inputs(run)  # ledger, checkpoints, synthetic data: before any site is asked or anything written
+    if deployment:
         if insecure:
             err_console.print(INSECURE_WARNING)
         json_path = serve_audit(
