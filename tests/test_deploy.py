@@ -684,6 +684,7 @@ def test_a_deployed_consortium_is_audited_at_its_sites(processes, tmp_path):
     loss = report["membership"]["image"]["attacks"]["loss"]
     assert set(loss["sites"]) == {"site-1", "site-2"}
     assert loss["pooled"]["n_members"] + loss["pooled"]["n_nonmembers"] == records
-    assert report["fidelity"]["image"]["n_real"] == records
+    # every site's real images reached a per-class answer (classes this small get counts, not figures)
+    assert sum(c["n_real"] for c in report["fidelity"]["image"]["per_class"].values()) == records
     decision = json.loads(audit.log_path.read_text().splitlines()[-1])
     assert decision["report_json"] == str(run.audit / "report.json")

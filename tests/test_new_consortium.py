@@ -137,7 +137,7 @@ def test_a_consortium_of_other_classes_trains_and_audits_without_a_config_file(t
     run = RunDir.open(tmp_path / "runs" / "animals")
     recorded = tomllib.loads((run.root / "config.toml").read_text())
     assert recorded["data"]["image_classes"] == ["ant", "bee", "zebra"]  # the sorted union, recorded
-    generate = runner.invoke(app, ["generate", str(run.root), "--per-class", "4", "--steps", "5"])
+    generate = runner.invoke(app, ["generate", str(run.root), "--per-class", "7", "--steps", "5"])
     assert generate.exit_code == 0, generate.output
     assert sorted(p.name for p in (run.synthetic / "images").iterdir()) == ["ant", "bee", "zebra"]
     audit = runner.invoke(app, ["audit", str(run.root)])
