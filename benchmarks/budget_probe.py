@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, parse_sets, synthetic_image_scores
+from benchmarks.privacy_utility import (
+    CLASSIFIER_SEEDS,
+    RealSides,
+    add_config_options,
+    parse_sets,
+    synthetic_image_scores,
+)
 from fedgen.config import load_config
 from fedgen.data.check import site_folders
 from fedgen.modalities import ImageModality
@@ -34,15 +40,7 @@ from fedgen.training import train_local
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sites", type=Path)
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (TOML value); repeatable",
-    )
+    add_config_options(parser)
     parser.add_argument(
         "--epochs", type=int, default=8, help="0: score the starting model (image.init_checkpoint) untrained here"
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.privacy_utility import parse_sets, pooled_heldout
+from benchmarks.privacy_utility import add_config_options, parse_sets, pooled_heldout
 from fedgen.config import load_config
 from fedgen.data.check import site_folders
 from fedgen.models.diffusion import load_image_model, make_noise_scheduler, predicted_noise
@@ -28,15 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("sites", type=Path)
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (TOML value); repeatable",
-    )
+    add_config_options(parser)
     parser.add_argument("--images", type=int, default=120)
     args = parser.parse_args()
     config = load_config(args.config, parse_sets(args.sets))

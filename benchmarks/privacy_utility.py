@@ -224,6 +224,19 @@ def one_epsilon(epsilon: float, sites, reals: RealSides, overrides: dict, args) 
     return row
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE`` (read with ``parse_sets``)."""
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override (TOML value); repeatable",
+    )
+
+
 def parse_sets(pairs: list[str]) -> dict:
     """``key=value`` pairs, each value read as TOML (numbers, booleans, strings, lists)."""
     overrides = {}
@@ -341,15 +354,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 10.0, math.inf])
     parser.add_argument("--modality", default="image", choices=["image", "text", "both"])
-    parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override (TOML value); repeatable",
-    )
+    add_config_options(parser)
     parser.add_argument("--label", default="default", help="the name of this configuration in results and plot")
     parser.add_argument(
         "--public", type=int, default=0, help="pretrain on this many public phantoms first (0 = no pretraining)"
