@@ -149,5 +149,6 @@ def train_site(
         "sample-rate": result.sample_rate,
         "steps": result.steps,
         "train-seconds": time.perf_counter() - started,  # for the federation-overhead figure
+        **modality.reply_metrics(train_set),  # text: the coarse note length generation stops at
     }
     return SiteUpdate(modality.get_state(model), metrics, list(result.history))

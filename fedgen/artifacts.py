@@ -3,7 +3,7 @@
 runs/<run-id>/
   config.toml            the resolved configuration
   ledger.sqlite          privacy ledger
-  checkpoints/round-NNN/ <modality>/ weights (safetensors) + metrics.json
+  checkpoints/round-NNN/ <modality>/ weights (safetensors) + metrics.json (text: + the sites' note length)
   synthetic/images/<class>/*.png, synthetic/texts.jsonl
   audit/report.json, audit/report.html
   release/
@@ -20,12 +20,17 @@ from fedgen.config import RunConfig, load_config, save_config
 from fedgen.errors import FedgenError
 from fedgen.files import write_json
 
-__all__ = ["RunDir", "SITE_STATE_DIR", "EMA_DIR"]
+__all__ = ["RunDir", "SITE_STATE_DIR", "EMA_DIR", "CHECKPOINT_METRICS", "NOTE_TOKENS_KEY"]
 
 # Inside a site folder: the site's own state (locally made base models, its durable ledger).
 SITE_STATE_DIR = ".fedgen"
 # Inside a checkpoint folder: the EMA of the global model, which generation samples from.
 EMA_DIR = "ema"
+# Inside a checkpoint folder, written last: the round's facts (sites' ε, timings, ...).
+CHECKPOINT_METRICS = "metrics.json"
+# In a text checkpoint's metrics: the longest coarse note length the sites reported in the run
+# so far (fedgen.modalities.coarse_note_length); generation stops there.
+NOTE_TOKENS_KEY = "note_tokens"
 
 _ROUND_DIR = re.compile(r"^round-(\d{3,})$")
 
@@ -78,7 +83,7 @@ class RunDir:
         rounds = []
         for child in self.checkpoints.iterdir():
             match = _ROUND_DIR.match(child.name)
-            if match and (child / modality / "metrics.json").is_file():
+            if match and (child / modality / CHECKPOINT_METRICS).is_file():
                 rounds.append(int(match.group(1)))
         return sorted(rounds)
 
@@ -95,6 +100,14 @@ class RunDir:
                 f"(complete rounds: {', '.join(map(str, rounds))})"
             )
         return self.round_dir(server_round) / modality
+
+    def checkpoint_metrics(self, modality: str, server_round: int | None = None) -> dict:
+        """The metrics.json of `modality`'s checkpoint at a round (default: the last complete one)."""
+        path = self.checkpoint(modality, server_round) / CHECKPOINT_METRICS
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise FedgenError(f"{path} is not valid JSON ({err.msg})") from None
 
     def sampling_checkpoint(self, modality: str, server_round: int | None = None) -> Path:
         """What to sample from: the round's EMA of the global model when the run kept one, else the model."""

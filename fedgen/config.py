@@ -148,8 +148,9 @@ class TextConfig(_Section):
     lr: float = Field(5e-3, gt=0)
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
-    # None: max_length minus the class prompt, the bound every training note was checked against
-    # (the sites' own note lengths stay at the sites).
+    # None: the longest of the sites' coarse note lengths, which each site with 20 notes or more
+    # sends in its training reply (a 0.9 quantile rounded up to 32 tokens; the run records it in
+    # its checkpoints), at most max_length minus the class prompt (without one: that bound).
     max_new_tokens: int | None = Field(None, ge=1)
 
     @field_validator("user_prompt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fedgen.artifacts import RunDir
+from fedgen.artifacts import NOTE_TOKENS_KEY, RunDir
 from fedgen.data.check import IMAGE_SUFFIXES
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, atomic_file, read_text_records, write_text
@@ -87,14 +87,18 @@ def generate_texts(
     server_round: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Write synthetic/texts.jsonl, one {"text", "label"} per line; return its path."""
+    """Write synthetic/texts.jsonl, one {"text", "label"} per line; return its path.
+
+    A note stops at its end-of-turn token or at ``TextModality.max_new_tokens``, fed the note
+    length the checkpoint records from the sites' training replies."""
     from fedgen.models.text import generate_texts as sample_texts
 
     config = run.config()
     chosen = choose_classes(config.data.text_classes, classes)
     modality = TextModality(config, work_dir=run.base_models)
     model = modality.load(run.checkpoint("text", server_round))
-    tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens()
+    note_tokens = run.checkpoint_metrics("text", server_round).get(NOTE_TOKENS_KEY)
+    tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens(note_tokens)
     lines = []
     with progress_bar(True, total=per_class * len(chosen), description="sampling texts", unit="texts") as advance:
         for k, name in enumerate(chosen):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +21,40 @@ from torch.utils.data import Dataset
 from fedgen.config import RunConfig
 from fedgen.data.site import SiteData, image_splits, text_splits
 
-__all__ = ["Modality", "ImageModality", "TextModality", "get_modality", "MODALITIES"]
+__all__ = [
+    "Modality",
+    "ImageModality",
+    "TextModality",
+    "get_modality",
+    "MODALITIES",
+    "NOTE_TOKENS",
+    "coarse_note_length",
+]
 
 PerExampleLoss = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+# The training reply's metric that carries a site's coarse note length (TextModality.reply_metrics).
+NOTE_TOKENS = "note-tokens"
+NOTE_LENGTH_QUANTILE = 0.9  # at least a tenth of a site's notes (>= 2) reach the reported length
+NOTE_LENGTH_GRID = 32  # tokens: the reported length is rounded up to a multiple of this
+MIN_NOTES_FOR_LENGTH = 20  # fewer training notes and the site reports no length (as the audit's floor)
+
+
+def coarse_note_length(lengths: Sequence[int]) -> int | None:
+    """A high quantile of a site's note lengths (tokens), rounded UP to a multiple of
+    NOTE_LENGTH_GRID; None under MIN_NOTES_FOR_LENGTH notes.
+
+    Generation needs to know how long notes run, and the coordinator never sees a note. So each
+    site sends this, once per training reply: the nearest-rank NOTE_LENGTH_QUANTILE, which at
+    least a tenth of its notes (two or more) reach or pass, so it is never the longest note's own
+    length, then coarsened to the grid, so one record added or removed rarely moves it. Like the
+    audit's aggregates it is a floor against singling out a record, outside the DP guarantee.
+    """
+    if len(lengths) < MIN_NOTES_FOR_LENGTH:
+        return None
+    rank = math.ceil(NOTE_LENGTH_QUANTILE * len(lengths))
+    quantile = sorted(lengths)[rank - 1]
+    return -(-quantile // NOTE_LENGTH_GRID) * NOTE_LENGTH_GRID
 
 
 class Modality(ABC):
@@ -64,6 +96,10 @@ class Modality(ABC):
     @abstractmethod
     def datasets(self, site: SiteData) -> tuple[Dataset, Dataset]:
         """(train, held-out) splits of the site's records for this modality."""
+
+    def reply_metrics(self, train_set: Dataset) -> dict[str, float]:
+        """What the site's training reply adds to its ε and DP-SGD parameters (none by default)."""
+        return {}
 
     @abstractmethod
     def per_example_loss(self) -> PerExampleLoss:
@@ -174,14 +210,26 @@ class TextModality(Modality):
 
         return class_prompts(self.tokenizer(), self.config.text, self.config.data.text_classes)
 
-    def max_new_tokens(self) -> int:
-        """text.max_new_tokens, or max_length minus the longest class prompt: every training note
-        fits in it, and the bound is the configuration's, not a statistic of a site's notes."""
+    def max_new_tokens(self, note_tokens: int | None = None) -> int:
+        """How long a generated note may run: text.max_new_tokens when set; else ``note_tokens``,
+        the longest of the sites' coarse note lengths the run recorded (``reply_metrics``), so
+        that a pretrained model that does not stop writes about as much as the notes it learnt
+        from, not the configuration's whole bound; else (or if shorter) that bound, max_length
+        minus the longest class prompt, which every training note fits in."""
         text = self.config.text
         if text.max_new_tokens is not None:
             return text.max_new_tokens
         longest = max(len(ids) for ids in self.prompts().prompts.values())
-        return max(1, text.max_length - longest)
+        bound = max(1, text.max_length - longest)
+        return bound if note_tokens is None else min(note_tokens, bound)
+
+    def reply_metrics(self, train_set):
+        """The site's coarse note length (``coarse_note_length``): the note and its end token,
+        in the base model's tokenizer, as the loss mask marks them. NaN when the site has too few
+        notes to say (Flower aggregates only replies that carry the same metric keys)."""
+        _, _, loss_mask = train_set.tensors
+        length = coarse_note_length(loss_mask.sum(dim=1).tolist())
+        return {NOTE_TOKENS: math.nan if length is None else length}
 
     def _base(self):
         from fedgen.models.text import load_base_model

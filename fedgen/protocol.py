@@ -10,8 +10,9 @@ not inherit the caller's environment, so paths travel here, absolute.
 
 Train messages carry ``arrays`` (the global trained state) and ``config`` (the resolved run
 configuration as TOML, the modality, the server round); a site replies with its ``arrays``,
-``metrics`` (ε spent and the DP-SGD parameters, never a private statistic) and its ``site``
-name. Under SecAgg+ Flower's legacy ``fitins.*`` / ``fitres.*`` records carry the same content
+``metrics`` (ε spent and the DP-SGD parameters; of its records' content only, for text, the
+coarse note length of fedgen.modalities.coarse_note_length, when it has 20 notes or more) and
+its ``site`` name. Under SecAgg+ Flower's legacy ``fitins.*`` / ``fitres.*`` records carry the same content
 (see fedgen.server.secagg and fedgen.clients.secagg).
 
 Audit queries carry the run configuration, the final model's trained state, the synthetic data
@@ -74,7 +75,7 @@ AUDIT_RUN_CONFIG = {RUN_DIR_KEY: "", POLICY_KEY: "", INCEPTION_KEY: ""}  # the a
 
 TRAIN_ARRAYS = "arrays"  # ArrayRecord: the global (request) or the site's (reply) trained state
 TRAIN_CONFIG = "config"  # ConfigRecord: run-config (TOML), modality, server-round, ...
-TRAIN_METRICS = "metrics"  # MetricRecord: num-examples, epsilon, delta, noise-multiplier, ...
+TRAIN_METRICS = "metrics"  # MetricRecord: num-examples, epsilon, delta, noise-multiplier, ..., note-tokens
 TRAIN_SITE = "site"  # ConfigRecord {"name": ..., RELEASED_KEY: ...}
 # Every update the site released in this run, this one included, as JSON {modality: [[σ, q,
 # steps], ...]}: the coordinator records any whose reply it lost (fedgen.server.strategy).

@@ -3,8 +3,9 @@
 The averaging itself is Flower's (FedAvg / FedAdam / FedProx); the mixin only (1) writes one
 ledger row per replying site per round, and one per earlier update the site lists that the
 ledger lacks (its reply was lost in a coordinator crash), (2) stops asking a site whose next round would
-overspend its budget, (3) aggregates ε as a maximum, never as a weighted mean, and (4) fails a
-round that fewer than min_sites answered (after recording those that did: their ε is spent).
+overspend its budget, (3) aggregates ε as a maximum, never as a weighted mean, (4) fails a
+round that fewer than min_sites answered (after recording those that did: their ε is spent), and
+(5) keeps each text site's coarse note length for the round's checkpoint.
 After the first round, a site that went offline no longer blocks the next one.
 """
 
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import (
 
 from fedgen.config import RunConfig
 from fedgen.errors import FedgenError
+from fedgen.modalities import NOTE_TOKENS
 from fedgen.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedgen.protocol import RELEASED_KEY, TRAIN_METRICS, TRAIN_SITE, error_line
 
@@ -75,6 +77,7 @@ class LedgerMixin:
         # Timing of the last round, for the federation-overhead figure in metrics.json.
         self.round_seconds = math.nan
         self.site_train_seconds: dict[str, float] = {}
+        self.site_note_tokens: dict[str, int] = {}  # text: each site's coarse note length, last round
         self._round_started = time.perf_counter()
         self.failures: list[str] = []  # why sites failed the last round (the round went on)
 
@@ -83,6 +86,7 @@ class LedgerMixin:
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         self.site_train_seconds = {}
+        self.site_note_tokens = {}
         server_round += self.round_offset
         # Flower's FedAvg sizes its sample from the nodes online BEFORE it waits for
         # min_available_nodes, so a site that connects during the wait would be left out.
@@ -130,6 +134,8 @@ class LedgerMixin:
         if m["epsilon-next"] > m["budget"]:
             self.spent_nodes.add(msg.metadata.src_node_id)
         self.site_train_seconds[site] = m.get("train-seconds", math.nan)
+        if math.isfinite(m.get(NOTE_TOKENS, math.nan)):  # NaN: too few notes to say
+            self.site_note_tokens[site] = int(m[NOTE_TOKENS])
         if self.report is not None:
             self.report(server_round, site, m)
 

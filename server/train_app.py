@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from fedgen.artifacts import EMA_DIR, RunDir
+from fedgen.artifacts import CHECKPOINT_METRICS, EMA_DIR, NOTE_TOKENS_KEY, RunDir
 from fedgen.config import config_to_toml
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
@@ -64,7 +64,7 @@ def save_checkpoint(
             modality.save(model, tmp / EMA_DIR)
         rows = [e for e in ledger.entries(modality=modality.name) if e.round == server_round and not e.lost]
         write_json(
-            tmp / "metrics.json",
+            tmp / CHECKPOINT_METRICS,
             {
                 "round": server_round,
                 "modality": modality.name,
@@ -80,6 +80,12 @@ def save_checkpoint(
                 **(round_info or {}),  # wall time, sites' training seconds, failures
             },
         )
+
+
+def longest_note(recorded: int | None, sites: dict[str, int]) -> int | None:
+    """The longest coarse note length reported in the run: ``recorded`` in the last checkpoint,
+    or by a site this round (None: no site reported one)."""
+    return max([*sites.values(), *([] if recorded is None else [recorded])], default=None)
 
 
 def rounds_done(run: RunDir) -> dict[str, int]:
@@ -120,9 +126,10 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         return
     modality = get_modality(modality_name, config, work_dir=run.base_models)
     ema_decay = getattr(modality.section, "ema_decay", 0.0)
-    ema = None
+    ema, note_tokens = None, None
     if run.completed_rounds(modality_name):
         last = run.checkpoint(modality_name)
+        note_tokens = run.checkpoint_metrics(modality_name).get(NOTE_TOKENS_KEY)
         if ema_decay > 0 and (last / EMA_DIR).is_dir():
             ema = modality.get_state(modality.load_trainable(last / EMA_DIR))
         model = modality.load_trainable(last)
@@ -139,7 +146,7 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
         )
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        nonlocal ema
+        nonlocal ema, note_tokens
         if server_round > 0:
             if ema_decay > 0:
                 ema = update_ema(ema, arrays.to_torch_state_dict(), ema_decay)
@@ -150,6 +157,9 @@ def run_federation(grid: Grid, run: RunDir, modality_name: str) -> None:
                 "site_train_seconds": strategy.site_train_seconds,
                 "failures": strategy.failures,
             }
+            note_tokens = longest_note(note_tokens, strategy.site_note_tokens)
+            if note_tokens is not None:
+                round_info[NOTE_TOKENS_KEY] = note_tokens
             save_checkpoint(run, modality, model, arrays, server_round + done, ledger, ema, round_info)
         return None
 

@@ -1,5 +1,7 @@
 """A site's round in plain PyTorch (clients/local.py): budget refusal, DP plan, checkpoints."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from fedgen.clients.local import BudgetExhausted, train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site
-from fedgen.modalities import ImageModality, TextModality
+from fedgen.modalities import MIN_NOTES_FOR_LENGTH, NOTE_TOKENS, ImageModality, TextModality
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.plan import plan_privacy
 
@@ -75,3 +77,5 @@ def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_p
         epsilon_from_history(update.history, delta=update.metrics["delta"])
     )
     assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved
+    assert update.metrics["num-examples"] < MIN_NOTES_FOR_LENGTH
+    assert math.isnan(update.metrics[NOTE_TOKENS])  # too few notes to say how long they run

@@ -8,11 +8,13 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from PIL import Image
 from typer.testing import CliRunner
 
-from fedgen.artifacts import RunDir
+from fedgen.artifacts import SITE_STATE_DIR, RunDir
 from fedgen.cli import app
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
+from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
+from fedgen.modalities import TextModality, coarse_note_length
 from fedgen.privacy.ledger import PrivacyLedger
 from fedgen.simulations.engine import check_sites, simulate
 
@@ -51,6 +53,14 @@ def run(tmp_path_factory):
     return run
 
 
+def site_note_length(run, site_dir):
+    """What the site computes from its own train split (its notes never reach the coordinator)."""
+    config = run.config()
+    site = load_site(site_dir, config.data, modalities=("text",))
+    train, _ = TextModality(config, work_dir=site_dir / SITE_STATE_DIR).datasets(site)
+    return coarse_note_length(train.tensors[2].sum(dim=1).tolist())
+
+
 def independent_epsilon(history, delta):
     rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=ORDERS) for s, q, n in history)
     return get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0]
@@ -64,6 +74,10 @@ def test_every_round_is_checkpointed_and_ledgered_once_per_site(run, modality):
     assert sorted((r.site, r.round) for r in rows) == [("site-1", 1), ("site-1", 2), ("site-2", 1), ("site-2", 2)]
     metrics = json.loads((run.checkpoint(modality) / "metrics.json").read_text())
     assert set(metrics["sites"]) == {"site-1", "site-2"}
+    if modality == "text":  # the longest of the sites' coarse note lengths, for generation
+        assert metrics["note_tokens"] == max(site_note_length(run, site) for site in run.simulated_sites())
+    else:
+        assert "note_tokens" not in metrics
 
 
 @pytest.mark.e2e

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from fedgen.server.strategy import make_strategy
 RELEASES = itertools.count(1)  # every reply is a new update of its site
 
 
-def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0):
+def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0, **extra):
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
     metrics = {
         "num-examples": n,
@@ -32,6 +33,7 @@ def _reply(node_id, site, weights, n, eps, eps_next=1.0, budget=10.0):
         "noise-multiplier": 1.0,
         "sample-rate": 0.1,
         "steps": 10,
+        **extra,
     }
     content = RecordDict(
         {
@@ -80,6 +82,17 @@ def test_a_site_whose_next_round_overspends_is_not_asked_again(ledger):
     w = [np.zeros(2)]
     strategy.aggregate_train(1, [_reply(1, "site-1", w, 10, 9.0, eps_next=10.5), _reply(2, "site-2", w, 10, 2.0)])
     assert strategy.spent_nodes == {1}
+
+
+def test_each_text_sites_note_length_is_kept_for_the_round(ledger):
+    strategy = make_strategy(RunConfig(), ledger=ledger, modality="text")
+    w = [np.zeros(2)]
+    replies = [
+        _reply(1, "site-1", w, 10, 1.0, **{"note-tokens": 96}),
+        _reply(2, "site-2", w, 10, 1.0, **{"note-tokens": math.nan}),
+    ]
+    strategy.aggregate_train(1, replies)
+    assert strategy.site_note_tokens == {"site-1": 96}  # site-2 has too few notes to say
 
 
 def test_a_round_where_every_site_failed_stops_the_run(ledger):
