@@ -110,6 +110,7 @@ ONTONOTES_LABELS = ["CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW"
                     "ORG", "PERCENT", "PERSON", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART"]  # fmt: skip
 # Presidio entity names folded into fedgen's: a card number or an IBAN is an account number.
 ENTITY_ALIASES = {"CREDIT_CARD": "ACCOUNT_NUMBER", "IBAN_CODE": "ACCOUNT_NUMBER"}
+CAPITALISED_TYPES = ("PERSON", "LOCATION")  # a piece of one without a capital letter or digit is no name
 
 URL_END = r"(?<![.,;:!?])(?![\w-])"
 SCHEME_URL = r"\b(?:https?|ftp)://[^\s<>\"'()]+(?<![.,;:!?])"
@@ -221,9 +222,12 @@ class LowercaseLemmaNlpEngine(SpacyNlpEngine):
     """Presidio's spaCy engine over a pipeline built here, with lemma = lowercase text: the scan
     runs no lemmatizer, and Presidio matches context words against lemmas, so without this no
     context word would ever raise a score. A doc's columns are read at once (not token by
-    token), and a word's stop-word and punctuation flags are looked up once per process."""
+    token), and a word's stop-word and punctuation flags are looked up once per process.
 
-    def __init__(self, nlp: Language) -> None:
+    ``context_words`` are never stop words: Presidio leaves stop words out of the words it
+    compares with a recognizer's context, and spaCy counts "call" as one ("Call 612 3344")."""
+
+    def __init__(self, nlp: Language, context_words: Iterable[str] = ()) -> None:
         super().__init__(
             models=[{"lang_code": LANGUAGE, "model_name": "fedgen-prebuilt"}],
             # fedgen's NameAndPlaceRecognizer reads the doc's entities itself; Presidio maps none.
@@ -231,6 +235,7 @@ class LowercaseLemmaNlpEngine(SpacyNlpEngine):
         )
         self.nlp = {LANGUAGE: nlp}  # prebuilt: SpacyNlpEngine.load (which may download) never runs
         self._flags: dict[str, tuple[bool, bool]] = {}
+        self._context_words = frozenset(word.lower() for word in context_words)
 
     def _doc_to_nlp_artifact(self, doc: Doc, language: str) -> NlpArtifacts:
         columns = doc.to_array([LOWER, IDX]).tolist()
@@ -250,7 +255,7 @@ class LowercaseLemmaNlpEngine(SpacyNlpEngine):
         flags = self._flags.get(word)
         if flags is None:
             lexeme = self.nlp[LANGUAGE].vocab[word]
-            flags = self._flags[word] = (lexeme.is_stop, lexeme.is_punct)
+            flags = self._flags[word] = (lexeme.is_stop and word not in self._context_words, lexeme.is_punct)
         return flags
 
     def is_stopword(self, word: str, language: str) -> bool:
@@ -316,9 +321,11 @@ def build_analyzer(*, spacy_model: str | None = None, statistical_ner: bool = Tr
     else:
         nlp = spacy.blank(LANGUAGE)
         engine = f"blank English pipeline (no statistical NER) + {RULES}"
+    registry = _registry(use_ner=bool(nlp.pipe_names))  # an NER or a site's entity ruler
+    context_words = {word for recognizer in registry.recognizers for word in recognizer.context or []}
     analyzer = AnalyzerEngine(
-        registry=_registry(use_ner=bool(nlp.pipe_names)),  # an NER or a site's entity ruler
-        nlp_engine=LowercaseLemmaNlpEngine(nlp),
+        registry=registry,
+        nlp_engine=LowercaseLemmaNlpEngine(nlp, context_words),
         supported_languages=[LANGUAGE],
         default_score_threshold=MIN_SCORE,
         context_aware_enhancer=IndexedContextEnhancer(),
@@ -365,7 +372,8 @@ def _rank(finding: PhiFinding) -> tuple:
 
 def _trimmed(finding: PhiFinding, by: PhiFinding, text: str | None) -> PhiFinding | None:
     """``finding`` without the characters ``by`` holds (the longer remaining side), or None when
-    nothing with a letter or digit remains."""
+    nothing with a letter or digit remains, or when a name or place keeps no capital letter or
+    digit (the "on" of "Cruz on" beside the date "on Sep 24")."""
     left = (finding.start, min(finding.end, by.start))
     right = (max(finding.start, by.end), finding.end)
     start, end = max(left, right, key=lambda span: span[1] - span[0])
@@ -373,9 +381,12 @@ def _trimmed(finding: PhiFinding, by: PhiFinding, text: str | None) -> PhiFindin
         return None
     if text is not None:
         piece = text[start:end]
-        start += len(piece) - len(piece.lstrip(" ,;:-\t\n"))
+        start += len(piece) - len(piece.lstrip(" ,;:.-\t\n"))
         end -= len(piece) - len(piece.rstrip(" ,;:-\t\n"))
-        if not any(c.isalnum() for c in text[start:end]):
+        rest = text[start:end]
+        if not any(c.isalnum() for c in rest):
+            return None
+        if finding.entity_type in CAPITALISED_TYPES and not any(c.isupper() or c.isdigit() for c in rest):
             return None
     return dataclasses.replace(finding, start=start, end=end)
 

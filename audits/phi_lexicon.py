@@ -57,6 +57,9 @@ EXTRA_STREET_TYPES = [
     "põik", "maantee", "sokak", "sokağı", "sk", "cadde", "caddesi", "cd", "bulvarı", "mahallesi", "mah",
     # Russian and Ukrainian, romanised
     "ulitsa", "ul.", "prospekt", "pr", "pereulok", "per", "shosse", "bulvar", "naberezhnaya", "vulytsia",
+    # abbreviations: Spanish "C/" (calle), "Ctra." (carretera), Portuguese "R" (rua), Hungarian "krt." (körút)
+    "c/", "ctra", "r", "pza", "trav", "estr", "rúa", "vía", "passeig", "rambla", "krt", "köz", "sétány", "fasor",
+    "rakpart", "lakótelep", "ltp", "sugárút", "cad", "sok",
 ]  # fmt: skip
 # Suffixes fused to the street name in Germanic, Nordic, Finnish, Estonian and Dutch addresses.
 FUSED_STREET_SUFFIXES = [
@@ -69,6 +72,8 @@ FUSED_STREET_SUFFIXES = [
 # Everyday words Webster's Second (1934) predates; a capitalised one is not a name.
 MODERN_WORDS = ["email", "e-mail", "online", "website", "internet", "covid", "telehealth", "app", "smartphone",
                 "laptop", "video", "login", "portal", "voicemail", "okay", "ok", "wifi", "zoom", "text"]  # fmt: skip
+# US states whose name, as usually written, is also that of a large city: a place, not only a state.
+STATE_NAMED_CITIES = ["New York", "Washington"]
 # Common names of countries and of the UK's nations that GeoNames spells otherwise or lacks.
 COUNTRY_NAMES = ["Czech Republic", "USA", "UK", "Great Britain", "England", "Scotland", "Wales", "Northern Ireland",
                  "Holland", "The Netherlands", "Russia", "South Korea", "North Korea", "Ivory Coast", "Vatican"]  # fmt: skip
@@ -195,7 +200,8 @@ def _geonames() -> tuple[set[str], set[str]]:
         not_phi.add(fold(state["name"]))
     for continent in json.loads(data.joinpath("continents.json").read_text(encoding="utf-8")).values():
         not_phi.add(fold(continent["name"]))
-    return cities, not_phi | {fold(name) for name in COUNTRY_NAMES}
+    not_phi = (not_phi | {fold(name) for name in COUNTRY_NAMES}) - {fold(name) for name in STATE_NAMED_CITIES}
+    return cities | {fold(name) for name in STATE_NAMED_CITIES}, not_phi
 
 
 def _english_words() -> set[str]:

@@ -526,7 +526,8 @@ AGE_PATTERNS = [
 ]
 
 PHONE_CONTEXT = ["phone", "telephone", "tel", "cell", "cellphone", "mobile", "call", "callback", "fax", "contact",
-                 "reach", "number", "ring", "text", "whatsapp", "ph", "mob", "landline", "registered"]  # fmt: skip
+                 "reach", "number", "ring", "text", "whatsapp", "ph", "mob", "landline", "registered", "office",
+                 "message", "messages", "sms", "voicemail", "spoke", "dial", "dialled", "dialed"]  # fmt: skip
 _PHONE_SEP = r"[ \t.\-/]?"
 PHONE_PATTERNS = [
     # +CC / 00CC, then 6-13 more digits in groups: "+49-9371-52821669", "+7-(966)-397-59-64".
@@ -547,7 +548,13 @@ PHONE_PATTERNS = [
     # Shapes few other numbers take: an area code in parentheses, a trunk 0 and one long group,
     # three groups of three, "3-2-3" and a country code with one-digit area ("372-4-3100-2994").
     Pattern("(area) number", r"(?<![\w+])\(\d{2,5}\)[ \t.\-]?\d{3,4}(?:[ \t.\-]?\d{2,4}){0,2}\b", 0.4),
-    Pattern("trunk 0, one group", r"(?<![\w+/.-])0\d{2,4}[ \t\-/]\d{6,8}\b(?![/.-]\d)", 0.4),
+    Pattern("trunk 0, one group", r"(?<![\w+/.-])0\d{1,4}[ \t\-/]\d{6,8}\b(?![/.-]\d)", 0.4),
+    # Digits before the label of a line: "26 590425-Office", "33 4455 (home)".
+    Pattern(
+        "digits before a phone label",
+        r"(?<![\w+/.-])\+?\d[\d \t.\-]{4,16}\d(?=[ \t]*[-(][ \t]*(?i:office|fax|home|mobile|cell|work|tel)\b)",
+        0.5,
+    ),
     Pattern("ddd ddd ddd, ddd dd ddd", r"(?<![\w+/.-])\d{3}([ .\-])(?:\d{3}|\d{2})\1\d{3}\b(?![/.-]\d)", 0.4),
     Pattern("cc-d-dddd-dddd", r"(?<![\w+/.-])\d{1,3}([ .\-])\d{1,2}\1\d{3,4}\1\d{4}\b(?![/.-]\d)", 0.4),
     # Digit groups (two to five) only count next to a phone word.
@@ -556,21 +563,43 @@ PHONE_PATTERNS = [
 ]
 
 _CAP = r"\p{Lu}[\p{L}'’.\-]*"
-_LINK = r"(?:de|da|do|dos|das|del|della|di|la|le|du|des|von|van|der|den|y|e|i|al|el|of|the|and|St\.?)"
-_NAME_WORDS = rf"(?:(?:{_CAP}|{_LINK}|\d+(?:st|nd|rd|th)?)[ \t]+){{0,4}}{_CAP}"
+_LINK = r"(?:de|da|do|dos|das|del|dei|degli|delle|della|dello|di|la|le|las|los|du|des|von|van|der|den|y|e|i|al|el|of|the|and|St\.?)"
+_ORDINAL = r"\d+(?:st|nd|rd|th)"
+# Words of a street's name; the last one may be an ordinal ("43rd Avenue").
+_NAME_WORDS = rf"(?:(?:{_CAP}|{_LINK}|\d+(?:st|nd|rd|th)?)[ \t]+){{0,4}}(?:{_CAP}|{_ORDINAL})"
 _NUMBER = r"\d{1,5}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?"
 # A house number after the street name has at most 4 digits: ", 69003" after it is a postal code.
-_HOUSE = r"\d{1,4}(?:[ \t]?[A-Za-z](?![\p{L}]))?(?:[-/]\d{1,4}[A-Za-z]?)?(?!\d)"
-_UNIT = r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|Rm\.?|\#|Bus|Box|Whg\.?|Stock|piso|esc\.?|bte)[ \t]*[A-Za-z0-9\-]+)?"
+# "18 A 5": a staircase letter and a flat number after the house number (Nordic addresses).
+_HOUSE = r"\d{1,4}(?:[ \t]?[A-Za-z](?![\p{L}:])(?:[ \t]\d{1,3}(?![\d.,:/-]\d))?)?(?:[-/]\d{1,4}[A-Za-z]?)?(?!\d)"
+# A house number's label: "No. 45", "Nr 7", "nº 3", "d. 15" (Russian dom), "#12".
+_HOUSE_LABEL = r"(?:(?:No|Nr|N[º°o]|n[º°o]|d|dom|\#)[.:]?[ \t]*)"
+# Units after the number; "D:4" / "Daire 4" (Turkish door), "kv. 3" and "korp. 2" (Russian).
+_UNIT = r"(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|Rm\.?|\#|Bus|Box|Whg\.?|Stock|piso|esc\.?|bte|D:|Daire|kv\.?|korp\.?)[ \t]*[A-Za-z0-9\-]+)*"
 
 
 # Street types that start a street's name and are not everyday English words (not "via").
 NAME_FIRST_STREET_TYPES = ["rue", "avenida", "avda.", "boulevard", "bd", "bvd", "calle", "carrer", "rua", "travessa",
+                           "c/", "ctra.", "rúa", "passeig", "rambla", "trg", "náměstí", "bulevar", "bulevardul",
                            "piazza", "piazzale", "viale", "corso", "ul.", "ulica", "al.", "aleja", "strada", "calea",
                            "chemin", "impasse", "allée", "quai", "plac", "utca", "ulitsa", "prospekt"]  # fmt: skip
 # English types that end a street's name and are no everyday word when capitalised after one.
 NAME_LAST_STREET_TYPES = ["Street", "St.", "Road", "Rd.", "Avenue", "Ave.", "Boulevard", "Blvd.", "Lane", "Ln.",
                           "Terrace", "Crescent", "Highway", "Hwy.", "Parkway", "Pkwy.", "Strasse", "Straße"]  # fmt: skip
+# Street types of other languages that are no English word: the rest of the street's name may
+# be lower case beside them ("Tas vezér u.", "Søren Jaabæks vei", "Trg bana Jelačića").
+# Abbreviations count only with their full stop ("u." but not the "U" of "DL U664-5126").
+FOREIGN_STREET_TYPES = ["utca", "u.", "út", "útja", "tér", "tere", "körút", "krt.", "köz", "sétány", "fasor", "rakpart",
+                        "lakótelep", "ltp.", "ulica", "ulice", "ul.", "trg", "cesta", "vei", "veien", "vegen", "vej",
+                        "gata", "gatan", "gade", "tänav", "maantee", "põik", "iela", "gatvė", "prospekt", "pereulok",
+                        "ulitsa", "shosse", "sokak", "sokağı", "caddesi", "cad.", "bulvarı", "vulytsia", "náměstí",
+                        "nábřeží", "námestie"]  # fmt: skip
+# Fused street suffixes that end no English word or common name, so mark a street without its number.
+UNAMBIGUOUS_FUSED_SUFFIXES = ["straße", "strasse", "gasse", "straat", "gracht", "vej", "gatan", "vägen", "veien",
+                              "vegen", "katu", "tänav", "utca", "iela", "gatvė", "chaussee", "stræde", "gränd"]  # fmt: skip
+# A postal code (letters of a country prefix, "12-345", "1234-567", "123 45", "12345") and a town
+# name (capitalised or all capitals), as they follow a street.
+_POSTAL = r"(?:[A-Z]{1,2}-?)?(?:\d{2}-\d{3}|\d{3,6}(?:[ \t-]\d{2,4})?)"
+_TOWN = r"\p{Lu}[\p{L}'’.\-]+"
 STREET_TYPE_FIRST_SCORE = 0.9  # above the NER's: "Avenida Tancredo Neves" is a street, not a person
 _CAP_WORD = r"\p{Lu}[\p{L}'’\-]*"  # a capitalised word, without a sentence's full stop
 _NAME_LINK = r"(?:de|da|do|dos|das|del|della|di|la|le|du|des|von|van|der|den|y)"
@@ -585,7 +614,7 @@ _WORD = r"[\p{L}][\p{L}'’.\-]*"
 _NOT_STREET = r"(?i:to|at|in|on|from|for|is|it|was|are|by|with|my|your|our|his|her|their|and|or)"
 _CUED_ADDRESS = (
     rf"(?:{_NUMBER},?[ \t]+(?:{_WORD}[ \t]+){{0,4}}{_WORD}"  # number first
-    rf"|(?:{_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_HOUSE}\b){_UNIT}"  # number last
+    rf"|(?:(?!{_NOT_STREET}\b){_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_HOUSE}\b){_UNIT}"  # number last
 )
 
 
@@ -616,6 +645,7 @@ def _alternation(words) -> str:
 def address_patterns(lexicon: Lexicon) -> list[Pattern]:
     types = _alternation(lexicon.street_types)
     fused = _alternation(lexicon.fused_street_suffixes)
+    foreign = _alternation(FOREIGN_STREET_TYPES)
     street_type = rf"(?i:{types})\.?"
     return [
         # "1234 Oak Street", "524 Lindstrand Row", "221B Baker St., Apt 4"
@@ -625,7 +655,7 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         # "Calle Miguel Zazo, 284", "Via Roma 1", "ul. Długa 5", "Rua General Cardoso 454"
         Pattern(
             "type, name, number",
-            rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+(?:(?:No\.?|Nr\.?|n[º°o]\.?)[ \t]*)?{_HOUSE}\b{_UNIT}",
+            rf"(?<![\p{{L}}]){street_type}[ \t]+{_NAME_WORDS},?[ \t]+{_HOUSE_LABEL}?{_HOUSE}\b{_UNIT}",
             0.7,
         ),
         # "Levetzowstraße 1058", "Högtoftavägen 969", "Heinrich-Heine-Str. 12", "Kloosterkoolhof 1304"
@@ -634,24 +664,41 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
             rf"(?<![\p{{L}}])(?:{_CAP}[ \t-])*\p{{Lu}}[\p{{L}}\-]*(?i:{fused})\.?,?[ \t]+{_HOUSE}\b{_UNIT}",
             0.7,
         ),
-        # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12"
-        Pattern("name, type, number", rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_HOUSE}\b{_UNIT}", 0.7),
+        # "Abşar Sokağı 716", "Karu põik 61", "Heuvel St 12", "Atatürk Caddesi No: 45"
+        Pattern(
+            "name, type, number",
+            rf"(?<![\p{{L}}]){_NAME_WORDS}[ \t]+{street_type},?[ \t]+{_HOUSE_LABEL}?{_HOUSE}\b{_UNIT}",
+            0.7,
+        ),
+        # Types that are no English word may follow lower-case words of the name, with or without
+        # a number: "Tas vezér u. 38.", "Søren Jaabæks vei", "Gosposka ulica", "Trg bana Jelačića 3".
+        Pattern(
+            "name words, foreign type[, number]",
+            rf"(?<![\p{{L}}])(?!{_NOT_STREET}\b)\p{{Lu}}[\p{{L}}'’\-]*(?:[ \t]+(?!{_NOT_STREET}\b)[\p{{L}}'’.\-]+){{0,3}}[ \t]+(?i:{foreign})(?![\p{{L}}])(?:,?[ \t]+{_HOUSE_LABEL}?{_HOUSE}\b)?{_UNIT}",
+            0.6,
+        ),
+        Pattern(
+            "foreign type, name words, number",
+            rf"(?<![\p{{L}}])(?i:{foreign})[ \t]+(?:(?!{_NOT_STREET}\b)[\p{{L}}'’.\-]+[ \t]+){{0,3}}\p{{Lu}}[\p{{L}}'’.\-]*,?[ \t]+{_HOUSE_LABEL}?{_HOUSE}\b{_UNIT}",
+            0.6,
+        ),
         # Any number-bearing run of words after an address cue: "lives at 1097 Melshorn", "Address: Am Sack 689".
         Pattern(
             "after an address cue",
-            rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}){_CUED_ADDRESS}",
+            rf"(?<=\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}})(?<![\p{{L}}\d]){_CUED_ADDRESS}",
             0.6,
         ),
-        # "Melum 64, Finnbogastaðir 523": a street and its number, then a town and its postal code.
+        # "Melum 64, Finnbogastaðir 523", "Vinohradská 12, 120 00 Praha", "Dyvik 46, KÖPMANHOLMEN
+        # 890 14": a street and its number, then a town and its postal code or a code and its town.
         Pattern(
             "street number, town code",
-            rf"(?<![\p{{L}}\d])\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+(?!{_NOT_STREET}\b){_WORD}){{0,3}}[ \t]+{_HOUSE}(?=,[ \t]+\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+[\p{{L}}'’.\-]+){{0,3}}[ \t]+(?:[A-Z]{{1,2}}-?)?(?:\d{{3,6}}(?:[ \t-]\d{{2,4}})?|\d{{2}}-\d{{3}})\b)",
+            rf"(?<![\p{{L}}\d])\p{{Lu}}\p{{Ll}}[\p{{L}}'’.\-]*(?:[ \t]+(?!{_NOT_STREET}\b){_WORD}){{0,3}}[ \t]+{_HOUSE}\.?(?=,[ \t]+(?:{_TOWN}(?:[ \t]+[\p{{L}}'’.\-]+){{0,3}}(?:[ \t]+(?:\d{{1,2}}|[A-Z]{{1,2}}))?[ \t]+{_POSTAL}|{_POSTAL}[ \t]+{_TOWN})\b)",
             0.6,
         ),
         # An address label's street line: a number and words alone on their line ("2250 Brisas").
         Pattern(
             "label line",
-            r"(?m)(?<=^[ \t>?*•\-]*)\d{1,5}[A-Za-z]?[ \t]+\p{Lu}[\p{L}'’.\-]*(?:[ \t]+[\p{L}'’.\-]+){0,4}\.?(?=[ \t]*$)",
+            rf"(?m)(?<=^[ \t>?*•\-]*|\b(?:Apt\.?|Suite|Unit)[ \t]+\d{{1,5}}[ \t]+)\d{{1,5}}[A-Za-z]?[ \t]+(?:\p{{Lu}}[\p{{L}}'’.\-/]*|{_ORDINAL})(?:[ \t]+[\p{{L}}'’.\-]+){{0,4}}\.?{_UNIT}(?=[ \t]*$)",
             0.5,
         ),
         # "60 Hauptplatz", "1161 Strømstadgata"
@@ -670,6 +717,17 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
         Pattern(
             "name, type (no number)",
             rf"(?<![\p{{L}}]){_CAP_WORD}(?:[ \t]+{_CAP_WORD}){{0,3}}[ \t]+{_alternation(NAME_LAST_STREET_TYPES)}(?![\p{{L}}])",
+            0.5,
+        ),
+        # "on Alingsåsvägen", "on Højbovej": suffixes that end no English word or name.
+        Pattern(
+            "name+suffix (no number)",
+            rf"(?<![\p{{L}}])\p{{Lu}}[\p{{L}}\-]*(?i:{_alternation(UNAMBIGUOUS_FUSED_SUFFIXES)})(?![\p{{L}}])",
+            0.5,
+        ),
+        Pattern(
+            "Via, name (no number)",
+            rf"(?<=\p{{Ll}}[ \t]+)Via[ \t]+(?:{_NAME_LINK}[ \t]+){{0,2}}{_CAP_WORD}(?:[ \t]+(?:{_NAME_LINK}[ \t]+)?{_CAP_WORD}){{0,3}}",
             0.5,
         ),
         Pattern("P.O. box", r"\b(?:P\.?[ \t]?O\.?[ \t]?Box|Postfach|Apartado|Caixa[ \t]Postal)[ \t]+\d{1,6}\b", 0.7),
@@ -748,13 +806,30 @@ def pattern_recognizers(lexicon: Lexicon) -> list[PatternRecognizer]:
 
 # --- postal codes and cities beside an address ------------------------------------------------
 
-_BESIDE_AFTER = regex.compile(
-    r"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2})(?:,?[ \t]+|$))?"
-    r"(?P<city>\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])(?:[ \t-](?:(?:de|la|le|am|an|der|sur|di|del|i|í|á|aan|nad)[ \t-])?\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])){0,3}(?:[ \t]\p{Lu}(?=[ \t]+\d))?)?"
-    r"(?:,?[ \t]+(?P<code2>[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3}|[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|[A-Z]{2}[ \t]+\d{5}(?:-\d{4})?))?"
+_FOREIGN_POSTAL = r"[A-Z]\d[A-Z][ \t]?\d[A-Z]\d|[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}|\d{4}[ \t]?[A-Z]{2}(?![\p{L}])"
+_CODE = rf"(?:{_FOREIGN_POSTAL}|{_POSTAL}(?![\d]|[.:/-]\d))"  # not the start of an IP address or a date
+_LINE_BREAKS = r"(?:[ \t]*\n[ \t>?*•-]*)+"  # one or more line breaks, blank lines and a label's marks
+_PLACE_LINK = (
+    r"(?:de|la|le|las|los|del|da|do|dos|das|di|am|an|im|in|der|den|sur|sous|en|i|í|á|aan|nad|pod|pri|na|bei|ob|upon|on)"
 )
-_CODE_BEFORE = regex.compile(r"(?P<code>\b[A-Z]{0,2}-?\d{3,6}(?:[ \t-]\d{2,3})?)[ \t]+\Z")
-_CODE_AFTER = regex.compile(r"\G,?[ \t]+(?P<code>[A-Z]{0,2}-?\d{4,6}(?:[ \t-]\d{2,4})?)\b")
+_PLACE_CAP = r"\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])"
+# Between a town and its code: a district number or letter ("Ostrava 3", "København K") or a
+# region's abbreviation ("Hernani SS 20120"), on the line or on a line of its own.
+_BETWEEN = r"(?:(?:\d{1,2}|[A-Z]{1,3})(?:[ \t]+|" + _LINE_BREAKS + r"))"
+_BESIDE_AFTER = regex.compile(
+    rf"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>{_CODE})(?:,?[ \t]+|$))?"
+    # A town: capitalised words and the small words that join them; lower-case words too when a code follows.
+    rf"(?P<city>(?<![.][ \t]*){_PLACE_CAP}(?:[ \t-][\p{{L}}'’\-]+){{1,3}}(?=,?[ \t]+{_BETWEEN}?{_CODE})"
+    rf"|{_PLACE_CAP}(?:[ \t-](?:{_PLACE_LINK}[ \t-]){{0,2}}{_PLACE_CAP}){{0,3}}(?:[ \t]\p{{Lu}}(?=[ \t]*(?:[\n,.]|\Z)|[ \t]+\d))?)?"
+    rf"(?:(?:,?[ \t]+|{_LINE_BREAKS})(?:(?P<code2>[A-Z]{{2}}[ \t]+\d{{5}}(?:-\d{{4}})?)|{_BETWEEN}{{0,2}}(?P<code2>{_CODE})))?"
+)
+_CODE_BEFORE = regex.compile(rf"(?<![\w-])(?P<code>{_CODE})[ \t]+\Z")
+# After a town on its line a code has four digits or more ("Tromsø, 101," is an age), or "123 45";
+# on a line of its own, any code.
+_LONG_CODE = rf"(?:{_FOREIGN_POSTAL}|(?:[A-Z]{{1,2}}-?)?(?:\d{{2}}-\d{{3}}|\d{{3}}[ \t]\d{{2}}|\d{{4,6}}(?:[ \t-]\d{{2,4}})?)(?!\d))"
+_CODE_AFTER = regex.compile(
+    rf"\G(?:,?[ \t]+{_BETWEEN}{{0,2}}(?P<code>{_LONG_CODE})|{_LINE_BREAKS}{_BETWEEN}{{0,2}}(?P<code>{_CODE}))\b"
+)
 _PLACE_WORD = regex.compile(r"[\p{L}'’\-]+")
 
 
@@ -799,7 +874,12 @@ def _attach_once(text: str, spans, lexicon: Lexicon) -> list[tuple[str, int, int
             if match.group("city"):
                 city = match.group("city").rstrip(".")
                 words = [fold(w) for w in _PLACE_WORD.findall(city)]
-                if words and not all(lexicon.is_word(w) and fold(city) not in lexicon.cities for w in words):
+                # English words after a street are a town only beside its code or alone on a label's line.
+                coded = match.group("code1") or match.group("code2")
+                own_line = "\n" in match.group("sep") and regex.match(r"[ \t]*(?:\n|\Z)", text[match.end("city") :])
+                if words and (
+                    coded or own_line or not all(lexicon.is_word(w) and fold(city) not in lexicon.cities for w in words)
+                ):
                     if fold(city) not in lexicon.not_phi_places:
                         added.append(("LOCATION", match.start("city"), match.start("city") + len(city), score))
         elif entity == "LOCATION":

@@ -71,6 +71,11 @@ def test_a_bare_year_is_not_a_date(analyzer):
         ("Spoke with his GP at 612 407 983 about the dose.", "612 407 983"),
         ("Reached the son at 527 61 804 on the second try.", "527 61 804"),
         ("Left a message at 358-4-2218-7730 for the family.", "358-4-2218-7730"),
+        ("Please call 06-12345678 tomorrow.", "06-12345678"),
+        ("Please stop sending messages to 55 123 45 67 now.", "55 123 45 67"),
+        ("Spoke with the nurse at 8123.4567 today.", "8123.4567"),
+        ("Call the office on 612 3344 if needed.", "612 3344"),  # "call" is one of spaCy's stop words
+        ("Her numbers are 21 345 678-Office and", "21 345 678"),
     ],
 )
 def test_international_and_national_phones(analyzer, text, phone):
@@ -108,6 +113,62 @@ def test_addresses_of_many_countries(analyzer, text, pieces):
     assert found(analyzer, text) == pieces
 
 
+@pytest.mark.parametrize(
+    ("text", "pieces"),
+    [
+        # A street with no type word, then a code and its town.
+        ("The forms go to Vinohradská 1825/12, 120 00 Praha by post.",
+         [("STREET_ADDRESS", "Vinohradská 1825/12"), ("POSTAL_CODE", "120 00"), ("LOCATION", "Praha")]),
+        ("Her flat is at Wiejska 4/6, 00-902 Warszawa.",
+         [("STREET_ADDRESS", "Wiejska 4/6"), ("POSTAL_CODE", "00-902"), ("LOCATION", "Warszawa")]),
+        ("My address is Fjellgata 12, TROMSØ 9008 now.",
+         [("STREET_ADDRESS", "Fjellgata 12"), ("LOCATION", "TROMSØ"), ("POSTAL_CODE", "9008")]),
+        # Lower-case words beside a type that is no English word; labelled house numbers and units.
+        ("Case manager will post the letter to Petőfi Sándor utca 14, 1052 Budapest next week.",
+         [("STREET_ADDRESS", "Petőfi Sándor utca 14"), ("POSTAL_CODE", "1052"), ("LOCATION", "Budapest")]),
+        ("Forward to Trg bana Jelačića 3, 10000 Zagreb.",
+         [("STREET_ADDRESS", "Trg bana Jelačića 3"), ("POSTAL_CODE", "10000"), ("LOCATION", "Zagreb")]),
+        ("Forward the records to Atatürk Caddesi No: 45, 06420 Ankara today.",
+         [("STREET_ADDRESS", "Atatürk Caddesi No: 45"), ("POSTAL_CODE", "06420"), ("LOCATION", "Ankara")]),
+        ("She will mail it to ul. Lenina, d. 15, kv. 3, Moskva, 125009 soon.",
+         [("STREET_ADDRESS", "ul. Lenina, d. 15, kv. 3"), ("LOCATION", "Moskva"), ("POSTAL_CODE", "125009")]),
+        ("Home address updated to Mannerheimintie 18 A 5, 00100 Helsinki.",
+         [("STREET_ADDRESS", "Mannerheimintie 18 A 5"), ("POSTAL_CODE", "00100"), ("LOCATION", "Helsinki")]),
+        ("The letter went to Am Markt 3, 28195 Bremen yesterday.",
+         [("STREET_ADDRESS", "Am Markt 3"), ("POSTAL_CODE", "28195"), ("LOCATION", "Bremen")]),
+        ("Return it to Via dei Mille 5, 80121 Napoli today.",
+         [("STREET_ADDRESS", "Via dei Mille 5"), ("POSTAL_CODE", "80121"), ("LOCATION", "Napoli")]),
+        # Address labels: a unit after the street, a region's line, a code on a line of its own.
+        ("Billing address: Maren Olsen\n    14 Kirkeveien Apt. 12\n   Lillehammer\n    \n    2609\n",
+         [("PERSON", "Maren Olsen"), ("STREET_ADDRESS", "14 Kirkeveien Apt. 12"), ("LOCATION", "Lillehammer"),
+          ("POSTAL_CODE", "2609")]),
+        ("Billing address: Joe Pratt\n    88 Baker Lane Suite 4\n   Pinedale\n    WY\n    82941\n",
+         [("PERSON", "Joe Pratt"), ("STREET_ADDRESS", "88 Baker Lane Suite 4"), ("LOCATION", "Pinedale"),
+          ("POSTAL_CODE", "82941")]),
+        ("Ship to:\n  22 Lakeshore Drive\n  Unit 7\n  SPRING VALLEY\n  Canada K0A 1B0",
+         [("STREET_ADDRESS", "22 Lakeshore Drive"), ("STREET_ADDRESS", "Unit 7"), ("LOCATION", "SPRING VALLEY"),
+          ("POSTAL_CODE", "K0A 1B0")]),
+        ("Ms. Ana Silva Unit 3 17 R Direita\nBraga BR 4700-321",
+         [("PERSON", "Ms. Ana Silva"), ("STREET_ADDRESS", "Unit 3"), ("STREET_ADDRESS", "17 R Direita"),
+          ("LOCATION", "Braga BR"), ("POSTAL_CODE", "4700-321")]),
+        ("Mail goes to 19 C/ Mayor\n Apt. 2\n Villanueva de la Serena\n Spain 06700",
+         [("STREET_ADDRESS", "19 C/ Mayor"), ("STREET_ADDRESS", "Apt. 2"), ("LOCATION", "Villanueva de la Serena"),
+          ("POSTAL_CODE", "06700")]),
+    ],
+)  # fmt: skip
+def test_addresses_without_an_english_street_type(analyzer, text, pieces):
+    assert found(analyzer, text) == pieces
+
+
+def test_a_state_named_city_is_a_place(analyzer):
+    assert found(analyzer, "She moved from New York to San Francisco in May.") == [
+        ("LOCATION", "New York"), ("LOCATION", "San Francisco"),
+    ]  # fmt: skip
+    assert found(analyzer, "I am moving to 3 Elm Road, New York 10011.") == [
+        ("STREET_ADDRESS", "3 Elm Road"), ("LOCATION", "New York"), ("POSTAL_CODE", "10011"),
+    ]  # fmt: skip
+
+
 def test_a_city_after_a_place_cue(analyzer):
     assert found(analyzer, "She grew up in Tromsø and moved here in 2010.") == [("LOCATION", "Tromsø")]
     # A listed city that is also a rare English word, but not an everyday one.
@@ -122,6 +183,8 @@ def test_a_city_after_a_place_cue(analyzer):
         ("He lives on the east side of ul. Tadeusza Kościuszki now.", "ul. Tadeusza Kościuszki"),
         ("Deliveries go to Pelham Road on weekdays.", "Pelham Road"),
         ("Her flat faces rue de la Roquette, near the market.", "rue de la Roquette"),
+        ("The bus stop is on Lindenstraße near the bakery.", "Lindenstraße"),
+        ("He lives on the north side of Gosposka ulica now.", "Gosposka ulica"),
     ],
 )
 def test_a_street_named_without_its_number(analyzer, text, street):
