@@ -39,6 +39,7 @@ from fedgen.processes import descendants, free_port
 from fedgen.server.flower_cli import TRAIN_SERVER_APP, write_flower_app, write_flower_config
 from fedgen.server.superlink import SuperLinkGuard
 from fedgen.server.train_app import rounds_done
+from tests.replies import training_metrics
 
 FEDGEN = [sys.executable, "-m", "fedgen"]
 TINY = {
@@ -249,20 +250,7 @@ def _reply(node_id: int, site: str):
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     sent = Message(content=RecordDict(), dst_node_id=node_id, message_type="train")
-    metrics = {
-        "num-examples": 10,
-        "loss": float("nan"),
-        "site-epsilon": 1.0,
-        "epsilon": 1.0,
-        "epsilon-next": 2.0,
-        "budget": 10.0,
-        "delta": 1e-5,
-        "different-people": 0.0,
-        "release": 1,
-        "noise-multiplier": 1.0,
-        "sample-rate": 0.1,
-        "steps": 5,
-    }
+    metrics = training_metrics(loss=float("nan"))
     content = RecordDict(
         {
             "arrays": ArrayRecord(numpy_ndarrays=[np.ones(2, dtype=np.float32)]),

@@ -15,6 +15,7 @@ from fedgen.privacy.ledger import PrivacyLedger
 from fedgen.server.secagg import CLIPPING_RANGE, start_secagg
 from fedgen.server.strategy import make_strategy
 from fedgen.simulations.engine import CPUS_PER_SITE
+from tests.replies import training_metrics
 
 SITES = 3
 MAX_WEIGHT = 30  # the largest site's examples: the finest weights SecAgg+ can quantise
@@ -37,20 +38,7 @@ def make_client_app() -> ClientApp:
         assert int(settings["server-round"]) == 1 and set(state) == set(GLOBAL)
         pid = int(context.node_config["partition-id"])
         update, n = site_update(pid)
-        metrics = {
-            "num-examples": n,
-            "loss": 0.5,
-            "site-epsilon": 1.0 + pid,
-            "epsilon": 1.0 + pid,
-            "epsilon-next": 2.0,
-            "budget": 10.0,
-            "delta": 1e-5,
-            "different-people": 0.0,
-            "release": 1,
-            "noise-multiplier": 1.0,
-            "sample-rate": 0.1,
-            "steps": 3,
-        }
+        metrics = training_metrics(num_examples=n, site_epsilon=1.0 + pid, epsilon=1.0 + pid, steps=3)
         released = json.dumps({"image": [[1.0, 0.1, 3]]})
         return Message(
             content=train_reply(msg.content, update, metrics, f"site-{pid + 1}", released=released), reply_to=msg
