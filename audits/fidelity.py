@@ -43,7 +43,9 @@ from fedgen.errors import FedgenError
 
 __all__ = [
     "MIN_AGGREGATE_COUNT",
+    "NOT_MEASURABLE",
     "TEXT_EMBEDDING_DESCRIPTION",
+    "not_measurable",
     "require_min_count",
     "real_feature_stats",
     "synthetic_feature_stats",
@@ -76,6 +78,7 @@ __all__ = [
 # two records, (n, Σx, Σxxᵀ) give the vectors themselves back; twenty leaves a wide margin.
 # This is a floor against trivially invertible aggregates, not a differential-privacy guarantee.
 MIN_AGGREGATE_COUNT = 20
+NOT_MEASURABLE = "not_measurable"  # the key of a site's answer that holds why it has no figures
 
 IMAGE_RANGE = (-1.0, 1.0)
 # Eigenvalues of a covariance below this fraction of its largest are round-off of zero (the
@@ -101,6 +104,13 @@ TEXT_EMBEDDING_DESCRIPTION = (
     f"projection to {TEXT_PROJECTION_DIM} dims"
 )
 WORD_PATTERN = re.compile(r"\w+")
+
+
+def not_measurable(n: int, records: str) -> dict:
+    """What a site answers in place of figures it may not compute over ``n`` real records (fewer
+    than MIN_AGGREGATE_COUNT): the count and why, as ``class_fidelity`` answers counts only for
+    a class too small to measure. ``records`` names them ("held-out records")."""
+    return {"n": n, NOT_MEASURABLE: f"not measurable at this site: {n} {records}, needs {MIN_AGGREGATE_COUNT}"}
 
 
 def require_min_count(n: int, *, what: str) -> None:

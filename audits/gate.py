@@ -203,6 +203,17 @@ def _bound(name: str, what: str, value: object, threshold: float, *, at_most: bo
     return _check(name, bool(passed), value, f"{what} = {_fmt(value)} (must be {sign} {_fmt(threshold)})", threshold)
 
 
+def _without(check: dict, section: object) -> dict:
+    """A check on a pooled figure that names the sites too small to be in it, and why (the
+    section's "not_measured"): a figure measured at some sites only passes or fails on those,
+    and says so. A figure no site measured already fails with that reason as its note."""
+    left_out = section.get("not_measured") if isinstance(section, dict) else None
+    if not left_out or check["value"] is None:
+        return check
+    reasons = "; ".join(f"{site}: {why}" for site, why in sorted(left_out.items()))
+    return check | {"detail": f"{check['detail']}; pooled without {reasons}"}
+
+
 def _dp_check(report: dict, policy: PrivacyPolicy) -> dict:
     dp, _ = _lookup(report, "run", "dp")
     epsilon_max, note = _lookup(report, "privacy", "epsilon_max")
@@ -324,6 +335,7 @@ def _attack_check(
 
 def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *, figures: int) -> list[dict]:
     attacks, note = _lookup(report, "membership", modality, "attacks")
+    section, _ = _lookup(report, "membership", modality)
     if not attacks:
         return [_unmeasured(f"membership.{modality}", f"any {modality} membership attack", note)]
     accountant = _accountant_epsilon(report, modality)
@@ -336,10 +348,11 @@ def _membership_checks(report: dict, modality: str, policy: MembershipPolicy, *,
         for figure in MEMBERSHIP_FIGURES:
             threshold, label = limits[figure]
             why_missing = pooled.get("note") or (_too_few_for_1pct(pooled) if figure == "tpr_at_1pct_fpr" else None)
-            checks.append(
-                _attack_check(f"{prefix}.{figure}", f"{attack} attack {label}", pooled, figure, threshold,
-                              confidence=confidence, note=why_missing)
-            )  # fmt: skip
+            what = f"{attack} attack {label}"
+            check = _attack_check(
+                f"{prefix}.{figure}", what, pooled, figure, threshold, confidence=confidence, note=why_missing
+            )
+            checks.append(_without(check, section))
         bound, bound_note = _lookup(report, "membership", modality, "empirical_epsilon", attack, "eps_lb")
         name = f"{prefix}.empirical_epsilon"
         what = f"{attack} attack's empirical ε lower bound"
@@ -432,7 +445,8 @@ def _fidelity_checks(report: dict, modality: str, policy: FidelityPolicy) -> lis
         if threshold is None:
             continue
         value, note = _lookup(report, "fidelity", modality, key)
-        checks.append(_bound(f"fidelity.{modality}.{key}", what, value, threshold, at_most=at_most, note=note))
+        check = _bound(f"fidelity.{modality}.{key}", what, value, threshold, at_most=at_most, note=note)
+        checks.append(_without(check, _lookup(report, "fidelity", modality)[0]))
     return checks
 
 
@@ -446,7 +460,9 @@ def _utility_checks(report: dict, modality: str, policy: UtilityPolicy) -> list[
     value, note = _lookup(report, "utility", modality, "synthetic_to_real_ratio")
     what = f"{modality} synthetic-to-real macro-F1 ratio"
     minimum = policy.synthetic_to_real_ratio_min
-    checks = [_bound(f"utility.{modality}.synthetic_to_real_ratio", what, value, minimum, at_most=False, note=note)]
+    section, _ = _lookup(report, "utility", modality)
+    ratio = _bound(f"utility.{modality}.synthetic_to_real_ratio", what, value, minimum, at_most=False, note=note)
+    checks = [_without(ratio, section)]
     reference, _ = _lookup(report, "utility", modality, "reference")
     if isinstance(reference, dict):
         name = f"utility.{modality}.reference.synthetic_to_real_ratio"

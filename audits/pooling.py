@@ -10,13 +10,17 @@
 - PHI: the scanner (audits/phi.py) runs here on the synthetic texts, which the coordinator has.
 
 JSON conventions of the report: ε without DP is the float ``inf`` (written by ``json.dumps``
-as ``Infinity``); a figure that could not be computed is ``None`` with a sibling ``"note"``.
+as ``Infinity``); a figure that could not be computed is ``None`` with a sibling ``"note"``. A
+site too small for a figure answers why instead (``fidelity.not_measurable``): the pooled figure
+is over the other sites, its section's ``"not_measured"`` maps each site left out to why (also
+said in its ``"note"``), and the site's own entry is that reason.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 
@@ -27,6 +31,8 @@ from fedgen.audits.bias import bias_view
 from fedgen.audits.empirical_eps import empirical_epsilon_from_counts
 from fedgen.audits.fidelity import (
     NEAR_COPY_QUANTILE,
+    NOT_MEASURABLE,
+    TEXT_EMBEDDING_DESCRIPTION,
     mean_over_classes,
     pool_class_fidelity,
     pool_near_copies,
@@ -114,10 +120,28 @@ def _with_note(summary: dict) -> dict:
     return {**summary, "note": "; ".join(unresolved)} if unresolved else summary
 
 
-def _membership(name: str, sites: list[dict]) -> dict:
-    delta = max(site["delta"] for site in sites)  # the weakest guarantee among the sites
+def _by_measure(sites: list[dict], part: Callable[[dict], dict]) -> tuple[list[dict], dict[str, str]]:
+    """The sites whose ``part`` of their answer holds figures, and why each other site's does not."""
+    measured = [site for site in sites if NOT_MEASURABLE not in part(site)]
+    left_out = {site["site"]: part(site)[NOT_MEASURABLE] for site in sites if NOT_MEASURABLE in part(site)}
+    return measured, left_out
+
+
+def _mark_left_out(section: dict, left_out: dict[str, str], *, measured: bool) -> dict:
+    """The pooled section with the sites left out of it named, and why, in "not_measured" and its note."""
+    if not left_out:
+        return section
+    reasons = "; ".join(f"{site}: {why}" for site, why in left_out.items())
+    said = f"pooled over the other sites only ({reasons})" if measured else reasons
+    note = "; ".join(n for n in (section.get("note"), said) if n)
+    return {**section, "not_measured": left_out, "note": note}
+
+
+def _membership(name: str, all_sites: list[dict]) -> dict:
+    delta = max(site["delta"] for site in all_sites)  # the weakest guarantee among the sites
+    sites, left_out = _by_measure(all_sites, lambda site: site["attacks"])
     attacks, bounds = {}, {}
-    for attack in sites[0]["attacks"]:
+    for attack in sites[0]["attacks"] if sites else ():
         histograms = [site["attacks"][attack]["histogram"] for site in sites]
         members, nonmembers = pool_histograms(histograms, "members"), pool_histograms(histograms, "nonmembers")
         pooled = metrics_from_histograms(members["counts"], nonmembers["counts"], members["edges"])
@@ -141,8 +165,8 @@ def _membership(name: str, sites: list[dict]) -> dict:
             "delta": delta,
             "sites": {site["site"]: site["attacks"][attack]["empirical_epsilon"] for site in sites},
         }
-    section = {"attacks": attacks, "empirical_epsilon": bounds}
-    exposures = {s["site"]: s["canary_exposure"]["exposure"] for s in sites if "canary_exposure" in s}
+    section = _mark_left_out({"attacks": attacks, "empirical_epsilon": bounds}, left_out, measured=bool(sites))
+    exposures = {s["site"]: s["canary_exposure"]["exposure"] for s in all_sites if "canary_exposure" in s}
     if any(e is not None for e in exposures.values()):  # only sites with a trained canary
         section["canary_exposure"] = {site: e for site, e in exposures.items() if e is not None}
     return section
@@ -239,17 +263,23 @@ def _image_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
 def _text_fidelity(inputs: AuditInputs, sites: list[dict]) -> dict:
     texts, labels = inputs.synthetic_texts
     names = inputs.config.data.text_classes
-    real = pool_sums([site["fidelity"]["embedding_stats"] for site in sites])
+    measured, left_out = _by_measure(sites, lambda site: site["fidelity"]["embedding_stats"])
     real_classes = summarise_text_class_stats(
         pool_text_class_stats([site["fidelity"]["class_stats"] for site in sites])
     )
     synthetic_classes = summarise_text_class_stats(text_class_stats(texts, labels, class_names=names, real=False))
     synthetic = text_embedding_stats(texts, real=False)
-    return {
-        **text_fidelity(real, synthetic),
+    if measured:
+        pooled = text_fidelity(pool_sums([site["fidelity"]["embedding_stats"] for site in measured]), synthetic)
+    else:
+        pooled = {"mean_embedding_distance": None, "frechet_distance": None, "embedding": TEXT_EMBEDDING_DESCRIPTION}
+    per_site = {site["site"]: text_fidelity(site["fidelity"]["embedding_stats"], synthetic) for site in measured}
+    section = {
+        **pooled,
         "per_class": {name: {"real": real_classes[name], "synthetic": synthetic_classes[name]} for name in names},
-        "sites": {site["site"]: text_fidelity(site["fidelity"]["embedding_stats"], synthetic) for site in sites},
+        "sites": per_site | {site: {"note": why} for site, why in left_out.items()},
     }
+    return _mark_left_out(section, left_out, measured=bool(measured))
 
 
 UTILITY_KEYS = ("accuracy", "macro_f1", "per_class_f1", "n_test")
@@ -277,14 +307,20 @@ def _site_configs(configurations: dict) -> dict:
     }
 
 
-def _utility(sites: list[dict]) -> dict:
+def _utility(all_sites: list[dict]) -> dict:
+    sites, left_out = _by_measure(all_sites, lambda site: site["utility"])
+    marks = {site: {"note": why} for site, why in left_out.items()}
+    if not sites:
+        return _mark_left_out(
+            {"configs": {}, "synthetic_to_real_ratio": None, "sites": marks}, left_out, measured=False
+        )
     pooled = pool_utility([site["utility"] for site in sites])
     configs = {name: {key: c[key] for key in UTILITY_KEYS} for name, c in pooled["configurations"].items()}
     result = {
         "classifier": pooled["classifier"],
         "configs": configs,
         **_scored_ratio(pooled["configurations"]),
-        "sites": {site["site"]: _site_configs(site["utility"]["configurations"]) for site in sites},
+        "sites": {site["site"]: _site_configs(site["utility"]["configurations"]) for site in sites} | marks,
     }
     if "reference" in pooled:
         reference = pooled["reference"]
@@ -293,7 +329,7 @@ def _utility(sites: list[dict]) -> dict:
             "configs": {name: {key: c[key] for key in UTILITY_KEYS} for name, c in reference["configurations"].items()},
             **_scored_ratio(reference["configurations"]),
         }
-    return result
+    return _mark_left_out(result, left_out, measured=True)
 
 
 def _image_memorisation(sites: list[dict]) -> dict:

@@ -10,7 +10,7 @@ import json
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedgen.audits.bias import record_counts
-from fedgen.audits.fidelity import text_class_stats, text_embedding_stats
+from fedgen.audits.fidelity import MIN_AGGREGATE_COUNT, not_measurable, text_class_stats, text_embedding_stats
 from fedgen.audits.mia import canary_exposure, text_attack_scores
 from fedgen.audits.phi_replay import site_replay_audit
 from fedgen.audits.site_answers import Scores, attack_summaries
@@ -222,8 +222,17 @@ def text_memorisation(
     }
 
 
+def _if_enough(n: int, records: str, measure: Callable[[], dict]) -> dict:
+    """``measure()`` when ``n`` records are enough for an aggregate, else what the site says instead."""
+    return measure() if n >= MIN_AGGREGATE_COUNT else not_measurable(n, records)
+
+
 def text_site_audit(modality: Modality, site: SiteData, model, *, synthetic: tuple[list[str], list[int]]) -> dict:
-    """Attacks, canaries, memorisation, fidelity and utility of the synthetic texts on this site's notes."""
+    """Attacks, canaries, memorisation, fidelity and utility of the synthetic texts on this site's notes.
+
+    A small site answers every figure it can: one over fewer than MIN_AGGREGATE_COUNT records
+    (the utility classifiers' held-out notes, the embedding statistics' notes, the attacks'
+    scored notes) is answered by its count and why (``not_measurable``), never by an error."""
     config = modality.config
     names = config.data.text_classes
     train, heldout = text_splits(site, seed=config.data.split_seed)
@@ -239,15 +248,23 @@ def text_site_audit(modality: Modality, site: SiteData, model, *, synthetic: tup
         "n_train": len(train),
         "n_heldout": len(heldout),
         "records": record_counts([label for _, label in train], [label for _, label in heldout], class_names=names),
-        "attacks": attack_summaries(scores, delta=facts["delta"]),
+        "attacks": _if_enough(
+            len(train) + len(heldout),
+            "train and held-out notes",
+            lambda: attack_summaries(scores, delta=facts["delta"]),
+        ),
         "canary_exposure": canary_exposure_at_site(modality, site, model),
         "memorisation": text_memorisation(synthetic_texts, site, config),
         "fidelity": {
-            "embedding_stats": text_embedding_stats(site.texts),
+            "embedding_stats": _if_enough(len(site.texts), "notes", lambda: text_embedding_stats(site.texts)),
             "class_stats": text_class_stats(site.texts, site.text_labels, class_names=names),
         },
-        "utility": text_utility(
-            unzip(train), unzip(heldout), (synthetic_texts, synthetic_labels), class_names=names, seed=config.seed
+        "utility": _if_enough(
+            len(heldout),
+            "held-out records",
+            lambda: text_utility(
+                unzip(train), unzip(heldout), (synthetic_texts, synthetic_labels), class_names=names, seed=config.seed
+            ),
         ),
     }
     return result
