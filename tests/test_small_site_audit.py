@@ -16,7 +16,7 @@ import pytest
 
 from fedgen.artifacts import SITE_STATE_DIR, RunDir
 from fedgen.audits.fidelity import NOT_MEASURABLE, not_measurable
-from fedgen.audits.gate import evaluate_gate, load_policy, record_decision
+from fedgen.audits.gate import load_policy, record_decision
 from fedgen.audits.inputs import prepare_inputs
 from fedgen.audits.pooling import assemble_report
 from fedgen.audits.report import write_report
@@ -139,14 +139,16 @@ def test_the_gate_names_the_small_site_in_every_check_pooled_without_it(audited)
     assert f"pooled without {SMALL}: not measurable at this site: 16 train and held-out notes" in auc["detail"]
 
 
-def test_a_figure_no_site_could_measure_fails_its_check_with_the_reason(audited):
+def test_a_figure_no_site_could_measure_fails_its_check_with_the_reason(audited, tmp_path):
     """Every site too small for the utility classifiers and the attacks: those checks fail, saying why."""
     answers, _, inputs = audited
     small = copy.deepcopy(answers)
     for answer, heldout in zip(small, (12, 8)):  # as if the big site held out 12 notes
         answer["utility"] = not_measurable(heldout, "held-out records")
         answer["attacks"] = not_measurable(2 * heldout, "train and held-out notes")
-    checks = {c["name"]: c for c in evaluate_gate(assemble_report(inputs, {"text": small}), load_policy())["checks"]}
+    report = record_decision(assemble_report(inputs, {"text": small}), load_policy(), audited_files={})
+    assert report["gate"]["passed"] is False
+    checks = {c["name"]: c for c in report["gate"]["checks"]}
     ratio = checks["utility.text.synthetic_to_real_ratio"]
     assert ratio["passed"] is False and ratio["value"] is None
     assert "was not measured: site-big: not measurable at this site: 12 held-out records, needs 20" in ratio["detail"]
@@ -154,6 +156,10 @@ def test_a_figure_no_site_could_measure_fails_its_check_with_the_reason(audited)
     membership = checks["membership.text"]
     assert membership["passed"] is False
     assert f"{SMALL}: not measurable at this site: 16 train and held-out notes, needs 20" in membership["detail"]
+    _, html_path = write_report(tmp_path / "audit", report)
+    assert "site-big: not measurable at this site: 12 held-out records, needs 20" in html_path.read_text(
+        encoding="utf-8"
+    )
 
 
 def test_the_html_report_shows_the_small_sites_marks(audited, tmp_path):
