@@ -61,7 +61,7 @@ FUNCTION_PERSON_CUES = {"by", "per", "with", "for", "and", "to", "from", "am", "
                         "hi", "hello", "thanks", "thank"}  # fmt: skip
 # Cue words that also precede plain capitalised words often: they qualify only known names or
 # tokens that are not English words (as every cue does), never an English word alone.
-PLACE_CUES = {"in", "from", "to", "near", "at", "of", "visiting", "towards", "outside", "around"}
+PLACE_CUES = {"in", "from", "to", "near", "at", "of", "visiting", "towards", "outside", "around", "where"}
 PARTICLES = {"van", "von", "de", "der", "den", "da", "di", "del", "della", "dos", "das", "du", "des", "la",
              "le", "bin", "ibn", "al", "el", "ter", "ten", "te", "op", "het", "zu", "af", "av", "st", "st."}  # fmt: skip
 # Joining words of place names that are also everyday words ("Frankfurt am Main", "Vilanova i la
@@ -85,6 +85,18 @@ MIN_CITY_CHARS = 3  # "Tel", "Ely": a city this short is a place only after a pl
 EPONYM_NEXT = {"scale", "score", "criteria", "test", "questionnaire", "inventory", "index", "syndrome",
                "disease", "sign", "classification", "protocol", "method", "rating", "coma", "depression",
                "anxiety", "screen", "screening", "assessment", "procedure", "manoeuvre", "maneuver", "tube"}  # fmt: skip
+
+
+# Endings of drug names (INN stems): a capitalised word ending so that is no known name is a drug,
+# not a person or place ("Sertraline", "Lisinopril", "Atorvastatin", "Metformin").
+DRUG_ENDINGS = ("pril", "sartan", "olol", "statin", "prazole", "azole", "oxacin", "cycline", "cillin", "mycin",
+                "mab", "tinib", "parin", "gliptin", "gliflozin", "tidine", "dipine", "triptan", "setron", "lukast",
+                "azepam", "zolam", "formin", "glitazone", "thiazide", "semide", "oxetine", "traline", "apine",
+                "idone", "afil", "dronate", "terol", "olone", "caine", "zosin", "pramine", "triptyline", "profen",
+                "fenac", "coxib", "floxacin", "vudine", "navir", "ciclovir", "conazole", "dazole", "xaban",
+                "gatran", "grel", "lukast", "tropium", "sonide", "metasone", "nisolone", "cortisone")  # fmt: skip
+# NER labels of words that name no one: nationalities and groups ("I am French"), languages.
+NER_NOT_PHI_LABELS = ("NORP", "LANGUAGE")
 
 
 def _is_capitalised(text: str) -> bool:
@@ -147,14 +159,19 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                 ):
                     j += 2
                     continue
-                if (
-                    token.lower_ in PARTICLES | WEAK_PARTICLES
-                    and previous.whitespace_
-                    and j + 1 < n
-                    and _name_like(doc[j + 1])
-                ):
-                    if token.lower_ in PARTICLES or not self.lexicon.is_word(fold(doc[j + 1].text)):
-                        j += 2
+                # One to three joining words before the next name word ("Bruck an der Mur",
+                # "Mansilla de la Sierra"): joined when one of them is a name particle or the
+                # word after them is no English word.
+                k = j
+                while k < n and k - j < 3 and doc[k].lower_ in PARTICLES | WEAK_PARTICLES and doc[k - 1].whitespace_:
+                    k += 1
+                if k > j and k < n and _name_like(doc[k]):
+                    joins = [doc[m].lower_ for m in range(j, k)]
+                    following = fold(doc[k].text)
+                    if any(w in PARTICLES for w in joins) or not (
+                        self.lexicon.is_word(following) or following in self.lexicon.common_words
+                    ):
+                        j = k + 1
                         continue
                 cue_word = token.lower_ in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(token.lower_)
                 if (
@@ -182,7 +199,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         words = [doc[k] for k in range(start, end) if _name_like(doc[k])]
         folded = [fold(t.text.strip(".")) for t in words]
         whole = fold(doc[start:end].text)
-        if whole in lex.not_phi_places or all(f in lex.not_phi_places for f in folded):
+        if whole in lex.not_phi_places or all(f in lex.not_phi_places for f in folded) or self._drug(folded):
             return None
         names = [lex.is_name(f) for f in folded]
         known = [lex.is_word(f) for f in folded]
@@ -252,12 +269,25 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             end -= 1  # punctuation or line breaks the NER took in, or an English word
         return end
 
+    def _nationality(self, doc, start: int, end: int, not_phi: set[int]) -> bool:
+        """The NER calls the run a nationality or language ("I am French", "a Danish place") and
+        no person cue says otherwise: the NER also calls rare first names so ("her son
+        Christian", "Yulian presented", "with Vivian")."""
+        if not all(k in not_phi for k in range(start, end)):
+            return False
+        after = doc[end].lower_ if end < len(doc) else None
+        cue = self._cue_before(doc, start)
+        return cue not in PERSON_CUES - {"am", "i'm", "im"} and after not in PERSON_CUES_AFTER | NAME_CUES_AFTER
+
+    def _drug(self, folded: list[str]) -> bool:
+        return any(f.endswith(DRUG_ENDINGS) and not self.lexicon.is_name(f) for f in folded)
+
     def _plausible_person(self, ent) -> bool:
         """The NER's PERSON, unless every word is an English word or a city and none is a name
-        (sentence-initial "Sleeps", "Broken", "Columbia scale")."""
+        (sentence-initial "Sleeps", "Broken", "Columbia scale"), or a word is a drug's name."""
         folded = [fold(t.text) for t in ent if t.is_alpha]
         lex = self.lexicon
-        if any(c.isdigit() for c in ent.text):  # "KT-482-XZ" is an identifier
+        if any(c.isdigit() for c in ent.text) or self._drug(folded):  # "KT-482-XZ" is an identifier
             return False
         return not folded or any(lex.is_name(f) or not (lex.is_word(f) or f in lex.cities) for f in folded)
 
@@ -295,10 +325,15 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                             # A "place" with a number in it is a street address ("Lindenstraße 42").
                             kind = "STREET_ADDRESS" if any(c.isdigit() for c in name) else "LOCATION"
                             results.append(RecognizerResult(kind, begin, begin + len(name), NER_SCORE))
+        not_phi = {k for ent in doc.ents if ent.label_ in NER_NOT_PHI_LABELS for k in range(ent.start, ent.end)}
         for start, end in self._runs(doc):
-            if self._eponym(doc, end):
+            if self._eponym(doc, end) or self._nationality(doc, start, end, not_phi):
                 continue
             decided = self._classify(doc, start, end)
+            shorter = self._name_end(doc, start, end) if decided is None else end
+            if shorter < end and fold(doc[start:shorter].text) in self.lexicon.cities:
+                # A known city before English words: "Montreal" of "Where: Montreal Country Club".
+                decided, end = self._classify(doc, start, shorter), shorter
             if decided is None or decided[0] not in entities:
                 continue
             if decided[0] == "PERSON":
@@ -846,6 +881,9 @@ _PLACE_WORD = regex.compile(r"[\p{L}'’\-]+")
 _COUNTRY_CODE = regex.compile(
     r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b"
 )
+# A town right after a street address outranks a name read into the same words
+# ("Villanueva de la Serena" on the line after a street is a town, whatever "Serena" is).
+TOWN_AFTER_STREET_SCORE = 0.9
 ATTACH_PASSES = 3  # an address label: street, unit line, city line, country line
 
 
@@ -891,7 +929,8 @@ def _attach_once(text: str, spans, lexicon: Lexicon) -> list[tuple[str, int, int
                     coded or own_line or not all(lexicon.is_word(w) and fold(city) not in lexicon.cities for w in words)
                 ):
                     if fold(city) not in lexicon.not_phi_places:
-                        added.append(("LOCATION", match.start("city"), match.start("city") + len(city), score))
+                        city_score = max(score, TOWN_AFTER_STREET_SCORE)
+                        added.append(("LOCATION", match.start("city"), match.start("city") + len(city), city_score))
         elif entity == "LOCATION":
             before = _CODE_BEFORE.search(text, 0, start)
             if before is not None:

@@ -177,6 +177,38 @@ def test_a_city_after_a_place_cue(analyzer):
 
 
 @pytest.mark.parametrize(
+    ("text", "place"),
+    [
+        ("Her sister lives in Bruck an der Mur and visits monthly.", "Bruck an der Mur"),
+        ("Where: Montreal Country Club.", "Montreal"),
+    ],
+)
+def test_places_joined_by_small_words_or_before_english_words(analyzer, text, place):
+    assert found(analyzer, text) == [("LOCATION", place)]
+
+
+def test_particles_do_not_join_a_weekday(analyzer):
+    assert ("PERSON", "Mansilla de la Sierra") in found(analyzer, "He returned from Mansilla de la Sierra on Friday.")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I am French but I live in Spain.",
+        "There's a nice new Danish place downtown.",
+        "Started Sertraline last week; Lisinopril continued.",
+        "Patient takes Metformin and Atorvastatin.",
+    ],
+)
+def test_nationalities_and_drugs_are_not_names(analyzer, text):
+    assert found(analyzer, text) == []
+
+
+def test_a_rare_first_name_the_ner_calls_a_nationality_after_a_person_cue(analyzer):
+    assert found(analyzer, "Her son Christian will drive her home.") == [("PERSON", "Christian")]
+
+
+@pytest.mark.parametrize(
     ("text", "street"),
     [
         ("The new clinic is on Avenida Tancredo Neves. Parking is free.", "Avenida Tancredo Neves"),
