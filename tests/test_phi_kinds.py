@@ -204,6 +204,10 @@ def test_nationalities_and_drugs_are_not_names(analyzer, text):
     assert found(analyzer, text) == []
 
 
+def test_a_name_answering_a_question(analyzer):
+    assert found(analyzer, "What's your last name? Okonjo") == [("PERSON", "Okonjo")]
+
+
 def test_a_rare_first_name_the_ner_calls_a_nationality_after_a_person_cue(analyzer):
     assert found(analyzer, "Her son Christian will drive her home.") == [("PERSON", "Christian")]
 
@@ -279,6 +283,10 @@ def test_ages_up_to_89_are_not_phi(analyzer):
         ("Portal https://portal.example.org/patients/123, then home.", "URL", "https://portal.example.org/patients/123"),
         ("Logged in from 10.20.30.40 at night.", "IP_ADDRESS", "10.20.30.40"),
         ("Write to k.mensah@clinic.co.uk for copies.", "EMAIL_ADDRESS", "k.mensah@clinic.co.uk"),
+        # A labelled identifier outranks the phone shape it also has; an IBAN of seven groups.
+        ("Licence number 272 260 819 on the form.", "LICENSE_NUMBER", "272 260 819"),
+        ("Billing account IT95 4164 8179 3588 6258 6091 04; paid.", "ACCOUNT_NUMBER", "IT95 4164 8179 3588 6258 6091 04"),
+        ("Is there a fee for a money transfer from 5521-883120-07 today?", "ACCOUNT_NUMBER", "5521-883120-07"),
     ],
 )  # fmt: skip
 def test_each_identifier_kind(analyzer, text, entity_type, value):
