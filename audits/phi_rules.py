@@ -657,11 +657,14 @@ ADDRESS_CUES = (
     r"mail(?:ed)?[ \t]+to|sen[dt][ \t]+to|return(?:ed)?[ \t]+to|ship(?:ped)?[ \t]+to|deliver(?:ed)?[ \t]+to|"
     r"lives?[ \t]+in|located[ \t]+at|home[ \t]+at|staying[ \t]+at"
 )
+# Words between an address cue and the address: "address is", "address on file was", "address
+# updated to", "address has changed to".
+_CUE_FILLER = r"(?:[ \t]+(?i:is|was|are|now|on[ \t]+file|of[ \t]+record|updated|changed|has|will[ \t]+be|to)\b)*"
 _WORD = r"[\p{L}][\p{L}'’.\-]*"
 # Words that end a street name: "Mail to PSC 2076" is not a street.
 _NOT_STREET = r"(?i:to|at|in|on|from|for|is|it|was|are|by|with|my|your|our|his|her|their|and|or)"
 _CUED_ADDRESS = (
-    rf"(?:{_NUMBER},?[ \t]+(?:{_WORD}[ \t]+){{0,4}}{_WORD}"  # number first
+    rf"(?:{_NUMBER},?[ \t]+(?:(?!{_NOT_STREET}\b){_WORD}[ \t]+){{0,4}}(?!{_NOT_STREET}\b){_WORD}"  # number first
     rf"|(?:(?!{_NOT_STREET}\b){_WORD}[ \t]+){{0,4}}{_WORD},?[ \t]+{_HOUSE}\b){_UNIT}"  # number last
 )
 
@@ -735,7 +738,7 @@ def address_patterns(lexicon: Lexicon) -> list[Pattern]:
             "after an address cue",
             # The cue is matched and then dropped from the span (\K): tried only where a cue starts,
             # a fifth of the time the same lookbehind took at every position.
-            rf"\b(?i:{ADDRESS_CUES})[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}\K(?<![\p{{L}}\d]){_CUED_ADDRESS}",
+            rf"\b(?i:{ADDRESS_CUES}){_CUE_FILLER}[ \t]*[:\-]?[ \t]*(?:\n[ \t]*){{0,2}}\K(?<![\p{{L}}\d]){_CUED_ADDRESS}",
             0.6,
         ),
         # "Melum 64, Finnbogastaðir 523", "Vinohradská 12, 120 00 Praha", "Dyvik 46, KÖPMANHOLMEN

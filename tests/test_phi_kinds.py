@@ -160,6 +160,19 @@ def test_addresses_without_an_english_street_type(analyzer, text, pieces):
     assert found(analyzer, text) == pieces
 
 
+@pytest.mark.parametrize(
+    ("text", "street"),
+    [
+        ("Hello, my new address is Louny 667 from now on.", "Louny 667"),
+        ("Previous address on file was Kościuszki 12.", "Kościuszki 12"),
+        ("Her address has changed to Lipová 8.", "Lipová 8"),
+        ("She lives at 1097 Melshorn with her son.", "1097 Melshorn"),
+    ],
+)
+def test_a_street_after_an_address_cue_and_its_verb(analyzer, text, street):
+    assert found(analyzer, text) == [("STREET_ADDRESS", street)]
+
+
 def test_a_state_named_city_is_a_place(analyzer):
     assert found(analyzer, "She moved from New York to San Francisco in May.") == [
         ("LOCATION", "New York"), ("LOCATION", "San Francisco"),
