@@ -100,6 +100,14 @@ DRUG_ENDINGS = ("pril", "sartan", "olol", "statin", "prazole", "azole", "oxacin"
                 "gatran", "grel", "lukast", "tropium", "sonide", "metasone", "nisolone", "cortisone")  # fmt: skip
 # NER labels of words that name no one: nationalities and groups ("I am French"), languages.
 NER_NOT_PHI_LABELS = ("NORP", "LANGUAGE")
+# How nationality and language words end ("French", "Danish", "Japanese", "Brazilian", "Greek",
+# "Thai", "Swiss"): the NER also calls an unknown town a language ("lives in Litomyšl").
+DEMONYM_ENDINGS = ("ish", "ese", "an", "ic", "ch", "er", "i", "ss", "sh", "ek", "ak", "ot", "ar")
+# Words that end a place's name after a place cue, all English words or not ("Pickle Lake").
+GEO_FEATURES = {"lake", "lakes", "creek", "river", "falls", "springs", "spring", "pass", "valley", "hills", "hill",
+                "heights", "beach", "bay", "harbour", "harbor", "point", "island", "islands", "park", "station",
+                "city", "town", "village", "mills", "junction", "crossing", "bridge", "flat", "flats", "ridge",
+                "grove", "mountain", "mount", "plains", "forest", "woods", "meadows", "cove", "landing", "ferry"}  # fmt: skip
 
 
 def _is_capitalised(text: str) -> bool:
@@ -210,6 +218,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         unknown_or_name = all(n or not w for n, w in zip(names, known))
         cue = self._cue_before(doc, start)
         cue_after = doc[end].lower_ if end < len(doc) else None
+        if cue in PLACE_CUES and len(folded) >= 2 and folded[-1] in GEO_FEATURES:  # "flew to Pickle Lake"
+            return "LOCATION", CUE_SCORE
         if all(t.text.isupper() for t in words):
             # Capitals only ("COPD", "IBAN", "BINSTED"): a known name or city after a cue, nothing else.
             known_proper = all(lex.is_name(f) or f in lex.city_words for f in folded)
@@ -242,7 +252,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             return "PERSON", GAZETTEER_SCORE
         if 2 <= len(folded) <= 3 and folded[0] in lex.first_names and not known[0] and not city:
             return "PERSON", GAZETTEER_SCORE
-        if len(folded) == 1 and names[0] and not known[0] and not city:  # "Florence", "Columbia": a cue decides
+        calendar = folded[0] in lex.common_words  # "Sunday", "June": names too, but a cue decides
+        if len(folded) == 1 and names[0] and not known[0] and not city and not calendar:  # "Florence", "Columbia"
             return "PERSON", GAZETTEER_SCORE
         if city and not all(known) and len(whole) > MIN_CITY_CHARS:
             return "LOCATION", GAZETTEER_SCORE
@@ -277,7 +288,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
         """The NER calls the run a nationality or language ("I am French", "a Danish place") and
         no person cue says otherwise: the NER also calls rare first names so ("her son
         Christian", "Yulian presented", "with Vivian")."""
-        if not all(k in not_phi for k in range(start, end)):
+        if not all(k in not_phi for k in range(start, end)) or not fold(doc[end - 1].text).endswith(DEMONYM_ENDINGS):
             return False
         after = doc[end].lower_ if end < len(doc) else None
         cue = self._cue_before(doc, start)
@@ -873,7 +884,7 @@ _BESIDE_AFTER = regex.compile(
     rf"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>{_CODE})(?:,?[ \t]+|$))?"
     # A town: capitalised words and the small words that join them; lower-case words too when a code follows.
     rf"(?P<city>(?<![.][ \t]*){_PLACE_CAP}(?:[ \t-][\p{{L}}'’\-]+){{1,3}}(?=,?[ \t]+{_BETWEEN}?{_CODE})"
-    rf"|{_PLACE_CAP}(?:[ \t-](?:{_PLACE_LINK}[ \t-]){{0,2}}{_PLACE_CAP}){{0,3}}(?:[ \t]\p{{Lu}}(?=[ \t]*(?:[\n,.]|\Z)|[ \t]+\d))?)?"
+    rf"|{_PLACE_CAP}(?:[ \t-](?:{_PLACE_LINK}[ \t-]){{0,2}}{_PLACE_CAP}){{0,3}}(?:[ \t]\p{{Lu}}(?=[ \t]*(?:[\n,.]|\Z)|[ \t]+\d)|[ \t]\d{{1,2}}(?=[ \t]+\d{{3}}))?)?"
     rf"(?:(?:,?[ \t]+|{_LINE_BREAKS})(?:(?P<code2>[A-Z]{{2}}[ \t]+\d{{5}}(?:-\d{{4}})?)|{_BETWEEN}{{0,2}}(?P<code2>{_CODE})))?"
 )
 _CODE_BEFORE = regex.compile(rf"(?<![\w-])(?P<code>{_CODE})[ \t]+\Z")
@@ -887,7 +898,7 @@ _PLACE_WORD = regex.compile(r"[\p{L}'’\-]+")
 
 
 _COUNTRY_CODE = regex.compile(
-    r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b"
+    r"(?P<place>\p{Lu}[\p{L}]+(?:[ \t]\p{Lu}[\p{L}]+){0,2})(?:[ \t]+\([\p{L} ]+\))?[ \t]+(?P<code>\d{3,6}(?:[ \t-]\d{2,4})?|\d{2}-\d{3})\b"
 )
 # A town right after a street address outranks a name read into the same words
 # ("Villanueva de la Serena" on the line after a street is a town, whatever "Serena" is).

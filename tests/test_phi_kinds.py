@@ -151,6 +151,11 @@ def test_addresses_of_many_countries(analyzer, text, pieces):
         ("Ms. Ana Silva Unit 3 17 R Direita\nBraga BR 4700-321",
          [("PERSON", "Ms. Ana Silva"), ("STREET_ADDRESS", "Unit 3"), ("STREET_ADDRESS", "17 R Direita"),
           ("LOCATION", "Braga BR"), ("POSTAL_CODE", "4700-321")]),
+        ("Please return to Osvobození 1019, Ostrava 3 703 00 in case of an issue.",
+         [("STREET_ADDRESS", "Osvobození 1019"), ("LOCATION", "Ostrava 3"), ("POSTAL_CODE", "703 00")]),
+        ("Ship to: 12 Rivers Road\n Unit 3\n Limassol\n Cyprus (Greek) 3035",
+         [("STREET_ADDRESS", "12 Rivers Road"), ("STREET_ADDRESS", "Unit 3"), ("LOCATION", "Limassol"),
+          ("POSTAL_CODE", "3035")]),
         ("Mail goes to 19 C/ Mayor\n Apt. 2\n Villanueva de la Serena\n Spain 06700",
          [("STREET_ADDRESS", "19 C/ Mayor"), ("STREET_ADDRESS", "Apt. 2"), ("LOCATION", "Villanueva de la Serena"),
           ("POSTAL_CODE", "06700")]),
@@ -194,6 +199,9 @@ def test_a_city_after_a_place_cue(analyzer):
     [
         ("Her sister lives in Bruck an der Mur and visits monthly.", "Bruck an der Mur"),
         ("Where: Montreal Country Club.", "Montreal"),
+        ("My friend lives in Litomyšl", "Litomyšl"),  # the NER calls it a language
+        ("She flew to Pickle Lake on Sunday morning.", "Pickle Lake"),
+        ("She flew to CABBAGE TREE CREEK on Sunday morning.", "CABBAGE TREE CREEK"),
     ],
 )
 def test_places_joined_by_small_words_or_before_english_words(analyzer, text, place):
