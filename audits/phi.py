@@ -108,6 +108,17 @@ ENTITY_ALIASES = {"CREDIT_CARD": "ACCOUNT_NUMBER", "IBAN_CODE": "ACCOUNT_NUMBER"
 CAPITALISED_TYPES = ("PERSON", "LOCATION")  # a piece of one without a capital letter or digit is no name
 
 URL_END = r"(?<![.,;:!?])(?![\w-])"
+# An unquoted URL starts where a run of host characters starts; tried inside the run, Presidio's
+# host pattern rescans it from every letter (a quarter of the time for the same matches).
+URL_START = r"(?<![a-z0-9.\-])"
+
+
+def _from_run_start(pattern: str) -> str:
+    if pattern.startswith("(?i)") and not pattern.startswith("(?i)["):  # not the quoted patterns
+        return "(?i)" + URL_START + pattern[len("(?i)") :]
+    return pattern
+
+
 SCHEME_URL = r"\b(?:https?|ftp)://[^\s<>\"'()]+(?<![.,;:!?])"
 
 
@@ -139,7 +150,7 @@ class WordBoundedUrlRecognizer(UrlRecognizer):
     HINT = regex.compile(r"[.][a-z]|://", regex.IGNORECASE)  # the patterns' own case rule
 
     def __init__(self) -> None:
-        patterns = [Pattern(p.name, p.regex + URL_END, p.score) for p in UrlRecognizer.PATTERNS]
+        patterns = [Pattern(p.name, _from_run_start(p.regex) + URL_END, p.score) for p in UrlRecognizer.PATTERNS]
         patterns.append(Pattern("scheme://anything", SCHEME_URL, 0.6))
         super().__init__(patterns=patterns)
 
