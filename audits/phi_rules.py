@@ -877,14 +877,17 @@ _PLACE_LINK = (
     r"(?:de|la|le|las|los|del|da|do|dos|das|di|am|an|im|in|der|den|sur|sous|en|i|í|á|aan|nad|pod|pri|na|bei|ob|upon|on)"
 )
 _PLACE_CAP = r"\p{Lu}[\p{L}'’.\-]+(?![\p{L}\p{N}])"
+# A town's next word does not follow a full stop after a word (a sentence's end: "Zagreb. Call"),
+# only after an abbreviation ("St. Gallen").
+_PLACE_JOIN = r"(?<!\p{L}{3}\.)[ \t-]"
 # Between a town and its code: a district number or letter ("Ostrava 3", "København K") or a
 # region's abbreviation ("Hernani SS 20120"), on the line or on a line of its own.
 _BETWEEN = r"(?:(?:\d{1,2}|[A-Z]{1,3})(?:[ \t]+|" + _LINE_BREAKS + r"))"
 _BESIDE_AFTER = regex.compile(
     rf"\G(?P<sep>\.?,?[ \t]*(?:\n[ \t>?*•-]*)?)(?:(?P<code1>{_CODE})(?:,?[ \t]+|$))?"
     # A town: capitalised words and the small words that join them; lower-case words too when a code follows.
-    rf"(?P<city>(?<![.][ \t]*){_PLACE_CAP}(?:[ \t-][\p{{L}}'’\-]+){{1,3}}(?=,?[ \t]+{_BETWEEN}?{_CODE})"
-    rf"|{_PLACE_CAP}(?:[ \t-](?:{_PLACE_LINK}[ \t-]){{0,2}}{_PLACE_CAP}){{0,3}}(?:[ \t]\p{{Lu}}(?=[ \t]*(?:[\n,.]|\Z)|[ \t]+\d)|[ \t]\d{{1,2}}(?=[ \t]+\d{{3}}))?)?"
+    rf"(?P<city>(?<![.][ \t]*){_PLACE_CAP}(?:{_PLACE_JOIN}[\p{{L}}'’\-]+){{1,3}}(?=,?[ \t]+{_BETWEEN}?{_CODE})"
+    rf"|{_PLACE_CAP}(?:{_PLACE_JOIN}(?:{_PLACE_LINK}[ \t-]){{0,2}}{_PLACE_CAP}){{0,3}}(?:[ \t]\p{{Lu}}(?=[ \t]*(?:[\n,.]|\Z)|[ \t]+\d)|[ \t]\d{{1,2}}(?=[ \t]+\d{{3}}))?)?"
     rf"(?:(?:,?[ \t]+|{_LINE_BREAKS})(?:(?P<code2>[A-Z]{{2}}[ \t]+\d{{5}}(?:-\d{{4}})?)|{_BETWEEN}{{0,2}}(?P<code2>{_CODE})))?"
 )
 _CODE_BEFORE = regex.compile(rf"(?<![\w-])(?P<code>{_CODE})[ \t]+\Z")

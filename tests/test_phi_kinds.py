@@ -151,6 +151,9 @@ def test_addresses_of_many_countries(analyzer, text, pieces):
         ("Ms. Ana Silva Unit 3 17 R Direita\nBraga BR 4700-321",
          [("PERSON", "Ms. Ana Silva"), ("STREET_ADDRESS", "Unit 3"), ("STREET_ADDRESS", "17 R Direita"),
           ("LOCATION", "Braga BR"), ("POSTAL_CODE", "4700-321")]),
+        ("Please mail the forms to Ilica 242, 10000 Zagreb. Call 06-12345678 first.",  # a town ends at a full stop
+         [("STREET_ADDRESS", "Ilica 242"), ("POSTAL_CODE", "10000"), ("LOCATION", "Zagreb"),
+          ("PHONE_NUMBER", "06-12345678")]),
         ("Please return to Osvobození 1019, Ostrava 3 703 00 in case of an issue.",
          [("STREET_ADDRESS", "Osvobození 1019"), ("LOCATION", "Ostrava 3"), ("POSTAL_CODE", "703 00")]),
         ("Ship to: 12 Rivers Road\n Unit 3\n Limassol\n Cyprus (Greek) 3035",
