@@ -246,6 +246,8 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             return "PERSON", CUE_SCORE
         if cue_after in NAME_CUES_AFTER and any(names) and unknown_or_name and not city:
             return "PERSON", GAZETTEER_SCORE
+        if cue_after in NAME_CUES_AFTER and not any(known) and not city and len(folded) <= 2:  # "Okonjo is"
+            return "PERSON", UNKNOWN_PAIR_SCORE
         if city and not all(known) and not any(names) and len(whole) > MIN_CITY_CHARS:
             return "LOCATION", GAZETTEER_SCORE
         if len(folded) >= 2 and any(names) and unknown_or_name:

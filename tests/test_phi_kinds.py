@@ -258,6 +258,7 @@ def test_a_street_named_without_its_number(analyzer, text, street):
         ("She lives with her niece Marisol Head, who manages her tablets.", "Marisol Head"),
         ("Ilkka presented with dizziness this morning.", "Ilkka"),
         ("Dorotea is very reliable with the tablets.", "Dorotea"),
+        ("Okonjo was very reliable with the tablets.", "Okonjo"),  # in no name list
     ],
 )
 def test_names_after_a_role_or_before_a_verb(analyzer, text, name):
