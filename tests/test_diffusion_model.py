@@ -170,7 +170,8 @@ class ExactNoisePredictor(torch.nn.Module):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize(
-    ("sampler", "steps"), [("ddim", 10), ("dpm", 10), ("dpm-sde", 10), ("ddpm", 10), ("ddpm", 1000)]
+    ("sampler", "steps"),
+    [("ddim", 10), ("dpm", 10), ("dpm-sde", 10), ("ddpm", 10), pytest.param("ddpm", 1000, marks=pytest.mark.slow)],
 )
 def test_samplers_recover_the_data_from_exact_noise(sampler, steps, prediction_type):
     config = tiny_config(prediction_type=prediction_type)

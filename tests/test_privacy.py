@@ -152,6 +152,7 @@ def _planned_histories(config: RunConfig, site: SiteData) -> dict:
     return {m: [plan_privacy(config, site, modality=m).round_entry()] * rounds for m in config.modalities}
 
 
+@pytest.mark.slow
 def test_one_budget_covers_every_modality_trained_on_the_same_people():
     config, site = _both_modalities_config(), _both_modalities_site()
     histories = _planned_histories(config, site)
@@ -166,6 +167,7 @@ def test_one_budget_covers_every_modality_trained_on_the_same_people():
     assert all(epsilon < 0.8 * 4.0 for epsilon in alone.values())
 
 
+@pytest.mark.slow
 def test_the_split_sets_each_modalitys_share():
     config, site = _both_modalities_config(split={"image": 0.75, "text": 0.25}), _both_modalities_site()
     histories = _planned_histories(config, site)
@@ -185,6 +187,7 @@ def test_a_site_of_different_people_gives_each_modality_the_whole_budget():
     assert account.epsilon(histories) == pytest.approx(max(alone.values()), rel=0.01)
 
 
+@pytest.mark.slow
 def test_prv_epsilon_is_opacus_prv_and_needs_less_noise_than_rdp():
     history = [(1.2, 0.05, 40), (0.9, 0.1, 20), (1.2, 0.05, 40)]
     independent = PRVAccountant()

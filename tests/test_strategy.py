@@ -202,7 +202,7 @@ def _site_reply(node_id, site, release_history, account, *, modality="image"):
     return Message(content=content, reply_to=sent)
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", pytest.param("prv", marks=pytest.mark.slow)])
 def test_an_update_lost_in_a_coordinator_crash_is_ledgered_and_epsilon_recomputes(ledger, tmp_path, accountant):
     from opacus.accountants import PRVAccountant, RDPAccountant
     from typer.testing import CliRunner

@@ -34,6 +34,7 @@ def test_image_synthetic_copy_of_real_train_scores_like_real():
     assert scores["real"]["per_class_support"] == {"dark": 20, "bright": 20}
 
 
+@pytest.mark.slow
 def test_image_noise_with_random_labels_is_at_chance_while_real_is_high():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
     result = image_utility(train, test, noise_images(60, seed=3), class_names=CLASSES, seed=0, max_steps=STEPS)
@@ -146,6 +147,7 @@ def utility_checks(real_train, test, synthetic) -> dict:
 MAIN, REFERENCE = "utility.image.synthetic_to_real_ratio", "utility.image.reference.synthetic_to_real_ratio"
 
 
+@pytest.mark.slow
 def test_the_utility_check_passes_a_copy_of_real_training_images_of_the_right_classes():
     train, test = quadrants(80, seed=1), quadrants(40, seed=2)
     checks = utility_checks(train, test, quadrants(80, seed=3))
@@ -171,6 +173,7 @@ def test_the_utility_check_refuses_real_images_with_shuffled_labels():
     assert not checks[REFERENCE]["passed"]
 
 
+@pytest.mark.slow
 def test_a_real_trained_classifier_at_chance_refuses_to_score_utility_and_says_why():
     """Real training labels that carry nothing: whatever the synthetic set, no ratio is scored."""
     images, labels = quadrants(80, seed=1)
