@@ -11,7 +11,7 @@ RUN_ID=${RUN_ID:-demo-$(date +%Y%m%d-%H%M%S)}
 RUN=runs/$RUN_ID
 $FEDGEN demo-data "$RUN-sites" --sites 3 --seed 0
 $FEDGEN data check "$RUN-sites/site-1"
-$FEDGEN simulate --sites-dir "$RUN-sites" --modality both --epsilon 10 --run-id "$RUN_ID"
+$FEDGEN simulate --sites-dir "$RUN-sites" --config scripts/demo.toml --modality both --epsilon 10 --run-id "$RUN_ID"
 $FEDGEN generate "$RUN" --modality image --per-class 20
 $FEDGEN generate "$RUN" --modality text --per-class 20
 $FEDGEN audit "$RUN"

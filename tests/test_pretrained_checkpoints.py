@@ -6,6 +6,7 @@ fedgen ships (its record is in fedgen.models.pretrained.SHIPPED).
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from fedgen.errors import FedgenError
 from fedgen.manifest import file_sha256
 from fedgen.modalities import ImageModality
 from fedgen.models.diffusion import WEIGHTS_NAME, load_image_model
-from fedgen.models.pretrained import SHIPPED, SHIPPED_PREFIX, load_pretrained
+from fedgen.models.pretrained import SHIPPED, SHIPPED_PREFIX, checkpoint_folder, load_pretrained
 from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_image_model
 
 TINY = {"image.resolution": 16, "image.block_out_channels": [16, 32], "image.norm_num_groups": 4}
@@ -166,3 +167,41 @@ def test_a_shipped_checkpoint_needs_its_recorded_architecture_and_an_existing_na
     unknown = load_config(None, {**TINY, "image.init_checkpoint": "fedgen:retina-64"})
     with pytest.raises(FedgenError, match=f"fedgen ships no such checkpoint \\(it ships .*fedgen:{SHIPPED_NAME}"):
         create_run(tmp_path / "runs", unknown, "r")
+
+
+# --- the checkpoint fedgen ships ------------------------------------------------------------------
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "demo.toml"
+PHANTOMS = "fundus-phantoms-32"
+
+
+def test_the_demo_starts_from_the_shipped_phantom_checkpoint_as_recorded():
+    config = load_config(DEMO_CONFIG)
+    assert config.image.init_checkpoint == SHIPPED_PREFIX + PHANTOMS
+    folder = checkpoint_folder(config.image.init_checkpoint)
+    weights = folder / WEIGHTS_NAME
+    assert weights.stat().st_size <= 10 * 2**20  # what may ship in the package
+    assert file_sha256(weights) == SHIPPED[PHANTOMS]["weights_sha256"]
+    assert (
+        SHIPPED[PHANTOMS]["classes"] == DR_GRADES and SHIPPED[PHANTOMS]["recipe"] == "bash scripts/pretrain-phantoms.sh"
+    )
+    unet = load_pretrained(
+        config.image.init_checkpoint, config.image, sorted(DR_GRADES)
+    )  # a consortium's sorted classes
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in load_image_model(folder).parameters())
+
+
+def test_the_shipped_phantom_checkpoint_refuses_changed_weights_and_another_architecture(tmp_path, monkeypatch):
+    config = load_config(DEMO_CONFIG)
+    copy = shutil.copytree(checkpoint_folder(config.image.init_checkpoint), tmp_path / PHANTOMS)
+    monkeypatch.setattr(pretrained_module, "SHIPPED_ROOT", tmp_path)
+    wider = load_config(DEMO_CONFIG, {"image.block_out_channels": [32, 64, 128]})
+    with pytest.raises(
+        FedgenError, match=r"trained with image.block_out_channels = \[32, 64, 64\] but the run sets \[32, 64, 128\]"
+    ):
+        load_pretrained(config.image.init_checkpoint, wider.image, DR_GRADES)
+    _change_weights(copy)
+    with pytest.raises(
+        FedgenError, match=f"fedgen:{PHANTOMS}: {WEIGHTS_NAME} has SHA-256 .* the weights were changed or damaged"
+    ):
+        load_pretrained(config.image.init_checkpoint, config.image, DR_GRADES)

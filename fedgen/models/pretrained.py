@@ -65,7 +65,24 @@ ARCHITECTURE_KEYS = (
 # checked against on every load: {"weights_sha256": hex digest of the weights file,
 # "image_config": its ARCHITECTURE_KEYS, "classes": names in class-embedding order, "labelled":
 # bool, "recipe": the command that made it}. The recipe prints the record of what it made.
-SHIPPED: dict[str, dict] = {}
+SHIPPED: dict[str, dict] = {
+    "fundus-phantoms-32": {
+        "weights_sha256": "42c987a46c03c7962f64f9c80047d73ac2a2b19d3e73cfdf9bd9a8d08fad5b91",
+        "image_config": {
+            "resolution": 32,
+            "channels": 1,
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "attention": True,
+            "norm_num_groups": 8,
+            "train_timesteps": 1000,
+            "prediction_type": "v_prediction",
+        },
+        "classes": ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"],
+        "labelled": True,
+        "recipe": "bash scripts/pretrain-phantoms.sh",
+    },
+}
 
 
 def architecture_of(image: ImageConfig | dict) -> dict:
