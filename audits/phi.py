@@ -205,8 +205,9 @@ class IndexedContextEnhancer(LemmaContextAwareEnhancer):
             else:
                 surrounding = [""] + extra
             # Presidio's substring matching (its default mode): the first context word found
-            # inside a surrounding word (all lowercase here).
-            word = next((w for w in recognizer.context if any(w.lower() in s for s in surrounding)), "")
+            # inside a surrounding word (all lowercase here; no context word holds a line break).
+            joined = "\n".join(surrounding)
+            word = next((w for w in recognizer.context if w.lower() in joined), "")
             if word != "":
                 result.score = min(
                     max(result.score + self.context_similarity_factor, self.min_score_with_context_similarity),

@@ -6,6 +6,7 @@ import socket
 import pytest
 import regex
 import spacy
+from presidio_analyzer import AnalyzerEngine, EntityRecognizer
 from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 from presidio_analyzer.predefined_recognizers import UrlRecognizer
 
@@ -113,7 +114,8 @@ def test_context_words_raise_scores_in_the_blank_pipeline(analyzer):
 
 def test_the_faster_context_step_scores_as_presidios_own(analyzer):
     # Context words decide the weak shapes (digit runs, SSN, IMEI, phone groups): the fedgen
-    # enhancer must give every result the score Presidio's stock enhancer gives it.
+    # engine and enhancer must give every result the score Presidio's stock engine (with its
+    # per-recognizer context round) and stock enhancer give it.
     texts = [
         "MRN 48291734, phone 0176 2345 6789, fax 617.555.0143; SSN 123-45-6789.",
         "Device IMEI 490154203237518 paired. Invoice total was 48291734 and order 2757157125.",
@@ -122,12 +124,18 @@ def test_the_faster_context_step_scores_as_presidios_own(analyzer):
         "zip 02139, postal code SW1A 1AA, vehicle VIN 1HGCM82633A004352",
     ]
     engine = analyzer.analyzer
-    stock_engine = type(engine).__new__(type(engine))
+    stock_engine = AnalyzerEngine.__new__(AnalyzerEngine)
     stock_engine.__dict__.update(engine.__dict__, context_aware_enhancer=LemmaContextAwareEnhancer())
     fast = [f.to_dict() for f in scan(analyzer, texts)]
     stock = [f.to_dict() for f in scan(PhiAnalyzer(stock_engine, analyzer.engine), texts)]
     assert fast == stock
     assert len(fast) >= 10
+
+
+def test_no_recognizer_refines_its_own_results_by_context(analyzer):
+    # The scan's engine skips Presidio's per-recognizer context round on that ground.
+    for recognizer in analyzer.analyzer.registry.recognizers:
+        assert type(recognizer).enhance_using_context is EntityRecognizer.enhance_using_context, recognizer.name
 
 
 def test_url_patterns_skipped_only_where_they_cannot_match():
