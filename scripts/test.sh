@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install fedgen and what its tests need (the headless browser the report and review-kit pages
-# are checked in), lint, and run the whole test suite (what CI runs) on one worker per core
-# (pytest-xdist; most end-to-end tests wait on processes they start). Extra arguments go to
-# pytest, e.g. `bash scripts/test.sh -m "not e2e and not slow"` for the fast loop.
+# are checked in), lint, and run the whole test suite (what CI runs). Extra arguments go to
+# pytest, e.g. `bash scripts/test.sh -m "not e2e and not slow" -n 2` for the fast loop on two
+# workers (pytest-xdist).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -20,4 +20,4 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q -n "${FEDGEN_TEST_WORKERS:-auto}" "$@"
+.venv/bin/python -m pytest -q "$@"

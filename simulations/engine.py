@@ -7,6 +7,7 @@ are on this machine.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,7 @@ from fedgen.server.train_app import make_server_app
 
 __all__ = ["simulate", "check_sites", "run_on_simulated_sites", "run_audit"]
 
-# Each simulated site gets federation.threads_per_site cores (default 1: on a 2-core machine two
-# sites train at once).
+# Each simulated site gets federation.threads_per_site cores (default 1).
 CPUS_PER_SITE = 1
 
 
@@ -48,6 +48,15 @@ def check_sites(config: RunConfig, site_dirs: Sequence[Path]) -> None:
                 raise FedgenError(f"{site.name}: {err}") from None
 
 
+def site_cpus(threads_per_site: int, sites: int) -> float:
+    """Ray's CPUs per simulated site: its threads, or an equal share of the machine's cores when
+    the sites outnumber them, so that every site trains at once. Otherwise they train in waves:
+    3 sites on 2 cores are 2 sites, then 1 alone on an idle core, a third more wall time."""
+    cores = os.cpu_count() or 1
+    share = math.floor(100 * cores / sites) / 100  # two decimals: Ray's pool is cores // share actors
+    return max(min(threads_per_site, cores, share), 0.01)
+
+
 def run_on_simulated_sites(
     server_app: ServerApp, site_dirs: Sequence[Path], *, verbose: bool = False, cpus_per_site: int = CPUS_PER_SITE
 ) -> None:
@@ -61,7 +70,7 @@ def run_on_simulated_sites(
         client_app=make_client_app([str(Path(p).resolve()) for p in site_dirs]),
         num_supernodes=len(site_dirs),
         backend_config={
-            "client_resources": {"num_cpus": min(cpus_per_site, os.cpu_count() or 1), "num_gpus": 0.0},
+            "client_resources": {"num_cpus": site_cpus(cpus_per_site, len(site_dirs)), "num_gpus": 0.0},
             "init_args": {
                 "num_cpus": os.cpu_count() or 1,
                 "include_dashboard": False,

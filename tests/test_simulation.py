@@ -16,7 +16,7 @@ from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 from fedgen.modalities import TextModality, coarse_note_length
 from fedgen.privacy.ledger import PrivacyLedger
-from fedgen.simulations.engine import check_sites, simulate
+from fedgen.simulations.engine import check_sites, simulate, site_cpus
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 TINY = {
@@ -211,3 +211,13 @@ def test_each_checkpoint_records_round_time_and_the_sites_training_time(run):
     assert set(info["site_train_seconds"]) == {"site-1", "site-2"}
     assert 0 < max(info["site_train_seconds"].values()) < info["round_seconds"]
     assert info["failures"] == []
+
+
+@pytest.mark.parametrize(
+    ("cores", "threads", "sites", "cpus", "at_once"),
+    [(2, 1, 2, 1, 2), (2, 1, 3, 0.66, 3), (2, 1, 7, 0.28, 7), (8, 2, 3, 2, 3), (2, 2, 1, 2, 1), (1, 1, 1, 1, 1)],
+)
+def test_simulated_sites_share_the_cores_so_that_all_train_at_once(monkeypatch, cores, threads, sites, cpus, at_once):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert site_cpus(threads, sites) == pytest.approx(cpus)
+    assert int(cores / site_cpus(threads, sites)) >= at_once  # Flower's actor pool: cores // share
