@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-__all__ = ["quiet_libraries", "progress_bar"]
+__all__ = ["quiet_libraries", "progress_bar", "clock"]
 
 
 def quiet_libraries() -> None:
@@ -39,10 +39,11 @@ def _estimate(done: int, total: int, elapsed: float) -> str:
     if not done:
         return "estimating"
     left = elapsed / done * (total - done)
-    return f"~{_clock(left)} left"
+    return f"~{clock(left)} left"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
     seconds = int(round(seconds))
     return (
         f"{seconds // 60}:{seconds % 60:02d}"
@@ -88,7 +89,7 @@ def progress_bar(
         if done >= next_line or done >= total:
             elapsed = time.monotonic() - started
             console.print(
-                f"{description}: {done}/{total} {unit} in {_clock(elapsed)}, {_estimate(done, total, elapsed)}",
+                f"{description}: {done}/{total} {unit} in {clock(elapsed)}, {_estimate(done, total, elapsed)}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -24,6 +24,7 @@ from fedgen.audits.inputs import AuditInputs, prepare_inputs, say
 from fedgen.audits.pooling import assemble_report, trained_sites
 from fedgen.audits.report import write_report
 from fedgen.errors import FedgenError
+from fedgen.logs import clock
 from fedgen.manifest import synthetic_manifest
 from fedgen.protocol import (
     INCEPTION_KEY,
@@ -42,6 +43,7 @@ __all__ = ["audit_sites", "audit_report", "audit_and_write", "make_audit_app", "
 
 NODE_WAIT_SECONDS = 120.0
 NODE_POLL_SECONDS = 0.5
+WAIT_NOTICE_SECONDS = 60.0
 
 
 def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
@@ -55,9 +57,37 @@ def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
     return nodes
 
 
-def _ask(grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: float, what: str) -> list[dict]:
+def _collect_replies(
+    grid: Grid, messages: list[Message], *, timeout: float, what: str, progress: bool
+) -> list[Message]:
+    """The replies that came within ``timeout``, saying (when ``progress``) each site's answer
+    as it comes and, in a long wait, every ``WAIT_NOTICE_SECONDS`` how many are still out: a
+    site audit takes minutes and a log would otherwise show nothing between question and result."""
+    waiting = set(grid.push_messages(messages))
+    start = time.monotonic()
+    next_notice = start + WAIT_NOTICE_SECONDS
+    replies: list[Message] = []
+    while waiting and time.monotonic() - start < timeout:
+        for reply in grid.pull_messages(waiting):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            who = "a site failed" if reply.has_error() else f"{unpack_reply(reply.content)['site']} answered"
+            say(progress, f"{what}: {who} ({len(replies)} of {len(messages)}, {clock(time.monotonic() - start)})")
+        if waiting and time.monotonic() >= next_notice:
+            say(
+                progress,
+                f"{what}: waiting for {len(waiting)} of {len(messages)} sites ({clock(time.monotonic() - start)})",
+            )
+            next_notice += WAIT_NOTICE_SECONDS
+        time.sleep(NODE_POLL_SECONDS)
+    return replies
+
+
+def _ask(
+    grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: float, what: str, progress: bool = False
+) -> list[dict]:
     messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = _collect_replies(grid, messages, timeout=timeout, what=what, progress=progress)
     failed = [r for r in replies if r.has_error()]
     if failed:
         raise FedgenError(f"a site could not answer the {what}: {error_line(failed[0].error.reason)}")
@@ -93,7 +123,7 @@ def audit_sites(
             inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
         )
         sent = record_digest(audit[SYNTHETIC_IMAGES if name == "image" else SYNTHETIC_TEXTS])
-        answers[name] = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit")
+        answers[name] = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit", progress=progress)
         other = [a["site"] for a in answers[name] if a["synthetic_digest"] != sent]
         if other:
             raise FedgenError(f"{', '.join(other)} answered the {name} audit on other synthetic data than was sent")
