@@ -100,7 +100,8 @@ def generate_texts(
     note_tokens = run.checkpoint_metrics("text", server_round).get(NOTE_TOKENS_KEY)
     tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens(note_tokens)
     lines = []
-    with progress_bar(True, total=per_class * len(chosen), description="sampling texts", unit="texts") as advance:
+    description = f"sampling texts of at most {max_new_tokens} tokens"
+    with progress_bar(True, total=per_class * len(chosen), description=description, unit="texts") as advance:
         for k, name in enumerate(chosen):
             written = 0
 

@@ -74,7 +74,7 @@ def test_the_run_keeps_the_longest_length_any_site_reported():
     assert longest_note(64, {"site-1": 96}) == 96
 
 
-def test_fedgen_generate_reads_the_length_from_the_checkpoint(task, tmp_path, monkeypatch):
+def test_fedgen_generate_reads_the_length_from_the_checkpoint(task, tmp_path, monkeypatch, capsys):
     run = RunDir.create(tmp_path / "runs", task.config, "run")
     model = task.build_model()
     ledger = PrivacyLedger(run.ledger_path)
@@ -82,11 +82,13 @@ def test_fedgen_generate_reads_the_length_from_the_checkpoint(task, tmp_path, mo
                     round_info={NOTE_TOKENS_KEY: 64})  # fmt: skip
     asked = []
 
-    def sampler(*args, max_new_tokens, n, **kwargs):
+    def sampler(*args, max_new_tokens, n, progress, **kwargs):
         asked.append(max_new_tokens)
+        progress(n, n)
         return ["a note"] * n
 
     monkeypatch.setattr("fedgen.models.text.generate_texts", sampler)
     path = generate_texts(run, per_class=2, classes=["Anxiety"])
     assert asked == [64]
+    assert "sampling texts of at most 64 tokens: 2/2 texts" in capsys.readouterr().err
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"text": "a note", "label": "Anxiety"}] * 2
