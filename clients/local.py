@@ -103,6 +103,7 @@ def train_site(
         )
     model = modality.build_model()
     modality.set_state(model, global_state)
+    train_set = modality.training_set(model, train_set)
     section = modality.section
     progress = None
     if progress_for is not None:

@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fedgen.config import RunConfig
 from fedgen.data.site import SiteData, image_splits, text_splits
+from fedgen.files import atomic_file
 
 __all__ = [
     "Modality",
@@ -38,6 +41,7 @@ NOTE_TOKENS = "note-tokens"
 NOTE_LENGTH_QUANTILE = 0.9  # at least a tenth of a site's notes (>= 2) reach the reported length
 NOTE_LENGTH_GRID = 32  # tokens: the reported length is rounded up to a multiple of this
 MIN_NOTES_FOR_LENGTH = 20  # fewer training notes and the site reports no length (as the audit's floor)
+FROZEN_STATES_DIR = "frozen-text-layers"  # in the work folder: TextModality.training_set's cache
 
 
 def coarse_note_length(lengths: Sequence[int]) -> int | None:
@@ -96,6 +100,10 @@ class Modality(ABC):
     @abstractmethod
     def datasets(self, site: SiteData) -> tuple[Dataset, Dataset]:
         """(train, held-out) splits of the site's records for this modality."""
+
+    def training_set(self, model: nn.Module, train_set: Dataset) -> Dataset:
+        """The train split as ``per_example_loss`` reads it for ``model`` (by default as is)."""
+        return train_set
 
     def reply_metrics(self, train_set: Dataset) -> dict[str, float]:
         """What the site's training reply adds to its ε and DP-SGD parameters (none by default)."""
@@ -227,7 +235,7 @@ class TextModality(Modality):
         """The site's coarse note length (``coarse_note_length``): the note and its end token,
         in the base model's tokenizer, as the loss mask marks them. NaN when the site has too few
         notes to say (Flower aggregates only replies that carry the same metric keys)."""
-        _, _, loss_mask = train_set.tensors
+        loss_mask = train_set.tensors[2]
         length = coarse_note_length(loss_mask.sum(dim=1).tolist())
         return {NOTE_TOKENS: math.nan if length is None else length}
 
@@ -269,12 +277,33 @@ class TextModality(Modality):
             for split in splits
         )
 
+    def training_set(self, model, train_set):
+        """The train split with, per note, the output of the frozen layers below the lowest
+        adapted one (``fedgen.models.text.frozen_states``): computed once and kept in the work
+        folder (a site's own state folder) for the next rounds, keyed by the base model's files,
+        that layer and the notes' tokens, so a changed model or site recomputes it."""
+        from fedgen.models.text import first_adapted_layer, frozen_states
+
+        first = first_adapted_layer(model)
+        if first == 0:
+            return train_set
+        key = hashlib.sha256(f"{_directory_fingerprint(self.base_model_dir())}|{first}".encode())
+        for tensor in train_set.tensors[:2]:
+            key.update(tensor.numpy().tobytes())
+        path = self.work_dir / FROZEN_STATES_DIR / f"{key.hexdigest()[:24]}.safetensors"
+        try:
+            states = load_file(path)["states"]
+        except (OSError, SafetensorError, KeyError):
+            states = frozen_states(model, train_set)
+            _keep_only(path, {"states": states})
+        return TensorDataset(*train_set.tensors, states)
+
     def per_example_loss(self):
         from fedgen.models.text import sequence_loss
 
         def loss(module: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            input_ids, attention_mask, loss_mask = batch
-            return sequence_loss(module, input_ids, attention_mask, loss_mask)
+            input_ids, attention_mask, loss_mask, *lower_states = batch  # from training_set, or not
+            return sequence_loss(module, input_ids, attention_mask, loss_mask, *lower_states)
 
         return loss
 
@@ -287,6 +316,22 @@ class TextModality(Modality):
         from fedgen.models.text import load_adapter
 
         return load_adapter(self._base(), directory)
+
+
+def _directory_fingerprint(directory: Path) -> str:
+    """The names, sizes and modification times of a directory's files: changes with its content."""
+    files = sorted(path for path in Path(directory).rglob("*") if path.is_file())
+    return json.dumps([[str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def _keep_only(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to ``path`` (atomically) and remove the other files of its folder: one
+    cache at a time, not one per configuration ever tried."""
+    with atomic_file(path) as staging:
+        save_file(tensors, staging)
+    for other in path.parent.glob("*.safetensors"):
+        if other != path:
+            other.unlink(missing_ok=True)
 
 
 MODALITIES: dict[str, type[Modality]] = {"image": ImageModality, "text": TextModality}

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from fedgen.clients.local import BudgetExhausted, train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site
-from fedgen.modalities import MIN_NOTES_FOR_LENGTH, NOTE_TOKENS, ImageModality, TextModality
+from fedgen.modalities import FROZEN_STATES_DIR, MIN_NOTES_FOR_LENGTH, NOTE_TOKENS, ImageModality, TextModality
 from fedgen.privacy.accounting import epsilon_from_history
 from fedgen.privacy.plan import plan_privacy
 
@@ -79,3 +80,25 @@ def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_p
     assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved
     assert update.metrics["num-examples"] < MIN_NOTES_FOR_LENGTH
     assert math.isnan(update.metrics[NOTE_TOKENS])  # too few notes to say how long they run
+
+
+def test_a_site_keeps_the_frozen_layers_outputs_for_its_next_rounds(site_dir, tmp_path, monkeypatch):
+    config = load_config(None, {**TINY, "modality": "text", "text.tiny_layers": 3, "text.lora_layers": 1})
+    site = load_site(site_dir, config.data, modalities=("text",))
+    task = TextModality(config, work_dir=tmp_path)
+    before = task.get_state(task.build_model())
+    update = train_site(task, site, before, histories={}, seed=0)  # the first round computes them
+    assert any(not torch.equal(update.state[k], before[k]) for k in before)
+    cached = list((tmp_path / FROZEN_STATES_DIR).glob("*.safetensors"))
+    assert len(cached) == 1
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the frozen layers ran again")
+
+    monkeypatch.setattr("fedgen.models.text.frozen_states", recompute)
+    train, _ = task.datasets(site)
+    model = task.build_model()
+    with_states = task.training_set(model, train)  # the next round reads them
+    assert len(with_states.tensors) == 4 and with_states.tensors[3].shape[:2] == train.tensors[0].shape
+    with pytest.raises(AssertionError, match="ran again"):  # other notes: other states
+        task.training_set(model, TensorDataset(*(t[1:] for t in train.tensors)))

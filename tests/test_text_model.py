@@ -22,6 +22,8 @@ from fedgen.models.text import (
     add_lora,
     class_prompts,
     encode_examples,
+    first_adapted_layer,
+    frozen_states,
     generate_texts,
     load_adapter,
     load_base_model,
@@ -436,6 +438,39 @@ def test_per_example_hooks_give_per_sample_gradients_for_lora_only(tiny_dir):
     for name, grad_sample in per_sample.items():
         assert grad_sample.shape[0] == 6
         torch.testing.assert_close(grad_sample.mean(dim=0), expected[name])
+
+
+def test_cached_frozen_layers_give_the_same_losses_and_per_example_gradients(tmp_path):
+    config = TINY.model_copy(update={"tiny_layers": 3, "lora_layers": 1})
+    base, tokenizer = load_base_model(make_tiny_llama(tmp_path / "three", config=config))
+    model = with_random_adapter(add_lora(base, config))
+    assert first_adapted_layer(model) == 2
+    data = encode_examples(tokenizer, NOTES[:6], prompts=PROMPTS, max_length=64)
+    lower = frozen_states(model, data, batch_size=4)  # two batches, padded to different widths
+    assert lower.shape[:2] == data.tensors[0].shape
+    assert lower[data.tensors[1] == 0].eq(0).all()
+    batch = data.tensors[:3]  # a Poisson batch of rows 3 and 5: their states come with them
+    rows = torch.tensor([3, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            token_logprobs(model, *(t[rows] for t in batch), lower[rows]),
+            token_logprobs(model, *(t[rows] for t in batch)),
+        )
+
+    def per_example(*extra):
+        with per_example_grads(model):
+            sequence_loss(model, *batch, *extra).sum().backward()
+        grads = {name: p.grad_sample.clone() for name, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        for p in model.parameters():
+            p.grad_sample = None
+        return grads
+
+    cached, full = per_example(lower), per_example()
+    assert cached.keys() == full.keys() and cached
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name])
+    assert len(list(model.get_base_model().model.layers)) == 3  # the layer list is restored
 
 
 class PerExampleLoss:

@@ -31,7 +31,8 @@ Nothing here reaches a model hub: every load is from a local directory and is ch
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,8 @@ __all__ = [
     "prompt_prefix",
     "render_example",
     "encode_examples",
+    "first_adapted_layer",
+    "frozen_states",
     "token_logprobs",
     "sequence_loss",
     "generate_texts",
@@ -425,7 +428,12 @@ def encode_examples(
     return TensorDataset(input_ids, attention_mask, loss_mask)
 
 
-# --- scoring --------------------------------------------------------------------------------------
+# --- frozen lower layers -------------------------------------------------------------------------
+#
+# With LoRA on the upper decoder layers only, everything below the lowest adapted layer is a fixed
+# function of a note's tokens: its output can be computed once per note and reused at every step,
+# epoch and round (the DP guarantee is unchanged; it covers what the adapters learn from). A step
+# then runs the adapted layers alone, forward and backward.
 
 
 def _causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -433,19 +441,81 @@ def _causal_lm(model: nn.Module) -> PreTrainedModel:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+def _backbone(model: nn.Module) -> nn.Module:
+    causal_lm = _causal_lm(model)
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+def first_adapted_layer(model: nn.Module) -> int:
+    """The index of the lowest decoder layer with a parameter that trains; 0 when the backbone
+    has no ``layers`` list (nothing below it is then frozen for certain)."""
+    layers = getattr(_backbone(model), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return 0
+    trains = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+    return trains[0] if trains else len(layers)
+
+
+@contextmanager
+def _only_layers(backbone: nn.Module, layers: slice, *, final_norm: bool = True) -> Iterator[None]:
+    """Run ``backbone`` through ``layers`` of its decoder layers only (and without its final norm)."""
+    all_layers, norm = backbone.layers, backbone.norm
+    backbone.layers = nn.ModuleList(list(all_layers)[layers])
+    if not final_norm:
+        backbone.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        backbone.layers, backbone.norm = all_layers, norm
+
+
+@torch.no_grad()
+def frozen_states(model: nn.Module, dataset: TensorDataset, *, batch_size: int = 16) -> Tensor:
+    """The output of the decoder layers below the lowest adapted one for every example of
+    ``dataset`` (``encode_examples``), [N, T, hidden], zero at padding positions: what
+    ``token_logprobs`` takes as ``lower_states`` in place of running those layers again."""
+    backbone, first = _backbone(model), first_adapted_layer(model)
+    input_ids, attention_mask = dataset.tensors[:2]
+    parts = []
+    with _only_layers(backbone, slice(0, first), final_norm=False):
+        for start in range(0, len(input_ids), batch_size):
+            mask = attention_mask[start : start + batch_size]
+            states = backbone(input_ids=input_ids[start : start + batch_size], attention_mask=mask).last_hidden_state
+            parts.append(states * mask[..., None].to(states.dtype))
+    return torch.cat(parts)
+
+
+def _last_hidden_state(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, lower_states: Tensor | None
+) -> Tensor:
+    backbone = _backbone(model)
+    if lower_states is None:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    first = first_adapted_layer(model)
+    with _only_layers(backbone, slice(first, None)):
+        return backbone(inputs_embeds=lower_states, attention_mask=attention_mask).last_hidden_state
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def token_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, lower_states: Tensor | None = None
+) -> Tensor:
     """log p(token t | tokens before t) at the positions under `loss_mask`, 0 elsewhere; [B, T].
 
     Right padding is cut to the batch's longest row first (dynamic padding), and the output
     layer runs only where a note token is predicted: each row's note positions are gathered
     into [B, longest note, hidden], which keeps the batch dimension per-example gradients need.
     A loss mask must be one run of positions after the first (as `encode_examples` makes it).
+    ``lower_states`` (``frozen_states`` of these rows) stand in for the frozen lower layers.
     """
     shape, width = input_ids.shape, int(attention_mask.sum(dim=1).max())
     input_ids, attention_mask, loss_mask = input_ids[:, :width], attention_mask[:, :width], loss_mask[:, :width]
+    if lower_states is not None:
+        lower_states = lower_states[:, :width]
     causal_lm = _causal_lm(model)
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = _last_hidden_state(model, input_ids, attention_mask, lower_states)
     lengths = loss_mask.sum(dim=1)
     starts = loss_mask.argmax(dim=1)  # first note position of each row
     offsets = torch.arange(int(lengths.max()), device=input_ids.device)
@@ -458,9 +528,11 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     return picked.new_zeros(shape).scatter_add(1, targets, picked * valid)
 
 
-def sequence_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> Tensor:
+def sequence_loss(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, lower_states: Tensor | None = None
+) -> Tensor:
     """Per-example mean negative log-likelihood of the tokens under `loss_mask`, shape [B]."""
-    logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask)
+    logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask, lower_states)
     return -logprobs.sum(dim=1) / loss_mask.sum(dim=1).clamp(min=1).to(logprobs.dtype)
 
 
