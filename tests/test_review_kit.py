@@ -239,11 +239,14 @@ def test_a_site_without_held_out_records_of_the_run_classes_gets_a_clear_error(t
         build_kit(run.root, site, site / "kit", modalities=["text"], seed=0)
 
 
-def test_the_review_commands_make_a_kit_and_score_it(tmp_path):
+def test_the_review_commands_make_a_kit_and_score_it(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fedgen.audits.review import ANSWERS_FORMAT, SCORES_FORMAT
     from fedgen.cli import app
+    from fedgen.cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)  # the table whole, whatever width the console was made with
 
     runner = CliRunner()
     run = make_run(tmp_path / "runs")
@@ -261,7 +264,7 @@ def test_the_review_commands_make_a_kit_and_score_it(tmp_path):
     answers = {i: {"source": "real", "confidence": 2, "reading": t["class"]} for i, t in truth.items()}  # always "real"
     path = tmp_path / "answers.json"
     path.write_text(json.dumps({"format": ANSWERS_FORMAT, "kit": key["kit"], "reviewer": "Dr R", "answers": answers}))
-    scored = runner.invoke(app, ["review", "score", str(site / "kit"), str(path)], env={"COLUMNS": "200"})
+    scored = runner.invoke(app, ["review", "score", str(site / "kit"), str(path)])
     assert scored.exit_code == 0, scored.output
     scores = json.loads((site / "kit" / "SCORES.json").read_text(encoding="utf-8"))
     assert scores["format"] == SCORES_FORMAT and scores["site"] == "site-a"
