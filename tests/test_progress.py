@@ -108,3 +108,21 @@ def test_simulate_prints_a_line_whenever_a_site_starts_an_epoch(tmp_path):
     assert any(line.startswith("site-2 image round 1: epoch 2/2 (") for line in lines)
     assert not any("round 9" in line for line in lines)  # the stale file was removed first
     assert len([line for line in lines if line.startswith("site-1")]) == 2  # one line per epoch
+
+
+def test_a_round_of_one_epoch_prints_a_line_per_quarter(tmp_path):
+    site = tmp_path / "site-1"
+    console, out = _log_console()
+
+    def train():
+        path = progress_path(site / SITE_STATE_DIR, "text")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for step in (0, 1, 3, 5, 8):
+            path.write_text(json.dumps(asdict(SiteProgress("site-1", "text", 2, 1, 1, step, 10))))
+            time.sleep(0.6)
+
+    with showing_site_progress([site], ["text"], console):
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+    assert out.getvalue().splitlines() == [f"site-1 text round 2: epoch 1/1 ({step}/10 steps)" for step in (0, 3, 5, 8)]

@@ -21,10 +21,19 @@ from fedgen.site_progress import SiteProgress, progress_path, read_progress
 __all__ = ["showing_site_progress"]
 
 POLL_SECONDS = 0.5
+LOG_PARTS_OF_ONE_EPOCH = 4
 
 
 def _describe(progress: SiteProgress) -> str:
     return f"{progress.site} {progress.modality} round {progress.round}: epoch {progress.epoch}/{progress.epochs}"
+
+
+def _stage(progress: SiteProgress) -> int:
+    """What a log line marks: each local epoch, or each quarter of a round of one epoch (a text
+    round is one long epoch)."""
+    if progress.epochs > 1:
+        return progress.epoch
+    return LOG_PARTS_OF_ONE_EPOCH * progress.step // max(progress.steps, 1)
 
 
 @contextmanager
@@ -54,7 +63,7 @@ def showing_site_progress(site_dirs: Sequence[Path], modalities: Sequence[str], 
         bar, shown = None, {}
 
         def show(path: Path, progress: SiteProgress) -> None:
-            key = (progress.round, progress.epoch)
+            key = (progress.round, _stage(progress))
             if shown.get(path) != key and progress.step < progress.steps:
                 shown[path] = key
                 console.print(f"{_describe(progress)} ({progress.step}/{progress.steps} steps)", highlight=False)
