@@ -49,6 +49,7 @@ from fedgen.server.audit_app import app as deployed_audit_app
 from fedgen.server.train_app import save_checkpoint
 from fedgen.simulations.engine import run_audit, run_on_simulated_sites
 from tests.test_fidelity import LinearDetector, scripted
+from tests.tiny_text import TINY_TEXT
 
 PER_CLASS = 10  # records per class per site: 50 per site, 25 train / 25 held-out
 SYNTHETIC_PER_CLASS = 4  # 20 per modality: the fewest a site counts memorisation on
@@ -72,18 +73,7 @@ def tiny_config() -> RunConfig:
                 "sample_steps": 4,
                 "batch_size": 16,
             },
-            "text": {
-                "base_model": "tiny-random-llama",
-                "target_modules": ["q_proj", "v_proj", "lm_head"],
-                "dtype": "float32",
-                "tiny_hidden_size": 16,
-                "tiny_layers": 1,
-                "tiny_heads": 2,
-                "lora_rank": 4,
-                "max_length": 160,
-                "max_new_tokens": 40,
-                "batch_size": 8,
-            },
+            "text": {**TINY_TEXT, "max_length": 160, "max_new_tokens": 40},
             "privacy": {"epsilon": 10.0},
             "federation": {"rounds": 1, "sites": len(SITES)},
         }

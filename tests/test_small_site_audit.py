@@ -26,6 +26,7 @@ from fedgen.generate import generate_texts
 from fedgen.manifest import synthetic_manifest
 from fedgen.protocol import QUERY_AUDIT, make_query, unpack_reply
 from tests.test_audit_runner import train_one_round
+from tests.tiny_text import TINY_TEXT
 
 CLASSES = ["Normal", "Anxiety"]
 PER_CLASS = {"site-big": 30, "site-small": 8}  # half held out: 30 and 8 held-out notes
@@ -40,18 +41,7 @@ def config() -> RunConfig:
         {
             "modality": "text",
             "data": {"text_classes": CLASSES, "heldout_fraction": 0.5},
-            "text": {
-                "base_model": "tiny-random-llama",
-                "target_modules": ["q_proj", "v_proj", "lm_head"],
-                "dtype": "float32",
-                "tiny_hidden_size": 16,
-                "tiny_layers": 1,
-                "tiny_heads": 2,
-                "lora_rank": 4,
-                "max_length": 128,
-                "max_new_tokens": 16,
-                "batch_size": 8,
-            },
+            "text": {**TINY_TEXT, "max_length": 128, "max_new_tokens": 16},
             "privacy": {"epsilon": 10.0},
             "federation": {"rounds": 1, "sites": len(PER_CLASS)},
         }
