@@ -73,11 +73,11 @@ def _collect_replies(
             replies.append(reply)
             who = "a site failed" if reply.has_error() else f"{unpack_reply(reply.content)['site']} answered"
             say(progress, f"{what}: {who} ({len(replies)} of {len(messages)}, {clock(time.monotonic() - start)})")
-        if waiting and time.monotonic() >= next_notice:
-            say(
-                progress,
-                f"{what}: waiting for {len(waiting)} of {len(messages)} sites ({clock(time.monotonic() - start)})",
-            )
+        if not waiting:
+            break
+        if time.monotonic() >= next_notice:
+            elapsed = clock(time.monotonic() - start)
+            say(progress, f"{what}: waiting for {len(waiting)} of {len(messages)} sites ({elapsed})")
             next_notice += WAIT_NOTICE_SECONDS
         time.sleep(NODE_POLL_SECONDS)
     return replies
