@@ -11,7 +11,7 @@ The coordinator never holds real records. Every measure is therefore split in tw
 |---|---|---|---|
 | image FID, KID, PRDC per class | ``class_fidelity`` | ``pool_class_fidelity`` + ``mean_over_classes`` (by n_real) | mean of the sites' figures, then of the classes' |
 | SSIM / PSNR | ``nearest_real_similarity`` | ``pool_weighted_mean`` (by n) | mean of site means (nearest real per site, not in the union) |
-| near copies | ``near_copy_count`` | ``pool_near_copies`` (sums) | flags summed over sites |
+| near copies | ``near_copy_count`` | ``pool_near_copies`` (sums) | flags summed over sites, and the most chance gives |
 | text embedding | ``text_embedding_stats`` | ``pool_sums`` + ``text_fidelity`` | exact |
 | text length / vocab | ``text_class_stats`` | ``pool_text_class_stats`` + ``summarise_text_class_stats`` | exact, except distinct words |
 
@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import betabinom
 from sklearn.feature_extraction.text import HashingVectorizer
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -65,6 +66,8 @@ __all__ = [
     "nearest_distances",
     "nearest_real_similarity",
     "near_copy_count",
+    "NEAR_COPY_ANSWER",
+    "near_copy_chance_count",
     "pool_near_copies",
     "embed_texts",
     "text_embedding_stats",
@@ -90,6 +93,11 @@ PRDC_K = 5  # Naeem et al. 2020 use k = 5
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000  # torchmetrics' default; shrunk to the smaller set when needed
 NEAR_COPY_QUANTILE = 0.01
+# Chance count of near copies: what a generator whose images are as far from the training images
+# as unseen real images are stays at or below with this probability.
+NEAR_COPY_CONFIDENCE = 0.99
+# What of a site's near-copy count leaves it: not the threshold, a distance between two of its images.
+NEAR_COPY_ANSWER = ("count", "rank", "n_heldout")
 
 # Text embedding: hashed character n-grams, l2-normalised, no IDF — a fixed function of the text
 # alone, so sites and coordinator embed alike without sharing a vocabulary or IDF weights fitted
@@ -421,9 +429,12 @@ def nearest_real_similarity(
 
 
 def _count_below(synthetic: Tensor, train: Tensor, heldout: Tensor, *, quantile: float) -> dict:
-    threshold = torch.quantile(nearest_distances(heldout, train), quantile)
+    """Synthetic items nearer to a training item than the ``rank``-th nearest held-out item is."""
+    heldout_distances = nearest_distances(heldout, train).sort().values
+    rank = max(1, math.floor(quantile * len(heldout_distances)))
+    threshold = heldout_distances[rank - 1]
     count = int((nearest_distances(synthetic, train) < threshold).sum())
-    return {"count": count, "threshold": float(threshold)}
+    return {"count": count, "threshold": float(threshold), "rank": rank, "n_heldout": len(heldout_distances)}
 
 
 def near_copy_count(
@@ -437,10 +448,12 @@ def near_copy_count(
     """Site-side: how many synthetic images are closer to a training image than held-out
     images usually are.
 
-    The threshold is the ``quantile`` of held-out-to-nearest-training distances: a real image
-    the model never saw is that close to a training image only that rarely. A synthetic image
-    below it is flagged as a near copy. Counted in pixel space and, given an extractor, in its
-    feature space.
+    The threshold is the ``rank``-th smallest held-out-to-nearest-training distance, rank =
+    ``quantile`` of the held-out count (at least the smallest): a real image the model never
+    saw is that close to a training image only that rarely. A synthetic image below it is
+    flagged as a near copy. Counted in pixel space and, given an extractor, in its feature
+    space. Of each, ``NEAR_COPY_ANSWER`` leaves the site: the count and what
+    ``near_copy_chance_count`` needs.
     """
     require_min_count(len(train), what="near-copy check (train split)")
     require_min_count(len(heldout), what="near-copy check (held-out split)")
@@ -461,12 +474,35 @@ def near_copy_count(
     return result
 
 
+def near_copy_chance_count(sites: Sequence[tuple[int, int, int]], *, confidence: float = NEAR_COPY_CONFIDENCE) -> int:
+    """The most near copies, summed over sites of (n_synthetic, rank, n_heldout), that a generator
+    which copies nothing shows with probability ``confidence``.
+
+    Flagging is calibrated on real images: if the synthetic images are as far from the training
+    images as unseen real ones are, a held-out threshold at the ``rank``-th smallest of
+    ``n_heldout`` distances is passed by each synthetic image with probability U ~ Beta(rank,
+    n_heldout - rank + 1), so a site's count is BetaBinomial(n_synthetic, rank, n_heldout - rank
+    + 1). With ~60 held-out images the threshold is their nearest, and a perfect generator has
+    one image in 60 flagged: "no flag at all" would refuse it most of the time. Sites are
+    independent: their distributions are convolved.
+    """
+    pmf = np.ones(1)
+    for n_synthetic, rank, n_heldout in sites:
+        site = betabinom.pmf(np.arange(n_synthetic + 1), n_synthetic, rank, n_heldout - rank + 1)
+        pmf = np.convolve(pmf, site)
+    return int(np.searchsorted(np.cumsum(pmf), confidence - 1e-12))
+
+
 def pool_near_copies(site_results: Sequence[dict]) -> dict:
-    """Coordinator: near-copy flags summed over sites (an image flagged at two sites counts twice)."""
-    pooled = {"pixel_count": sum(r["pixel"]["count"] for r in site_results)}
-    if all("feature" in r for r in site_results):
-        pooled["feature_count"] = sum(r["feature"]["count"] for r in site_results)
-    pooled["per_site_pixel_count"] = [r["pixel"]["count"] for r in site_results]
+    """Coordinator: near-copy flags summed over sites (an image flagged at two sites counts twice),
+    and per measure the most that chance gives at those counts (``near_copy_chance_count``)."""
+    pooled = {"per_site_pixel_count": [r["pixel"]["count"] for r in site_results]}
+    measures = ["pixel", "feature"] if all("feature" in r for r in site_results) else ["pixel"]
+    for measure in measures:
+        pooled[f"{measure}_count"] = sum(r[measure]["count"] for r in site_results)
+        pooled[f"{measure}_chance_count"] = near_copy_chance_count(
+            [(r["n_synthetic"], r[measure]["rank"], r[measure]["n_heldout"]) for r in site_results]
+        )
     return pooled
 
 

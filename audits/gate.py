@@ -428,8 +428,19 @@ def _memorisation_checks(report: dict, modality: str, policy: MemorisationPolicy
             "ngram_copies": policy.ngram_copies_max,
         }
         return _counts_checks(report, ("phi", "memorisation"), limits, "memorisation.text")
-    limits = {f"near_copies_{measure}": policy.near_copies_max for measure in policy.near_copy_measures}
-    return _counts_checks(report, ("image_memorisation",), limits, "memorisation.image")
+    checks = []
+    for measure in policy.near_copy_measures:
+        key = f"near_copies_{measure}"
+        name, what = f"memorisation.image.{key}", MEMORISATION_WHAT[key]
+        value, note = _lookup(report, "image_memorisation", key)
+        chance, _ = _lookup(report, "image_memorisation", f"{key}_chance")
+        if not _is_number(value) or not _is_number(chance):
+            checks.append(_unmeasured(name, what, note or "its chance count is missing"))
+            continue
+        check = _bound(name, what, value, policy.near_copies_max + chance, at_most=True)
+        chance_part = f"; {chance} of them are what images the model never saw would show by chance"
+        checks.append(check | {"detail": check["detail"] + chance_part})
+    return checks
 
 
 def _fidelity_checks(report: dict, modality: str, policy: FidelityPolicy) -> list[dict]:

@@ -337,12 +337,14 @@ def _image_memorisation(sites: list[dict]) -> dict:
     return {
         "near_copies_pixel": pooled["pixel_count"],
         "near_copies_feature": pooled.get("feature_count"),
+        "near_copies_pixel_chance": pooled["pixel_chance_count"],
+        "near_copies_feature_chance": pooled.get("feature_chance_count"),
         "n_synthetic": sites[0]["memorisation"]["n_synthetic"],
         "quantile": NEAR_COPY_QUANTILE,
         "sites": {
             site["site"]: {
-                "pixel": site["memorisation"]["pixel"]["count"],
-                "feature": site["memorisation"]["feature"]["count"],
+                "near_copies_pixel": site["memorisation"]["pixel"]["count"],
+                "near_copies_feature": site["memorisation"]["feature"]["count"],
             }
             for site in sites
         },

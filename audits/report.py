@@ -311,6 +311,8 @@ TEXT_MEMORISATION_LABELS = {
 IMAGE_MEMORISATION_LABELS = {
     "near_copies_pixel": "near copies (raw pixels)",
     "near_copies_feature": "near copies (audit network features)",
+    "near_copies_pixel_chance": "near copies in raw pixels that a generator copying nothing shows by chance (99%)",
+    "near_copies_feature_chance": "near copies in features that a generator copying nothing shows by chance (99%)",
 }
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fedgen.audits.bias import record_counts
 from fedgen.audits.features import FeatureExtractor, FeatureNet, classify, extract_features, train_feature_net
-from fedgen.audits.fidelity import class_fidelity, near_copy_count, nearest_real_similarity
+from fedgen.audits.fidelity import NEAR_COPY_ANSWER, class_fidelity, near_copy_count, nearest_real_similarity
 from fedgen.audits.mia import image_loss_scores, image_pia_scores
 from fedgen.audits.site_answers import Scores, attack_summaries
 from fedgen.audits.utility import image_utility
@@ -87,10 +87,9 @@ def image_site_audit(
             ),
             "similarity": nearest_real_similarity(synthetic, synthetic_labels, real, real_labels),
         },
-        # Counts only: the thresholds are distances between two of the site's images.
+        # Counts and set sizes only: the thresholds are distances between two of the site's images.
         "memorisation": {
-            "pixel": {"count": copies["pixel"]["count"]},
-            "feature": {"count": copies["feature"]["count"]},
+            **{measure: {key: copies[measure][key] for key in NEAR_COPY_ANSWER} for measure in ("pixel", "feature")},
             "n_synthetic": copies["n_synthetic"],
         },
         "utility": image_utility(

@@ -17,6 +17,7 @@ from fedgen.audits.fidelity import (
     fid_from_stats,
     kid_at_site,
     mean_over_classes,
+    near_copy_chance_count,
     near_copy_count,
     nearest_distances,
     nearest_real_similarity,
@@ -378,7 +379,37 @@ def test_near_copies_of_training_images_are_counted():
     assert result["feature"]["count"] >= 3
     assert result["pixel"]["threshold"] > 0
     assert result["feature_extractor"] == "fedgen FeatureNet (trained on nothing (untrained))"
-    assert pool_near_copies([result, result])["pixel_count"] == 6
+    assert (result["pixel"]["rank"], result["pixel"]["n_heldout"]) == (1, 40)  # 1% of 40: the nearest
+    pooled = pool_near_copies([result, result])
+    assert pooled["pixel_count"] == 6
+    # the chance count is at the sites' set sizes, summed over the sites' distributions
+    assert pooled["pixel_chance_count"] == near_copy_chance_count([(23, 1, 40)] * 2)
+
+
+def test_the_chance_count_of_near_copies_matches_a_simulation_of_a_generator_that_copies_nothing():
+    """Simulated directly: synthetic and held-out distances from one distribution (any: only their
+    order matters), the count below the rank-th smallest held-out distance, at two sites."""
+    rng = np.random.default_rng(0)
+    sites = [(100, 1, 61), (120, 2, 150)]
+    totals = 0
+    for n_synthetic, rank, n_heldout in sites:
+        heldout = np.sort(rng.random((20_000, n_heldout)), axis=1)[:, rank - 1 : rank]
+        totals = totals + (rng.random((20_000, n_synthetic)) < heldout).sum(axis=1)
+    simulated = int(np.quantile(totals, 0.99, method="inverted_cdf"))
+    bound = near_copy_chance_count(sites)
+    assert abs(bound - simulated) <= 1 and bound >= 5  # ~2.5 expected: "none at all" would refuse it
+    assert (totals <= bound).mean() >= 0.985
+
+
+def test_held_out_images_as_synthetic_stay_within_chance_and_copies_exceed_it():
+    train, _ = bright_dark(200, seed=20)
+    heldout, _ = bright_dark(100, seed=21)
+    fresh, _ = bright_dark(150, seed=22)  # real images the "model" never saw
+    unseen = near_copy_count(fresh, train, heldout)
+    copies = near_copy_count(torch.cat([fresh[:140], train[:10]]), train, heldout)
+    for result, within in ((unseen, True), (copies, False)):
+        pooled = pool_near_copies([result])
+        assert (pooled["pixel_count"] <= pooled["pixel_chance_count"]) is within, pooled
 
 
 # --------------------------------------------------------------------------- text

@@ -87,6 +87,8 @@ def example_report(*, modalities=("image", "text")) -> dict:
         report["image_memorisation"] = {
             "near_copies_pixel": 0,
             "near_copies_feature": 0,
+            "near_copies_pixel_chance": 2,
+            "near_copies_feature_chance": 2,
             "n_synthetic": 80,
             "sites": {site: {"near_copies_pixel": 0, "near_copies_feature": 0} for site in SITES},
         }
@@ -176,6 +178,19 @@ def test_a_canary_reproduction_refuses_and_names_the_check(policy):
     assert list(failed) == ["memorisation.text.canary_reproductions"]
     assert failed["memorisation.text.canary_reproductions"]["value"] == 1
     assert failed["memorisation.text.canary_reproductions"]["threshold"] == 0
+
+
+def test_near_copies_refuse_only_above_what_chance_gives(policy):
+    report = example_report(modalities=("image",))
+    report["image_memorisation"]["near_copies_pixel"] = 2  # the example's chance count
+    assert evaluate_gate(report, policy)["passed"] is True
+    report["image_memorisation"]["near_copies_pixel"] = 3
+    failed = _failed(evaluate_gate(report, policy))
+    assert list(failed) == ["memorisation.image.near_copies_pixel"]
+    assert failed["memorisation.image.near_copies_pixel"]["threshold"] == 2
+    assert "2 of them are what images the model never saw" in failed["memorisation.image.near_copies_pixel"]["detail"]
+    del report["image_memorisation"]["near_copies_pixel_chance"]  # an old or tampered report
+    assert "memorisation.image.near_copies_pixel" in _failed(evaluate_gate(report, policy))
 
 
 def test_epsilon_over_a_sites_budget_refuses(policy):
