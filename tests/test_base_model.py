@@ -121,7 +121,7 @@ def test_generation_starts_from_the_class_prompt_and_stops_at_end_of_turn(modali
         return torch.cat([input_ids, tail], dim=1)
 
     monkeypatch.setattr(model, "generate", generate)
-    texts = generate_texts(model, tokenizer, prompts=prompts, label="Stress", n=3, temperature=1.0, top_p=1.0,
+    texts = generate_texts(model, tokenizer, prompts=prompts, labels=["Stress"] * 3, temperature=1.0, top_p=1.0,
                            max_new_tokens=50, seed=0)  # fmt: skip
     assert seen["input_ids"] == [prompts.prompts["Stress"]] * 3 and seen["eos_token_id"] == prompts.end_id
     assert texts == ["Sleeps badly, worries daily."] * 3

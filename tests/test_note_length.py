@@ -82,10 +82,10 @@ def test_fedgen_generate_reads_the_length_from_the_checkpoint(task, tmp_path, mo
                     round_info={NOTE_TOKENS_KEY: 64})  # fmt: skip
     asked = []
 
-    def sampler(*args, max_new_tokens, n, progress, **kwargs):
+    def sampler(*args, max_new_tokens, labels, progress, **kwargs):
         asked.append(max_new_tokens)
-        progress(n, n)
-        return ["a note"] * n
+        progress(len(labels), len(labels))
+        return ["a note"] * len(labels)
 
     monkeypatch.setattr("fedgen.models.text.generate_texts", sampler)
     path = generate_texts(run, per_class=2, classes=["Anxiety"])

@@ -103,7 +103,7 @@ def memorised_notes(tmp_path_factory):
             optimizer.zero_grad()
             sequence_loss(model, *train.tensors).mean().backward()
             optimizer.step()
-        return generate_texts(model, tokenizer, prompts=prompts, label="Stress", n=4,
+        return generate_texts(model, tokenizer, prompts=prompts, labels=["Stress"] * 4,
                               temperature=0.1, top_p=0.95, max_new_tokens=TINY.max_new_tokens, seed=0)  # fmt: skip
     finally:
         torch.set_num_threads(threads)

@@ -313,14 +313,25 @@ def test_sequence_loss_is_the_masked_mean_token_nll(tiny_dir):
 def test_generate_texts_returns_n_seeded_strings(tiny_dir):
     model, tokenizer = lora_model(tiny_dir)
     calls = []
-    options = dict(prompts=PROMPTS, label="Anxiety", temperature=1.0, top_p=0.95, max_new_tokens=12)
-    texts = generate_texts(model, tokenizer, n=5, seed=4, batch_size=2, progress=lambda *a: calls.append(a), **options)
+    options = dict(prompts=PROMPTS, labels=["Anxiety"] * 5, temperature=1.0, top_p=0.95, max_new_tokens=12)
+    texts = generate_texts(model, tokenizer, seed=4, batch_size=2, progress=lambda *a: calls.append(a), **options)
     assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
     assert calls == [(2, 5), (4, 5), (5, 5)]
     assert all(len(t.encode()) <= 12 * 3 for t in texts)  # <= 12 tokens; U+FFFD is 3 bytes
-    assert texts == generate_texts(model, tokenizer, n=5, seed=4, batch_size=2, **options)
-    assert texts != generate_texts(model, tokenizer, n=5, seed=5, batch_size=2, **options)
+    assert texts == generate_texts(model, tokenizer, seed=4, batch_size=2, **options)
+    assert texts != generate_texts(model, tokenizer, seed=5, batch_size=2, **options)
     assert model.training  # put back as it was
+
+
+def test_notes_of_different_classes_share_a_batch_as_if_written_alone(tiny_dir):
+    """Left padding is hidden: in a batch with a longer prompt, a class's note is the one it gets alone."""
+    model, tokenizer = lora_model(tiny_dir)
+    with_random_adapter(model)
+    assert len(PROMPTS.prompts["Anxiety"]) < len(PROMPTS.prompts["Depression"])  # so the batch pads
+    options = dict(prompts=PROMPTS, temperature=1e-4, top_p=1.0, max_new_tokens=12, seed=0)  # ~greedy
+    together = generate_texts(model, tokenizer, labels=["Anxiety", "Depression"], **options)
+    alone = [generate_texts(model, tokenizer, labels=[label], **options)[0] for label in ("Anxiety", "Depression")]
+    assert together == alone and together[0] != together[1]
 
 
 # --- memorisation (no DP): the audit's signal must be there when it should ------------------------
@@ -365,7 +376,7 @@ def test_fine_tuning_without_dp_memorises_the_canary(memorised):
 def test_generation_from_a_memorising_model_regurgitates_the_canary(memorised):
     model, tokenizer, _, _ = memorised
     texts = generate_texts(
-        model, tokenizer, prompts=PROMPTS, label="Stress", n=2,
+        model, tokenizer, prompts=PROMPTS, labels=["Stress"] * 2,
         temperature=0.1, top_p=0.95, max_new_tokens=48, seed=0,
     )  # fmt: skip
     assert texts == [CANARY.format(SECRET)] * 2  # prefix stripped, stopped at the end token

@@ -543,14 +543,24 @@ def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
     return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
 
 
+def _left_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token rows left-padded to the longest, and the attention mask that hides the padding."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, device=device)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate_texts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerFast,
     *,
     prompts: ClassPrompts,
-    label: str,
-    n: int,
+    labels: Sequence[str],
     temperature: float,
     top_p: float,
     max_new_tokens: int,
@@ -558,25 +568,26 @@ def generate_texts(
     batch_size: int = 16,
     progress: ProgressFn | None = None,
 ) -> list[str]:
-    """Sample `n` notes for `label` by continuing its prompt; the same seed gives the same notes.
+    """Sample one note per entry of `labels`, in that order; the same seed gives the same notes.
 
-    Each note is what the model writes after the prompt, up to its end token (or
-    `max_new_tokens`). Every prompt in a batch is the same, so no padding is needed, and the
-    batch is decoded together with the key-value cache.
+    Each note is what the model writes after its class's prompt, up to its end token (or
+    `max_new_tokens`). Notes of different classes share a batch: the prompts are left-padded,
+    the attention mask hides the padding (position ids follow the mask), and the batch is
+    decoded together with the key-value cache, so a batch costs about what one note does.
     """
-    prefix = prompts.prompts[label]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     texts: list[str] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        while len(texts) < n:
-            rows = min(batch_size, n - len(texts))
-            input_ids = torch.tensor([prefix] * rows, device=device)
+        for start in range(0, len(labels), batch_size):
+            input_ids, attention_mask = _left_padded(
+                [prompts.prompts[label] for label in labels[start : start + batch_size]], tokenizer.pad_token_id, device
+            )
             output = model.generate(
                 input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
+                attention_mask=attention_mask,
                 do_sample=True,
                 temperature=temperature,
                 top_p=top_p,
@@ -586,11 +597,11 @@ def generate_texts(
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
             )
-            for row in output[:, len(prefix) :].tolist():
+            for row in output[:, input_ids.shape[1] :].tolist():
                 note = _until_eos(row, prompts.end_id)
                 texts.append(tokenizer.decode(note, skip_special_tokens=True).strip())
             if progress is not None:
-                progress(len(texts), n)
+                progress(len(texts), len(labels))
     model.train(was_training)
     return texts
 
