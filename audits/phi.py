@@ -45,7 +45,7 @@ from presidio_analyzer.predefined_recognizers import (
     UrlRecognizer,
     UsSsnRecognizer,
 )
-from spacy.attrs import IDX, LENGTH, LOWER
+from spacy.attrs import IDX, IS_PUNCT, IS_STOP, LENGTH, LOWER
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer
 from spacy.tokens import Doc
@@ -292,8 +292,13 @@ class LowercaseLemmaNlpEngine(SpacyNlpEngine):
     def _lexeme_flags(self, word: str) -> tuple[bool, bool]:
         flags = self._flags.get(word)
         if flags is None:
-            lexeme = self.nlp[LANGUAGE].vocab[word]
-            flags = self._flags[word] = (lexeme.is_stop and word not in self._context_words, lexeme.is_punct)
+            vocab = self.nlp[LANGUAGE].vocab
+            if word in vocab:
+                lexeme = vocab[word]
+                is_stop, is_punct = lexeme.is_stop, lexeme.is_punct
+            else:  # what a new lexeme would say, without adding one (a third of the lexemes a scan made)
+                is_stop, is_punct = (vocab.lex_attr_getters[attr](word) for attr in (IS_STOP, IS_PUNCT))
+            flags = self._flags[word] = (is_stop and word not in self._context_words, is_punct)
         return flags
 
     def is_stopword(self, word: str, language: str) -> bool:
