@@ -227,6 +227,23 @@ def test_no_network_while_building_and_scanning(tmp_path, monkeypatch):
     assert attempts == []
 
 
+def test_ner_is_decoded_as_spacy_decodes_it(analyzer):
+    """The scan steps spaCy's greedy NER decoding itself (see _greedy_entities): same entities
+    as spaCy's own pipeline, whatever the batch."""
+    engine = analyzer.analyzer.nlp_engine
+    texts = [
+        "Mrs. Okonkwo flew from Lagos to Toronto on Monday with her son Adebayo.",
+        "",
+        "Seen by Dr. Ingrid Halvorsen at St. Olav's Hospital in Trondheim, Norway.",
+        "Call Mr. Nguyen Van Minh at Vietcombank in Ho Chi Minh City about the $2,400 invoice.",
+    ]
+    spacy_entities = [[(e.start_char, e.end_char, e.label_) for e in doc.ents] for doc in engine.nlp["en"].pipe(texts)]
+    assert sum(map(len, spacy_entities)) >= 8
+    for batch_size in (1, 3):
+        artifacts = engine.artifacts(texts, batch_size)
+        assert [[(e.start_char, e.end_char, e.label_) for e in a.tokens.ents] for _, a in artifacts] == spacy_entities
+
+
 def test_engine_says_which_pipeline_ran(tmp_path, analyzer):
     assert analyzer.engine.startswith("spaCy en_core_web_sm")  # the default install's NER
     assert "en_core_web_sm" in analyzer.engine and "fedgen rules" in analyzer.engine
