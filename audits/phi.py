@@ -33,7 +33,7 @@ from pathlib import Path
 import regex
 import spacy
 import tldextract
-from presidio_analyzer import AnalyzerEngine, Pattern, RecognizerRegistry, RecognizerResult
+from presidio_analyzer import AnalyzerEngine, Pattern, PatternRecognizer, RecognizerRegistry, RecognizerResult
 from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
 from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
@@ -234,7 +234,20 @@ def _registry(*, use_ner: bool) -> RecognizerRegistry:
         IpRecognizer(),
         *pattern_recognizers(words),
     ]
+    _compile_patterns(recognizers)
     return RecognizerRegistry(recognizers=recognizers, supported_languages=[LANGUAGE])
+
+
+def _compile_patterns(recognizers: Sequence[object]) -> None:
+    """Compile every pattern as Presidio would at a recognizer's first text, but now: forked scan
+    workers then inherit them instead of each compiling ~80 long patterns (half a CPU-second,
+    a sixth of a 600-note scan in two processes)."""
+    for recognizer in recognizers:
+        if not isinstance(recognizer, PatternRecognizer):
+            continue
+        for pattern in recognizer.patterns:
+            pattern.compiled_regex = regex.compile(pattern.regex, flags=recognizer.global_regex_flags)
+            pattern.compiled_with_flags = recognizer.global_regex_flags
 
 
 # --- the NLP engine ---------------------------------------------------------------------------
