@@ -4,6 +4,7 @@ the readers of what it wrote."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,8 +103,9 @@ def generate_texts(
     note_tokens = run.checkpoint_metrics("text", server_round).get(NOTE_TOKENS_KEY)
     tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens(note_tokens)
     labels = [name for name in chosen for _ in range(per_class)]
-    description = f"sampling texts of at most {max_new_tokens} tokens"
-    with progress_bar(True, total=len(labels), description=description, unit="texts") as advance:
+    description = f"sampling {len(labels)} texts of at most {max_new_tokens} tokens"
+    total_steps = math.ceil(len(labels) / GENERATE_BATCH) * max_new_tokens
+    with progress_bar(True, total=total_steps, description=description, unit="decoding steps") as advance:
         written = 0
 
         def advance_to(done: int, _total: int) -> None:

@@ -84,11 +84,11 @@ def test_fedgen_generate_reads_the_length_from_the_checkpoint(task, tmp_path, mo
 
     def sampler(*args, max_new_tokens, labels, progress, **kwargs):
         asked.append(max_new_tokens)
-        progress(len(labels), len(labels))
+        progress(max_new_tokens, max_new_tokens)
         return ["a note"] * len(labels)
 
     monkeypatch.setattr("fedgen.models.text.generate_texts", sampler)
     path = generate_texts(run, per_class=2, classes=["Anxiety"])
     assert asked == [64]
-    assert "sampling texts of at most 64 tokens: 2/2 texts" in capsys.readouterr().err
+    assert "sampling 2 texts of at most 64 tokens: 64/64 decoding steps" in capsys.readouterr().err
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"text": "a note", "label": "Anxiety"}] * 2

@@ -31,6 +31,7 @@ Nothing here reaches a model hub: every load is from a local directory and is ch
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -95,7 +98,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LORA_MARKER = "lora_"  # PEFT names every LoRA parameter ...lora_A... / ...lora_B...
 FFA_FROZEN_MARKER = "lora_A"  # FFA-LoRA keeps the A matrices at their shared seeded init
 
-ProgressFn = Callable[[int, int], None]  # (texts generated so far, texts asked for)
+ProgressFn = Callable[[int, int], None]  # (decoding steps done, at most this many)
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -543,6 +546,17 @@ def _until_eos(tokens: list[int], eos_token_id: int) -> list[int]:
     return tokens[: tokens.index(eos_token_id)] if eos_token_id in tokens else tokens
 
 
+class _EachStep(StoppingCriteria):
+    """Calls ``step()`` after every decoding step of a batch; never stops one."""
+
+    def __init__(self, step: Callable[[], None]):
+        self.step = step
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        self.step()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def _left_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Token rows left-padded to the longest, and the attention mask that hides the padding."""
     width = max(len(row) for row in rows)
@@ -574,11 +588,22 @@ def generate_texts(
     `max_new_tokens`). Notes of different classes share a batch: the prompts are left-padded,
     the attention mask hides the padding (position ids follow the mask), and the batch is
     decoded together with the key-value cache, so a batch costs about what one note does.
+    ``progress(done, total)`` counts decoding steps, ``max_new_tokens`` a batch (a batch whose
+    notes all ended early jumps to its end), so a log shows a long batch advancing.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     texts: list[str] = []
+    total_steps = math.ceil(len(labels) / batch_size) * max_new_tokens
+    steps = 0
+
+    def step() -> None:
+        nonlocal steps
+        steps += 1
+        if progress is not None:
+            progress(steps, total_steps)
+
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(labels), batch_size):
@@ -596,12 +621,14 @@ def generate_texts(
                 eos_token_id=prompts.end_id,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                stopping_criteria=StoppingCriteriaList([_EachStep(step)]),
             )
             for row in output[:, input_ids.shape[1] :].tolist():
                 note = _until_eos(row, prompts.end_id)
                 texts.append(tokenizer.decode(note, skip_special_tokens=True).strip())
+            steps = (start // batch_size + 1) * max_new_tokens
             if progress is not None:
-                progress(len(texts), len(labels))
+                progress(steps, total_steps)
     model.train(was_training)
     return texts
 
