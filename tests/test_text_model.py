@@ -333,6 +333,7 @@ def test_notes_of_different_classes_share_a_batch_as_if_written_alone(tiny_dir):
     together = generate_texts(model, tokenizer, labels=["Anxiety", "Depression"], **options)
     alone = [generate_texts(model, tokenizer, labels=[label], **options)[0] for label in ("Anxiety", "Depression")]
     assert together == alone and together[0] != together[1]
+    assert not model.get_base_model().get_output_embeddings()._forward_pre_hooks  # generation's hook is gone
 
 
 # --- memorisation (no DP): the audit's signal must be there when it should ------------------------
