@@ -496,7 +496,7 @@ def near_copy_chance_count(sites: Sequence[tuple[int, int, int]], *, confidence:
 def pool_near_copies(site_results: Sequence[dict]) -> dict:
     """Coordinator: near-copy flags summed over sites (an image flagged at two sites counts twice),
     and per measure the most that chance gives at those counts (``near_copy_chance_count``)."""
-    pooled = {"per_site_pixel_count": [r["pixel"]["count"] for r in site_results]}
+    pooled = {}
     measures = ["pixel", "feature"] if all("feature" in r for r in site_results) else ["pixel"]
     for measure in measures:
         pooled[f"{measure}_count"] = sum(r[measure]["count"] for r in site_results)

@@ -434,12 +434,14 @@ def _memorisation_checks(report: dict, modality: str, policy: MemorisationPolicy
         name, what = f"memorisation.image.{key}", MEMORISATION_WHAT[key]
         value, note = _lookup(report, "image_memorisation", key)
         chance, _ = _lookup(report, "image_memorisation", f"{key}_chance")
-        if not _is_number(value) or not _is_number(chance):
-            checks.append(_unmeasured(name, what, note or "its chance count is missing"))
+        if not _is_number(chance):
+            checks.append(_unmeasured(name, what, "the count that chance gives is missing"))
             continue
-        check = _bound(name, what, value, policy.near_copies_max + chance, at_most=True)
-        chance_part = f"; {chance} of them are what images the model never saw would show by chance"
-        checks.append(check | {"detail": check["detail"] + chance_part})
+        check = _bound(name, what, value, policy.near_copies_max + chance, at_most=True, note=note)
+        if check["value"] is not None:
+            chance_part = f"; {chance} of them are what images the model never saw would show by chance"
+            check = check | {"detail": check["detail"] + chance_part}
+        checks.append(check)
     return checks
 
 

@@ -600,7 +600,7 @@ def generate_texts(
     Each note is what the model writes after its class's prompt, up to its end token (or
     `max_new_tokens`). Notes of different classes share a batch: the prompts are left-padded,
     the attention mask hides the padding (position ids follow the mask), and the batch is
-    decoded together with the key-value cache, so a batch costs about what one note does.
+    decoded together with the key-value cache, so a larger batch costs less per note.
     ``progress(done, total)`` counts decoding steps, ``max_new_tokens`` a batch (a batch whose
     notes all ended early jumps to its end), so a log shows a long batch advancing.
     """
