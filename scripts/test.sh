@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install fedgen and what its tests need (the headless browser the report and review-kit pages
-# are checked in), lint, and run the whole test suite (what CI runs). Extra arguments go to
-# pytest, e.g. `bash scripts/test.sh -m "not e2e and not slow" -n 2` for the fast loop on two
-# workers (pytest-xdist).
+# are checked in), lint, and run the whole test suite (what CI runs) on two pytest-xdist workers:
+# many tests wait on subprocesses, so two workers halve the wall time on two cores. Extra
+# arguments go to pytest, e.g. `bash scripts/test.sh -m "not e2e and not slow"` for the fast
+# loop, or `-n 0` to run in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
@@ -20,4 +21,4 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q -n 2 "$@"
