@@ -108,8 +108,7 @@ def test_training_is_seeded_and_leaves_global_rng_alone():
 
 def test_training_stops_when_the_validation_loss_stops_falling_and_keeps_the_best_weights():
     """Noise with random labels has nothing to teach: the validation loss never falls for long,
-    training stops PATIENCE measurements after its lowest point, and those weights are kept.
-    Separable classes stop soon after every validation answer is right."""
+    training stops PATIENCE measurements after its lowest point, and those weights are kept."""
     from fedgen.audits.features import EVAL_EVERY, PATIENCE
 
     g = torch.Generator().manual_seed(0)
@@ -121,9 +120,6 @@ def test_training_stops_when_the_validation_loss_stops_falling_and_keeps_the_bes
     assert record["kept_step"] % EVAL_EVERY == 0
 
     images, labels = bright_dark(64, seed=0)
-    separable = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=1000, seed=0)
-    assert separable.training_record["validation_accuracy"] == 1.0
-    assert separable.training_record["steps"] < 300  # the loss creeping towards zero is no improvement
     fixed = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=7, validation_fraction=0)
     assert fixed.training_record == {"steps": 7, "kept_step": 7, "validation_accuracy": None, "n_validation": 0}
 
