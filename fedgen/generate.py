@@ -4,7 +4,6 @@ the readers of what it wrote."""
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,6 +93,7 @@ def generate_texts(
 
     A note stops at its end-of-turn token or at ``TextModality.max_new_tokens``, fed the note
     length the checkpoint records from the sites' training replies."""
+    from fedgen.models.text import decoding_steps
     from fedgen.models.text import generate_texts as sample_texts
 
     config = run.config()
@@ -104,7 +104,7 @@ def generate_texts(
     tokenizer, prompts, max_new_tokens = modality.tokenizer(), modality.prompts(), modality.max_new_tokens(note_tokens)
     labels = [name for name in chosen for _ in range(per_class)]
     description = f"sampling {len(labels)} texts of at most {max_new_tokens} tokens"
-    total_steps = math.ceil(len(labels) / GENERATE_BATCH) * max_new_tokens
+    total_steps = decoding_steps(len(labels), batch_size=GENERATE_BATCH, max_new_tokens=max_new_tokens)
     with progress_bar(True, total=total_steps, description=description, unit="decoding steps") as advance:
         written = 0
 

@@ -81,6 +81,7 @@ __all__ = [
     "frozen_states",
     "token_logprobs",
     "sequence_loss",
+    "decoding_steps",
     "generate_texts",
     "save_adapter",
     "load_adapter",
@@ -570,6 +571,11 @@ def _contiguous_head_input(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def decoding_steps(n_texts: int, *, batch_size: int, max_new_tokens: int) -> int:
+    """The most decoding steps ``generate_texts`` takes for ``n_texts``: what its progress counts to."""
+    return math.ceil(n_texts / batch_size) * max_new_tokens
+
+
 def _left_padded(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Token rows left-padded to the longest, and the attention mask that hides the padding."""
     width = max(len(row) for row in rows)
@@ -608,7 +614,7 @@ def generate_texts(
     was_training = model.training
     model.eval()
     texts: list[str] = []
-    total_steps = math.ceil(len(labels) / batch_size) * max_new_tokens
+    total_steps = decoding_steps(len(labels), batch_size=batch_size, max_new_tokens=max_new_tokens)
     steps = 0
 
     def step() -> None:
