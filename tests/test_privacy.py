@@ -11,6 +11,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -29,6 +30,7 @@ from fedgen.privacy.accounting import (
     default_delta,
     epsilon_from_history,
     planned_steps,
+    rdp_per_step,
 )
 from fedgen.privacy.per_example_grads import per_example_grads
 from fedgen.privacy.plan import DIFFERENT_PEOPLE, SAME_PEOPLE, plan_privacy, site_account
@@ -202,6 +204,17 @@ def test_prv_epsilon_is_opacus_prv_and_needs_less_noise_than_rdp():
     check = PRVAccountant()
     check.history = [(prv_sigma, 0.05, 120)]
     assert 0.99 * 3.0 <= check.get_epsilon(delta=1e-5) <= 3.0 * 1.01
+
+
+@pytest.mark.parametrize("sample_rate", [1e-4, 0.01, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 0.8, 1.7, 10.0, 60.0])
+def test_rdp_of_one_step_is_opacus_compute_rdp_at_every_order(sigma, sample_rate):
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    expected = compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders)
+    ours = rdp_per_step(sigma, sample_rate)
+    assert np.array_equal(np.isinf(ours), np.isinf(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-6, atol=1e-13)
 
 
 def test_calibrated_sigma_meets_the_target_over_the_planned_rounds():
