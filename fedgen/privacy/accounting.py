@@ -3,8 +3,8 @@
 Opacus' own accountants, chosen by ``privacy.accountant``: "rdp" (Rényi DP over Opacus'
 default orders) or "prv" (privacy random variables, Gopi et al. 2021: a numerical
 composition whose upper bound on ε is tighter than RDP's, so the same ε needs less noise).
-RDP is Opacus' formula and conversion to ε, with its series for fractional orders summed by
-numpy instead of a Python loop of hundreds of terms per order (see :func:`rdp_per_step`).
+RDP is Opacus' formula and conversion to ε, with its per-order sums and series computed by
+numpy instead of Python loops of up to hundreds of terms per order (see :func:`rdp_per_step`).
 One choice is used everywhere in a run: to calibrate σ before it, by the site after each
 round, and to recompute ε from the ledger. Entries use the layout of Opacus' accountant
 ``history``: ``(noise_multiplier, sample_rate, steps)``; σ = 0 marks a round trained without
@@ -102,7 +102,7 @@ def rdp_per_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     loops cost up to ~1 s of CPU per (σ, q), and a site calibrates σ with dozens of them.
     """
     sigma, q = float(noise_multiplier), float(sample_rate)
-    if not (0 < q < 1 and sigma > 0):  # Opacus' closed forms: no sampling, no noise, no steps
+    if not (0 < q < 1 and sigma > 0):  # Opacus' closed forms: q = 0 (0), σ = 0 (inf), q = 1 (α / 2σ²)
         curve = np.array([opacus_rdp._compute_rdp(q, sigma, order) for order in RDP_ORDERS], dtype=float)
     else:
         orders = np.array(RDP_ORDERS, dtype=float)
