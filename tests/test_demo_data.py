@@ -19,10 +19,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 import fedgen.data.demo as demo
-from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES
+from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES, DataConfig
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.notes import ENTITY_TYPES, CanaryNote, make_site_notes
 from fedgen.data.phantoms import ScannerStyle, draw_scanner_style, render_phantom
+from fedgen.data.site import load_site
 from fedgen.errors import FedgenError
 
 SMALL = dict(sites=2, images_per_site=25, texts_per_site=30, canaries_per_site=2, resolution=16)
@@ -82,6 +83,19 @@ def test_site_folders_follow_the_contract(consortium):
         assert all(set(row) == {"text", "label"} for row in texts)
         assert {row["label"] for row in texts} <= set(MENTAL_HEALTH_CLASSES)
         assert all(150 <= len(row["text"]) <= 600 for row in texts)
+
+
+def test_sites_declare_different_people_only_when_asked_and_change_nothing_else(tmp_path, consortium):
+    """The declaration that lets each modality spend a site's whole budget is the site's own
+    (site.toml); the records are the same bytes either way."""
+    declared = tmp_path / "declared"
+    make_demo_consortium(declared, seed=3, different_people=True, **SMALL)
+    for site in declared.iterdir():
+        assert tomllib.loads((site / "site.toml").read_text()) == {"name": site.name, "different_people": True}
+        assert load_site(site, DataConfig(), modalities=("image", "text")).different_people
+        assert load_site(consortium / site.name, DataConfig(), modalities=("image", "text")).different_people is False
+    records = lambda root: {k: v for k, v in all_bytes(root).items() if not k.endswith("site.toml")}  # noqa: E731
+    assert records(declared) == records(consortium)
 
 
 def test_every_class_is_present_at_every_site_but_the_mix_differs(tmp_path):

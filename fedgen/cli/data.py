@@ -26,6 +26,13 @@ def demo_data(
     phi_fraction: Annotated[float, typer.Option(help="Fraction of notes with planted PHI.")] = 0.3,
     canaries: Annotated[int, typer.Option(help="Canary records (unique fake patients) per site.")] = 1,
     resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
+    different_people: Annotated[
+        bool,
+        typer.Option(
+            help="Declare in each site.toml that its images and notes are of different people (true of the "
+            "demo's records, which share no patient), so each model may spend the site's whole ε budget."
+        ),
+    ] = False,
 ) -> None:
     """Generate a demo consortium: retinal phantoms + mental-health notes with planted PHI."""
     from fedgen.data.demo import make_demo_consortium
@@ -40,6 +47,7 @@ def demo_data(
         phi_fraction=phi_fraction,
         canaries_per_site=canaries,
         resolution=resolution,
+        different_people=different_people,
         progress=True,
     )
     console.print(f"wrote {len(paths)} sites to {out}")

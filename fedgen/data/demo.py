@@ -42,11 +42,16 @@ def make_demo_consortium(
     phi_fraction: float = 0.3,
     canaries_per_site: int = 1,
     resolution: int = 32,
+    different_people: bool = False,
     progress: bool = False,
 ) -> list[Path]:
     """Write ``out/site-1 .. out/site-N`` and return their paths; same seed, same bytes.
 
     ``texts_per_site`` counts ordinary notes; the canaries are inserted on top of them.
+    ``different_people``: each site.toml says that its images and notes are of different people
+    (true of the demo's records, drawn from separate streams with no patient in common), which
+    lets each modality spend the site's whole budget; by default the sites keep the cautious
+    assumption that they are the same people.
     The folder appears only when complete: it is built in a hidden sibling and renamed.
     """
     out = Path(out)
@@ -75,6 +80,7 @@ def make_demo_consortium(
                     phi_fraction=phi_fraction,
                     canaries=canaries_per_site,
                     resolution=resolution,
+                    different_people=different_people,
                     advance=advance,
                 )
     return [out / f"site-{number}" for number in range(1, sites + 1)]
@@ -181,12 +187,14 @@ def _write_site(
     phi_fraction: float,
     canaries: int,
     resolution: int,
+    different_people: bool,
     advance: Callable[[int], None],
 ) -> None:
     # Separate streams: changing the number of notes leaves the images as they were.
     image_rng, text_rng = (np.random.default_rng(s) for s in seed.spawn(2))
     site.mkdir()
-    (site / "site.toml").write_text(tomli_w.dumps({"name": site.name}), encoding="utf-8")
+    settings = {"name": site.name} | ({"different_people": True} if different_people else {})
+    (site / "site.toml").write_text(tomli_w.dumps(settings), encoding="utf-8")
     _write_images(
         site / "images",
         image_rng,
