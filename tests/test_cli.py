@@ -40,6 +40,27 @@ def test_a_missing_config_file_is_named(tmp_path):
     assert "config file not found" in result.output
 
 
+def test_data_check_says_whether_the_sites_models_share_its_budget(tmp_path):
+    from fedgen.data.demo import make_demo_consortium
+
+    said = {
+        False: "images and notes: taken to be the same people: both models share one ε budget",
+        True: "images and notes: different people (site.toml): each model may spend the whole ε budget",
+    }
+    for different_people, line in said.items():
+        site = make_demo_consortium(
+            tmp_path / str(different_people),
+            sites=1,
+            images_per_site=10,
+            texts_per_site=10,
+            resolution=16,
+            different_people=different_people,
+        )[0]
+        result = runner.invoke(app, ["data", "check", str(site)])
+        assert result.exit_code == 0, result.output
+        assert line in result.output
+
+
 def test_generate_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path)])
     assert result.exit_code == 1

@@ -72,6 +72,16 @@ def demo_public(
     console.print(f"wrote {images} {'labelled' if labelled else 'unlabelled'} public phantoms to {out}")
 
 
+def _composition_line(different_people: bool) -> str:
+    """How the site's budget covers its two models, as its site.toml decides (fedgen.privacy.plan)."""
+    if different_people:
+        return "images and notes: different people (site.toml): each model may spend the whole ε budget"
+    return (
+        "images and notes: taken to be the same people: both models share one ε budget "
+        "(different_people = true in site.toml if no patient is in both)"
+    )
+
+
 def data_check(
     site_dir: Annotated[Path, typer.Argument(help="A site folder: images/<class>/*, texts.jsonl, site.toml.")],
     config: ConfigOption = None,
@@ -104,6 +114,10 @@ def data_check(
             heldout = {name: heldout_size(n, fraction) for name, n in counts.items()}
             for warning in site_heldout_warnings(modality, heldout, site=result.name):
                 err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+        if len(found) > 1:
+            console.print(
+                _composition_line(scan.settings.get("different_people", False)), highlight=False, soft_wrap=True
+            )
     for problem in result.problems:
         err_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
     if result.problems:
