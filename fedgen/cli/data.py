@@ -73,11 +73,13 @@ def demo_public(
 
 
 def _composition_line(different_people: bool) -> str:
-    """How the site's budget covers its two models, as its site.toml decides (fedgen.privacy.plan)."""
+    """How the site's budget covers its two models, as its site.toml decides, in the ledger's words."""
+    from fedgen.privacy.plan import DIFFERENT_PEOPLE, SAME_PEOPLE
+
     if different_people:
-        return "images and notes: different people (site.toml): each model may spend the whole ε budget"
+        return f"images and notes: {DIFFERENT_PEOPLE} (site.toml): each model may spend the whole ε budget"
     return (
-        "images and notes: taken to be the same people: both models share one ε budget "
+        f"images and notes: taken to be the {SAME_PEOPLE}: both models share one ε budget "
         "(different_people = true in site.toml if no patient is in both)"
     )
 
