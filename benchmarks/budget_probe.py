@@ -79,7 +79,7 @@ def main() -> None:
             batch_size=args.batch_size,
             lr=image.lr,
             noise_multiplier=sigma,
-            max_grad_norm=config.privacy.max_grad_norm,
+            max_grad_norm=image.max_grad_norm,
             delta=delta,
             noise_multiplicity=image.noise_multiplicity,
             grad_sample_mode=image.grad_sample_mode,

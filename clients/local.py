@@ -120,7 +120,7 @@ def train_site(
         batch_size=section.batch_size,
         lr=section.lr,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=config.privacy.max_grad_norm,
+        max_grad_norm=section.max_grad_norm,
         delta=plan.delta,
         history=history,
         accountant=account.accountant,

@@ -91,6 +91,9 @@ class ImageConfig(_Section):
     # logical batches, the DP-SGD lever, in bounded memory. None = the whole logical batch.
     max_physical_batch_size: int | None = Field(None, ge=1)
     local_epochs: int = Field(5, ge=1)  # a diffusion model needs steps: 3 rounds x 1 epoch is ~12
+    # DP-SGD's clipping bound C on each example's gradient; the noise is σ·C. Lower bounds
+    # (0.25, 0.1) measured no gain here (BENCHMARKS.md, "Quality at privacy").
+    max_grad_norm: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=1)  # expected (Poisson) batch size
     # Adam's step size for the sites' DP fine-tuning (the small-site benchmark's best-measured
     # mean, BENCHMARKS.md "Quality at privacy").
@@ -146,6 +149,12 @@ class TextConfig(_Section):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-3, gt=0)
+    # DP-SGD's clipping bound C on each note's adapter gradient; the noise is σ·C. A pretrained
+    # base's per-note gradients are far below 1 (SmolLM2's q/v adapters: median ~0.25), so a
+    # bound of 1 clips none and adds noise four times their size. Below every note's norm each
+    # note counts as one unit direction, and with Adam (scale-free) only σ and the batch set the
+    # signal-to-noise (Li et al. 2022, "Large language models can be strong DP learners").
+    max_grad_norm: float = Field(0.01, gt=0)
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     # None: the longest of the sites' coarse note lengths, which each site with 20 notes or more
@@ -179,7 +188,6 @@ class PrivacyConfig(_Section):
     epsilon: float = Field(10.0, gt=0)
     delta: float | None = None  # None: 1 / (10 x the site's training records, largest modality)
     noise_multiplier: float | None = None  # given σ overrides calibration to epsilon
-    max_grad_norm: float = Field(1.0, gt=0)
     # Opacus' accountant that calibrates σ and reports ε: "rdp" (Rényi DP) or "prv" (privacy
     # random variables: a tighter ε for the same noise, so less noise for the same ε).
     accountant: Literal["rdp", "prv"] = "rdp"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from fedgen.clients import local
 from fedgen.clients.local import BudgetExhausted, train_site
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
@@ -80,6 +81,22 @@ def test_text_trains_with_ghost_clipping_and_the_same_accounting(site_dir, tmp_p
     assert any(not torch.equal(update.state[k], before[k]) for k in before)  # the adapter moved
     assert update.metrics["num-examples"] < MIN_NOTES_FOR_LENGTH
     assert math.isnan(update.metrics[NOTE_TOKENS])  # too few notes to say how long they run
+
+
+def test_each_modality_trains_with_its_own_clipping_bound(site_dir, tmp_path, monkeypatch):
+    config = load_config(None, {**TINY, "modality": "text", "text.max_grad_norm": 0.02, "image.max_grad_norm": 3.0})
+    site = load_site(site_dir, config.data, modalities=("text",))
+    task = TextModality(config, work_dir=tmp_path)
+    bounds = []
+    train = local.train_local
+
+    def recording(*args, **kwargs):
+        bounds.append(kwargs["max_grad_norm"])
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(local, "train_local", recording)
+    train_site(task, site, task.get_state(task.build_model()), histories={}, seed=0)
+    assert bounds == [0.02]
 
 
 def test_a_site_keeps_the_frozen_layers_outputs_for_its_next_rounds(site_dir, tmp_path, monkeypatch):
