@@ -16,6 +16,7 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from benchmarks.dp_signal import per_note_gradients
 from fedgen.config import RunConfig, TextConfig
 from fedgen.errors import FedgenError
 from fedgen.modalities import TextModality
@@ -145,6 +146,18 @@ def test_a_short_dp_fine_tune_of_the_real_model_changes_only_the_adapters_and_re
     assert result.steps == 2 and result.epsilon == pytest.approx(
         get_privacy_spent(orders=orders, rdp=rdp, delta=1e-3)[0], rel=0.01
     )
+
+
+@pytest.mark.slow
+def test_the_default_clipping_bound_is_below_every_notes_starting_gradient(modality):
+    """At the start of fine-tuning each note's adapter gradient is well below 1, the usual bound,
+    which would clip none and add noise several times their size; the text bound clips them all."""
+    model = modality.build_model()
+    data = encode_examples(modality.tokenizer(), NOTES, prompts=modality.prompts(), max_length=320)
+    norms = per_note_gradients(modality, model, data, len(NOTES)).norm(dim=1)
+    assert bool((norms > 0).all())
+    assert float(norms.max()) < 0.5
+    assert float(norms.min()) > 5 * TextConfig().max_grad_norm
 
 
 def _fake_package(root, content: bytes) -> None:
