@@ -199,6 +199,13 @@ class PrivacyConfig(_Section):
     # floating-point attacks. Needs torchcsprng, which has no build for torch 2.x.
     secure_mode: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_clipping_bound(cls, values: object) -> object:
+        if isinstance(values, dict) and "max_grad_norm" in values:
+            raise ValueError("the clipping bound is per modality: image.max_grad_norm and text.max_grad_norm")
+        return values
+
     @field_validator("split")
     @classmethod
     def _split_covers_the_modalities(cls, value: dict[str, float]) -> dict[str, float]:

@@ -29,6 +29,7 @@ def test_overrides_skip_none_and_nest():
         ({"text": {"prompt_template": "{text}"}}, "needs a {label} slot"),
         ({"image": {"resolution": 32, "colour": 1}}, "image.colour"),
         ({"modality": "audio"}, "modality"),
+        ({"privacy": {"max_grad_norm": 1.0}}, "per modality: image.max_grad_norm and text.max_grad_norm"),
     ],
 )
 def test_invalid_values_name_the_field(tmp_path, values, message):
