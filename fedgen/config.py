@@ -149,11 +149,12 @@ class TextConfig(_Section):
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-3, gt=0)
-    # DP-SGD's clipping bound C on each note's adapter gradient; the noise is σ·C. A pretrained
-    # base's per-note gradients are far below 1 (SmolLM2's q/v adapters: median ~0.25), so a
-    # bound of 1 clips none and adds noise four times their size. Below every note's norm each
-    # note counts as one unit direction, and with Adam (scale-free) only σ and the batch set the
-    # signal-to-noise (Li et al. 2022, "Large language models can be strong DP learners").
+    # DP-SGD's clipping bound C on each note's adapter gradient; the noise is σ·C. When
+    # fine-tuning starts, a pretrained base's per-note gradients are far below 1 (SmolLM2's q/v
+    # adapters on the demo notes: 0.14-0.33), so a bound of 1 clips none and adds noise four
+    # times their size. Below every note's norm each note counts as one unit direction, and with
+    # Adam (scale-free) only σ and the batch set the signal-to-noise (Li et al. 2022, "Large
+    # language models can be strong differentially private learners"; benchmarks.dp_signal).
     max_grad_norm: float = Field(0.01, gt=0)
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
