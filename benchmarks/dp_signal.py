@@ -6,7 +6,7 @@ clipped gradient, which is at most B·C and shrinks with how much the notes' gra
 This measures, on one site's training notes and the adapter a federation starts from:
 
 - each note's gradient norm (quantiles) and how many a bound C clips,
-- the signal-to-noise of one step, B·|mean clipped gradient| / (σ·C·sqrt(d)), at the site's
+- the signal-to-noise of one step, B·|expected clipped gradient| / (σ·C·sqrt(d)), at the site's
   planned σ, q and steps, and of the whole run, times sqrt(steps) (signal adds up linearly,
   noise as the square root; with the starting gradients, so an upper bound),
 - the same at sites of 4x and 16x the notes (σ recalibrated to the same ε), assuming gradients
@@ -58,14 +58,19 @@ def per_note_gradients(task: TextModality, model, data, count: int) -> torch.Ten
 
 
 def step_signal(grads: torch.Tensor, bound: float) -> tuple[float, float]:
-    """(norm of the mean clipped gradient, fraction of notes clipped) at clipping bound ``bound``."""
+    """(norm of the expected clipped gradient, fraction of notes clipped) at bound ``bound``.
+
+    The sample mean's squared norm overstates the expectation's by the per-note spread over n;
+    (n |mean|² - mean |c_i|²) / (n - 1) is unbiased for it."""
     norms = grads.norm(dim=1)
-    factors = (bound / norms).clamp(max=1.0)
-    return float((grads * factors[:, None]).mean(dim=0).norm()), float((norms > bound).float().mean())
+    clipped = grads * (bound / norms).clamp(max=1.0)[:, None]
+    n = len(clipped)
+    squared = (n * clipped.mean(dim=0).square().sum() - clipped.square().sum(dim=1).mean()) / (n - 1)
+    return math.sqrt(max(0.0, float(squared))), float((norms > bound).float().mean())
 
 
 def snr(*, signal: float, bound: float, batch: float, sigma: float, d: int, steps: int) -> tuple[float, float]:
-    """(one step's, the run's) signal-to-noise for a mean clipped gradient of norm ``signal``."""
+    """(one step's, the run's) signal-to-noise for an expected clipped gradient of norm ``signal``."""
     step = batch * signal / (sigma * bound * math.sqrt(d))
     return step, step * math.sqrt(steps)
 
