@@ -23,7 +23,6 @@ the norms later in training.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.privacy_utility import add_config_options, parse_sets
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site
@@ -75,27 +75,15 @@ def snr(*, signal: float, bound: float, batch: float, sigma: float, d: int, step
     return step, step * math.sqrt(steps)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    values = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites-dir", type=Path, help="a consortium's sites (default: the demo's)")
-    parser.add_argument("--config", type=Path, help="a run configuration (default: fedgen's defaults)")
     parser.add_argument("--notes", type=int, default=64, help="training notes whose gradients are measured")
     parser.add_argument("--train-steps", type=int, default=0, help="non-DP steps on the site's notes first")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    add_config_options(parser)
     args = parser.parse_args()
     torch.manual_seed(0)
-    config = load_config(args.config, {"modality": "text", **_overrides(args.set)})
+    config = load_config(args.config, {"modality": "text", **parse_sets(args.sets)})
     work = Path(tempfile.mkdtemp())
     sites_dir = args.sites_dir or work / "sites"
     if args.sites_dir is None:
