@@ -117,9 +117,7 @@ def data_check(
             for warning in site_heldout_warnings(modality, heldout, site=result.name):
                 err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
         if len(found) > 1:
-            console.print(
-                _composition_line(scan.settings.get("different_people", False)), highlight=False, soft_wrap=True
-            )
+            console.print(_composition_line(scan.different_people), highlight=False, soft_wrap=True)
     for problem in result.problems:
         err_console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
     if result.problems:

@@ -107,6 +107,11 @@ class SiteScan:
     texts: list[tuple[str, int]]
     settings: dict
 
+    @property
+    def different_people(self) -> bool:
+        """Whether site.toml declares its images and notes to be of different people (default: the same)."""
+        return self.settings.get("different_people", False)
+
 
 # --- checking -------------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def load_site(
         text_labels=[label for _, label in scan.texts],
         heldout_fraction=scan.settings.get("heldout_fraction", data.heldout_fraction),
         epsilon_budget=scan.settings.get("epsilon_budget"),
-        different_people=scan.settings.get("different_people", False),
+        different_people=scan.different_people,
         review_dir=root / scan.settings["review_dir"] if "review_dir" in scan.settings else None,
         policy=policy_from_settings(scan.settings),
     )
