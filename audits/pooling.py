@@ -455,10 +455,10 @@ def _check_coverage(run: RunDir, answers: dict[str, list[dict]]) -> None:
             )
 
 
-def _pretraining(run: RunDir) -> dict | None:
-    """What the image model was pretrained on (written by fedgen.pretrain.create_run), if anything."""
+def _pretraining(run: RunDir) -> dict:
+    """By modality, what its model was pretrained on (written by fedgen.pretrain.create_run)."""
     record = run.root / PROVENANCE_NAME
-    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
 
 
 def assemble_report(inputs: AuditInputs, answers: dict[str, list[dict]], *, progress: bool = False) -> dict:

@@ -661,7 +661,9 @@ def _run_section(report: dict) -> dict:
         "root": run.get("root") or "",
         "modalities": ", ".join(run.get("modalities") or []) or "not recorded",
         "dp": run.get("dp"),
-        "pretraining": _pretraining_rows(run.get("pretraining")),
+        "pretraining": {
+            modality: _pretraining_rows(record) for modality, record in (run.get("pretraining") or {}).items()
+        },
         "generated_at": run.get("generated_at") or "not recorded",
         "versions": [
             (name, version or "not installed") for name, version in sorted((run.get("versions") or {}).items())
@@ -670,13 +672,12 @@ def _run_section(report: dict) -> dict:
     }
 
 
-def _pretraining_rows(record: dict | None) -> list[tuple[str, str]] | None:
-    """The public data and checkpoint the image model started from, as (label, value) rows."""
-    if not record:
-        return None
+def _pretraining_rows(record: dict) -> list[tuple[str, str]]:
+    """The public data and checkpoint a model started from, as (label, value) rows."""
     labels = [
         ("public_dir", "public data folder"),
         ("images", "public images"),
+        ("notes", "public notes"),
         ("labelled", "labels used"),
         ("content_sha256", "public data SHA-256"),
         ("epochs", "epochs"),

@@ -266,7 +266,7 @@ def pretrained_checkpoint(args, overrides: dict) -> Path:
     )
     if not checkpoint.is_dir():
         settings = {
-            **PRETRAIN_DEFAULTS,
+            **PRETRAIN_DEFAULTS["image"],
             "epochs": args.pretrain_epochs,
             "ema_decay": args.pretrain_ema_decay,
             "balance_classes": args.pretrain_balanced,
@@ -363,12 +363,12 @@ def main() -> None:
         "--public-labelled", action="store_true", help="the public phantoms carry their grades (a public graded set)"
     )
     parser.add_argument(
-        "--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["epochs"], help="default: fedgen pretrain's"
+        "--pretrain-epochs", type=int, default=PRETRAIN_DEFAULTS["image"]["epochs"], help="default: fedgen pretrain's"
     )
     parser.add_argument(
         "--pretrain-ema-decay",
         type=float,
-        default=PRETRAIN_DEFAULTS["ema_decay"],
+        default=PRETRAIN_DEFAULTS["image"]["ema_decay"],
         help="pretrain's ema_decay (0: the last step's weights); default: fedgen pretrain's",
     )
     parser.add_argument(

@@ -35,10 +35,14 @@ __all__ = [
 DR_GRADES = ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"]
 MENTAL_HEALTH_CLASSES = ["Normal", "Anxiety", "Depression", "Stress", "Suicidal"]
 
-# `fedgen pretrain`'s defaults (public pretraining is not part of a run): the pretraining of the
-# best-measured small-site combination, with ImageConfig's defaults and an init_checkpoint
-# (BENCHMARKS.md, "Quality at privacy").
-PRETRAIN_DEFAULTS = {"epochs": 30, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.999}
+# `fedgen pretrain`'s defaults per modality (public pretraining is not part of a run). Image:
+# the pretraining of the best-measured small-site combination, with ImageConfig's defaults and
+# an init_checkpoint (BENCHMARKS.md, "Quality at privacy"). Text: the recipe of the shipped
+# adapter (scripts/pretrain-notes.sh).
+PRETRAIN_DEFAULTS = {
+    "image": {"epochs": 30, "batch_size": 32, "lr": 2e-3, "ema_decay": 0.999},
+    "text": {"epochs": 3, "batch_size": 16, "lr": 2e-3},
+}
 
 
 class _Section(BaseModel):
@@ -162,6 +166,10 @@ class TextConfig(_Section):
     # sends in its training reply (a 0.9 quantile rounded up to 32 tokens; the run records it in
     # its checkpoints), at most max_length minus the class prompt (without one: that bound).
     max_new_tokens: int | None = Field(None, ge=1)
+    # An adapter trained without DP on notes the consortium declares non-sensitive
+    # (`fedgen pretrain --modality text`, or fedgen:<name> for one fedgen ships): the round-0
+    # adapter, checked against its record (fedgen.models.pretrained). None: B = 0, the base model.
+    init_adapter: str | None = None
 
     @field_validator("user_prompt")
     @classmethod
@@ -169,6 +177,12 @@ class TextConfig(_Section):
         if "{label}" not in value:
             raise ValueError("the user prompt needs a {label} slot")
         return value
+
+    @model_validator(mode="after")
+    def _pretrained_adapter_needs_both_factors(self) -> TextConfig:
+        if self.init_adapter is not None and self.aggregation == "ffa":
+            raise ValueError("init_adapter needs aggregation = fedavg: FFA-LoRA keeps A at its seeded start")
+        return self
 
     @field_validator("prompt_template")
     @classmethod

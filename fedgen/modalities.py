@@ -251,6 +251,20 @@ class TextModality(Modality):
 
         return add_lora(self._base(), self.config.text, seed=self.config.seed)
 
+    def initial_model(self):
+        """The adapter text.init_adapter names, if any, checked against its record and the run
+        (``fedgen.models.pretrained``), else the seeded one that leaves the base model as it is."""
+        model = self.build_model()
+        if self.config.text.init_adapter is not None:
+            from fedgen.models.pretrained import load_pretrained_adapter
+            from fedgen.models.text import load_saved_adapter_state
+
+            tensors = load_pretrained_adapter(
+                self.config.text.init_adapter, self.config.text, self.config.data.text_classes
+            )
+            load_saved_adapter_state(model, tensors)
+        return model
+
     def get_state(self, model):
         from fedgen.models.text import lora_state
 

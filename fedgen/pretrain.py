@@ -1,21 +1,26 @@
-"""Public pretraining: the image model learns, without DP, from data declared non-sensitive.
+"""Public pretraining: a model learns, without DP, from data declared non-sensitive.
 
 DP fine-tuning from a model that already draws a fundus spends the sites' privacy budget on
 what only the sites have (how each class looks) rather than on anatomy any public image shows;
 with public pretraining, DP diffusion models reach far better fidelity than trained from
-scratch (Ghalebikesabi et al. 2023; Lyu et al. 2023, DP-LDM).
+scratch (Ghalebikesabi et al. 2023; Lyu et al. 2023, DP-LDM). The same holds for notes: a
+pretrained language model fine-tuned under DP learns little from a few hundred notes a site
+(BENCHMARKS.md, "the text track alone"), and an adapter first trained on public notes of the
+classes starts it where the sites' budget refines rather than teaches.
 
-The public folder is either an ImageFolder whose class folders are consortium classes (the
-labels are used) or any folder of images (no labels: the model learns the null class, i.e.
-the unconditional prior, and the classes are learned at the sites under DP). The output is
-an image model folder plus ``pretraining.json`` (what data, how trained), which a run names
-in ``image.init_checkpoint``; the run folder keeps a copy and the audit report shows it.
+The public image folder is either an ImageFolder whose class folders are consortium classes
+(the labels are used) or any folder of images (no labels: the model learns the null class,
+i.e. the unconditional prior, and the classes are learned at the sites under DP). Public notes
+are a folder laid out as a site's (``texts.jsonl``). The output is a model folder plus
+``pretraining.json`` (what data, how trained), which a run names in ``image.init_checkpoint``
+or ``text.init_adapter``; the run folder keeps a copy and the audit report shows it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,16 +30,22 @@ from torch.utils.data import Subset, TensorDataset
 
 from fedgen.artifacts import RunDir
 from fedgen.config import RunConfig
-from fedgen.data.check import IMAGE_SUFFIXES
-from fedgen.data.site import load_images
+from fedgen.data.check import IMAGE_SUFFIXES, TEXTS_FILE
+from fedgen.data.site import load_images, load_site
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir, write_json
 from fedgen.logs import progress_bar
 from fedgen.manifest import file_sha256
-from fedgen.modalities import ImageModality
+from fedgen.modalities import ImageModality, TextModality
 from fedgen.models.base_models import recorded_base_model
 from fedgen.models.diffusion import WEIGHTS_NAME, update_ema
-from fedgen.models.pretrained import RECORD_NAME, SHIPPED_PREFIX, checkpoint_folder
+from fedgen.models.pretrained import (
+    ADAPTER_WEIGHTS,
+    RECORD_NAME,
+    SHIPPED_PREFIX,
+    checkpoint_folder,
+    load_pretrained_adapter,
+)
 from fedgen.training import train_local
 
 __all__ = [
@@ -44,6 +55,7 @@ __all__ = [
     "public_class_names",
     "class_balanced_draws",
     "pretrain_image_model",
+    "pretrain_text_adapter",
     "pretraining_of",
     "start_classes_from_null",
     "create_run",
@@ -205,6 +217,81 @@ def pretrain_image_model(
     return provenance
 
 
+def pretrain_text_adapter(
+    public: str | Path,
+    out: str | Path,
+    config: RunConfig,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Train the run's text adapter on the notes in ``public`` without DP; write ``out``; return provenance.
+
+    ``public`` is a folder laid out as a site's notes (``texts.jsonl``, labels among the run's
+    text classes), checked the same way. Each note trains as a site's does: the class's chat
+    prompt, the loss on the note and its end-of-turn token. ``out`` is PEFT's adapter folder
+    plus ``pretraining.json``, which a run names in ``text.init_adapter``.
+    """
+    from fedgen.models.text import encode_examples, save_adapter  # transformers: text runs only
+
+    out = Path(out)
+    if out.exists():
+        raise FedgenError(f"{out} already exists; choose a new folder for the pretrained adapter")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    notes = load_site(public, config.data, modalities=("text",))
+    names = config.data.text_classes
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedgen-pretrain-") as work:  # the frozen layers' cache
+        task = TextModality(config, work_dir=Path(work))
+        model = task.build_model()
+        encoded = encode_examples(
+            task.tokenizer(),
+            [(names[label], text) for text, label in zip(notes.texts, notes.text_labels, strict=True)],
+            prompts=task.prompts(),
+            max_length=config.text.max_length,
+        )
+        dataset = task.training_set(model, encoded)
+        steps = epochs * -(-len(dataset) // batch_size)
+        with progress_bar(progress, total=steps, description="pretraining on public notes") as advance:
+            result = train_local(
+                model,
+                dataset,
+                task.per_example_loss(),
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                noise_multiplier=None,
+                max_grad_norm=1.0,
+                delta=1.0 / len(dataset),
+                seed=seed,
+                progress=lambda step, loss: advance(1),
+            )
+    provenance = {
+        "public_dir": str(Path(public).resolve()),
+        "notes": len(notes.texts),
+        "class_counts": {c: notes.text_labels.count(i) for i, c in enumerate(names)},
+        "content_sha256": file_sha256(Path(public) / TEXTS_FILE),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "steps": result.steps,
+        "final_mean_loss": result.mean_loss,
+        "seconds": round(time.perf_counter() - started, 1),
+        "text_config": config.text.model_dump(),
+        "classes": list(names),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with atomic_dir(out) as staging:
+        save_adapter(model, staging)
+        provenance["weights_sha256"] = file_sha256(staging / ADAPTER_WEIGHTS)  # checked on every load
+        write_json(staging / PROVENANCE_NAME, provenance)
+    return provenance
+
+
 def class_balanced_draws(labels: torch.Tensor, draws: int, *, seed: int) -> torch.Tensor:
     """``draws`` indices into ``labels``, drawn with replacement so every class is equally likely.
 
@@ -227,42 +314,63 @@ def start_classes_from_null(unet: torch.nn.Module) -> None:
     weight[:-1] = weight[-1]
 
 
-def pretraining_of(config: RunConfig) -> dict | None:
-    """The run's pretraining record (None without image.init_checkpoint), after checking the
-    checkpoint against its own record and the run (``fedgen.models.pretrained``)."""
-    checkpoint = config.image.init_checkpoint
-    if checkpoint is None or "image" not in config.modalities:
-        return None
-    ImageModality(config, work_dir=Path(".")).initial_model()  # one-line error if unusable
-    folder = checkpoint_folder(checkpoint)
-    record_file = folder / PROVENANCE_NAME
-    record = (
-        json.loads(record_file.read_text(encoding="utf-8"))
-        if record_file.is_file()
-        else {"note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"}
-    )
-    shipped = checkpoint.startswith(SHIPPED_PREFIX)  # a name that resolves wherever fedgen is installed
-    return {
-        **record,
-        "checkpoint": checkpoint if shipped else str(folder.resolve()),
-        "weights_sha256": file_sha256(folder / WEIGHTS_NAME),
-    }
+# Where a modality's run configuration names the pretrained model it starts from, and that
+# model's weights file.
+PRETRAINED_SETTING = {"image": "init_checkpoint", "text": "init_adapter"}
+PRETRAINED_WEIGHTS = {"image": WEIGHTS_NAME, "text": ADAPTER_WEIGHTS}
+
+
+def _check_pretrained(config: RunConfig, modality: str) -> None:
+    """A one-line error if the modality's pretrained model does not fit its record or the run."""
+    if modality == "image":
+        ImageModality(config, work_dir=Path(".")).initial_model()
+    else:
+        load_pretrained_adapter(config.text.init_adapter, config.text, config.data.text_classes)
+
+
+def pretraining_of(config: RunConfig) -> dict[str, dict]:
+    """Per modality that starts from a pretrained model (image.init_checkpoint,
+    text.init_adapter), its pretraining record, after checking the model against its own record
+    and the run (``fedgen.models.pretrained``)."""
+    records = {}
+    for modality in config.modalities:
+        setting = PRETRAINED_SETTING[modality]
+        checkpoint = getattr(getattr(config, modality), setting)
+        if checkpoint is None:
+            continue
+        _check_pretrained(config, modality)
+        folder = checkpoint_folder(checkpoint, setting=f"{modality}.{setting}")
+        record_file = folder / PROVENANCE_NAME
+        record = (
+            json.loads(record_file.read_text(encoding="utf-8"))
+            if record_file.is_file()
+            else {"note": f"no {PROVENANCE_NAME}: not made by `fedgen pretrain`, public data unknown"}
+        )
+        shipped = checkpoint.startswith(SHIPPED_PREFIX)  # a name that resolves wherever fedgen is installed
+        records[modality] = {
+            **record,
+            "checkpoint": checkpoint if shipped else str(folder.resolve()),
+            "weights_sha256": file_sha256(folder / PRETRAINED_WEIGHTS[modality]),
+        }
+    return records
 
 
 def create_run(runs_dir: str | Path, config: RunConfig, run_id: str | None = None) -> RunDir:
-    """A new run folder, its pretraining (if any) checked first and recorded beside the config.
+    """A new run folder, its pretrained models (if any) checked first and recorded beside the
+    config, in ``pretraining.json`` by modality.
 
     A named text base model is resolved here (converted into the cache on first use) and
-    recorded with its SHA-256, which every site checks. The checkpoint path is stored absolute, as the ServerApp may run from another directory; a
-    shipped checkpoint keeps its ``fedgen:`` name, which resolves wherever fedgen is installed.
+    recorded with its SHA-256, which every site checks. A pretrained model's path is stored
+    absolute, as the ServerApp may run from another directory; a shipped one keeps its
+    ``fedgen:`` name, which resolves wherever fedgen is installed.
     """
-    pretraining = pretraining_of(config)
     if "text" in config.modalities:
         config = config.model_copy(update={"text": recorded_base_model(config.text)})
-    if pretraining is not None:
-        image = config.image.model_copy(update={"init_checkpoint": pretraining["checkpoint"]})
-        config = config.model_copy(update={"image": image})
+    pretraining = pretraining_of(config)
+    for modality, record in pretraining.items():
+        section = getattr(config, modality).model_copy(update={PRETRAINED_SETTING[modality]: record["checkpoint"]})
+        config = config.model_copy(update={modality: section})
     run = RunDir.create(runs_dir, config, run_id)
-    if pretraining is not None:
+    if pretraining:
         write_json(run.root / PROVENANCE_NAME, pretraining)
     return run

@@ -196,7 +196,7 @@ def test_balanced_pretraining_takes_as_many_steps_and_needs_labels(public_dir, t
 def test_a_run_records_its_pretraining_with_an_absolute_checkpoint(pretrained, tmp_path, monkeypatch):
     monkeypatch.chdir(pretrained.parent)
     run = create_run(tmp_path / "runs", load_config(None, {**TINY, "image.init_checkpoint": pretrained.name}), "r")
-    record = json.loads((run.root / PROVENANCE_NAME).read_text())
+    record = json.loads((run.root / PROVENANCE_NAME).read_text())["image"]
     assert record["checkpoint"] == str(pretrained.resolve()) == run.config().image.init_checkpoint
     assert record["images"] == 24 and len(record["weights_sha256"]) == 64
 

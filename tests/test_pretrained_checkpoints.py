@@ -129,7 +129,7 @@ def test_a_run_starts_from_a_shipped_checkpoint_by_name(shipped, tmp_path):
     name = SHIPPED_PREFIX + SHIPPED_NAME
     run = create_run(tmp_path / "runs", load_config(None, {**TINY, "image.init_checkpoint": name}), "r")
     assert run.config().image.init_checkpoint == name  # resolves wherever fedgen is installed
-    record = json.loads((run.root / PROVENANCE_NAME).read_text())
+    record = json.loads((run.root / PROVENANCE_NAME).read_text())["image"]
     assert record["checkpoint"] == name and record["weights_sha256"] == SHIPPED[SHIPPED_NAME]["weights_sha256"]
     start = ImageModality(run.config(), work_dir=tmp_path).initial_model().state_dict()
     saved = load_file(shipped / WEIGHTS_NAME)

@@ -55,18 +55,37 @@ def demo_data(
 
 def demo_public(
     out: Annotated[
-        Path, typer.Argument(help="Folder to create: a flat folder of PNGs, or one folder per grade with --labelled.")
+        Path,
+        typer.Argument(
+            help="Folder to create: a flat folder of PNGs, one folder per grade with --labelled, or texts.jsonl with --notes."
+        ),
     ],
     images: Annotated[int, typer.Option(help="Number of public phantoms.")] = 3000,
+    notes: Annotated[
+        int,
+        typer.Option(
+            help="Write this many public teaching-case notes (texts.jsonl, labelled) instead of images.",
+            show_default=False,
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Random seed (the demo sites use 0).")] = 1000,
     resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 32,
     labelled: Annotated[
         bool, typer.Option(help="Write an ImageFolder (one folder per grade), as a public graded set would be.")
     ] = False,
 ) -> None:
-    """Generate a PUBLIC image set for `fedgen pretrain`: phantoms of another population
-    (mostly healthy eyes) from many cameras, unlike any demo site; unlabelled by default."""
-    from fedgen.data.demo import make_public_phantoms
+    """Generate a PUBLIC data set for `fedgen pretrain`. Images: phantoms of another population
+    (mostly healthy eyes) from many cameras, unlike any demo site; unlabelled by default. Notes
+    (--notes N): teaching-case vignettes of the five assessment classes, written apart from the
+    demo sites' notes and free of PHI."""
+    from fedgen.data.demo import make_public_note_folder, make_public_phantoms
+
+    if notes < 0:
+        raise FedgenError(f"--notes {notes}: give a positive number of notes")
+    if notes:
+        make_public_note_folder(out, notes=notes, seed=seed)
+        console.print(f"wrote {notes} public notes to {out / 'texts.jsonl'}")
+        return
 
     make_public_phantoms(out, images=images, seed=seed, resolution=resolution, labelled=labelled, progress=True)
     console.print(f"wrote {images} {'labelled' if labelled else 'unlabelled'} public phantoms to {out}")

@@ -24,42 +24,75 @@ def pretrain(
     public: Annotated[
         Path,
         typer.Option(
-            help="Images the consortium declares NON-sensitive: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled)."
+            help="Data the consortium declares NON-sensitive. Images: an ImageFolder with the consortium's class names (labels used) or any folder of images (unlabelled). Text: a folder with texts.jsonl, as a site's."
         ),
     ],
     out: Annotated[
-        Path, typer.Option(help="Folder to create for the pretrained image model; name it in image.init_checkpoint.")
+        Path,
+        typer.Option(
+            help="Folder to create for the pretrained model; name it in image.init_checkpoint or text.init_adapter."
+        ),
     ],
     config: ConfigOption = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the public images.")] = PRETRAIN_DEFAULTS["epochs"],
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = PRETRAIN_DEFAULTS["batch_size"],
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = PRETRAIN_DEFAULTS["lr"],
+    modality: Annotated[str, typer.Option(help="image (the diffusion model) or text (the LoRA adapter).")] = "image",
+    epochs: Annotated[
+        int | None, typer.Option(help="Passes over the public data (default: image 30, text 3).", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Records per step (default: image 32, text 16).", show_default=False)
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default: 2e-3).", show_default=False)] = None,
     ema_decay: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Write the moving average of the weights over the steps with this decay (0: the last step's weights)."
+            help="Images: write the moving average of the weights over the steps with this decay (default 0.999; 0: the last step's weights).",
+            show_default=False,
         ),
-    ] = PRETRAIN_DEFAULTS["ema_decay"],
+    ] = None,
     balance_classes: Annotated[
         bool,
         typer.Option(
-            help="Labelled public sets: draw every class equally often (with replacement), same number of steps."
+            help="Labelled public images: draw every class equally often (with replacement), same number of steps."
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of batch order and diffusion noise.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of batch order (and of the diffusion noise).")] = 0,
 ) -> None:
-    """Train the run's image architecture WITHOUT DP on public data, for DP fine-tuning at the sites.
+    """Train a model WITHOUT DP on public data, for DP fine-tuning at the sites.
 
-    The federation starts from it when the run config sets image.init_checkpoint = OUT; set
-    image.trainable to fine-tune only part of it. The model folder carries pretraining.json
+    Images: the run's image architecture; the federation starts from it when the run config sets
+    image.init_checkpoint = OUT (image.trainable fine-tunes part of it). Without
+    data.image_classes in --config the classes are the public set's class folders, sorted; an
+    unlabelled (flat) public folder needs them in --config. Text: the run's LoRA adapter on its
+    base model, on notes labelled with the run's text classes; the federation starts from it
+    when the run config sets text.init_adapter = OUT. The model folder carries pretraining.json
     (which data, how trained, the weights' SHA-256), which the run folder and the audit report
-    record. Without data.image_classes in --config the classes are the public set's class
-    folders, sorted; an unlabelled (flat) public folder needs them in --config.
+    record.
     """
     from fedgen.config import load_config
+
+    if modality not in PRETRAIN_DEFAULTS:
+        raise FedgenError(f"--modality {modality!r}: choose image or text")
+    defaults = PRETRAIN_DEFAULTS[modality]
+    schedule = {
+        "epochs": defaults["epochs"] if epochs is None else epochs,
+        "batch_size": defaults["batch_size"] if batch_size is None else batch_size,
+        "lr": defaults["lr"] if lr is None else lr,
+        "seed": seed,
+        "progress": True,
+    }
+    run_config = load_config(config)
+    if modality == "text":
+        if ema_decay is not None or balance_classes:
+            raise FedgenError("--ema-decay and --balance-classes are for images")
+        _pretrain_text(public, out, run_config, schedule)
+    else:
+        ema = defaults["ema_decay"] if ema_decay is None else ema_decay
+        _pretrain_image(public, out, run_config, {**schedule, "ema_decay": ema, "balance_classes": balance_classes})
+
+
+def _pretrain_image(public: Path, out: Path, run_config, schedule: dict) -> None:
     from fedgen.pretrain import pretrain_image_model, public_class_names
 
-    run_config = load_config(config)
     if "image_classes" not in run_config.data.model_fields_set and public.is_dir():
         names = public_class_names(public)
         if names is None:
@@ -68,21 +101,22 @@ def pretrain(
                 "data.image_classes in --config, the model needs one embedding per class"
             )
         run_config = run_config.model_copy(update={"data": run_config.data.model_copy(update={"image_classes": names})})
-    record = pretrain_image_model(
-        public,
-        out,
-        run_config,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        ema_decay=ema_decay,
-        balance_classes=balance_classes,
-        seed=seed,
-        progress=True,
-    )
+    record = pretrain_image_model(public, out, run_config, **schedule)
     labels = "labelled" if record["labelled"] else "unlabelled (null class)"
     console.print(
         f"pretrained on {record['images']} {labels} public images: {record['steps']} steps in "
+        f"{record['seconds']:.0f} s, loss {record['final_mean_loss']:.4f} -> {out}"
+    )
+
+
+def _pretrain_text(public: Path, out: Path, run_config, schedule: dict) -> None:
+    from fedgen.data.check import classes_from_sites
+    from fedgen.pretrain import pretrain_text_adapter
+
+    run_config = classes_from_sites(run_config, [public], modalities=["text"])
+    record = pretrain_text_adapter(public, out, run_config, **schedule)
+    console.print(
+        f"pretrained the text adapter on {record['notes']} public notes: {record['steps']} steps in "
         f"{record['seconds']:.0f} s, loss {record['final_mean_loss']:.4f} -> {out}"
     )
 

@@ -21,11 +21,18 @@ from PIL import Image
 from fedgen.config import DR_GRADES, MENTAL_HEALTH_CLASSES
 from fedgen.data.notes import CanaryNote, Note, make_site_notes
 from fedgen.data.phantoms import ScannerStyle, draw_scanner_style, render_phantom
+from fedgen.data.public_notes import make_public_notes
 from fedgen.errors import FedgenError
 from fedgen.files import atomic_dir
 from fedgen.logs import progress_bar
 
-__all__ = ["make_demo_consortium", "make_public_phantoms", "PUBLIC_GRADE_MIX", "PUBLIC_STYLE_RANGES"]
+__all__ = [
+    "make_demo_consortium",
+    "make_public_phantoms",
+    "make_public_note_folder",
+    "PUBLIC_GRADE_MIX",
+    "PUBLIC_STYLE_RANGES",
+]
 
 MIN_PER_CLASS = 4  # every class at every site (when the size allows), so held-out splits see it
 MIN_RESOLUTION = 8  # the smallest image the model config accepts
@@ -134,6 +141,18 @@ def make_public_phantoms(
             folder.mkdir(exist_ok=True)
             Image.fromarray(pixels).save(folder / f"{i:05d}.png")
             advance(1)
+    return out
+
+
+def make_public_note_folder(out: str | Path, *, notes: int = 2000, seed: int = 1000) -> Path:
+    """Write ``notes`` public teaching-case notes (``fedgen.data.public_notes``: worded apart
+    from the demo sites' notes, no PHI) as ``out/texts.jsonl``, the layout of a site's notes."""
+    out = Path(out)
+    if out.exists():
+        raise FedgenError(f"{out} already exists; choose a new folder")
+    rows = [{"text": text, "label": label} for label, text in make_public_notes(notes, seed=seed)]
+    with atomic_dir(out) as staging:
+        _write_jsonl(staging / "texts.jsonl", rows)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Pretrained image models a run starts from (``image.init_checkpoint``), checked before use.
+"""Pretrained models a run starts from, checked before use: the image model
+(``image.init_checkpoint``) and the text adapter (``text.init_adapter``).
 
 A checkpoint is a folder: the UNet as diffusers writes it (``config.json`` + safetensors
 weights) and ``pretraining.json``, the record ``fedgen pretrain`` writes: which public data, how
@@ -13,6 +14,10 @@ On load a checkpoint must match its record (weights digest; the architecture its
 builds) and the run (architecture, prediction type, class names). Each mismatch is one line.
 When the run names the same classes in another order (a consortium's classes come sorted from
 its site folders), the class embeddings are reordered to the run's order.
+
+A text adapter folder is PEFT's (``adapter_config.json`` + ``adapter_model.safetensors``) with
+the same kind of record; what it is checked on is its LoRA setup on its base model and the class
+prompt it learned (``ADAPTER_KEYS``), and the class names.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from fedgen.config import ImageConfig
+from fedgen.config import ImageConfig, TextConfig
 from fedgen.errors import FedgenError
 from fedgen.manifest import file_sha256
 from fedgen.models.diffusion import (
@@ -39,7 +46,11 @@ __all__ = [
     "SHIPPED_PREFIX",
     "SHIPPED",
     "ARCHITECTURE_KEYS",
+    "ADAPTER_KEYS",
+    "ADAPTER_WEIGHTS",
     "architecture_of",
+    "adapter_setup_of",
+    "load_pretrained_adapter",
     "checkpoint_folder",
     "checkpoint_record",
     "load_pretrained",
@@ -60,6 +71,18 @@ ARCHITECTURE_KEYS = (
     "train_timesteps",
     "prediction_type",
 )
+# The [text] settings a pretrained adapter is made of: the base model it adapts, the LoRA setup
+# that shapes and places its tensors, and the class prompt it learned to answer.
+ADAPTER_KEYS = (
+    "base_model",
+    "lora_rank",
+    "lora_alpha",
+    "target_modules",
+    "lora_layers",
+    "system_prompt",
+    "user_prompt",
+)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name
 
 # Checkpoints installed with fedgen (fedgen/checkpoints/<name>/), each with the record it is
 # checked against on every load: {"weights_sha256": hex digest of the weights file,
@@ -95,23 +118,24 @@ def _shipped_name(checkpoint: str) -> str | None:
     return checkpoint.removeprefix(SHIPPED_PREFIX) if checkpoint.startswith(SHIPPED_PREFIX) else None
 
 
-def checkpoint_folder(checkpoint: str) -> Path:
-    """The folder of ``checkpoint``: a path, or ``fedgen:<name>`` for a shipped checkpoint."""
+def checkpoint_folder(checkpoint: str, *, setting: str = "image.init_checkpoint") -> Path:
+    """The folder of ``checkpoint`` (the value of ``setting``): a path, or ``fedgen:<name>`` for
+    a shipped checkpoint."""
     name = _shipped_name(checkpoint)
     if name is None:
         return Path(checkpoint)
     if name not in SHIPPED:
         shipped = ", ".join(SHIPPED_PREFIX + n for n in SHIPPED) or "none"
-        raise FedgenError(f"image.init_checkpoint {checkpoint!r}: fedgen ships no such checkpoint (it ships {shipped})")
+        raise FedgenError(f"{setting} {checkpoint!r}: fedgen ships no such checkpoint (it ships {shipped})")
     return SHIPPED_ROOT / name
 
 
-def checkpoint_record(checkpoint: str) -> dict | None:
+def checkpoint_record(checkpoint: str, *, setting: str = "image.init_checkpoint") -> dict | None:
     """What ``checkpoint`` is checked against: the code's record of a shipped checkpoint, else
     the folder's pretraining.json (None if it has none: not made by ``fedgen pretrain``)."""
     name = _shipped_name(checkpoint)
     if name is not None:
-        checkpoint_folder(checkpoint)  # an unknown name is one line
+        checkpoint_folder(checkpoint, setting=setting)  # an unknown name is one line
         return SHIPPED[name]
     path = Path(checkpoint) / RECORD_NAME
     if not path.is_file():
@@ -122,17 +146,21 @@ def checkpoint_record(checkpoint: str) -> dict | None:
         raise FedgenError(f"pretraining record {path} is not valid JSON: {err}") from None
 
 
+def _check_digest(what: str, weights: Path, expected: str | None) -> None:
+    """``weights`` (a file of the pretrained ``what``) has the SHA-256 its record gives."""
+    if expected is None or not weights.is_file():
+        return
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise FedgenError(
+            f"{what}: {weights.name} has SHA-256 {actual[:12]}..., its record {expected[:12]}...: "
+            "the weights were changed or damaged"
+        )
+
+
 def _check_against_record(checkpoint: str, folder: Path, record: dict) -> None:
     """The weights file has the recorded digest and config.json builds the recorded architecture."""
-    expected = record.get("weights_sha256")
-    weights = folder / WEIGHTS_NAME
-    if expected is not None and weights.is_file():
-        actual = file_sha256(weights)
-        if actual != expected:
-            raise FedgenError(
-                f"pretrained image model {checkpoint}: {WEIGHTS_NAME} has SHA-256 {actual[:12]}..., "
-                f"its record {expected[:12]}...: the weights were changed or damaged"
-            )
+    _check_digest(f"pretrained image model {checkpoint}", folder / WEIGHTS_NAME, record.get("weights_sha256"))
     if "image_config" not in record or record.get("classes") is None:
         return
     recorded = build_unet(ImageConfig(**architecture_of(record["image_config"])), len(record["classes"]))
@@ -155,11 +183,14 @@ def _check_against_run(checkpoint: str, record: dict, image: ImageConfig, classe
                     f"pretrained image model {checkpoint} was trained with image.{key} = {value!r} "
                     f"but the run sets {run[key]!r}: use the checkpoint's setting or pretrain with the run's"
                 )
+    _check_same_classes(f"pretrained image model {checkpoint}", record, classes, "image")
+
+
+def _check_same_classes(what: str, record: dict, classes: list[str], modality: str) -> None:
     names = record.get("classes")
     if names is not None and record.get("labelled", True) and sorted(names) != sorted(classes):
         raise FedgenError(
-            f"pretrained image model {checkpoint} learned the classes {', '.join(names)} but the "
-            f"run's image classes are {', '.join(classes)}"
+            f"{what} learned the classes {', '.join(names)} but the run's {modality} classes are {', '.join(classes)}"
         )
 
 
@@ -191,3 +222,48 @@ def load_pretrained(checkpoint: str, image: ImageConfig, classes: list[str]) -> 
     if recorded is not None and recorded != classes and sorted(recorded) == sorted(classes):
         _reorder_classes(unet, recorded, classes)
     return unet
+
+
+def adapter_setup_of(text: TextConfig | dict) -> dict:
+    """The ``ADAPTER_KEYS`` of a text configuration (or of a recorded one)."""
+    values = text.model_dump() if isinstance(text, TextConfig) else text
+    return {key: values.get(key) for key in ADAPTER_KEYS}
+
+
+def _check_adapter_against_run(what: str, record: dict, text: TextConfig, classes: list[str]) -> None:
+    """The run adapts the recorded base model (same file when both know its digest) the recorded
+    way, with the recorded class prompt and classes."""
+    recorded = record.get("text_config")
+    if recorded is not None:
+        run = adapter_setup_of(text)
+        for key, value in adapter_setup_of(recorded).items():
+            if _as_list(value) != _as_list(run[key]):
+                raise FedgenError(
+                    f"{what} was trained with text.{key} = {value!r} but the run sets {run[key]!r}: "
+                    "use the adapter's setting or pretrain with the run's"
+                )
+        digest = recorded.get("base_model_sha256")
+        if None not in (digest, text.base_model_sha256) and digest != text.base_model_sha256:
+            raise FedgenError(
+                f"{what} adapts {text.base_model} with SHA-256 {digest[:12]}..., the run's is "
+                f"{text.base_model_sha256[:12]}...: another version of the base model"
+            )
+    _check_same_classes(what, record, classes, "text")
+
+
+def load_pretrained_adapter(checkpoint: str, text: TextConfig, classes: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter tensors in ``checkpoint`` (PEFT's names), after checking the folder against
+    its record (weights digest) and the run (``ADAPTER_KEYS``, base model, classes)."""
+    folder = checkpoint_folder(checkpoint, setting="text.init_adapter")
+    what = f"pretrained text adapter {checkpoint}"
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FedgenError(f"{what}: {weights} not found")
+    record = checkpoint_record(checkpoint, setting="text.init_adapter")
+    if record is not None:
+        _check_digest(what, weights, record.get("weights_sha256"))
+        _check_adapter_against_run(what, record, text, classes)
+    try:
+        return load_file(weights)
+    except (OSError, SafetensorError) as err:
+        raise FedgenError(f"{what}: {weights.name} cannot be read: {err}") from None

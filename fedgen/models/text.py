@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
@@ -71,6 +71,7 @@ __all__ = [
     "add_lora",
     "lora_state",
     "set_lora_state",
+    "load_saved_adapter_state",
     "ClassPrompts",
     "class_prompts",
     "validate_template",
@@ -325,6 +326,22 @@ def set_lora_state(model: PeftModel, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])
+
+
+def load_saved_adapter_state(model: PeftModel, tensors: dict[str, Tensor]) -> None:
+    """Set every trained adapter tensor of ``model`` from ``tensors``, an adapter file's content
+    (PEFT's saved names, without the adapter name), strictly: each tensor present, no other."""
+    expected = set(_trained_adapter_parameters(model))
+    try:
+        result = set_peft_model_state_dict(model, tensors)
+    except RuntimeError as err:  # a shape that does not fit
+        raise FedgenError(f"the adapter does not fit the model's LoRA setup: {_one_line(err)}") from None
+    missing = expected & set(result.missing_keys)
+    if missing or result.unexpected_keys:
+        raise FedgenError(
+            f"the adapter does not match the model's LoRA setup: {len(missing)} tensors missing "
+            f"(e.g. {sorted(missing)[:1]}), {len(result.unexpected_keys)} unexpected"
+        )
 
 
 # --- prompts and data -----------------------------------------------------------------------------
