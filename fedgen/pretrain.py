@@ -244,6 +244,7 @@ def pretrain_text_adapter(
         raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
     notes = load_site(public, config.data, modalities=("text",))
     names = config.data.text_classes
+    config = config.model_copy(update={"text": recorded_base_model(config.text)})  # the record names its base
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedgen-pretrain-") as work:  # the frozen layers' cache
         task = TextModality(config, work_dir=Path(work))

@@ -1,18 +1,31 @@
 """Public pretraining of the text adapter: what it writes, what a run checks before starting from it."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import fedgen.models.pretrained as pretrained_module
 from fedgen.cli import app
-from fedgen.config import load_config
+from fedgen.config import MENTAL_HEALTH_CLASSES, load_config
 from fedgen.data.demo import make_public_note_folder
 from fedgen.errors import FedgenError
+from fedgen.manifest import file_sha256
 from fedgen.modalities import TextModality
-from fedgen.models.pretrained import ADAPTER_WEIGHTS, RECORD_NAME
+from fedgen.models.base_models import PACKAGED_MODELS
+from fedgen.models.pretrained import (
+    ADAPTER_WEIGHTS,
+    RECORD_NAME,
+    SHIPPED,
+    SHIPPED_PREFIX,
+    adapter_setup_of,
+    checkpoint_folder,
+    load_pretrained_adapter,
+)
 from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_text_adapter
 
 TINY_TEXT = {
@@ -136,3 +149,38 @@ def test_the_cli_writes_public_notes_and_pretrains_on_them(tmp_path):
     assert "pretrained the text adapter on 10 public notes: 2 steps" in result.output
     result = runner.invoke(app, [*args[:-4], "--out", str(tmp_path / "other"), "--ema-decay", "0.9"])
     assert result.exit_code == 1 and "--ema-decay and --balance-classes are for images" in result.output
+
+
+# --- the adapter fedgen ships ---------------------------------------------------------------------
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "scripts" / "demo.toml"
+NOTES_ADAPTER = "public-notes-smollm2"
+
+
+def test_the_demo_starts_from_the_shipped_notes_adapter_as_recorded():
+    config = load_config(DEMO_CONFIG)
+    assert config.text.init_adapter == SHIPPED_PREFIX + NOTES_ADAPTER
+    record = SHIPPED[NOTES_ADAPTER]
+    weights = checkpoint_folder(config.text.init_adapter) / ADAPTER_WEIGHTS
+    assert weights.stat().st_size <= 2 * 2**20 and file_sha256(weights) == record["weights_sha256"]
+    assert record["recipe"] == "bash scripts/pretrain-notes.sh"
+    assert record["text_config"]["base_model_sha256"] == PACKAGED_MODELS[config.text.base_model].sha256
+    assert adapter_setup_of(record["text_config"]) == adapter_setup_of(config.text)
+    tensors = load_pretrained_adapter(config.text.init_adapter, config.text, sorted(MENTAL_HEALTH_CLASSES))
+    # q and v of the top lora_layers layers, an A and a B each
+    assert len(tensors) == 2 * len(config.text.target_modules) * config.text.lora_layers
+
+
+def test_the_shipped_notes_adapter_refuses_changed_weights_and_another_base_model(tmp_path, monkeypatch):
+    config = load_config(DEMO_CONFIG)
+    copy = shutil.copytree(checkpoint_folder(config.text.init_adapter), tmp_path / NOTES_ADAPTER)
+    monkeypatch.setattr(pretrained_module, "SHIPPED_ROOT", tmp_path)
+    other = config.text.model_copy(update={"base_model_sha256": "1" * 64})
+    with pytest.raises(FedgenError, match=r"adapts smollm2-135m-instruct with SHA-256 .* another version"):
+        load_pretrained_adapter(config.text.init_adapter, other, MENTAL_HEALTH_CLASSES)
+    tensors = load_file(copy / ADAPTER_WEIGHTS)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, copy / ADAPTER_WEIGHTS)
+    with pytest.raises(FedgenError, match=f"fedgen:{NOTES_ADAPTER}: {ADAPTER_WEIGHTS} has SHA-256 .* changed"):
+        load_pretrained_adapter(config.text.init_adapter, config.text, MENTAL_HEALTH_CLASSES)

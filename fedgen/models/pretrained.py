@@ -87,7 +87,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name
 # Checkpoints installed with fedgen (fedgen/checkpoints/<name>/), each with the record it is
 # checked against on every load: {"weights_sha256": hex digest of the weights file,
 # "image_config": its ARCHITECTURE_KEYS, "classes": names in class-embedding order, "labelled":
-# bool, "recipe": the command that made it}. The recipe prints the record of what it made.
+# bool, "recipe": the command that made it}; a text adapter has "text_config" (its ADAPTER_KEYS
+# and the base model's SHA-256) instead of "image_config". The recipe prints the record of what
+# it made.
 SHIPPED: dict[str, dict] = {
     "fundus-phantoms-32": {
         "weights_sha256": "42c987a46c03c7962f64f9c80047d73ac2a2b19d3e73cfdf9bd9a8d08fad5b91",
@@ -104,6 +106,21 @@ SHIPPED: dict[str, dict] = {
         "classes": ["No_DR", "Mild", "Moderate", "Severe", "Proliferate_DR"],
         "labelled": True,
         "recipe": "bash scripts/pretrain-phantoms.sh",
+    },
+    "public-notes-smollm2": {
+        "weights_sha256": "f3e674cf2f6be77ffe294da93af36da14b9060ff26167858070d0c6d126452ea",
+        "text_config": {
+            "base_model": "smollm2-135m-instruct",
+            "lora_rank": 8,
+            "lora_alpha": 16,
+            "target_modules": ["q_proj", "v_proj"],
+            "lora_layers": 10,
+            "system_prompt": "You are a clinician who writes short, factual notes for a patient's record.",
+            "user_prompt": "Write a short clinical note for a patient whose mental-health assessment is: {label}.",
+            "base_model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        },
+        "classes": ["Anxiety", "Depression", "Normal", "Stress", "Suicidal"],
+        "recipe": "bash scripts/pretrain-notes.sh",
     },
 }
 
