@@ -9,11 +9,12 @@ the public domain; above it, the sites' fine-tuning taught the model something t
 lacks.
 
     python -m benchmarks.public_ceiling PUBLIC_DIR SITES_DIR [--per-class 192]
-    python -m benchmarks.public_ceiling PUBLIC_NOTES_DIR SITES_DIR --modality text [--per-class 20]
+    python -m benchmarks.public_ceiling PUBLIC_NOTES_DIR SITES_DIR --modality text [--per-class 20] [--run RUN ...]
 
 Text: public notes (a folder with texts.jsonl, as ``fedgen demo-public --notes``) against the
 sites' notes, TF-IDF + logistic regression as the audit scores notes, macro-F1 ratio; the
 default 20 a class is what ``fedgen generate --per-class 20`` writes, averaged over draws.
+``--run`` scores a run's synthetic notes beside them the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, pooled_heldout, synthetic_image_scores
+from fedgen.artifacts import RunDir
+from fedgen.audits.inputs import load_synthetic_texts
 from fedgen.audits.utility import text_utility
 from fedgen.config import load_config
 from fedgen.data.check import site_folders
@@ -64,6 +67,21 @@ def text_ceiling(public: Path, sites: Path, config, per_class: int) -> str:
     )
 
 
+def synthetic_notes_score(run_dir: Path, sites: Path, config) -> str:
+    """The macro-F1 ratio of a run's synthetic notes, scored as ``text_ceiling`` scores public ones."""
+    run = RunDir(run_dir)
+    run_config = run.config()
+    texts, labels = load_synthetic_texts(run, run_config)
+    names = config.data.text_classes  # the run may order the classes otherwise (sorted site labels)
+    labels = [names.index(run_config.data.text_classes[label]) for label in labels]
+    real_train, real_test = pooled_heldout(site_folders(sites), config, "text")
+    scores = text_utility(real_train, real_test, (texts, labels), class_names=names)["configurations"]
+    return (
+        f"{run.root.name}: {len(texts)} synthetic notes: macro-F1 ratio "
+        f"{scores['synthetic']['macro_f1'] / scores['real']['macro_f1']:.3f} (one draw)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -78,10 +96,15 @@ def main() -> None:
         default=None,
         help="public records per class (default: images 192, the benchmark's synthetic count; notes 20)",
     )
+    parser.add_argument(
+        "--run", type=Path, action="append", default=[], help="text: also score this run's synthetic notes (repeatable)"
+    )
     args = parser.parse_args()
     config = load_config(args.config)
     if args.modality == "text":
         print(text_ceiling(args.public, args.sites, config, args.per_class or 20))
+        for run in args.run:
+            print(synthetic_notes_score(run, args.sites, config))
         return
     args.per_class = args.per_class or 192
     classes = config.data.image_classes
