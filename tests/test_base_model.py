@@ -15,9 +15,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from safetensors.torch import load_file
 
 from benchmarks.dp_signal import per_note_gradients
 from fedgen.config import RunConfig, TextConfig
+from fedgen.data.public_notes import make_public_notes
 from fedgen.errors import FedgenError
 from fedgen.modalities import TextModality
 from fedgen.models import base_models
@@ -28,6 +30,7 @@ from fedgen.models.base_models import (
     converted_model_dir,
     recorded_base_model,
 )
+from fedgen.models.pretrained import ADAPTER_WEIGHTS, checkpoint_folder
 from fedgen.models.text import encode_examples, generate_texts, lora_state
 from fedgen.training import train_local
 
@@ -158,6 +161,23 @@ def test_the_default_clipping_bound_is_below_every_notes_starting_gradient(modal
     assert bool((norms > 0).all())
     assert float(norms.max()) < 0.5
     assert float(norms.min()) > 5 * TextConfig().max_grad_norm
+
+
+@pytest.mark.slow
+def test_the_shipped_notes_adapter_starts_the_real_model_where_its_pretraining_left_it(modality):
+    """The adapter's saved names fit SmolLM2's LoRA setup, and on public notes it did not train
+    on (another seed than its recipe's) it writes them far more likely than the base model."""
+    text = modality.config.text.model_copy(update={"init_adapter": "fedgen:public-notes-smollm2"})
+    task = TextModality(modality.config.model_copy(update={"text": text}), work_dir=modality.work_dir)
+    pretrained, base = task.initial_model(), task.build_model()
+    saved = load_file(checkpoint_folder(text.init_adapter) / ADAPTER_WEIGHTS)
+    for name, tensor in task.get_state(pretrained).items():
+        assert torch.equal(tensor, saved[name.replace(".default", "")])
+    notes = make_public_notes(10, seed=7)
+    data = encode_examples(task.tokenizer(), notes, prompts=task.prompts(), max_length=320)
+    loss = task.per_example_loss()
+    with torch.no_grad():
+        assert float(loss(pretrained, data.tensors).mean()) < float(loss(base, data.tensors).mean()) - 1.0
 
 
 def _fake_package(root, content: bytes) -> None:
