@@ -46,7 +46,7 @@ from fedgen.models.pretrained import (
     checkpoint_folder,
     load_pretrained_adapter,
 )
-from fedgen.training import train_local
+from fedgen.training import ProgressCallback, train_local
 
 __all__ = [
     "PROVENANCE_NAME",
@@ -122,6 +122,31 @@ def read_public_images(folder: str | Path, classes: list[str]) -> PublicImages:
     return PublicImages(root, paths, labels, classes)
 
 
+def _train_on_public(
+    task, model, dataset, schedule: dict, *, progress: bool, what: str, after_step: ProgressCallback | None = None
+):
+    """Train ``model`` on a public ``dataset`` without DP for ``schedule`` (epochs, batch_size, lr,
+    seed), with a progress bar; ``after_step(step, loss)`` runs after each step."""
+    steps = schedule["epochs"] * -(-len(dataset) // schedule["batch_size"])
+    with progress_bar(progress, total=steps, description=f"pretraining on public {what}") as advance:
+
+        def each_step(step: int, loss: float) -> None:
+            if after_step is not None:
+                after_step(step, loss)
+            advance(1)
+
+        return train_local(
+            model,
+            dataset,
+            task.per_example_loss(),
+            **schedule,
+            noise_multiplier=None,
+            max_grad_norm=1.0,
+            delta=1.0 / len(dataset),  # unused without DP
+            progress=each_step,
+        )
+
+
 def pretrain_image_model(
     public: str | Path,
     out: str | Path,
@@ -169,29 +194,15 @@ def pretrain_image_model(
     if balance_classes:  # one pass over `epochs` passes' worth of balanced draws: the same steps
         dataset, passes = Subset(dataset, class_balanced_draws(labels, epochs * len(dataset), seed=seed)), 1
     started = time.perf_counter()
-    steps = passes * -(-len(dataset) // batch_size)
     ema = None
 
-    def after_step(step: int, loss: float) -> None:
+    def keep_average(step: int, loss: float) -> None:
         nonlocal ema
         if ema_decay:  # warm-up as diffusers' EMAModel: the average does not keep the random start
             ema = update_ema(ema, model.state_dict(), min(ema_decay, (1 + step) / (10 + step)))
-        advance(1)
 
-    with progress_bar(progress, total=steps, description="pretraining on public images") as advance:
-        result = train_local(
-            model,
-            dataset,
-            task.per_example_loss(),
-            epochs=passes,
-            batch_size=batch_size,
-            lr=lr,
-            noise_multiplier=None,
-            max_grad_norm=1.0,
-            delta=1.0 / len(pixels),
-            seed=seed,
-            progress=after_step,
-        )
+    schedule = {"epochs": passes, "batch_size": batch_size, "lr": lr, "seed": seed}
+    result = _train_on_public(task, model, dataset, schedule, progress=progress, what="images", after_step=keep_average)
     if ema is not None:
         model.load_state_dict(ema)
     if data.labels is None:
@@ -256,21 +267,8 @@ def pretrain_text_adapter(
             max_length=config.text.max_length,
         )
         dataset = task.training_set(model, encoded)
-        steps = epochs * -(-len(dataset) // batch_size)
-        with progress_bar(progress, total=steps, description="pretraining on public notes") as advance:
-            result = train_local(
-                model,
-                dataset,
-                task.per_example_loss(),
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                noise_multiplier=None,
-                max_grad_norm=1.0,
-                delta=1.0 / len(dataset),
-                seed=seed,
-                progress=lambda step, loss: advance(1),
-            )
+        schedule = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        result = _train_on_public(task, model, dataset, schedule, progress=progress, what="notes")
     provenance = {
         "public_dir": str(Path(public).resolve()),
         "notes": len(notes.texts),
