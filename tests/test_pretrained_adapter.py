@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import fedgen.models.pretrained as pretrained_module
+from fedgen.audits.pooling import _pretraining
+from fedgen.audits.report import render_html
 from fedgen.cli import app
 from fedgen.config import MENTAL_HEALTH_CLASSES, load_config
 from fedgen.data.demo import make_public_note_folder
@@ -27,6 +29,7 @@ from fedgen.models.pretrained import (
     load_pretrained_adapter,
 )
 from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_text_adapter
+from tests.test_gate import example_report
 
 TINY_TEXT = {
     "modality": "text",
@@ -85,6 +88,12 @@ def test_a_run_records_the_adapter_it_starts_from(adapter, tmp_path, monkeypatch
     assert set(record) == {"text"}
     assert record["text"]["checkpoint"] == str(adapter.resolve()) == run.config().text.init_adapter
     assert record["text"]["notes"] == 12
+
+    report = example_report()
+    report["run"]["pretraining"] = _pretraining(run)
+    html = render_html(report, run_root=run.root)
+    assert "The text model started from a checkpoint trained without DP" in html
+    assert "public notes" in html and record["text"]["weights_sha256"] in html
 
 
 @pytest.mark.parametrize(
