@@ -5,7 +5,7 @@ what only the sites have (how each class looks) rather than on anatomy any publi
 with public pretraining, DP diffusion models reach far better fidelity than trained from
 scratch (Ghalebikesabi et al. 2023; Lyu et al. 2023, DP-LDM). The same holds for notes: a
 pretrained language model fine-tuned under DP learns little from a few hundred notes a site
-(BENCHMARKS.md, "the text track alone"), and an adapter first trained on public notes of the
+(BENCHMARKS.md, "The demo, end to end"), and an adapter first trained on public notes of the
 classes starts it where the sites' budget refines rather than teaches.
 
 The public image folder is either an ImageFolder whose class folders are consortium classes
