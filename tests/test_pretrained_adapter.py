@@ -28,6 +28,7 @@ from fedgen.models.pretrained import (
     checkpoint_folder,
     load_pretrained_adapter,
 )
+from fedgen.models.text import ADAPTER_FILES
 from fedgen.pretrain import PROVENANCE_NAME, create_run, pretrain_text_adapter
 from tests.test_gate import example_report
 
@@ -65,6 +66,7 @@ def test_pretraining_writes_an_adapter_and_its_record(adapter, public_notes):
     assert sum(record["class_counts"].values()) == 12 and len(record["class_counts"]) == 5
     assert record["text_config"]["lora_rank"] == 8 and record["text_config"]["base_model"] == "tiny-random-llama"
     assert len(record["weights_sha256"]) == 64 and len(record["content_sha256"]) == 64
+    assert sorted(path.name for path in adapter.iterdir()) == sorted([*ADAPTER_FILES, RECORD_NAME])
     tensors = load_file(adapter / ADAPTER_WEIGHTS)
     lora_b = [t for name, t in tensors.items() if "lora_B" in name]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at 0: it trained

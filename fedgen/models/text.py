@@ -97,6 +97,7 @@ NOTE_MARK = "\x00NOTE\x00"  # stands for the note when the chat template is rend
 TINY_MLP_RATIO = 4  # intermediate size of the tiny Llama's MLP, as a multiple of the hidden size
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PEFT_MODEL_CARD = "README.md"  # what PEFT's save_pretrained writes beside them
 LORA_MARKER = "lora_"  # PEFT names every LoRA parameter ...lora_A... / ...lora_B...
 FFA_FROZEN_MARKER = "lora_A"  # FFA-LoRA keeps the A matrices at their shared seeded init
 
@@ -683,6 +684,7 @@ def save_adapter(model: PeftModel, directory: str | Path) -> Path:
     with atomic_dir(directory) as scratch:
         # False: the embeddings are never adapted, and "auto" would look the base up on the hub.
         model.save_pretrained(scratch, save_embedding_layers=False)
+        (scratch / PEFT_MODEL_CARD).unlink(missing_ok=True)  # a template naming this machine's paths
     return directory
 
 
