@@ -122,6 +122,16 @@ def read_public_images(folder: str | Path, classes: list[str]) -> PublicImages:
     return PublicImages(root, paths, labels, classes)
 
 
+def _new_output(out: str | Path, what: str, *, epochs: int, batch_size: int, lr: float) -> Path:
+    """``out`` as a Path, after refusing an existing folder and a schedule that cannot train."""
+    out = Path(out)
+    if out.exists():
+        raise FedgenError(f"{out} already exists; choose a new folder for the pretrained {what}")
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    return out
+
+
 def _train_on_public(
     task, model, dataset, schedule: dict, *, progress: bool, what: str, after_step: ProgressCallback | None = None
 ):
@@ -168,11 +178,7 @@ def pretrain_image_model(
     ``balance_classes`` (labelled public sets only) draws the same number of images in as many
     steps, every class equally often (``class_balanced_draws``).
     """
-    out = Path(out)
-    if out.exists():
-        raise FedgenError(f"{out} already exists; choose a new folder for the pretrained model")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    out = _new_output(out, "model", epochs=epochs, batch_size=batch_size, lr=lr)
     if not 0 <= ema_decay < 1:
         raise FedgenError(f"ema decay must be in [0, 1), got {ema_decay}")
     data = read_public_images(public, config.data.image_classes)
@@ -248,11 +254,7 @@ def pretrain_text_adapter(
     """
     from fedgen.models.text import encode_examples, save_adapter  # transformers: text runs only
 
-    out = Path(out)
-    if out.exists():
-        raise FedgenError(f"{out} already exists; choose a new folder for the pretrained adapter")
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise FedgenError(f"epochs ({epochs}) and batch size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    out = _new_output(out, "adapter", epochs=epochs, batch_size=batch_size, lr=lr)
     notes = load_site(public, config.data, modalities=("text",))
     names = config.data.text_classes
     config = config.model_copy(update={"text": recorded_base_model(config.text)})  # the record names its base
