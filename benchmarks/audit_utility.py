@@ -29,7 +29,7 @@ from benchmarks.privacy_utility import classifier_scores, pooled_heldout
 from fedgen.audits.features import train_feature_net
 from fedgen.audits.gate import _utility_checks, load_policy
 from fedgen.audits.pooling import _utility
-from fedgen.audits.utility import image_utility
+from fedgen.audits.utility import image_utility, site_seed
 from fedgen.config import load_config
 from fedgen.data.check import classes_from_sites, site_folders
 from fedgen.data.site import image_splits, load_site
@@ -73,7 +73,10 @@ def main() -> None:
             site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
         )
         net = train_feature_net(
-            *train.tensors, num_classes=len(classes), trained_on=f"{site.name} real train split", seed=config.seed
+            *train.tensors,
+            num_classes=len(classes),
+            trained_on=f"{site.name} real train split",
+            seed=site_seed(config.seed, site.name),
         )
         splits.append((site.name, train.tensors, test.tensors, net))  # the real-trained classifier, once per site
     train, test = pooled_heldout(sites, config, "image")
@@ -86,8 +89,8 @@ def main() -> None:
     policy = load_policy().utility
     for name, synthetic in stand_ins(*train, len(classes)).items():
         answers = [
-            {"site": site, "utility": image_utility(tr, te, synthetic, class_names=classes, seed=config.seed,
-                                                    configurations=("real", "synthetic"), real_net=net)}
+            {"site": site, "utility": image_utility(tr, te, synthetic, class_names=classes, real_net=net,
+                                                    seed=site_seed(config.seed, site), configurations=("real", "synthetic"))}
             for site, tr, te, net in splits
         ]  # fmt: skip
         pooled = _utility(answers)

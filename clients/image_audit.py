@@ -16,7 +16,7 @@ from fedgen.audits.features import FeatureExtractor, FeatureNet, classify, extra
 from fedgen.audits.fidelity import NEAR_COPY_ANSWER, class_fidelity, near_copy_count, nearest_real_similarity
 from fedgen.audits.mia import image_loss_scores, image_pia_scores
 from fedgen.audits.site_answers import Scores, attack_summaries
-from fedgen.audits.utility import image_utility
+from fedgen.audits.utility import image_utility, site_seed
 from fedgen.data.site import SiteData
 from fedgen.modalities import Modality
 from fedgen.privacy.plan import privacy_facts
@@ -64,10 +64,11 @@ def image_site_audit(
     """
     config = modality.config
     classes = config.data.image_classes
+    seed = site_seed(config.seed, site.name)
     train, heldout = (split.tensors for split in modality.datasets(site))
     synthetic, synthetic_labels = synthetic
     scores = _image_scores(modality, unet, [train, heldout])
-    net, net_record = site_feature_net(train, heldout, site=site.name, class_names=classes, seed=config.seed)
+    net, net_record = site_feature_net(train, heldout, site=site.name, class_names=classes, seed=seed)
     extractor = net if inception is None else inception
     real, real_labels = torch.cat([train[0], heldout[0]]), torch.cat([train[1], heldout[1]])
     real_features = extract_features(extractor, real)
@@ -83,7 +84,7 @@ def image_site_audit(
         "fidelity": {
             "extractor": net_record if inception is None else {},
             "per_class": class_fidelity(
-                real_features, real_labels, synthetic_features, synthetic_labels, class_names=classes, seed=config.seed
+                real_features, real_labels, synthetic_features, synthetic_labels, class_names=classes, seed=seed
             ),
             "similarity": nearest_real_similarity(synthetic, synthetic_labels, real, real_labels),
         },
@@ -93,7 +94,7 @@ def image_site_audit(
             "n_synthetic": copies["n_synthetic"],
         },
         "utility": image_utility(
-            train, heldout, (synthetic, synthetic_labels), class_names=classes, seed=config.seed, real_net=net
+            train, heldout, (synthetic, synthetic_labels), class_names=classes, seed=seed, real_net=net
         ),
     }
     return result

@@ -6,7 +6,15 @@ import torch
 
 from fedgen.audits.gate import _utility_checks, load_policy
 from fedgen.audits.pooling import _utility
-from fedgen.audits.utility import CONFIGURATIONS, competence, image_utility, pool_utility, smote_balance, text_utility
+from fedgen.audits.utility import (
+    CONFIGURATIONS,
+    competence,
+    image_utility,
+    pool_utility,
+    site_seed,
+    smote_balance,
+    text_utility,
+)
 from fedgen.errors import FedgenError
 from tests.test_fidelity import ANXIOUS, CALM, QUADRANTS, bright_dark, corpus, one_torch_thread, quadrants  # noqa: F401 (fixture)
 
@@ -60,6 +68,13 @@ def test_image_utility_trains_only_the_configurations_asked_for():
     train, test = bright_dark(60, seed=1), bright_dark(40, seed=2)
     result = image_utility(train, test, train, class_names=CLASSES, max_steps=2, configurations=("synthetic",))
     assert set(result["configurations"]) == set(result["reference"]["configurations"]) == {"synthetic"}
+
+
+def test_each_site_seeds_its_classifiers_apart_and_every_audit_of_it_alike():
+    seeds = [site_seed(0, f"site-{i}") for i in range(1, 4)]
+    assert len(set(seeds)) == 3
+    assert seeds[0] == site_seed(0, "site-1") != site_seed(1, "site-1")
+    assert all(0 <= seed < 2**31 for seed in seeds)
 
 
 def test_image_utility_refuses_mismatched_synthetic_images():
