@@ -56,7 +56,7 @@ NOTES = [("Anxiety" if i % 2 else "Depression", f"Reports {SYMPTOMS[i % 10]} for
 NOTES.insert(7, ("Stress", CANARY.format(SECRET)))  # the only Stress note: the model can learn it by heart
 # A random base's lm_head cannot make confident predictions, so LoRA has to reach it to learn.
 MEMORISE = TINY.model_copy(update={"target_modules": ["q_proj", "v_proj", "lm_head"]})
-MEMORISE_STEPS = 200
+MEMORISE_STEPS = 300
 MEMORISE_LR = 1e-2
 
 
@@ -368,7 +368,7 @@ def test_fine_tuning_without_dp_memorises_the_canary(memorised):
     _, _, before, after = memorised
     # Before training the secret makes no difference (measured ratio 0.99-1.0) ...
     assert (before[0] / before[1:]).min() > 0.9
-    # ... after 200 steps the seen canary's loss is ~0.1 nats/token, never-seen secrets' 3.5-5.5
+    # ... after 300 steps the seen canary's loss is under ~0.1 nats/token, never-seen secrets' 3.5-5.5
     # (ratio 0.02-0.03). 0.5 leaves a wide margin yet fails if the note is not trained on (loss
     # mask, frozen adapters, lost updates): those leave the ratio near 1.
     assert after[0] < 0.5 * after[1:].min()
