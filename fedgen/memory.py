@@ -22,12 +22,13 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 2**30
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc's thresholds in this process; False where the C library is not glibc (no-op)."""
+def keep_freed_memory() -> None:
+    """Set glibc's thresholds for this process's allocations from now on; nothing elsewhere."""
     if not sys.platform.startswith("linux"):
-        return False
+        return
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
