@@ -8,13 +8,13 @@ and for images FID in the same feature space. Synthetic data well below this rat
 the public domain; above it, the sites' fine-tuning taught the model something the public set
 lacks.
 
-    python -m benchmarks.public_ceiling PUBLIC_DIR SITES_DIR [--per-class 192]
+    python -m benchmarks.public_ceiling PUBLIC_DIR SITES_DIR [--per-class 192] [--run RUN ...]
     python -m benchmarks.public_ceiling PUBLIC_NOTES_DIR SITES_DIR --modality text [--per-class 20] [--run RUN ...]
 
 Text: public notes (a folder with texts.jsonl, as ``fedgen demo-public --notes``) against the
 sites' notes, TF-IDF + logistic regression as the audit scores notes, macro-F1 ratio; the
 default 20 a class is what ``fedgen generate --per-class 20`` writes, averaged over draws.
-``--run`` scores a run's synthetic notes beside them the same way.
+``--run`` scores a run's synthetic images or notes beside them the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from fedgen.audits.utility import text_utility
 from fedgen.config import load_config
 from fedgen.data.check import site_folders
 from fedgen.data.site import load_images, load_site
+from fedgen.generate import synthetic_image_files
 from fedgen.pretrain import read_public_images
 
 
@@ -84,6 +85,23 @@ def synthetic_notes_score(run_dir: Path, real: tuple, config) -> str:
     return f"{run.root.name}: {len(texts)} synthetic notes: macro-F1 ratio {synthetic_f1 / real_f1:.3f} (one draw)"
 
 
+def synthetic_images_score(run_dir: Path, real, config, seeds: int) -> str:
+    """The utility ratio and FID of a run's synthetic images, scored as the public ones."""
+    classes = config.data.image_classes
+    paths, labels = synthetic_image_files(RunDir(run_dir), classes)
+    images = load_images(paths, resolution=config.image.resolution, channels=config.image.channels)
+    scores = synthetic_image_scores(real, (images, torch.tensor(labels)), classes, seeds=seeds)
+    return f"{run_dir.name}: {len(paths)} synthetic images: {_image_line(scores)}"
+
+
+def _image_line(scores: dict) -> str:
+    return (
+        f"real-trained {scores['real_accuracy']:.3f}, trained on these {scores['synthetic_accuracy']:.3f} "
+        f"(sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), ratio {scores['ratio']:.2f}, "
+        f"FID {scores['fid']:.1f} (held-out n = {scores['n_test']})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -99,7 +117,14 @@ def main() -> None:
         help="public records per class (default: images 192, the benchmark's synthetic count; notes 20)",
     )
     parser.add_argument(
-        "--run", type=Path, action="append", default=[], help="text: also score this run's synthetic notes (repeatable)"
+        "--run",
+        type=Path,
+        action="append",
+        default=[],
+        help="also score this run's synthetic images or notes (repeatable)",
+    )
+    parser.add_argument(
+        "--classifier-seeds", type=int, default=CLASSIFIER_SEEDS, help="images: utility CNNs averaged per score"
     )
     args = parser.parse_args()
     config = load_config(args.config)
@@ -119,13 +144,11 @@ def main() -> None:
     pixels = load_images(
         [public.paths[i] for i in picked], resolution=config.image.resolution, channels=config.image.channels
     )
-    real = RealSides(site_folders(args.sites), CLASSIFIER_SEEDS)(config, "image")
-    scores = synthetic_image_scores(real, (pixels, labels[picked]), classes, seeds=CLASSIFIER_SEEDS)
-    print(
-        f"{len(picked)} public images: real-trained {scores['real_accuracy']:.3f}, public-trained "
-        f"{scores['synthetic_accuracy']:.3f} (sd {scores['synthetic_accuracy_sd']:.3f}; {scores['classifier']}), "
-        f"ratio {scores['ratio']:.2f}, FID {scores['fid']:.1f} (held-out n = {scores['n_test']})"
-    )
+    real = RealSides(site_folders(args.sites), args.classifier_seeds)(config, "image")
+    scores = synthetic_image_scores(real, (pixels, labels[picked]), classes, seeds=args.classifier_seeds)
+    print(f"{len(picked)} public images: {_image_line(scores)}")
+    for run in args.run:
+        print(synthetic_images_score(run, real, config, args.classifier_seeds))
 
 
 if __name__ == "__main__":
