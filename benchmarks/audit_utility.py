@@ -25,14 +25,13 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from benchmarks.privacy_utility import classifier_scores, pooled_heldout
+from benchmarks.privacy_utility import classifier_scores, pooled_heldout, site_image_splits
 from fedgen.audits.features import train_feature_net
 from fedgen.audits.gate import _utility_checks, load_policy
 from fedgen.audits.pooling import _utility
 from fedgen.audits.utility import image_utility, site_seed
 from fedgen.config import load_config
 from fedgen.data.check import classes_from_sites, site_folders
-from fedgen.data.site import image_splits, load_site
 
 
 def stand_ins(images: torch.Tensor, labels: torch.Tensor, classes: int) -> dict:
@@ -67,18 +66,11 @@ def main() -> None:
     config = classes_from_sites(load_config(args.config, {"modality": "image", "federation.sites": len(sites)}), sites)
     classes = config.data.image_classes
     splits = []
-    for root in sites:
-        site = load_site(root, config.data, modalities=("image",), channels=config.image.channels)
-        train, test = image_splits(
-            site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
-        )
+    for name, train, test in site_image_splits(sites, config):
         net = train_feature_net(
-            *train.tensors,
-            num_classes=len(classes),
-            trained_on=f"{site.name} real train split",
-            seed=site_seed(config.seed, site.name),
+            *train, num_classes=len(classes), trained_on=f"{name} real train split", seed=site_seed(config.seed, name)
         )
-        splits.append((site.name, train.tensors, test.tensors, net))  # the real-trained classifier, once per site
+        splits.append((name, train, test, net))  # the real-trained classifier, once per site
     train, test = pooled_heldout(sites, config, "image")
     bench = [s["accuracy"] for s in classifier_scores(train, test, train, classes, seeds=args.seeds)]
     print(f"{len(sites)} sites, {len(train[1])} train / {len(test[1])} held-out images, {len(classes)} classes")

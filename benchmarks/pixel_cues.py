@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.privacy_utility import site_image_splits
 from fedgen.artifacts import RunDir
 from fedgen.audits.inputs import load_synthetic_images
 from fedgen.audits.utility import _reference_scores
 from fedgen.data.check import site_folders
-from fedgen.data.site import image_splits, load_site
 from fedgen.models.diffusion import sample_images
 from fedgen.models.pretrained import load_pretrained
 
@@ -73,13 +73,9 @@ def main() -> None:
     classes = config.data.image_classes
     print("class brightness offsets, in the order " + ", ".join(classes))
     sites = []
-    for root in site_folders(args.sites):
-        site = load_site(root, config.data, modalities=("image",), channels=config.image.channels)
-        train, test = image_splits(
-            site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
-        )
-        sites.append((train.tensors, test.tensors, class_offsets(*train.tensors, len(classes))))
-        print(f"{site.name} real train images: " + "  ".join(f"{o:+.3f}" for o in sites[-1][2]))
+    for name, train, test in site_image_splits(site_folders(args.sites), config):
+        sites.append((train, test, class_offsets(*train, len(classes))))
+        print(f"{name} real train images: " + "  ".join(f"{o:+.3f}" for o in sites[-1][2]))
     sets = {"synthetic": load_synthetic_images(run, config)}
     if args.checkpoint:
         unet = load_pretrained(args.checkpoint, config.image, classes)

@@ -57,23 +57,27 @@ from fedgen.pretrain import create_run, pretrain_image_model  # noqa: E402
 from fedgen.simulations.engine import check_sites, simulate  # noqa: E402
 
 
+def site_image_splits(sites, config):
+    """(site name, train, held-out) of every site, each split an (images, labels) pair."""
+    for root in sites:
+        site = load_site(root, config.data, modalities=("image",), channels=config.image.channels)
+        train, test = image_splits(
+            site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
+        )
+        yield site.name, train.tensors, test.tensors
+
+
 def pooled_heldout(sites, config, modality):
     """(train, held-out) of every site concatenated, in the shape the utility functions take."""
+    if modality == "image":
+        splits = list(site_image_splits(sites, config))
+        join = lambda parts: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))  # noqa: E731
+        return join([train for _, train, _ in splits]), join([test for _, _, test in splits])
     trains, tests = [], []
     for root in sites:
-        site = load_site(root, config.data, modalities=(modality,), channels=config.image.channels)
-        if modality == "image":
-            tr, te = image_splits(
-                site, resolution=config.image.resolution, channels=config.image.channels, seed=config.data.split_seed
-            )
-            trains.append(tr.tensors), tests.append(te.tensors)
-        else:
-            tr, te = text_splits(site, seed=config.data.split_seed)
-            trains.append(tr), tests.append(te)
-    if modality == "image":
-        join = lambda parts: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))  # noqa: E731
-    else:
-        join = lambda parts: ([t for p in parts for t, _ in p], [y for p in parts for _, y in p])  # noqa: E731
+        tr, te = text_splits(load_site(root, config.data, modalities=("text",)), seed=config.data.split_seed)
+        trains.append(tr), tests.append(te)
+    join = lambda parts: ([t for p in parts for t, _ in p], [y for p in parts for _, y in p])  # noqa: E731
     return join(trains), join(tests)
 
 
