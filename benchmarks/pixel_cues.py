@@ -51,14 +51,16 @@ def with_offsets(synthetic, offsets: np.ndarray):
     return images + inside * torch.as_tensor(shift, dtype=images.dtype)[labels].view(-1, 1, 1, 1), labels
 
 
+def reference_f1(data, test, classes) -> float:
+    """Macro-F1 on ``test`` of the audit's reference trained on ``data``."""
+    return _reference_scores(data, test, class_names=classes, seed=0)["macro_f1"]
+
+
 def reference_ratio(sites, synthetic_for_site, classes) -> float:
     """The pooled reference ratio, the synthetic set chosen per site by ``synthetic_for_site``."""
-    real, synthetic, weights = [], [], []
-    for train, test, offsets in sites:
-        real.append(_reference_scores(train, test, class_names=classes, seed=0)["macro_f1"])
-        data = synthetic_for_site(offsets)
-        synthetic.append(_reference_scores(data, test, class_names=classes, seed=0)["macro_f1"])
-        weights.append(len(test[1]))
+    synthetic = [reference_f1(synthetic_for_site(site["offsets"]), site["test"], classes) for site in sites]
+    weights = [len(site["test"][1]) for site in sites]
+    real = [site["real_f1"] for site in sites]
     return float(np.average(synthetic, weights=weights) / np.average(real, weights=weights))
 
 
@@ -74,8 +76,9 @@ def main() -> None:
     print("class brightness offsets, in the order " + ", ".join(classes))
     sites = []
     for name, train, test in site_image_splits(site_folders(args.sites), config):
-        sites.append((train, test, class_offsets(*train, len(classes))))
-        print(f"{name} real train images: " + "  ".join(f"{o:+.3f}" for o in sites[-1][2]))
+        offsets = class_offsets(*train, len(classes))
+        sites.append({"test": test, "offsets": offsets, "real_f1": reference_f1(train, test, classes)})
+        print(f"{name} real train images: " + "  ".join(f"{o:+.3f}" for o in offsets))
     sets = {"synthetic": load_synthetic_images(run, config)}
     if args.checkpoint:
         unet = load_pretrained(args.checkpoint, config.image, classes)
