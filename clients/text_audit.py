@@ -55,22 +55,28 @@ WORD_PATTERN = re.compile(r"\w+")
 
 @torch.no_grad()
 def text_note_logprobs(model, dataset: TensorDataset) -> list[np.ndarray]:
-    """Per example, the log-probs of the note's tokens (those under its loss mask)."""
+    """Per example, the log-probs of the note's tokens (those under its loss mask). A fourth
+    tensor in ``dataset`` holds the frozen lower layers' outputs (``Modality.training_set``)."""
     model.eval()
     out = []
     for start in range(0, len(dataset), TEXT_SCORE_BATCH):
-        input_ids, attention_mask, loss_mask = dataset[start : start + TEXT_SCORE_BATCH]
-        logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask)
+        input_ids, attention_mask, loss_mask, *lower_states = dataset[start : start + TEXT_SCORE_BATCH]
+        logprobs = token_logprobs(model, input_ids, attention_mask, loss_mask, *lower_states)
         out += [row[mask.bool()].double().numpy() for row, mask in zip(logprobs, loss_mask)]
     return out
 
 
 def text_member_scores(modality: Modality, site: SiteData, model) -> Scores:
-    """Loss, zlib and min-k scores of the site's train (members) and held-out (non-members) notes."""
+    """Loss, zlib and min-k scores of the site's train (members) and held-out (non-members) notes.
+
+    The members' frozen lower-layer outputs come from the site's training cache
+    (``Modality.training_set``): the values running those layers again would give, not computed
+    a second time."""
     records = text_splits(site, seed=modality.config.data.split_seed)
+    train_set, heldout_set = modality.datasets(site)
     per_split = [
         text_attack_scores(text_note_logprobs(model, dataset), [text for text, _ in split])
-        for dataset, split in zip(modality.datasets(site), records)
+        for dataset, split in zip((modality.training_set(model, train_set), heldout_set), records)
     ]
     return {name: (per_split[0][name], per_split[1][name]) for name in TEXT_ATTACKS}
 

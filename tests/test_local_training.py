@@ -8,6 +8,7 @@ from torch.utils.data import TensorDataset
 
 from fedgen.clients import local
 from fedgen.clients.local import BudgetExhausted, train_site
+from fedgen.clients.text_audit import text_member_scores, text_note_logprobs
 from fedgen.config import load_config
 from fedgen.data.demo import make_demo_consortium
 from fedgen.data.site import load_site
@@ -119,3 +120,26 @@ def test_a_site_keeps_the_frozen_layers_outputs_for_its_next_rounds(site_dir, tm
     assert len(with_states.tensors) == 4 and with_states.tensors[3].shape[:2] == train.tensors[0].shape
     with pytest.raises(AssertionError, match="ran again"):  # other notes: other states
         task.training_set(model, TensorDataset(*(t[1:] for t in train.tensors)))
+
+
+def test_the_text_audit_scores_members_from_that_cache_as_if_every_layer_ran(site_dir, tmp_path, monkeypatch):
+    config = load_config(None, {**TINY, "modality": "text", "text.tiny_layers": 3, "text.lora_layers": 1})
+    site = load_site(site_dir, config.data, modalities=("text",))
+    task = TextModality(config, work_dir=tmp_path)
+    model = task.build_model()
+    with torch.no_grad():  # adapters away from their zero start, so the upper layers matter
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    train, heldout = task.datasets(site)
+    every_layer = [text_note_logprobs(model, split) for split in (train, heldout)]
+    task.training_set(model, train)  # what the site's training rounds leave in its state folder
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the frozen layers ran again")
+
+    monkeypatch.setattr("fedgen.models.text.frozen_states", recompute)
+    scores = text_member_scores(task, site, model)
+    for split, logprobs in enumerate(every_layer):
+        expected = [lp.mean() for lp in logprobs]
+        assert scores["loss"][split] == pytest.approx(expected, rel=1e-5)
