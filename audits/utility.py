@@ -193,10 +193,11 @@ def image_utility(
     for name, (data, smote) in _training_sets(real_train, synthetic, _concat_images).items():
         if name not in configurations:
             continue
-        images, labels = _smote_images(data, seed=seed) if smote else data
+        images, labels = data
         net = real_net if name == "real" and real_net is not None else train_feature_net(
             images, labels, num_classes=len(class_names), trained_on=f"{name} utility set", seed=seed,
             max_steps=max_steps, batch_size=UTILITY_BATCH_SIZE,
+            oversample=(lambda x, y: _smote_images((x, y), seed=seed)) if smote else None,
         )  # fmt: skip
         predicted = classify(net, real_test[0])
         results[name] = _scores(

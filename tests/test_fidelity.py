@@ -124,6 +124,22 @@ def test_training_stops_when_the_validation_loss_stops_falling_and_keeps_the_bes
     assert fixed.training_record == {"steps": 7, "kept_step": 7, "validation_accuracy": None, "n_validation": 0}
 
 
+def test_oversampling_rebalances_the_records_that_train_never_the_validation_ones():
+    """SMOTE applied before the split would put interpolations of training records among the
+    validation ones: a validation loss that falls as long as the net fits its training set."""
+    images = torch.arange(40.0)[:, None, None, None].expand(40, 1, 8, 8).contiguous()
+    labels = torch.arange(40) % 2
+    received = []
+
+    def oversample(x, y):
+        received.append(x[:, 0, 0, 0].tolist())
+        return torch.cat([x, x]), torch.cat([y, y])
+
+    net = train_feature_net(images, labels, num_classes=2, trained_on="x", max_steps=3, seed=0, oversample=oversample)
+    assert net.training_record["n_validation"] == 8
+    assert len(received) == 1 and len(set(received[0])) == 32  # the 32 records that train, each once
+
+
 class LinearDetector(nn.Module):
     """The call signature of inception-2015-12-05.pt (uint8 [N, 3, H, W] -> [N, 2048]) with a
     linear body: each channel's mean pixel value times a fixed [3, 2048] matrix."""
