@@ -15,7 +15,7 @@ $FEDGEN demo-data "$RUN-sites" --sites 3 --seed 0 --different-people
 $FEDGEN data check "$RUN-sites/site-1"
 $FEDGEN simulate --sites-dir "$RUN-sites" --config scripts/demo.toml --modality both --epsilon 10 --run-id "$RUN_ID"
 $FEDGEN generate "$RUN" --modality image --per-class 128
-$FEDGEN generate "$RUN" --modality text --per-class 40
+$FEDGEN generate "$RUN" --modality text --per-class 20
 $FEDGEN audit "$RUN"
 status=0
 $FEDGEN release "$RUN" || status=$?
