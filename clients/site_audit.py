@@ -13,7 +13,8 @@ image leaves the site.
 The site's policy (fedgen.site_policy) decides which queries it answers and how often: each
 query about one trained model (identified by its digest) is answered at most
 ``audit_answers`` times, counted in SITE_DIR/.fedgen/audit-answers.json before the answer is
-computed (a failed answer counts too). Memorisation counts are given on one synthetic set per
+computed (a failed answer counts too; queries that arrive together are counted one after
+the other, under a lock). Memorisation counts are given on one synthetic set per
 model only (the first the site was asked about) and only when it holds at least
 ``MIN_SYNTHETIC_ITEMS`` items, so they cannot be used to test candidate records one at a time.
 The reply names the digest of the synthetic set it counted on.
@@ -21,8 +22,10 @@ The reply names the digest of the synthetic set it counted on.
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -113,21 +116,36 @@ def _count_answer(
             f"{MIN_SYNTHETIC_ITEMS} (generate more)"
         )
     path = work_dir / ANSWERS_FILE
-    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"answers": {}, "synthetic": {}}
-    key = f"{model}/{modality}"
-    answered = record["answers"].get(f"{key}/{query}", 0)
-    if answered >= policy.audit_answers:
-        raise FedgenError(
-            f"refuses to answer the {modality} {query} query again: it answered it {answered} time(s) "
-            f"about this model (audit_answers = {policy.audit_answers})"
-        )
-    if record["synthetic"].setdefault(key, synthetic) != synthetic:
-        raise FedgenError(
-            f"refuses a second synthetic {modality} set for this model: it counts memorisation on the "
-            "first set it was asked about only"
-        )
-    record["answers"][f"{key}/{query}"] = answered + 1
-    write_json(path, record)
+    with _locked(path.with_name(ANSWERS_FILE + ".lock")):
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"answers": {}, "synthetic": {}}
+        key = f"{model}/{modality}"
+        answered = record["answers"].get(f"{key}/{query}", 0)
+        if answered >= policy.audit_answers:
+            raise FedgenError(
+                f"refuses to answer the {modality} {query} query again: it answered it {answered} time(s) "
+                f"about this model (audit_answers = {policy.audit_answers})"
+            )
+        if record["synthetic"].setdefault(key, synthetic) != synthetic:
+            raise FedgenError(
+                f"refuses a second synthetic {modality} set for this model: it counts memorisation on the "
+                "first set it was asked about only"
+            )
+        record["answers"][f"{key}/{query}"] = answered + 1
+        write_json(path, record)
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if absent): queries answered at once, in
+    threads or processes, read and count the answers one after the other, so that concurrent
+    queries cannot all read the same count and all be answered past the policy."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _site_audit(modality: Modality, site: SiteData, model, content: RecordDict) -> dict:

@@ -140,3 +140,39 @@ def test_client_flags_reach_the_clientapp_in_the_node_config(tmp_path):
         "audit_answers": 1,
     }
     assert policy_from_settings(node_config) == SitePolicy(require_dp=False, min_noise_multiplier=0.25, audit_answers=1)
+
+
+def test_queries_that_arrive_together_are_answered_no_more_often_than_the_policy_allows(tmp_path, monkeypatch):
+    """Each query reads the answer count, then writes it: without a lock, queries sent at once all
+    read 0 and are all answered. Writes are slowed here so that they overlap."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from fedgen.clients import site_audit
+
+    write = site_audit.write_json
+
+    def slow_write(path, record):
+        time.sleep(0.05)
+        write(path, record)
+
+    monkeypatch.setattr(site_audit, "write_json", slow_write)
+    site = SimpleNamespace(policy=SitePolicy(audit_answers=2))
+    outcomes = []
+
+    def ask():
+        try:
+            site_audit._count_answer(
+                site, tmp_path, modality="text", query="audit", model="m", synthetic="s", n_synthetic=100
+            )
+            outcomes.append("answered")
+        except FedgenError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["answered"] * 2 + ["refused"] * 6
