@@ -12,7 +12,6 @@ coordinator submits it with ``fedgen audit RUN --deployment``).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -57,9 +56,7 @@ def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
     return nodes
 
 
-def _collect_replies(
-    grid: Grid, messages: list[Message], *, timeout: float, what: str, progress: bool
-) -> list[Message]:
+def _collect_replies(grid: Grid, messages: list[Message], *, timeout: float, progress: bool) -> list[Message]:
     """The replies that came within ``timeout``, saying (when ``progress``) each site's answer
     as it comes and, in a long wait, every ``WAIT_NOTICE_SECONDS`` how many are still out: a
     site audit takes minutes and a log would otherwise show nothing between question and result."""
@@ -71,63 +68,77 @@ def _collect_replies(
         for reply in grid.pull_messages(waiting):
             waiting.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
-            who = "a site failed" if reply.has_error() else f"{unpack_reply(reply.content)['site']} answered"
-            say(progress, f"{what}: {who} ({len(replies)} of {len(messages)}, {clock(time.monotonic() - start)})")
+            answer = None if reply.has_error() else unpack_reply(reply.content)
+            who = "a site failed" if answer is None else f"{answer['site']} answered the {answer['modality']} audit"
+            say(progress, f"{who} ({len(replies)} of {len(messages)}, {clock(time.monotonic() - start)})")
         if not waiting:
             break
         if time.monotonic() >= next_notice:
             elapsed = clock(time.monotonic() - start)
-            say(progress, f"{what}: waiting for {len(waiting)} of {len(messages)} sites ({elapsed})")
+            say(progress, f"waiting for {len(waiting)} of {len(messages)} answers ({elapsed})")
             next_notice += WAIT_NOTICE_SECONDS
         time.sleep(NODE_POLL_SECONDS)
     return replies
 
 
-def _ask(
-    grid: Grid, nodes: Sequence[int], content: RecordDict, *, timeout: float, what: str, progress: bool = False
-) -> list[dict]:
-    messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
-    replies = _collect_replies(grid, messages, timeout=timeout, what=what, progress=progress)
-    failed = [r for r in replies if r.has_error()]
-    if failed:
-        raise FedgenError(f"a site could not answer the {what}: {error_line(failed[0].error.reason)}")
-    if len(replies) < len(nodes):
-        raise FedgenError(
-            f"{len(nodes) - len(replies)} of {len(nodes)} sites did not answer the {what} within {timeout:.0f} s"
-        )
-    answers = sorted((unpack_reply(r.content) for r in replies), key=lambda r: r["site"])
-    names = [answer["site"] for answer in answers]
+def _query(inputs: AuditInputs, name: str) -> RecordDict:
+    config = inputs.config
+    return make_query(
+        config,
+        name,
+        QUERY_AUDIT,
+        model_state=inputs.model_states[name],
+        synthetic_images=inputs.synthetic_images if name == "image" else None,
+        synthetic_texts=inputs.synthetic_texts if name == "text" else None,
+        inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
+    )
+
+
+def _modality_answers(answers: list[dict], name: str, query: RecordDict, *, sites: int) -> list[dict]:
+    """The ``name`` audit's answers, one per site, sorted by site name, on the synthetic data sent."""
+    mine = sorted((a for a in answers if a["modality"] == name), key=lambda a: a["site"])
+    names = [answer["site"] for answer in mine]
     if len(set(names)) < len(names):
-        raise FedgenError(f"two sites answered the {what} under one name: {names} (is a site folder served twice?)")
-    return answers
+        raise FedgenError(
+            f"two sites answered the {name} audit under one name: {names} (is a site folder served twice?)"
+        )
+    if len(mine) != sites:
+        raise FedgenError(f"{len(mine)} of {sites} sites answered the {name} audit")
+    sent = record_digest(query[SYNTHETIC_IMAGES if name == "image" else SYNTHETIC_TEXTS])
+    other = [a["site"] for a in mine if a["synthetic_digest"] != sent]
+    if other:
+        raise FedgenError(f"{', '.join(other)} answered the {name} audit on other synthetic data than was sent")
+    return mine
 
 
 def audit_sites(
     grid: Grid, inputs: AuditInputs, *, expected_sites: int, progress: bool = False
 ) -> dict[str, list[dict]]:
-    """Per modality, every site's answers (sorted by site name)."""
+    """Per modality, every site's answers (sorted by site name).
+
+    Every modality's query goes out at once: a site that has answered one starts on the next
+    while slower sites are still busy, where asking one modality after the other would leave
+    it idle until the slowest site had answered."""
     config = inputs.config
     nodes = _wait_for_nodes(grid, expected_sites)
     timeout = config.federation.round_timeout
-    answers = {}
-    for name in config.modalities:
-        state = inputs.model_states[name]
-        say(progress, f"{name}: asking {len(nodes)} sites")
-        audit = make_query(
-            config,
-            name,
-            QUERY_AUDIT,
-            model_state=state,
-            synthetic_images=inputs.synthetic_images if name == "image" else None,
-            synthetic_texts=inputs.synthetic_texts if name == "text" else None,
-            inception=inputs.inception.path if name == "image" and inputs.inception is not None else None,
+    queries = {name: _query(inputs, name) for name in config.modalities}
+    say(progress, f"{' and '.join(queries)}: asking {len(nodes)} sites")
+    messages = [
+        Message(content=query, dst_node_id=node, message_type=MessageType.QUERY)
+        for query in queries.values()
+        for node in nodes
+    ]
+    replies = _collect_replies(grid, messages, timeout=timeout, progress=progress)
+    failed = [r for r in replies if r.has_error()]
+    if failed:
+        raise FedgenError(f"a site could not answer the audit: {error_line(failed[0].error.reason)}")
+    if len(replies) < len(messages):
+        raise FedgenError(
+            f"{len(messages) - len(replies)} of {len(messages)} audit answers did not come within {timeout:.0f} s"
         )
-        sent = record_digest(audit[SYNTHETIC_IMAGES if name == "image" else SYNTHETIC_TEXTS])
-        answers[name] = _ask(grid, nodes, audit, timeout=timeout, what=f"{name} audit", progress=progress)
-        other = [a["site"] for a in answers[name] if a["synthetic_digest"] != sent]
-        if other:
-            raise FedgenError(f"{', '.join(other)} answered the {name} audit on other synthetic data than was sent")
-    return answers
+    answers = [unpack_reply(r.content) for r in replies]
+    return {name: _modality_answers(answers, name, query, sites=len(nodes)) for name, query in queries.items()}
 
 
 def audit_report(
