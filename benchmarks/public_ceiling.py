@@ -27,12 +27,11 @@ import torch
 
 from benchmarks.privacy_utility import CLASSIFIER_SEEDS, RealSides, pooled_heldout, synthetic_image_scores
 from fedgen.artifacts import RunDir
-from fedgen.audits.inputs import load_synthetic_texts
+from fedgen.audits.inputs import load_synthetic_images, load_synthetic_texts
 from fedgen.audits.utility import text_utility
 from fedgen.config import load_config
 from fedgen.data.check import site_folders
 from fedgen.data.site import load_images, load_site
-from fedgen.generate import synthetic_image_files
 from fedgen.pretrain import read_public_images
 
 
@@ -87,11 +86,9 @@ def synthetic_notes_score(run_dir: Path, real: tuple, config) -> str:
 
 def synthetic_images_score(run_dir: Path, real, config, seeds: int) -> str:
     """The utility ratio and FID of a run's synthetic images, scored as the public ones."""
-    classes = config.data.image_classes
-    paths, labels = synthetic_image_files(RunDir(run_dir), classes)
-    images = load_images(paths, resolution=config.image.resolution, channels=config.image.channels)
-    scores = synthetic_image_scores(real, (images, torch.tensor(labels)), classes, seeds=seeds)
-    return f"{run_dir.name}: {len(paths)} synthetic images: {_image_line(scores)}"
+    synthetic = load_synthetic_images(RunDir(run_dir), config)
+    scores = synthetic_image_scores(real, synthetic, config.data.image_classes, seeds=seeds)
+    return f"{run_dir.name}: {len(synthetic[1])} synthetic images: {_image_line(scores)}"
 
 
 def _image_line(scores: dict) -> str:
