@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, TensorDataset
 from fedgen.config import RunConfig
 from fedgen.data.site import SiteData, image_splits, text_splits
 from fedgen.files import atomic_file
+from fedgen.logs import progress_bar
 
 __all__ = [
     "Modality",
@@ -101,8 +102,9 @@ class Modality(ABC):
     def datasets(self, site: SiteData) -> tuple[Dataset, Dataset]:
         """(train, held-out) splits of the site's records for this modality."""
 
-    def training_set(self, model: nn.Module, train_set: Dataset) -> Dataset:
-        """The train split as ``per_example_loss`` reads it for ``model`` (by default as is)."""
+    def training_set(self, model: nn.Module, train_set: Dataset, *, progress: bool = False) -> Dataset:
+        """The train split as ``per_example_loss`` reads it for ``model`` (by default as is);
+        ``progress`` shows any long preparation."""
         return train_set
 
     def reply_metrics(self, train_set: Dataset) -> dict[str, float]:
@@ -291,7 +293,7 @@ class TextModality(Modality):
             for split in splits
         )
 
-    def training_set(self, model, train_set):
+    def training_set(self, model, train_set, *, progress=False):
         """The train split with, per note, the output of the frozen layers below the lowest
         adapted one (``fedgen.models.text.frozen_states``): computed once and kept in the work
         folder (a site's own state folder) for the next rounds, keyed by the base model's files,
@@ -308,7 +310,8 @@ class TextModality(Modality):
         try:
             states = load_file(path)["states"]
         except (OSError, SafetensorError, KeyError):
-            states = frozen_states(model, train_set)
+            with progress_bar(progress, total=len(train_set), description="frozen layers", unit="notes") as advance:
+                states = frozen_states(model, train_set, advance=advance)
             _keep_only(path, {"states": states})
         return TensorDataset(*train_set.tensors, states)
 

@@ -268,7 +268,7 @@ def pretrain_text_adapter(
             prompts=task.prompts(),
             max_length=config.text.max_length,
         )
-        dataset = task.training_set(model, encoded)
+        dataset = task.training_set(model, encoded, progress=progress)
         schedule = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
         result = _train_on_public(task, model, dataset, schedule, progress=progress, what="notes")
     provenance = {

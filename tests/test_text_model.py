@@ -459,7 +459,9 @@ def test_cached_frozen_layers_give_the_same_losses_and_per_example_gradients(tmp
     model = with_random_adapter(add_lora(base, config))
     assert first_adapted_layer(model) == 2
     data = encode_examples(tokenizer, NOTES[:6], prompts=PROMPTS, max_length=64)
-    lower = frozen_states(model, data, batch_size=4)  # two batches, padded to different widths
+    advanced = []
+    lower = frozen_states(model, data, batch_size=4, advance=advanced.append)  # two batches, padded to different widths
+    assert advanced == [4, 2]
     assert lower.shape[:2] == data.tensors[0].shape
     assert lower[data.tensors[1] == 0].eq(0).all()
     batch = data.tensors[:3]  # a Poisson batch of rows 3 and 5: their states come with them

@@ -69,6 +69,7 @@ def pretrain(
     record.
     """
     from fedgen.config import load_config
+    from fedgen.logs import quiet_libraries
 
     if modality not in PRETRAIN_DEFAULTS:
         raise FedgenError(f"--modality {modality!r}: choose image or text")
@@ -81,6 +82,7 @@ def pretrain(
         "progress": True,
     }
     run_config = load_config(config)
+    quiet_libraries()
     if modality == "text":
         if ema_decay is not None or balance_classes:
             raise FedgenError("--ema-decay and --balance-classes are for images")

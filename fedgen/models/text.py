@@ -492,10 +492,13 @@ def _only_layers(backbone: nn.Module, layers: slice, *, final_norm: bool = True)
 
 
 @torch.no_grad()
-def frozen_states(model: nn.Module, dataset: TensorDataset, *, batch_size: int = 16) -> Tensor:
+def frozen_states(
+    model: nn.Module, dataset: TensorDataset, *, batch_size: int = 16, advance: Callable[[int], None] | None = None
+) -> Tensor:
     """The output of the decoder layers below the lowest adapted one for every example of
     ``dataset`` (``encode_examples``), [N, T, hidden], zero at padding positions: what
-    ``token_logprobs`` takes as ``lower_states`` in place of running those layers again."""
+    ``token_logprobs`` takes as ``lower_states`` in place of running those layers again.
+    ``advance(n)`` is called after each batch of ``n`` examples."""
     backbone, first = _backbone(model), first_adapted_layer(model)
     input_ids, attention_mask = dataset.tensors[:2]
     parts = []
@@ -504,6 +507,8 @@ def frozen_states(model: nn.Module, dataset: TensorDataset, *, batch_size: int =
             mask = attention_mask[start : start + batch_size]
             states = backbone(input_ids=input_ids[start : start + batch_size], attention_mask=mask).last_hidden_state
             parts.append(states * mask[..., None].to(states.dtype))
+            if advance is not None:
+                advance(len(mask))
     return torch.cat(parts)
 
 
