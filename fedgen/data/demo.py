@@ -144,7 +144,7 @@ def make_public_phantoms(
     return out
 
 
-def make_public_note_folder(out: str | Path, *, notes: int = 2000, seed: int = 1000) -> Path:
+def make_public_note_folder(out: str | Path, *, notes: int = 4000, seed: int = 1000) -> Path:
     """Write ``notes`` public teaching-case notes (``fedgen.data.public_notes``: worded apart
     from the demo sites' notes, no PHI) as ``out/texts.jsonl``, the layout of a site's notes."""
     out = Path(out)

@@ -108,7 +108,7 @@ SHIPPED: dict[str, dict] = {
         "recipe": "bash scripts/pretrain-phantoms.sh",
     },
     "public-notes-smollm2": {
-        "weights_sha256": "f3e674cf2f6be77ffe294da93af36da14b9060ff26167858070d0c6d126452ea",
+        "weights_sha256": "ec0ea62f4478b498b096480d7ff5390d117f0bb75b73b85ee067da12156d954d",
         "text_config": {
             "base_model": "smollm2-135m-instruct",
             "lora_rank": 8,
