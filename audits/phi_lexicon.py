@@ -209,7 +209,8 @@ def _english_words() -> set[str]:
     from english_words import get_english_words_set
 
     words = {fold(w) for w in get_english_words_set(["web2"], lower=False, alpha=True) if w.islower()}
-    return words | {fold(w) for w in MODERN_WORDS}
+    # web2 lists lemmas: "has", "does", "hers" only as stop words (which are never names here).
+    return words | {fold(w) for w in MODERN_WORDS} | _stop_words()
 
 
 def _common_words() -> set[str]:

@@ -228,6 +228,11 @@ def test_nationalities_and_drugs_are_not_names(analyzer, text):
     assert found(analyzer, text) == []
 
 
+def test_a_capitalised_function_word_before_a_clinical_verb_is_not_a_name(analyzer):
+    assert found(analyzer, "Reports feeling low. Has declined social invitations.") == []
+    assert found(analyzer, "Low mood. Teodora declined social invitations.") == [("PERSON", "Teodora")]
+
+
 def test_a_name_answering_a_question(analyzer):
     assert found(analyzer, "What's your last name? Okonjo") == [("PERSON", "Okonjo")]
 
