@@ -4,8 +4,7 @@
 # apart from the demo sites' notes, no PHI), then `fedgen pretrain --modality text` on the default
 # text settings (SmolLM2-135M-Instruct, q/v LoRA of rank 8 on the top 10 layers, the default class
 # prompt): 3 epochs of batch 16 = 750 steps, Adam 2e-3, seed 0, on two threads (the bytes depend
-# on the thread count and the CPU). About 40 minutes on an idle 2-core machine, a quarter of it
-# the one pass over the frozen lower layers.
+# on the thread count and the CPU). About 40 minutes on an idle 2-core machine.
 # Prints the adapter's SHA-256 and the record fedgen/models/pretrained.py keeps in SHIPPED; to
 # ship, copy OUT/public-notes-smollm2 to fedgen/checkpoints/ (0.6 MB of float32 weights).
 #   bash scripts/pretrain-notes.sh [OUT]      (default OUT: runs/pretrain-notes)

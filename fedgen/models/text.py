@@ -498,18 +498,24 @@ def frozen_states(
     """The output of the decoder layers below the lowest adapted one for every example of
     ``dataset`` (``encode_examples``), [N, T, hidden], zero at padding positions: what
     ``token_logprobs`` takes as ``lower_states`` in place of running those layers again.
-    ``advance(n)`` is called after each batch of ``n`` examples."""
+    The examples run in order of length, each batch cut to its longest row (right padding under
+    causal attention changes nothing before it); ``advance(n)`` is called after each batch of
+    ``n`` examples."""
     backbone, first = _backbone(model), first_adapted_layer(model)
     input_ids, attention_mask = dataset.tensors[:2]
-    parts = []
+    lengths = attention_mask.sum(dim=1)
+    states = None
     with _only_layers(backbone, slice(0, first), final_norm=False):
-        for start in range(0, len(input_ids), batch_size):
-            mask = attention_mask[start : start + batch_size]
-            states = backbone(input_ids=input_ids[start : start + batch_size], attention_mask=mask).last_hidden_state
-            parts.append(states * mask[..., None].to(states.dtype))
+        for rows in lengths.argsort().split(batch_size):
+            width = int(lengths[rows].max())
+            mask = attention_mask[rows, :width]
+            hidden = backbone(input_ids=input_ids[rows, :width], attention_mask=mask).last_hidden_state
+            if states is None:
+                states = hidden.new_zeros((*input_ids.shape, hidden.shape[-1]))
+            states[rows, :width] = hidden * mask[..., None].to(hidden.dtype)
             if advance is not None:
-                advance(len(mask))
-    return torch.cat(parts)
+                advance(len(rows))
+    return states
 
 
 def _last_hidden_state(
