@@ -56,19 +56,22 @@ def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
     return nodes
 
 
-def _collect_replies(grid: Grid, messages: list[Message], *, timeout: float, progress: bool) -> list[Message]:
-    """The replies that came within ``timeout``, saying (when ``progress``) each site's answer
-    as it comes and, in a long wait, every ``WAIT_NOTICE_SECONDS`` how many are still out: a
-    site audit takes minutes and a log would otherwise show nothing between question and result."""
+def _collect_replies(
+    grid: Grid, messages: list[Message], *, timeout: float, progress: bool
+) -> list[tuple[Message, dict | None]]:
+    """The replies that came within ``timeout``, each with its unpacked answer (None for an
+    error), saying (when ``progress``) each site's answer as it comes and, in a long wait, every
+    ``WAIT_NOTICE_SECONDS`` how many are still out: a site audit takes minutes and a log would
+    otherwise show nothing between question and result."""
     waiting = set(grid.push_messages(messages))
     start = time.monotonic()
     next_notice = start + WAIT_NOTICE_SECONDS
-    replies: list[Message] = []
+    replies: list[tuple[Message, dict | None]] = []
     while waiting and time.monotonic() - start < timeout:
         for reply in grid.pull_messages(waiting):
             waiting.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
             answer = None if reply.has_error() else unpack_reply(reply.content)
+            replies.append((reply, answer))
             who = "a site failed" if answer is None else f"{answer['site']} answered the {answer['modality']} audit"
             say(progress, f"{who} ({len(replies)} of {len(messages)}, {clock(time.monotonic() - start)})")
         if not waiting:
@@ -130,14 +133,14 @@ def audit_sites(
         for node in nodes
     ]
     replies = _collect_replies(grid, messages, timeout=timeout, progress=progress)
-    failed = [r for r in replies if r.has_error()]
+    failed = [reply for reply, answer in replies if answer is None]
     if failed:
         raise FedgenError(f"a site could not answer the audit: {error_line(failed[0].error.reason)}")
     if len(replies) < len(messages):
         raise FedgenError(
             f"{len(messages) - len(replies)} of {len(messages)} audit answers did not come within {timeout:.0f} s"
         )
-    answers = [unpack_reply(r.content) for r in replies]
+    answers = [answer for _, answer in replies]
     return {name: _modality_answers(answers, name, query, sites=len(nodes)) for name, query in queries.items()}
 
 

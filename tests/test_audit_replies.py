@@ -42,7 +42,7 @@ def _no_waiting(monkeypatch):
 def test_each_answer_is_reported_as_it_comes(capsys):
     grid = _Grid([None, ("m1", "site-2"), None, ("m0", "site-1")])
     replies = audit_app._collect_replies(grid, ["q0", "q1"], timeout=60, progress=True)
-    assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m0"]
+    assert [r.metadata.reply_to_message_id for r, _ in replies] == ["m1", "m0"]
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
         "audit: site-2 answered the image audit (1 of 2, 0:00)",
